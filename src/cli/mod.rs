@@ -1,0 +1,51 @@
+//! The `certwire` command line.
+
+mod bootstrap;
+mod check;
+mod serve;
+mod status;
+
+use clap::{Parser, Subcommand};
+
+use crate::config::ServeFlags;
+use crate::logging::LogFormat;
+
+#[derive(Debug, Parser)]
+#[command(name = "certwire", version, about = "Envoy SDS control plane: serves TLS secrets and pushes rotations live")]
+pub struct Cli {
+    /// Log format (logs go to stderr; RUST_LOG filters, default info)
+    #[arg(long, global = true, value_enum)]
+    pub log_format: Option<LogFormat>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the SDS server (with no flags: the dev CA on 127.0.0.1:18000)
+    Serve(ServeFlags),
+    /// Validate a secret directory, or a certificate and key, offline
+    Check(check::CheckArgs),
+    /// Print a working Envoy bootstrap that takes its certificates from certwire
+    Bootstrap(bootstrap::BootstrapArgs),
+    /// Show secrets and which proxies have acked which version
+    Status(status::StatusArgs),
+}
+
+/// Runs the command; the process exit code comes from the result.
+pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+    match cli.command {
+        Command::Serve(flags) => serve::run(flags, cli.log_format).await,
+        Command::Check(args) => Ok(check::run(&args)),
+        Command::Bootstrap(args) => bootstrap::run(&args),
+        Command::Status(args) => status::run(&args).await,
+    }
+}
+
+/// Unix seconds as RFC 3339, for humans.
+fn rfc3339(unix: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp(unix)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_else(|| unix.to_string())
+}

@@ -1,0 +1,104 @@
+//! `certwire serve`: wires sources -> ingest -> store -> SDS listeners, plus admin.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::admin::Admin;
+use crate::config::{ServeFlags, Settings};
+use crate::health::Health;
+use crate::ingest::Sink;
+use crate::logging::{self, LogFormat};
+use crate::metrics::Metrics;
+use crate::sources;
+use crate::store::Store;
+use crate::xds::proxies::Proxies;
+use crate::xds::{Sds, Shared, listen};
+
+pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Result<ExitCode> {
+    let settings = Settings::resolve(&flags, log_format)?;
+    logging::init(settings.log_format);
+
+    let metrics = Arc::new(Metrics::new());
+    let store = Arc::new(Store::new());
+    let health = Arc::new(Health::default());
+    let proxies = Arc::new(Proxies::new(metrics.clone()));
+    let shutdown = CancellationToken::new();
+
+    // Bind everything first: a taken port fails the start with a clear message.
+    let mut bound = Vec::new();
+    for addr in &settings.listen {
+        bound.push((addr.clone(), listen::bind(addr).await?));
+    }
+    let admin = Admin { store: store.clone(), proxies: proxies.clone(), metrics: metrics.clone(), health: health.clone(), shutdown: shutdown.clone() };
+    let mut tasks = JoinSet::new();
+    let admin_addr = settings.admin;
+    tasks.spawn(async move { admin.serve(admin_addr).await });
+
+    // Sources in precedence order: the first configured wins a name.
+    for root in &settings.files {
+        let name = format!("files:{}", root.display());
+        health.not_ready(&name, "initial load");
+        let sink = Sink::new(store.clone(), metrics.clone(), &name, settings.allow_expired);
+        let options = sources::files::Options { rescan: settings.files_rescan_every, ..Default::default() };
+        sources::files::start_with(root.clone(), sink, shutdown.clone(), options)
+            .await
+            .with_context(|| format!("starting file source {}", root.display()))?;
+        health.ready(&name);
+    }
+    if settings.dev {
+        let sink = Sink::new(store.clone(), metrics.clone(), "dev", settings.allow_expired);
+        sources::dev::start(sink, settings.dev_rotate_every, shutdown.clone())?;
+        tracing::warn!(rotate_every = ?settings.dev_rotate_every, "dev CA source enabled: certificates are for testing only");
+    }
+
+    let shared = Shared { store: store.clone(), proxies, metrics, shutdown: shutdown.clone() };
+    for (addr, b) in bound {
+        let sds = Sds::new(shared.clone());
+        let token = shutdown.clone();
+        tracing::info!(%addr, "SDS listening");
+        tasks.spawn(async move { listen::serve(b, sds, token).await.with_context(|| format!("SDS on {addr}")) });
+    }
+
+    tracing::info!(secrets = store.served_count(), "certwire ready");
+    let failed = tokio::select! {
+        _ = terminated() => None,
+        Some(res) = tasks.join_next() => Some(res),
+    };
+    shutdown.cancel();
+    if let Some(res) = failed {
+        // A listener died: report it and still drain the rest.
+        let err = match res {
+            Ok(Ok(())) => anyhow::anyhow!("a server stopped unexpectedly"),
+            Ok(Err(e)) => e,
+            Err(e) => anyhow::anyhow!("a server task panicked: {e}"),
+        };
+        tracing::error!(error = format!("{err:#}"), "shutting down");
+        drain(&mut tasks, settings.drain_timeout).await;
+        return Err(err);
+    }
+    tracing::info!(timeout = ?settings.drain_timeout, "draining streams");
+    drain(&mut tasks, settings.drain_timeout).await;
+    tracing::info!("stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn drain(tasks: &mut JoinSet<anyhow::Result<()>>, timeout: std::time::Duration) {
+    let all = async { while tasks.join_next().await.is_some() {} };
+    if tokio::time::timeout(timeout, all).await.is_err() {
+        tracing::warn!("drain timeout reached; closing remaining connections");
+        tasks.abort_all();
+    }
+}
+
+async fn terminated() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("installing SIGTERM handler");
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt received"),
+    }
+}

@@ -1,0 +1,166 @@
+//! Settings for `certwire serve`: a TOML file (`--config`) with flags on top.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use serde::Deserialize;
+
+use crate::logging::LogFormat;
+use crate::xds::listen::ListenAddr;
+
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:18000";
+pub const DEFAULT_ADMIN: &str = "127.0.0.1:18001";
+
+/// The config file. Every key is optional; see README "Configuration".
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub listen: Option<Vec<ListenAddr>>,
+    pub admin: Option<SocketAddr>,
+    pub files: Option<Vec<PathBuf>>,
+    pub dev: Option<bool>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub dev_rotate_every: Option<Duration>,
+    pub allow_expired: Option<bool>,
+    pub log_format: Option<LogFormat>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub drain_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub files_rescan_every: Option<Duration>,
+}
+
+impl FileConfig {
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading config {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing config {}", path.display()))
+    }
+}
+
+/// Flags of `certwire serve` that can override the file.
+#[derive(Debug, Default, Clone, clap::Args)]
+pub struct ServeFlags {
+    /// TOML config file; flags given on the command line override its keys.
+    #[arg(long, env = "CERTWIRE_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// SDS listen address, HOST:PORT or unix:/path (repeatable) [default: 127.0.0.1:18000]
+    #[arg(long = "listen", value_name = "ADDR")]
+    pub listen: Vec<ListenAddr>,
+    /// Admin HTTP address: health, metrics, status [default: 127.0.0.1:18001]
+    #[arg(long, value_name = "ADDR")]
+    pub admin: Option<SocketAddr>,
+    /// Directory of secrets in the Kubernetes mounted-Secret layout (repeatable)
+    #[arg(long = "files", value_name = "DIR")]
+    pub files: Vec<PathBuf>,
+    /// Run the dev CA source (the default when no other source is configured)
+    #[arg(long)]
+    pub dev: bool,
+    /// How often the dev CA re-mints every certificate [default: 5m]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub dev_rotate_every: Option<Duration>,
+    /// Serve certificates outside their validity window instead of rejecting them
+    #[arg(long)]
+    pub allow_expired: bool,
+    /// How long SIGTERM waits for streams to close [default: 5s]
+    #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
+    pub drain_timeout: Option<Duration>,
+}
+
+/// Resolved settings.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub listen: Vec<ListenAddr>,
+    pub admin: SocketAddr,
+    pub files: Vec<PathBuf>,
+    pub dev: bool,
+    pub dev_rotate_every: Duration,
+    pub allow_expired: bool,
+    pub log_format: LogFormat,
+    pub drain_timeout: Duration,
+    pub files_rescan_every: Duration,
+}
+
+impl Settings {
+    /// Merges the file (if any) under the flags. `log_format` from flags wins when given.
+    pub fn resolve(flags: &ServeFlags, log_format: Option<LogFormat>) -> anyhow::Result<Self> {
+        let file = match &flags.config {
+            Some(path) => FileConfig::load(path)?,
+            None => FileConfig::default(),
+        };
+        let listen = if !flags.listen.is_empty() {
+            flags.listen.clone()
+        } else {
+            file.listen.unwrap_or_else(|| vec![DEFAULT_LISTEN.parse().expect("default listen address")])
+        };
+        let files = if !flags.files.is_empty() { flags.files.clone() } else { file.files.unwrap_or_default() };
+        // The embedded default: with no source configured, the dev CA serves.
+        let dev = flags.dev || file.dev.unwrap_or(files.is_empty());
+        Ok(Self {
+            listen,
+            admin: flags.admin.or(file.admin).unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("default admin address")),
+            files,
+            dev,
+            dev_rotate_every: flags.dev_rotate_every.or(file.dev_rotate_every).unwrap_or(Duration::from_secs(300)),
+            allow_expired: flags.allow_expired || file.allow_expired.unwrap_or(false),
+            log_format: log_format.or(file.log_format).unwrap_or_default(),
+            drain_timeout: flags.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(5)),
+            files_rescan_every: file.files_rescan_every.unwrap_or(Duration::from_secs(30)),
+        })
+    }
+}
+
+/// serde adapter for optional humantime durations ("30s", "5m").
+mod humantime_serde_opt {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom)).transpose()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_run_the_dev_source() {
+        let s = Settings::resolve(&ServeFlags::default(), None).unwrap();
+        assert!(s.dev);
+        assert_eq!(s.listen, vec![DEFAULT_LISTEN.parse().unwrap()]);
+        assert_eq!(s.admin, DEFAULT_ADMIN.parse().unwrap());
+    }
+
+    #[test]
+    fn flags_override_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("certwire.toml");
+        std::fs::write(
+            &path,
+            "listen = [\"127.0.0.1:1\", \"unix:/tmp/s.sock\"]\nfiles = [\"/etc/certs\"]\ndev_rotate_every = \"1m\"\nlog_format = \"json\"\n",
+        )
+        .unwrap();
+        let flags = ServeFlags { config: Some(path.clone()), ..Default::default() };
+        let s = Settings::resolve(&flags, None).unwrap();
+        assert_eq!(s.listen.len(), 2);
+        assert!(!s.dev, "files configured: no dev CA unless asked");
+        assert_eq!(s.dev_rotate_every, Duration::from_secs(60));
+        assert_eq!(s.log_format, LogFormat::Json);
+        let flags = ServeFlags { config: Some(path), listen: vec!["127.0.0.1:2".parse().unwrap()], dev: true, ..Default::default() };
+        let s = Settings::resolve(&flags, Some(LogFormat::Text)).unwrap();
+        assert_eq!(s.listen, vec!["127.0.0.1:2".parse().unwrap()]);
+        assert!(s.dev);
+        assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "lisen = []\n").unwrap();
+        let err = FileConfig::load(&path).unwrap_err();
+        assert!(format!("{err:#}").contains("lisen"), "{err:#}");
+    }
+}

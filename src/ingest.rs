@@ -1,0 +1,93 @@
+//! The one path from a source into the store: every update is checked (pki) before it
+//! can be stored, and every rejection is logged, counted and recorded in status with the
+//! secret's name and the reason, while the last good version keeps being served.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::metrics::{Metrics, RejectLabel, SecretLabel, SourceLabel};
+use crate::pki::{self, CheckOptions, Material, PkiError};
+use crate::store::{Outcome, Rank, Store};
+
+/// Handed to each source: reports what the source found for a name.
+#[derive(Clone)]
+pub struct Sink {
+    store: Arc<Store>,
+    metrics: Arc<Metrics>,
+    rank: Rank,
+    source: Arc<str>,
+    allow_expired: bool,
+}
+
+impl Sink {
+    /// Registers a source named `source` (e.g. `files:/etc/certs`); earlier sinks win.
+    pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, source: &str, allow_expired: bool) -> Self {
+        let (rank, source) = store.register_source(source);
+        Self { store, metrics, rank, source, allow_expired }
+    }
+
+    pub fn source(&self) -> &str {
+        &self.source
+    }
+
+    pub fn store(&self) -> &Arc<Store> {
+        &self.store
+    }
+
+    /// Checks and stores `material` for `name`, noticed by the source at `detected_at`.
+    pub fn update(&self, name: &str, material: &Material, detected_at: Instant) -> Result<Outcome, PkiError> {
+        let opts = CheckOptions { allow_expired: self.allow_expired, now: std::time::SystemTime::now() };
+        match pki::check(name, material, &opts) {
+            Ok(checked) => {
+                let not_after = checked.meta.not_after_unix;
+                let fingerprint = checked.meta.fingerprint_sha256.clone();
+                let outcome = self.store.upsert(self.rank, &self.source, name, checked, detected_at);
+                match &outcome {
+                    Outcome::Changed => {
+                        self.metrics.updates_applied.get_or_create(&SourceLabel { source: self.source.to_string() }).inc();
+                        if let Some(t) = not_after {
+                            self.metrics.secret_expiry.get_or_create(&SecretLabel { secret: name.to_owned() }).set(t as f64);
+                        }
+                        self.metrics.secrets_served.set(self.store.served_count() as i64);
+                        tracing::info!(secret = name, source = %self.source, fingerprint = fingerprint.as_deref().unwrap_or("-"), "secret updated");
+                    }
+                    Outcome::Shadowed { by } => {
+                        tracing::warn!(secret = name, source = %self.source, served_by = %by, "secret offered by two sources; the first configured one is served");
+                    }
+                    Outcome::Unchanged => {
+                        tracing::debug!(secret = name, source = %self.source, "secret unchanged");
+                    }
+                }
+                Ok(outcome)
+            }
+            Err(err) => {
+                self.metrics
+                    .updates_rejected
+                    .get_or_create(&RejectLabel { source: self.source.to_string(), reason: err.reason() })
+                    .inc();
+                let served = self.store.get(name).map(|s| s.version.clone());
+                tracing::error!(
+                    secret = name,
+                    source = %self.source,
+                    reason = err.reason(),
+                    error = %err,
+                    still_serving = served.as_deref().unwrap_or("nothing"),
+                    "secret update rejected; last good version kept"
+                );
+                self.store.reject(self.rank, &self.source, name, err.to_string());
+                Err(err)
+            }
+        }
+    }
+
+    /// The source no longer has `name`. Proxies keep what they have (Envoy semantics).
+    pub fn remove(&self, name: &str) {
+        if self.store.remove(self.rank, name) {
+            tracing::info!(secret = name, source = %self.source, "secret removed");
+            if self.store.get(name).is_none() {
+                self.metrics.secret_expiry.remove(&SecretLabel { secret: name.to_owned() });
+            }
+            self.metrics.secrets_served.set(self.store.served_count() as i64);
+        }
+    }
+}

@@ -1,0 +1,21 @@
+//! certwire: an Envoy SDS v3 control plane.
+//!
+//! Data flows one way: `sources` -> `pki` checks (in `ingest`) -> `store` -> `xds`
+//! streams -> Envoy. `admin` reads the store and the streams.
+
+pub mod admin;
+pub mod cli;
+pub mod config;
+pub mod health;
+pub mod ingest;
+pub mod logging;
+pub mod metrics;
+pub mod pki;
+pub mod sources;
+pub mod store;
+pub mod xds;
+
+/// certwire's own status API, generated from proto/.
+pub mod api {
+    tonic::include_proto!("certwire.v1");
+}

@@ -1,0 +1,73 @@
+//! Raw secret material as sources hand it over, before any check.
+
+use zeroize::Zeroizing;
+
+/// Bytes that may hold a private key: zeroized on drop and never printed.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct KeyBytes(Zeroizing<Vec<u8>>);
+
+impl KeyBytes {
+    pub fn new(bytes: Vec<u8>) -> Self {
+        Self(Zeroizing::new(bytes))
+    }
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<Vec<u8>> for KeyBytes {
+    fn from(v: Vec<u8>) -> Self {
+        Self::new(v)
+    }
+}
+
+impl std::fmt::Debug for KeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "KeyBytes(<{} bytes redacted>)", self.0.len())
+    }
+}
+
+/// What a source found for one secret name.
+#[derive(Clone, PartialEq, Eq)]
+pub enum Material {
+    /// A certificate chain (PEM, any order) and its private key (PEM).
+    Tls { cert_chain_pem: Vec<u8>, key_pem: KeyBytes },
+    /// A CA bundle (PEM) to validate peers, with an optional CRL (PEM).
+    Validation { ca_pem: Vec<u8>, crl_pem: Option<Vec<u8>> },
+    /// TLS session ticket keys, each exactly 80 bytes.
+    SessionTicketKeys(Vec<KeyBytes>),
+    /// An opaque secret (Envoy `generic_secret`).
+    Generic(KeyBytes),
+}
+
+/// PEM inputs are shown by size only: a chain file may carry a pasted private key.
+impl std::fmt::Debug for Material {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Material::Tls { cert_chain_pem, key_pem } => {
+                f.debug_struct("Tls").field("cert_chain_pem", &Size(cert_chain_pem)).field("key_pem", key_pem).finish()
+            }
+            Material::Validation { ca_pem, crl_pem } => f
+                .debug_struct("Validation")
+                .field("ca_pem", &Size(ca_pem))
+                .field("crl_pem", &crl_pem.as_deref().map(Size))
+                .finish(),
+            Material::SessionTicketKeys(keys) => f.debug_tuple("SessionTicketKeys").field(keys).finish(),
+            Material::Generic(secret) => f.debug_tuple("Generic").field(secret).finish(),
+        }
+    }
+}
+
+struct Size<'a>(&'a [u8]);
+
+impl std::fmt::Debug for Size<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "<{} bytes>", self.0.len())
+    }
+}

@@ -1,0 +1,246 @@
+//! The Envoy `Secret` resource: run the checks for each kind of material, then encode the
+//! `Any` once so every stream shares the same bytes.
+
+use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, GenericSecret, Secret, TlsCertificate, TlsSessionTicketKeys, secret::Type,
+};
+use envoy_types::pb::google::protobuf::Any;
+use prost::Message;
+use zeroize::Zeroize;
+
+use super::material::{KeyBytes, Material};
+use super::{CheckOptions, Checked, PkiError, SecretKind, SecretMeta, chain, key};
+
+pub const SECRET_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// Envoy wants 16 bytes name, 32 bytes HMAC secret and 32 bytes AES key per ticket key.
+const TICKET_KEY_LEN: usize = 80;
+
+pub(super) fn build(name: &str, material: &Material, opts: &CheckOptions) -> Result<Checked, PkiError> {
+    // Key bytes are copied only after every check passed, so a refusal leaves no copy.
+    let (kind, secret_type, meta) = match material {
+        Material::Tls { cert_chain_pem, key_pem } => {
+            let public = key::parse(key_pem)?;
+            let chain = chain::tls(cert_chain_pem, &public, opts)?;
+            let tls = TlsCertificate {
+                certificate_chain: Some(inline(chain.pem)),
+                private_key: Some(inline(key_pem.as_slice().to_vec())),
+                ..Default::default()
+            };
+            (SecretKind::TlsCertificate, Type::TlsCertificate(tls), chain.meta)
+        }
+        Material::Validation { ca_pem, crl_pem } => {
+            let bundle = chain::ca_bundle(ca_pem, opts)?;
+            let crl = crl_pem.as_deref().map(chain::crl).transpose()?;
+            let validation = CertificateValidationContext {
+                trusted_ca: Some(inline(bundle.pem)),
+                crl: crl.map(inline),
+                ..Default::default()
+            };
+            (SecretKind::ValidationContext, Type::ValidationContext(validation), bundle.meta)
+        }
+        Material::SessionTicketKeys(keys) => {
+            check_ticket_keys(keys)?;
+            let keys = TlsSessionTicketKeys { keys: keys.iter().map(|k| inline(k.as_slice().to_vec())).collect() };
+            (SecretKind::SessionTicketKeys, Type::SessionTicketKeys(keys), SecretMeta::default())
+        }
+        Material::Generic(secret) => {
+            let generic = GenericSecret { secret: Some(inline(secret.as_slice().to_vec())), ..Default::default() };
+            (SecretKind::GenericSecret, Type::GenericSecret(generic), SecretMeta::default())
+        }
+    };
+    Ok(Checked { kind, resource: encode(name, secret_type), meta })
+}
+
+fn check_ticket_keys(keys: &[KeyBytes]) -> Result<(), PkiError> {
+    if keys.is_empty() {
+        return Err(PkiError::BadTicketKeys("no keys".into()));
+    }
+    match keys.iter().position(|k| k.len() != TICKET_KEY_LEN) {
+        Some(i) => Err(PkiError::BadTicketKeys(format!(
+            "key {} is {} bytes, want {TICKET_KEY_LEN}",
+            i + 1,
+            keys[i].len()
+        ))),
+        None => Ok(()),
+    }
+}
+
+fn inline(bytes: Vec<u8>) -> DataSource {
+    DataSource { specifier: Some(Specifier::InlineBytes(bytes)), ..Default::default() }
+}
+
+/// Encodes the `Any`, wiping the intermediate copies of secret bytes. `encode_to_vec`
+/// allocates the exact length up front, so no reallocation leaves a copy behind.
+fn encode(name: &str, secret_type: Type) -> KeyBytes {
+    let mut secret = Secret { name: name.to_owned(), r#type: Some(secret_type) };
+    let mut any = Any { type_url: SECRET_TYPE_URL.to_owned(), value: secret.encode_to_vec() };
+    wipe(&mut secret);
+    let out = any.encode_to_vec();
+    any.value.zeroize();
+    KeyBytes::new(out)
+}
+
+fn wipe(secret: &mut Secret) {
+    let sources: Vec<&mut DataSource> = match &mut secret.r#type {
+        Some(Type::TlsCertificate(tls)) => tls.private_key.iter_mut().collect(),
+        Some(Type::SessionTicketKeys(keys)) => keys.keys.iter_mut().collect(),
+        Some(Type::GenericSecret(generic)) => generic.secret.iter_mut().collect(),
+        Some(Type::ValidationContext(_)) | None => Vec::new(),
+    };
+    for source in sources {
+        if let Some(Specifier::InlineBytes(bytes)) = &mut source.specifier {
+            bytes.zeroize();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::chain::fixtures::{self, Alg, days};
+    use super::*;
+    use crate::pki::check;
+
+    fn decode(checked: &Checked) -> Secret {
+        let any = Any::decode(checked.resource.as_slice()).unwrap();
+        assert_eq!(any.type_url, SECRET_TYPE_URL);
+        Secret::decode(any.value.as_slice()).unwrap()
+    }
+
+    fn inline_bytes(source: Option<DataSource>) -> Vec<u8> {
+        match source.and_then(|s| s.specifier) {
+            Some(Specifier::InlineBytes(b)) => b,
+            other => panic!("not inline bytes: {other:?}"),
+        }
+    }
+
+    fn tls_material(cert_chain_pem: String, key_pem: &str) -> Material {
+        Material::Tls { cert_chain_pem: cert_chain_pem.into_bytes(), key_pem: KeyBytes::new(key_pem.as_bytes().to_vec()) }
+    }
+
+    #[test]
+    fn tls_secret_decodes_with_name_ordered_chain_and_key_as_given() {
+        let root = fixtures::root("Test Root");
+        let inter = root.intermediate("Test Intermediate", days(-1, 365));
+        let leaf = inter.leaf(Alg::Rsa, "leaf.example.com", days(-1, 30));
+        // The PKCS#1 form, as `openssl genrsa -traditional` and many secrets carry it.
+        let pkcs1 = fixtures::other_encodings(&leaf.key_pem, Alg::Rsa).pop().unwrap();
+        assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+        let material = tls_material(inter.cert.pem() + &leaf.cert.pem(), &pkcs1);
+
+        let checked = check("kubernetes://default/web", &material, &CheckOptions::default()).unwrap();
+        assert_eq!(checked.kind, SecretKind::TlsCertificate);
+        assert_eq!(checked.meta.certificates, 2);
+        let secret = decode(&checked);
+        assert_eq!(secret.name, "kubernetes://default/web");
+        let Some(Type::TlsCertificate(tls)) = secret.r#type else { panic!("{:?}", secret.r#type) };
+        assert_eq!(inline_bytes(tls.certificate_chain), (leaf.cert.pem() + &inter.cert.pem()).into_bytes());
+        assert_eq!(inline_bytes(tls.private_key), pkcs1.as_bytes());
+    }
+
+    #[test]
+    fn every_key_type_passes_the_whole_check() {
+        for alg in Alg::ALL {
+            let leaf = fixtures::leaf(alg);
+            let material = tls_material(leaf.cert.pem(), &leaf.key_pem);
+            assert!(check("web", &material, &CheckOptions::default()).is_ok(), "{alg:?}");
+        }
+    }
+
+    #[test]
+    fn mismatched_key_is_refused() {
+        let leaf = fixtures::leaf(Alg::P256);
+        let other = fixtures::leaf(Alg::Ed25519);
+        let err = check("web", &tls_material(leaf.cert.pem(), &other.key_pem), &CheckOptions::default()).unwrap_err();
+        assert_eq!(err, PkiError::KeyMismatch { subject: "CN=leaf.example.com".into() });
+        assert_eq!(err.reason(), "key_mismatch");
+    }
+
+    #[test]
+    fn validation_context_carries_bundle_and_crl() {
+        let root = fixtures::root("Test Root");
+        let crl = root.crl_pem();
+        let material = Material::Validation { ca_pem: root.cert.pem().into_bytes(), crl_pem: Some(crl.clone().into_bytes()) };
+        let checked = check("web-cacert", &material, &CheckOptions::default()).unwrap();
+        assert_eq!(checked.kind, SecretKind::ValidationContext);
+        assert_eq!(checked.meta.subject.as_deref(), Some("CN=Test Root"));
+        let secret = decode(&checked);
+        assert_eq!(secret.name, "web-cacert");
+        let Some(Type::ValidationContext(v)) = secret.r#type else { panic!("{:?}", secret.r#type) };
+        assert_eq!(inline_bytes(v.trusted_ca), root.cert.pem().as_bytes());
+        assert_eq!(inline_bytes(v.crl), crl.as_bytes());
+
+        let without = Material::Validation { ca_pem: root.cert.pem().into_bytes(), crl_pem: None };
+        let Some(Type::ValidationContext(v)) = decode(&check("ca", &without, &CheckOptions::default()).unwrap()).r#type
+        else {
+            panic!()
+        };
+        assert!(v.crl.is_none());
+
+        let bad_crl = Material::Validation { ca_pem: root.cert.pem().into_bytes(), crl_pem: Some(b"junk".to_vec()) };
+        let err = check("ca", &bad_crl, &CheckOptions::default()).unwrap_err();
+        assert_eq!(err.reason(), "bad_crl");
+        let empty = Material::Validation { ca_pem: Vec::new(), crl_pem: None };
+        assert_eq!(check("ca", &empty, &CheckOptions::default()).unwrap_err(), PkiError::NoCertificate);
+    }
+
+    #[test]
+    fn session_ticket_keys_must_be_80_bytes_each() {
+        let good = KeyBytes::new(vec![7; 80]);
+        let material = Material::SessionTicketKeys(vec![good.clone(), KeyBytes::new(vec![8; 80])]);
+        let checked = check("tickets", &material, &CheckOptions::default()).unwrap();
+        assert_eq!(checked.kind, SecretKind::SessionTicketKeys);
+        let Some(Type::SessionTicketKeys(t)) = decode(&checked).r#type else { panic!() };
+        assert_eq!(t.keys.into_iter().map(|k| inline_bytes(Some(k))).collect::<Vec<_>>(), [vec![7; 80], vec![8; 80]]);
+
+        let short = Material::SessionTicketKeys(vec![good, KeyBytes::new(vec![1; 48])]);
+        let err = check("tickets", &short, &CheckOptions::default()).unwrap_err();
+        assert_eq!(err, PkiError::BadTicketKeys("key 2 is 48 bytes, want 80".into()));
+        let none = Material::SessionTicketKeys(Vec::new());
+        assert_eq!(check("tickets", &none, &CheckOptions::default()).unwrap_err().reason(), "bad_ticket_keys");
+    }
+
+    #[test]
+    fn generic_secret_is_inline_bytes() {
+        let checked = check("token", &Material::Generic(KeyBytes::new(b"s3cret".to_vec())), &CheckOptions::default());
+        let checked = checked.unwrap();
+        assert_eq!(checked.kind, SecretKind::GenericSecret);
+        assert_eq!(checked.meta, SecretMeta::default());
+        let secret = decode(&checked);
+        assert_eq!(secret.name, "token");
+        let Some(Type::GenericSecret(g)) = secret.r#type else { panic!() };
+        assert_eq!(inline_bytes(g.secret), b"s3cret");
+    }
+
+    #[test]
+    fn debug_output_never_shows_key_material() {
+        let leaf = fixtures::leaf(Alg::P256);
+        let body = leaf.key_pem.lines().nth(1).unwrap().to_owned();
+        let key_bytes = format!("{:?}", leaf.key_pem.as_bytes());
+        let key_bytes = &key_bytes[1..key_bytes.len() - 1];
+        let forbidden = |s: &str| s.contains("PRIVATE KEY") || s.contains(&body) || s.contains(key_bytes);
+
+        let good = tls_material(leaf.cert.pem(), &leaf.key_pem);
+        // A key pasted into the chain file must not leak either.
+        let combined = tls_material(leaf.cert.pem() + &leaf.key_pem, &leaf.key_pem);
+        let mismatched = tls_material(fixtures::leaf(Alg::P256).cert.pem(), &leaf.key_pem);
+        let mut shown = vec![format!("{good:?}"), format!("{combined:?}"), format!("{good:#?}")];
+        shown.push(format!("{:?}", check("web", &good, &CheckOptions::default()).unwrap()));
+        shown.push(format!("{:?}", check("web", &combined, &CheckOptions::default()).unwrap()));
+        for err in [check("web", &mismatched, &CheckOptions::default()).unwrap_err(), key_error(&leaf.key_pem)] {
+            shown.push(format!("{err:?} {err}"));
+        }
+        for s in &shown {
+            assert!(!forbidden(s), "{s}");
+        }
+    }
+
+    /// The key with one byte of its body changed: still PEM, no longer a key.
+    fn key_error(key_pem: &str) -> PkiError {
+        let mut lines: Vec<String> = key_pem.lines().map(str::to_owned).collect();
+        lines[1].replace_range(..4, "AAAA");
+        let material = tls_material(fixtures::leaf(Alg::P256).cert.pem(), &lines.join("\n"));
+        check("web", &material, &CheckOptions::default()).unwrap_err()
+    }
+}

@@ -1,0 +1,730 @@
+//! File source: a root directory whose subdirectories each hold one secret in the layout
+//! of a Kubernetes-mounted Secret (`tls.crt`, `tls.key`, optional `ca.crt`, `ca.crl`,
+//! usually symlinks through the `..data` link the kubelet swaps atomically).
+//! Subdirectory `NAME` serves `NAME` (the pair) and `NAME-cacert` (the CA bundle).
+//!
+//! Any event under `root/NAME` re-reads that directory at once, with no debounce: a
+//! rotation is pushed as soon as the files are consistent. What is pushed is remembered
+//! by digest, so the burst of events of one swap pushes once. A periodic full rescan is
+//! the safety net for events the watch missed.
+
+use std::collections::{BTreeSet, HashMap};
+use std::io::{self, Read as _};
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime};
+
+use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
+use ring::digest;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use zeroize::Zeroizing;
+
+use crate::ingest::Sink;
+use crate::pki::{self, CheckOptions, KeyBytes, Material};
+
+/// Tuning of the file source. `Options::default()` is meant for production.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Period of the full rescan that catches events the watch missed.
+    pub rescan: Duration,
+    /// How long a secret that looks mid-write (a pair that does not match yet, files
+    /// gone) may take to settle before it is reported as it is.
+    pub settle: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { rescan: Duration::from_secs(30), settle: Duration::from_millis(500) }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FilesError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read { path: PathBuf, source: io::Error },
+    #[error("cannot watch {}: {source}", path.display())]
+    Watch { path: PathBuf, source: notify::Error },
+}
+
+/// A key file larger than this is not a key; refusing it bounds the allocation.
+const MAX_KEY_BYTES: u64 = 1 << 20;
+
+/// Loads every secret under `root`, then watches it until `shutdown`, with default options.
+pub async fn start(root: PathBuf, sink: Sink, shutdown: CancellationToken) -> Result<JoinHandle<()>, FilesError> {
+    start_with(root, sink, shutdown, Options::default()).await
+}
+
+/// Like [`start`]. Returns once the initial load is in the store.
+pub async fn start_with(
+    root: PathBuf,
+    sink: Sink,
+    shutdown: CancellationToken,
+    options: Options,
+) -> Result<JoinHandle<()>, FilesError> {
+    let (tx, events) = mpsc::unbounded_channel();
+    // The recursive watch setup and the first load are blocking I/O over many files.
+    let (source, watcher) = tokio::task::spawn_blocking(move || {
+        std::fs::read_dir(&root).map_err(|source| FilesError::Read { path: root.clone(), source })?;
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
+            if !is_only_access(&event) {
+                let _ = tx.send((Instant::now(), event));
+            }
+        })
+        .map_err(|source| FilesError::Watch { path: root.clone(), source })?;
+        // Watch before loading so that a change in between is not lost.
+        watcher
+            .watch(&root, RecursiveMode::Recursive)
+            .map_err(|source| FilesError::Watch { path: root.clone(), source })?;
+        let mut source =
+            FileSource { root, sink, settle: options.settle, seen: HashMap::new(), settling: HashMap::new() };
+        source.scan(Pass::Initial, Instant::now());
+        Ok::<_, FilesError>((source, watcher))
+    })
+    .await
+    .expect("file source setup panicked")?;
+    let served = source.seen.values().flat_map(|s| [&s.tls, &s.ca]).filter(|s| s.last.is_some() && !s.rejected).count();
+    tracing::info!(source = source.sink.source(), secrets = served, "file source loaded");
+    Ok(tokio::spawn(source.run(watcher, events, shutdown, options.rescan)))
+}
+
+/// Our own reads show up as open and close events; of all accesses only a finished write
+/// matters. Dropping them here keeps every scan from flooding the channel.
+fn is_only_access(event: &notify::Result<Event>) -> bool {
+    match event {
+        Ok(e) => matches!(e.kind, EventKind::Access(k) if k != AccessKind::Close(AccessMode::Write)),
+        Err(_) => false,
+    }
+}
+
+/// Reads directory `dir` into its pair (`NAME`) and its CA bundle (`NAME-cacert`).
+/// `Ok(None)`: the files are absent. `Err`: a file exists but could not be read.
+pub fn read_secret_dir(dir: &Path) -> (Result<Option<Material>, FilesError>, Result<Option<Material>, FilesError>) {
+    (read_pair(dir), read_ca(dir))
+}
+
+fn read_pair(dir: &Path) -> Result<Option<Material>, FilesError> {
+    let Some(cert_chain_pem) = read_file(&dir.join("tls.crt"))? else { return Ok(None) };
+    let Some(key_pem) = read_key(&dir.join("tls.key"))? else { return Ok(None) };
+    Ok(Some(Material::Tls { cert_chain_pem, key_pem }))
+}
+
+fn read_ca(dir: &Path) -> Result<Option<Material>, FilesError> {
+    let Some(ca_pem) = read_file(&dir.join("ca.crt"))? else { return Ok(None) };
+    let crl_pem = read_file(&dir.join("ca.crl"))?;
+    Ok(Some(Material::Validation { ca_pem, crl_pem }))
+}
+
+fn read_file(path: &Path) -> Result<Option<Vec<u8>>, FilesError> {
+    absent_as_none(path, std::fs::read(path))
+}
+
+/// Reads into one buffer sized up front, so no reallocation leaves key bytes behind.
+fn read_key(path: &Path) -> Result<Option<KeyBytes>, FilesError> {
+    let read = || -> io::Result<KeyBytes> {
+        let mut file = std::fs::File::open(path)?;
+        let len = file.metadata()?.len();
+        if len > MAX_KEY_BYTES {
+            return Err(io::Error::other(format!("{len} bytes is too large for a key")));
+        }
+        let mut buf = Zeroizing::new(vec![0u8; len as usize + 1]);
+        let mut filled = 0;
+        loop {
+            match file.read(&mut buf[filled..])? {
+                0 => break,
+                n => filled += n,
+            }
+            if filled == buf.len() {
+                // Still being written; the write's own event brings us back.
+                return Err(io::Error::other("file grew while being read"));
+            }
+        }
+        buf.truncate(filled);
+        Ok(KeyBytes::new(std::mem::take(&mut *buf)))
+    };
+    absent_as_none(path, read())
+}
+
+fn absent_as_none<T>(path: &Path, read: io::Result<T>) -> Result<Option<T>, FilesError> {
+    match read {
+        Ok(v) => Ok(Some(v)),
+        // NotADirectory: NAME is a plain file, or a path component was swapped mid-read.
+        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
+        Err(source) => Err(FilesError::Read { path: path.to_owned(), source }),
+    }
+}
+
+/// Why a directory is being read; decides how a doubtful state is treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Pass {
+    /// Startup: report what is there, the caller waits for a definitive load.
+    Initial,
+    /// A watch event: the files may be mid-write.
+    Event,
+    /// A second look after `settle`: report what is there.
+    Confirm,
+    /// The periodic safety net; also retries content the check refused (a certificate
+    /// not yet valid becomes valid without its files changing).
+    Periodic,
+}
+
+impl Pass {
+    fn settles(self) -> bool {
+        matches!(self, Pass::Event | Pass::Periodic)
+    }
+}
+
+/// SHA-256 of each file of a secret: tells what changed without keeping a second copy
+/// of every key in memory.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Digests([[u8; 32]; 2]);
+
+impl Digests {
+    fn of(material: &Material) -> Self {
+        let (a, b): (&[u8], &[u8]) = match material {
+            Material::Tls { cert_chain_pem, key_pem } => (cert_chain_pem, key_pem.as_slice()),
+            Material::Validation { ca_pem, crl_pem } => (ca_pem, crl_pem.as_deref().unwrap_or_default()),
+            Material::SessionTicketKeys(_) | Material::Generic(_) => (&[], &[]),
+        };
+        let sha = |b: &[u8]| {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(digest::digest(&digest::SHA256, b).as_ref());
+            out
+        };
+        Self([sha(a), sha(b)])
+    }
+
+    /// Every file changed at once: an atomic swap, not a write in progress.
+    fn all_differ(&self, other: &Self) -> bool {
+        self.0[0] != other.0[0] && self.0[1] != other.0[1]
+    }
+}
+
+/// What was last reported to the sink for one secret.
+#[derive(Default)]
+struct Slot {
+    last: Option<Digests>,
+    rejected: bool,
+}
+
+#[derive(Default)]
+struct Seen {
+    tls: Slot,
+    ca: Slot,
+}
+
+struct FileSource {
+    root: PathBuf,
+    sink: Sink,
+    settle: Duration,
+    /// Per directory NAME.
+    seen: HashMap<String, Seen>,
+    /// Directories to read again once settled: (when, first detection of the change).
+    settling: HashMap<String, (Instant, Instant)>,
+}
+
+/// Directories touched by a batch of events, with the earliest detection and whether
+/// the directory itself appeared (see `handle_events`).
+#[derive(Default)]
+struct Batch {
+    dirs: HashMap<String, (Instant, bool)>,
+    rescan: Option<Instant>,
+}
+
+impl FileSource {
+    async fn run(
+        mut self,
+        _watcher: RecommendedWatcher,
+        mut events: mpsc::UnboundedReceiver<(Instant, notify::Result<Event>)>,
+        shutdown: CancellationToken,
+        rescan: Duration,
+    ) {
+        let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + rescan, rescan);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let next_settle = self.settling.values().map(|(at, _)| *at).min();
+            let settled = async {
+                match next_settle {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(first) = events.recv() => {
+                    // Drain the burst first: one swap is a dozen events for one directory.
+                    let mut batch = Batch::default();
+                    self.classify(first, &mut batch);
+                    while let Ok(more) = events.try_recv() {
+                        self.classify(more, &mut batch);
+                    }
+                    self = self.handle_events(batch).await;
+                }
+                _ = ticker.tick() => self = self.scan_blocking(Pass::Periodic, Instant::now()).await,
+                _ = settled => self.settle_due(),
+            }
+        }
+        tracing::debug!(source = self.sink.source(), "file source stopped");
+    }
+
+    fn classify(&self, (at, event): (Instant, notify::Result<Event>), batch: &mut Batch) {
+        let event = match event {
+            Ok(event) if !event.need_rescan() => event,
+            Ok(_) => {
+                tracing::warn!(source = self.sink.source(), "file watch lost events; rescanning");
+                batch.rescan.get_or_insert(at);
+                return;
+            }
+            Err(err) => {
+                tracing::warn!(source = self.sink.source(), error = %err, "file watch error; rescanning");
+                batch.rescan.get_or_insert(at);
+                return;
+            }
+        };
+        for path in &event.paths {
+            let Ok(rel) = path.strip_prefix(&self.root) else { continue };
+            let mut parts = rel.components();
+            let name = match parts.next() {
+                Some(Component::Normal(name)) => name.to_str(),
+                // The root itself changed (moved, deleted, remounted): look at everything.
+                None => {
+                    batch.rescan.get_or_insert(at);
+                    continue;
+                }
+                _ => None,
+            };
+            let Some(name) = name.filter(|n| !n.starts_with('.')) else { continue };
+            let appeared = parts.next().is_none()
+                && matches!(event.kind, EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_)));
+            let entry = batch.dirs.entry(name.to_owned()).or_insert((at, false));
+            entry.1 |= appeared;
+        }
+    }
+
+    async fn handle_events(mut self, batch: Batch) -> Self {
+        if let Some(at) = batch.rescan {
+            return self.scan_blocking(Pass::Event, at).await;
+        }
+        for (name, (at, appeared)) in batch.dirs {
+            self.refresh(&name, Pass::Event, at);
+            // notify watches a new directory only after delivering its creation, so files
+            // written in between raise no event: look once more when it has settled.
+            if appeared {
+                self.settling.entry(name).or_insert((Instant::now() + self.settle, at));
+            }
+        }
+        self
+    }
+
+    fn settle_due(&mut self) {
+        let now = Instant::now();
+        let due: Vec<_> = self.settling.extract_if(|_, (at, _)| *at <= now).collect();
+        for (name, (_, detected_at)) in due {
+            self.refresh(&name, Pass::Confirm, detected_at);
+        }
+    }
+
+    async fn scan_blocking(mut self, pass: Pass, detected_at: Instant) -> Self {
+        tokio::task::spawn_blocking(move || {
+            self.scan(pass, detected_at);
+            self
+        })
+        .await
+        .expect("file scan panicked")
+    }
+
+    /// Reads every directory under the root, and every one known before (to notice removals).
+    fn scan(&mut self, pass: Pass, detected_at: Instant) {
+        let mut names: BTreeSet<String> = self.seen.keys().cloned().collect();
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(err) => {
+                tracing::warn!(source = self.sink.source(), path = %self.root.display(), error = %err, "cannot list secret directories; last good versions kept");
+                return;
+            }
+        };
+        for entry in entries.flatten() {
+            let file_name = entry.file_name();
+            let Some(name) = file_name.to_str() else {
+                tracing::warn!(source = self.sink.source(), path = %entry.path().display(), "ignoring directory: name is not UTF-8");
+                continue;
+            };
+            if !name.starts_with('.') && entry.path().is_dir() {
+                names.insert(name.to_owned());
+            }
+        }
+        for name in names {
+            self.refresh(&name, pass, detected_at);
+        }
+    }
+
+    /// Re-reads directory `name` and reports what changed through the sink.
+    fn refresh(&mut self, name: &str, pass: Pass, detected_at: Instant) {
+        let (pair, ca) = read_secret_dir(&self.root.join(name));
+        let seen = self.seen.entry(name.to_owned()).or_default();
+        let pair_waits = report(&self.sink, name, &mut seen.tls, pair, pass, detected_at);
+        let ca_waits = report(&self.sink, &format!("{name}-cacert"), &mut seen.ca, ca, pass, detected_at);
+        if seen.tls.last.is_none() && seen.ca.last.is_none() {
+            self.seen.remove(name);
+        }
+        if pair_waits || ca_waits {
+            self.settling.entry(name.to_owned()).or_insert((Instant::now() + self.settle, detected_at));
+        }
+    }
+}
+
+/// Reports one secret read from disk, unless it is what was reported last. Returns true
+/// when the read looks like a write in progress and is worth another look once settled.
+fn report(
+    sink: &Sink,
+    secret: &str,
+    slot: &mut Slot,
+    read: Result<Option<Material>, FilesError>,
+    pass: Pass,
+    detected_at: Instant,
+) -> bool {
+    match read {
+        Err(err) => {
+            tracing::warn!(secret, source = sink.source(), error = %err, "cannot read secret file; last good version kept");
+            false
+        }
+        Ok(None) if slot.last.is_none() => false,
+        // Files may be replaced by delete-then-create: only a second look removes.
+        Ok(None) if pass.settles() => true,
+        Ok(None) => {
+            slot.last = None;
+            slot.rejected = false;
+            sink.remove(secret);
+            false
+        }
+        Ok(Some(material)) => {
+            let digests = Digests::of(&material);
+            if slot.last == Some(digests) && !(slot.rejected && pass == Pass::Periodic) {
+                return false;
+            }
+            // A pair where only one file changed may be half-written (certificate first, key
+            // later). Check it quietly, so the transient state is not logged and counted as a
+            // rejection, and give it time to settle. A pair swapped whole goes straight to the
+            // sink: the common rotation pays for one check only.
+            let swapped_whole = slot.last.is_some_and(|last| last.all_differ(&digests));
+            if pass.settles() && !swapped_whole && pki::check(secret, &material, &quiet_check()).is_err() {
+                tracing::debug!(
+                    secret,
+                    source = sink.source(),
+                    "secret files inconsistent; waiting for the write to finish"
+                );
+                return true;
+            }
+            slot.rejected = sink.update(secret, &material, detected_at).is_err();
+            slot.last = Some(digests);
+            false
+        }
+    }
+}
+
+/// Expiry is not a write in progress; the sink judges it with the configured policy.
+fn quiet_check() -> CheckOptions {
+    CheckOptions { allow_expired: true, now: SystemTime::now() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::sync::watch;
+
+    use crate::metrics::{Metrics, RejectLabel};
+    use crate::pki::SecretKind;
+    use crate::store::{Current, Store};
+
+    const PATIENCE: Duration = Duration::from_secs(10);
+
+    struct Pair {
+        cert: String,
+        key: String,
+        fingerprint: String,
+    }
+
+    fn pair(host: &str) -> Pair {
+        let ck = rcgen::generate_simple_self_signed(vec![host.to_owned()]).unwrap();
+        Pair {
+            cert: ck.cert.pem(),
+            key: ck.signing_key.serialize_pem(),
+            fingerprint: hex::encode(digest::digest(&digest::SHA256, ck.cert.der())),
+        }
+    }
+
+    fn ca_pem() -> String {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem()
+    }
+
+    /// Updates `dir` the way the kubelet updates a mounted Secret: files go into a new
+    /// timestamped directory, `..data` is swapped to it by rename, the visible names are
+    /// symlinks through `..data`, and the previous directory is deleted.
+    fn kubelet_write(dir: &Path, files: &[(&str, &str)]) {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        std::fs::create_dir_all(dir).unwrap();
+        let stamp = format!("..2026_11_27_01_00_00.{}", SEQ.fetch_add(1, Ordering::Relaxed));
+        std::fs::create_dir(dir.join(&stamp)).unwrap();
+        for (name, content) in files {
+            std::fs::write(dir.join(&stamp).join(name), content).unwrap();
+        }
+        let previous = std::fs::read_link(dir.join("..data")).ok();
+        symlink(&stamp, dir.join("..data_tmp")).unwrap();
+        std::fs::rename(dir.join("..data_tmp"), dir.join("..data")).unwrap();
+        for (name, _) in files {
+            if dir.join(name).symlink_metadata().is_err() {
+                symlink(format!("..data/{name}"), dir.join(name)).unwrap();
+            }
+        }
+        for entry in std::fs::read_dir(dir).unwrap() {
+            let name = entry.unwrap().file_name().into_string().unwrap();
+            if !name.starts_with('.') && !files.iter().any(|(f, _)| *f == name) {
+                std::fs::remove_file(dir.join(name)).unwrap();
+            }
+        }
+        if let Some(previous) = previous {
+            std::fs::remove_dir_all(dir.join(previous)).unwrap();
+        }
+    }
+
+    fn pair_files(p: &Pair) -> [(&'static str, &str); 2] {
+        [("tls.crt", p.cert.as_str()), ("tls.key", p.key.as_str())]
+    }
+
+    struct Harness {
+        store: Arc<Store>,
+        metrics: Arc<Metrics>,
+        root: tempfile::TempDir,
+        shutdown: CancellationToken,
+    }
+
+    impl Drop for Harness {
+        fn drop(&mut self) {
+            self.shutdown.cancel();
+        }
+    }
+
+    impl Harness {
+        async fn start(root: tempfile::TempDir, options: Options) -> Self {
+            let store = Arc::new(Store::new());
+            let metrics = Arc::new(Metrics::new());
+            let sink = Sink::new(store.clone(), metrics.clone(), "files:test", false);
+            let shutdown = CancellationToken::new();
+            start_with(root.path().to_owned(), sink, shutdown.clone(), options).await.unwrap();
+            Self { store, metrics, root, shutdown }
+        }
+
+        fn dir(&self, name: &str) -> PathBuf {
+            self.root.path().join(name)
+        }
+
+        fn key_mismatches(&self) -> u64 {
+            let label = RejectLabel { source: "files:test".into(), reason: "key_mismatch" };
+            self.metrics.updates_rejected.get_or_create(&label).get()
+        }
+
+        /// Events are handled in order, so once a directory created now is served,
+        /// everything written before it has been handled.
+        async fn barrier(&self) {
+            static SEQ: AtomicUsize = AtomicUsize::new(0);
+            let name = format!("barrier-{}", SEQ.fetch_add(1, Ordering::Relaxed));
+            let mut rx = self.store.subscribe(&name);
+            kubelet_write(&self.dir(&name), &pair_files(&pair("barrier.test")));
+            wait_for(&mut rx, &name, |c| c.is_some()).await;
+        }
+    }
+
+    fn tempdir() -> tempfile::TempDir {
+        tempfile::tempdir().unwrap()
+    }
+
+    fn fingerprint(current: &Current) -> Option<&str> {
+        current.as_ref()?.meta.fingerprint_sha256.as_deref()
+    }
+
+    async fn wait_for(rx: &mut watch::Receiver<Current>, what: &str, ok: impl FnMut(&Current) -> bool) {
+        tokio::time::timeout(PATIENCE, rx.wait_for(ok))
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .expect("store dropped");
+    }
+
+    #[tokio::test]
+    async fn initial_load_serves_pair_and_ca_bundle() {
+        let root = tempdir();
+        let web = pair("web.test");
+        let ca = ca_pem();
+        let [crt, key] = pair_files(&web);
+        kubelet_write(&root.path().join("web"), &[crt, key, ("ca.crt", ca.as_str())]);
+        kubelet_write(&root.path().join("bundle"), &[("ca.crt", ca.as_str())]);
+        kubelet_write(&root.path().join(".hidden"), &pair_files(&pair("hidden.test")));
+
+        let h = Harness::start(root, Options::default()).await;
+
+        let served = h.store.get("web").expect("web served right after start");
+        assert_eq!(served.kind, SecretKind::TlsCertificate);
+        assert_eq!(served.meta.fingerprint_sha256.as_deref(), Some(web.fingerprint.as_str()));
+        assert_eq!(h.store.get("web-cacert").expect("web-cacert served").kind, SecretKind::ValidationContext);
+        assert!(h.store.get("bundle").is_none(), "a directory with only ca.crt serves no pair");
+        assert!(h.store.get("bundle-cacert").is_some());
+        assert!(h.store.get(".hidden").is_none() && h.store.get("hidden").is_none());
+    }
+
+    #[tokio::test]
+    async fn kubelet_data_swap_rotation_is_served() {
+        let root = tempdir();
+        let (old, new) = (pair("rotate.test"), pair("rotate.test"));
+        kubelet_write(&root.path().join("rotate"), &pair_files(&old));
+        let h = Harness::start(root, Options::default()).await;
+        let mut rx = h.store.subscribe("rotate");
+        assert_eq!(fingerprint(&rx.borrow_and_update()), Some(old.fingerprint.as_str()));
+
+        kubelet_write(&h.dir("rotate"), &pair_files(&new));
+
+        wait_for(&mut rx, "the rotated pair", |c| fingerprint(c) == Some(new.fingerprint.as_str())).await;
+    }
+
+    #[tokio::test]
+    async fn cert_then_key_never_serves_mismatched_pair() {
+        let root = tempdir();
+        let (old, new) = (pair("inplace.test"), pair("inplace.test"));
+        let dir = root.path().join("inplace");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("tls.crt"), &old.cert).unwrap();
+        std::fs::write(dir.join("tls.key"), &old.key).unwrap();
+        // Settling outlasts the test, so the mismatch must never reach the sink.
+        let h = Harness::start(root, Options { settle: Duration::from_secs(60), ..Options::default() }).await;
+        let mut rx = h.store.subscribe("inplace");
+        rx.borrow_and_update();
+
+        std::fs::write(dir.join("tls.crt"), &new.cert).unwrap();
+        h.barrier().await;
+        assert_eq!(fingerprint(&h.store.get("inplace")), Some(old.fingerprint.as_str()), "old pair kept");
+        assert!(!rx.has_changed().unwrap());
+
+        std::fs::write(dir.join("tls.key"), &new.key).unwrap();
+        wait_for(&mut rx, "the new pair", |c| fingerprint(c) == Some(new.fingerprint.as_str())).await;
+        assert_eq!(h.key_mismatches(), 0, "the half-written pair was not reported as a rejection");
+    }
+
+    #[tokio::test]
+    async fn lasting_mismatch_is_rejected_and_last_good_kept() {
+        let root = tempdir();
+        let (old, new) = (pair("stuck.test"), pair("stuck.test"));
+        let dir = root.path().join("stuck");
+        std::fs::create_dir(&dir).unwrap();
+        std::fs::write(dir.join("tls.crt"), &old.cert).unwrap();
+        std::fs::write(dir.join("tls.key"), &old.key).unwrap();
+        let h = Harness::start(root, Options { settle: Duration::from_millis(50), ..Options::default() }).await;
+        let mut rx = h.store.subscribe("stuck");
+        rx.borrow_and_update();
+
+        std::fs::write(dir.join("tls.crt"), &new.cert).unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        while h.key_mismatches() == 0 {
+            assert!(Instant::now() < deadline, "mismatch never reported");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(fingerprint(&h.store.get("stuck")), Some(old.fingerprint.as_str()), "last good kept");
+        assert!(!rx.has_changed().unwrap());
+
+        std::fs::write(dir.join("tls.key"), &new.key).unwrap();
+        wait_for(&mut rx, "the repaired pair", |c| fingerprint(c) == Some(new.fingerprint.as_str())).await;
+    }
+
+    #[tokio::test]
+    async fn removed_directory_removes_both_secrets() {
+        let root = tempdir();
+        let p = pair("gone.test");
+        let ca = ca_pem();
+        let [crt, key] = pair_files(&p);
+        kubelet_write(&root.path().join("gone"), &[crt, key, ("ca.crt", ca.as_str())]);
+        let h = Harness::start(root, Options::default()).await;
+        let (mut pair_rx, mut ca_rx) = (h.store.subscribe("gone"), h.store.subscribe("gone-cacert"));
+        assert!(pair_rx.borrow_and_update().is_some() && ca_rx.borrow_and_update().is_some());
+
+        std::fs::remove_dir_all(h.dir("gone")).unwrap();
+
+        wait_for(&mut pair_rx, "gone removed", |c| c.is_none()).await;
+        wait_for(&mut ca_rx, "gone-cacert removed", |c| c.is_none()).await;
+    }
+
+    #[tokio::test]
+    async fn removed_files_remove_only_their_secret() {
+        let root = tempdir();
+        let p = pair("part.test");
+        let ca = ca_pem();
+        let [crt, key] = pair_files(&p);
+        kubelet_write(&root.path().join("part"), &[crt, key, ("ca.crt", ca.as_str())]);
+        let h = Harness::start(root, Options::default()).await;
+        let (mut pair_rx, mut ca_rx) = (h.store.subscribe("part"), h.store.subscribe("part-cacert"));
+
+        kubelet_write(&h.dir("part"), &[crt, key]);
+        wait_for(&mut ca_rx, "part-cacert removed", |c| c.is_none()).await;
+        assert!(pair_rx.borrow_and_update().is_some());
+
+        kubelet_write(&h.dir("part"), &[("ca.crt", ca.as_str())]);
+        wait_for(&mut pair_rx, "part removed", |c| c.is_none()).await;
+        wait_for(&mut ca_rx, "part-cacert back", |c| c.is_some()).await;
+    }
+
+    #[tokio::test]
+    async fn new_directory_is_served() {
+        let h = Harness::start(tempdir(), Options::default()).await;
+        let (mut atomic_rx, mut plain_rx) = (h.store.subscribe("late"), h.store.subscribe("plain"));
+        assert!(atomic_rx.borrow_and_update().is_none());
+
+        kubelet_write(&h.dir("late"), &pair_files(&pair("late.test")));
+        // Non-atomic: the directory first, then the files, one write at a time.
+        let plain = pair("plain.test");
+        std::fs::create_dir(h.dir("plain")).unwrap();
+        std::fs::write(h.dir("plain").join("tls.crt"), &plain.cert).unwrap();
+        std::fs::write(h.dir("plain").join("tls.key"), &plain.key).unwrap();
+
+        wait_for(&mut atomic_rx, "late served", |c| c.is_some()).await;
+        wait_for(&mut plain_rx, "plain served", |c| fingerprint(c) == Some(plain.fingerprint.as_str())).await;
+    }
+
+    #[tokio::test]
+    async fn identical_rewrite_pushes_nothing() {
+        let root = tempdir();
+        let same = pair("same.test");
+        kubelet_write(&root.path().join("same"), &pair_files(&same));
+        let h = Harness::start(root, Options::default()).await;
+        let mut rx = h.store.subscribe("same");
+        rx.borrow_and_update();
+
+        kubelet_write(&h.dir("same"), &pair_files(&same));
+        std::fs::write(h.dir("same").join("unrelated"), "x").unwrap();
+        h.barrier().await;
+
+        assert!(!rx.has_changed().unwrap(), "identical content must not wake subscribers");
+    }
+
+    #[test]
+    fn read_secret_dir_reports_absent_and_unreadable_files() {
+        let root = tempdir();
+        let dir = root.path().join("odd");
+        std::fs::create_dir(&dir).unwrap();
+        let p = pair("odd.test");
+        std::fs::write(dir.join("tls.crt"), &p.cert).unwrap();
+        symlink("..data/tls.key", dir.join("tls.key")).unwrap();
+        let (tls, ca) = read_secret_dir(&dir);
+        assert!(matches!(tls, Ok(None)), "a dangling key link is an absent key");
+        assert!(matches!(ca, Ok(None)));
+
+        std::fs::create_dir(dir.join("ca.crt")).unwrap();
+        let (_, ca) = read_secret_dir(&dir);
+        let err = ca.expect_err("a directory is not a readable ca.crt").to_string();
+        assert!(err.contains("ca.crt"), "error names the file: {err}");
+
+        assert!(matches!(read_secret_dir(&root.path().join("missing")), (Ok(None), Ok(None))));
+    }
+}

@@ -1,0 +1,5 @@
+//! Sources turn the outside world into "secret NAME now has CONTENT" or "NAME is gone",
+//! reported through an [`crate::ingest::Sink`]. A source knows nothing of xDS.
+
+pub mod dev;
+pub mod files;

@@ -1,0 +1,372 @@
+//! The store: per secret name, the current good version, encoded once and shared by
+//! every stream.
+//!
+//! Every subscriber holds a `watch` receiver per name, so wake-ups are latest-wins: a
+//! slow proxy skips intermediate versions, never blocks another, and no queue grows.
+//! Several sources may offer one name; the source registered first wins and the others
+//! are kept as shadowed candidates so a collision is visible in status and takes over
+//! when the winner withdraws.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use dashmap::DashMap;
+use ring::digest;
+use tokio::sync::{broadcast, watch};
+
+use crate::pki::{Checked, KeyBytes, SecretKind, SecretMeta};
+
+/// One good version of a secret, as served. Cheap to clone through `Arc`.
+pub struct Served {
+    pub name: String,
+    /// Content hash: stable across restarts, so a reconnecting proxy's claim is meaningful.
+    pub version: String,
+    pub kind: SecretKind,
+    /// Encoded `google.protobuf.Any` with the Envoy `Secret`.
+    pub resource: KeyBytes,
+    pub meta: SecretMeta,
+    pub source: Arc<str>,
+    pub updated: SystemTime,
+    /// When the source noticed the change; start of the change-to-push latency.
+    pub detected_at: Instant,
+}
+
+impl std::fmt::Debug for Served {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Served")
+            .field("name", &self.name)
+            .field("version", &self.version)
+            .field("kind", &self.kind)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What subscribers see for a name: the served version, or none yet / deleted.
+pub type Current = Option<Arc<Served>>;
+
+/// A source's place in the precedence order (lower wins).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Rank(pub usize);
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The served content changed.
+    Changed,
+    /// Same content as already stored: nothing pushed.
+    Unchanged,
+    /// Stored, but another source with precedence serves this name.
+    Shadowed { by: Arc<str> },
+}
+
+struct Entry {
+    tx: watch::Sender<Current>,
+    /// Good versions per offering source, by precedence.
+    candidates: BTreeMap<Rank, Arc<Served>>,
+    /// Last rejection per source, cleared by that source's next good update.
+    errors: BTreeMap<Rank, (Arc<str>, String)>,
+    /// Set when a served secret disappeared from all sources.
+    deleted: bool,
+}
+
+impl Entry {
+    fn new() -> Self {
+        let (tx, _) = watch::channel(None);
+        Self { tx, candidates: BTreeMap::new(), errors: BTreeMap::new(), deleted: false }
+    }
+
+    fn winner(&self) -> Current {
+        self.candidates.values().next().cloned()
+    }
+
+    /// Publishes the winner if it differs from what subscribers have; returns whether it did.
+    fn publish(&mut self) -> bool {
+        let next = self.winner();
+        let same = match (&*self.tx.borrow(), &next) {
+            (Some(a), Some(b)) => a.version == b.version && a.source == b.source,
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return false;
+        }
+        if next.is_none() {
+            self.deleted = true;
+        } else {
+            self.deleted = false;
+        }
+        self.tx.send_replace(next);
+        true
+    }
+}
+
+/// Public status of one secret (for /status/secrets and the status API).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct SecretStatus {
+    pub name: String,
+    pub kind: Option<SecretKind>,
+    pub version: Option<String>,
+    pub source: Option<String>,
+    #[serde(flatten)]
+    pub meta: SecretMeta,
+    pub deleted: bool,
+    pub subscribers: usize,
+    pub updated_unix_ms: Option<i64>,
+    /// Latest rejection, naming the source and the reason.
+    pub last_error: Option<String>,
+    pub shadowed_sources: Vec<String>,
+}
+
+pub struct Store {
+    entries: DashMap<String, Entry>,
+    sources: std::sync::Mutex<Vec<Arc<str>>>,
+    /// Names subscribed but not stored: on-demand sources (dev CA) mint them.
+    demand: broadcast::Sender<String>,
+}
+
+impl Default for Store {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Store {
+    pub fn new() -> Self {
+        let (demand, _) = broadcast::channel(1024);
+        Self { entries: DashMap::new(), sources: Default::default(), demand }
+    }
+
+    /// Registers a source; registration order is precedence order.
+    pub fn register_source(&self, name: &str) -> (Rank, Arc<str>) {
+        let mut sources = self.sources.lock().expect("sources lock");
+        let name: Arc<str> = Arc::from(name);
+        sources.push(name.clone());
+        (Rank(sources.len() - 1), name)
+    }
+
+    /// Stores a checked version offered by `source` for `name`.
+    pub fn upsert(&self, rank: Rank, source: &Arc<str>, name: &str, checked: Checked, detected_at: Instant) -> Outcome {
+        let version = content_version(checked.resource.as_slice());
+        let mut entry = self.entries.entry(name.to_owned()).or_insert_with(Entry::new);
+        entry.errors.remove(&rank);
+        if let Some(existing) = entry.candidates.get(&rank)
+            && existing.version == version
+        {
+            return Outcome::Unchanged;
+        }
+        let served = Arc::new(Served {
+            name: name.to_owned(),
+            version,
+            kind: checked.kind,
+            resource: checked.resource,
+            meta: checked.meta,
+            source: source.clone(),
+            updated: SystemTime::now(),
+            detected_at,
+        });
+        entry.candidates.insert(rank, served);
+        if entry.publish() {
+            Outcome::Changed
+        } else {
+            match entry.winner() {
+                Some(w) if w.source != *source => Outcome::Shadowed { by: w.source.clone() },
+                _ => Outcome::Unchanged,
+            }
+        }
+    }
+
+    /// Records a rejected update. What is served does not change.
+    pub fn reject(&self, rank: Rank, source: &Arc<str>, name: &str, reason: String) {
+        let mut entry = self.entries.entry(name.to_owned()).or_insert_with(Entry::new);
+        entry.errors.insert(rank, (source.clone(), reason));
+    }
+
+    /// `source` no longer offers `name`. Returns true when what is served changed.
+    pub fn remove(&self, rank: Rank, name: &str) -> bool {
+        let Some(mut entry) = self.entries.get_mut(name) else { return false };
+        entry.errors.remove(&rank);
+        if entry.candidates.remove(&rank).is_none() {
+            return false;
+        }
+        entry.publish()
+    }
+
+    /// Subscribes to a name. Unknown names are announced on the demand channel so an
+    /// on-demand source can mint them; the subscriber is woken the moment they exist.
+    pub fn subscribe(&self, name: &str) -> watch::Receiver<Current> {
+        let entry = self.entries.entry(name.to_owned()).or_insert_with(Entry::new);
+        let rx = entry.tx.subscribe();
+        let missing = entry.candidates.is_empty();
+        drop(entry);
+        if missing {
+            // No receiver simply means no on-demand source runs.
+            let _ = self.demand.send(name.to_owned());
+        }
+        rx
+    }
+
+    /// Drops bookkeeping for a name nobody serves or watches any more.
+    pub fn release(&self, name: &str) {
+        self.entries.remove_if(name, |_, e| {
+            e.candidates.is_empty() && e.errors.is_empty() && !e.deleted && e.tx.receiver_count() == 0
+        });
+    }
+
+    pub fn get(&self, name: &str) -> Current {
+        self.entries.get(name).and_then(|e| e.tx.borrow().clone())
+    }
+
+    pub fn demand(&self) -> broadcast::Receiver<String> {
+        self.demand.subscribe()
+    }
+
+    /// Names currently served.
+    pub fn served_names(&self) -> Vec<String> {
+        self.entries.iter().filter(|e| e.tx.borrow().is_some()).map(|e| e.key().clone()).collect()
+    }
+
+    /// Names some stream waits for that no source serves (yet).
+    pub fn wanted_unserved(&self) -> Vec<String> {
+        self.entries
+            .iter()
+            .filter(|e| e.tx.borrow().is_none() && e.tx.receiver_count() > 0)
+            .map(|e| e.key().clone())
+            .collect()
+    }
+
+    pub fn served_count(&self) -> usize {
+        self.entries.iter().filter(|e| e.tx.borrow().is_some()).count()
+    }
+
+    pub fn status(&self) -> Vec<SecretStatus> {
+        let mut out: Vec<SecretStatus> = self
+            .entries
+            .iter()
+            .filter(|e| !e.candidates.is_empty() || !e.errors.is_empty() || e.deleted)
+            .map(|e| {
+                let current = e.tx.borrow().clone();
+                let shadowed_sources = e.candidates.values().skip(1).map(|s| s.source.to_string()).collect();
+                let last_error = e.errors.values().next().map(|(src, why)| format!("{src}: {why}"));
+                SecretStatus {
+                    name: e.key().clone(),
+                    kind: current.as_ref().map(|c| c.kind),
+                    version: current.as_ref().map(|c| c.version.clone()),
+                    source: current.as_ref().map(|c| c.source.to_string()),
+                    meta: current.as_ref().map(|c| c.meta.clone()).unwrap_or_default(),
+                    deleted: e.deleted,
+                    subscribers: e.tx.receiver_count(),
+                    updated_unix_ms: current.as_ref().map(|c| unix_ms(c.updated)),
+                    last_error,
+                    shadowed_sources,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+}
+
+/// Version string: the first 16 bytes of the SHA-256 of the encoded resource, in hex.
+pub fn content_version(bytes: &[u8]) -> String {
+    hex::encode(&digest::digest(&digest::SHA256, bytes).as_ref()[..16])
+}
+
+pub fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn checked(content: &[u8]) -> Checked {
+        Checked {
+            kind: SecretKind::GenericSecret,
+            resource: KeyBytes::new(content.to_vec()),
+            meta: SecretMeta::default(),
+        }
+    }
+
+    #[test]
+    fn upsert_publishes_once_per_content() {
+        let store = Store::new();
+        let (rank, src) = store.register_source("files:/a");
+        let mut rx = store.subscribe("s");
+        assert!(rx.borrow_and_update().is_none());
+        assert_eq!(store.upsert(rank, &src, "s", checked(b"one"), Instant::now()), Outcome::Changed);
+        assert!(rx.has_changed().unwrap());
+        let v1 = rx.borrow_and_update().clone().unwrap().version.clone();
+        assert_eq!(store.upsert(rank, &src, "s", checked(b"one"), Instant::now()), Outcome::Unchanged);
+        assert!(!rx.has_changed().unwrap());
+        assert_eq!(store.upsert(rank, &src, "s", checked(b"two"), Instant::now()), Outcome::Changed);
+        assert_ne!(rx.borrow_and_update().clone().unwrap().version, v1);
+    }
+
+    #[test]
+    fn latest_wins_for_a_slow_subscriber() {
+        let store = Store::new();
+        let (rank, src) = store.register_source("files:/a");
+        let mut rx = store.subscribe("s");
+        for i in 0..100u8 {
+            store.upsert(rank, &src, "s", checked(&[i]), Instant::now());
+        }
+        // One pending wake-up, and it shows only the last version.
+        assert_eq!(rx.borrow_and_update().clone().unwrap().version, content_version(&[99]));
+        assert!(!rx.has_changed().unwrap());
+    }
+
+    #[test]
+    fn first_source_wins_and_shadowed_takes_over() {
+        let store = Store::new();
+        let (r1, s1) = store.register_source("files:/first");
+        let (r2, s2) = store.register_source("files:/second");
+        assert_eq!(store.upsert(r2, &s2, "s", checked(b"second"), Instant::now()), Outcome::Changed);
+        assert_eq!(store.upsert(r1, &s1, "s", checked(b"first"), Instant::now()), Outcome::Changed);
+        assert_eq!(
+            store.upsert(r2, &s2, "s", checked(b"second-2"), Instant::now()),
+            Outcome::Shadowed { by: s1.clone() }
+        );
+        let st = &store.status()[0];
+        assert_eq!(st.source.as_deref(), Some("files:/first"));
+        assert_eq!(st.shadowed_sources, vec!["files:/second".to_string()]);
+        assert!(store.remove(r1, "s"));
+        assert_eq!(store.get("s").unwrap().source, s2);
+    }
+
+    #[test]
+    fn reject_keeps_last_good_and_is_reported() {
+        let store = Store::new();
+        let (rank, src) = store.register_source("files:/a");
+        store.upsert(rank, &src, "s", checked(b"good"), Instant::now());
+        store.upsert(rank, &src, "other", checked(b"fine"), Instant::now());
+        store.reject(rank, &src, "s", "key mismatch".into());
+        assert_eq!(store.get("s").unwrap().version, content_version(b"good"));
+        let st = store.status();
+        assert_eq!(st[1].last_error.as_deref(), Some("files:/a: key mismatch"));
+        assert!(st[0].last_error.is_none(), "other secret untouched");
+        // The next good update clears the error.
+        store.upsert(rank, &src, "s", checked(b"good2"), Instant::now());
+        assert!(store.status()[1].last_error.is_none());
+    }
+
+    #[test]
+    fn delete_marks_deleted_and_notifies() {
+        let store = Store::new();
+        let (rank, src) = store.register_source("files:/a");
+        store.upsert(rank, &src, "s", checked(b"x"), Instant::now());
+        let mut rx = store.subscribe("s");
+        rx.borrow_and_update();
+        assert!(store.remove(rank, "s"));
+        assert!(rx.borrow_and_update().is_none());
+        assert!(store.status()[0].deleted);
+    }
+
+    #[tokio::test]
+    async fn unknown_name_is_demanded() {
+        let store = Store::new();
+        let mut demand = store.demand();
+        let _rx = store.subscribe("new-name");
+        assert_eq!(demand.recv().await.unwrap(), "new-name");
+    }
+}

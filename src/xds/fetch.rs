@@ -1,0 +1,39 @@
+//! FetchSecrets: one request, the current content of the names that exist.
+
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use tonic::Status;
+
+use super::session::to_any;
+use super::{Shared, check_type_url};
+use crate::metrics::ProtocolLabel;
+use crate::pki::SECRET_TYPE_URL;
+
+pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<DiscoveryResponse, Status> {
+    check_type_url(&req.type_url)?;
+    let found: Vec<_> = req.resource_names.iter().filter_map(|n| shared.store.get(n)).collect();
+    if found.is_empty() {
+        return Err(Status::not_found(format!("no secret named {:?}", req.resource_names)));
+    }
+    let version = sotw_version(found.iter().map(|s| s.version.as_str()));
+    if !req.version_info.is_empty() && req.version_info == version {
+        // Same contract as other xDS servers: nothing new for a caller that is current.
+        return Err(Status::already_exists(format!("version {version} is current")));
+    }
+    shared.metrics.pushes.get_or_create(&ProtocolLabel { protocol: "fetch" }).inc();
+    Ok(DiscoveryResponse {
+        version_info: version,
+        resources: found.iter().map(|s| to_any(s)).collect(),
+        type_url: SECRET_TYPE_URL.to_owned(),
+        ..Default::default()
+    })
+}
+
+/// Version of a SotW response: the secret's own content hash when it carries one
+/// resource (what Envoy does: one stream per secret), else a hash of the versions.
+pub fn sotw_version<'a>(versions: impl Iterator<Item = &'a str>) -> String {
+    let versions: Vec<&str> = versions.collect();
+    match versions.as_slice() {
+        [one] => (*one).to_owned(),
+        many => crate::store::content_version(many.join(",").as_bytes()),
+    }
+}

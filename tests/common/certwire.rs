@@ -1,0 +1,208 @@
+//! The certwire binary as a child process: `certwire serve ...` with its admin API on
+//! a free port, output captured to a file, killed on drop, restartable.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+
+use tempfile::TempDir;
+
+use super::http::{self, Response};
+use super::util::{self, WAIT};
+
+/// The certwire binary cargo built for this test target.
+pub fn certwire_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_certwire"))
+}
+
+/// Runs `certwire ARGS` to completion and returns its stdout; panics with its
+/// stderr if it fails. For one-shot commands such as `certwire bootstrap`.
+pub fn run(args: &[&str]) -> String {
+    let output = Command::new(certwire_bin())
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run certwire");
+    assert!(
+        output.status.success(),
+        "certwire {args:?} failed ({}):\n{}{}",
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("certwire output is UTF-8")
+}
+
+pub struct Certwire {
+    child: Option<Child>,
+    admin: SocketAddr,
+    args: Vec<String>,
+    log: PathBuf,
+    _dir: TempDir,
+}
+
+impl Certwire {
+    /// Starts `certwire serve ARGS --admin 127.0.0.1:<free>` and waits until
+    /// `/healthz` answers 200.
+    pub async fn serve<I, S>(args: I) -> Certwire
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        let dir = util::tempdir();
+        let log = dir.path().join("certwire.log");
+        let mut certwire = Certwire {
+            child: None,
+            admin: util::free_addr(),
+            args: args.into_iter().map(Into::into).collect(),
+            log,
+            _dir: dir,
+        };
+        certwire.start().await;
+        certwire
+    }
+
+    /// Spawns the process (again, after [`Certwire::kill`]) with the same arguments
+    /// and admin address, appending to the same log, and waits for `/healthz`.
+    pub async fn start(&mut self) {
+        assert!(self.child.is_none(), "certwire is already running");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("open certwire log");
+        let mut command = Command::new(certwire_bin());
+        command
+            .arg("serve")
+            .args(&self.args)
+            .arg("--admin")
+            .arg(self.admin.to_string())
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log);
+        // Debug logs make a failed test explain itself; an explicit RUST_LOG wins.
+        if std::env::var_os("RUST_LOG").is_none() {
+            command.env("RUST_LOG", "info,certwire=debug");
+        }
+        self.child = Some(command.spawn().expect("spawn certwire"));
+
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            if let Ok(response) = http::get(self.admin, "/healthz").await
+                && response.status == 200
+            {
+                return;
+            }
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                panic!("certwire exited at start ({status}); its log follows");
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "certwire /healthz on {} did not answer 200 within {WAIT:?}",
+                self.admin
+            );
+            tokio::time::sleep(util::POLL).await;
+        }
+    }
+
+    /// Sends SIGKILL (a crash, no graceful shutdown) and reaps the process.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    pub async fn restart(&mut self) {
+        self.kill();
+        self.start().await;
+    }
+
+    pub fn is_running(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// `GET path` on the admin API, any status.
+    pub async fn get(&self, path: &str) -> Response {
+        http::get(self.admin, path)
+            .await
+            .unwrap_or_else(|e| panic!("certwire admin {path}: {e:#}"))
+    }
+
+    /// `GET path`, asserting 200 and a JSON body.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        let response = self.get(path).await;
+        assert_eq!(response.status, 200, "certwire {path}: {}", response.body);
+        response
+            .json()
+            .unwrap_or_else(|e| panic!("certwire {path}: {e:#}"))
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        let response = self.get("/metrics").await;
+        assert_eq!(response.status, 200, "certwire /metrics: {}", response.body);
+        response.body
+    }
+
+    /// The sum of all samples of `metric` whose labels include every `labels`
+    /// pair, e.g. `("reason", "key_mismatch")`. Zero when there is none.
+    pub async fn metric_sum(&self, metric: &str, labels: &[(&str, &str)]) -> f64 {
+        sum_samples(&self.metrics().await, metric, labels)
+    }
+
+    /// The entry of `/status/secrets` for `name`.
+    pub async fn secret_status(&self, name: &str) -> Option<serde_json::Value> {
+        let all = self.get_json("/status/secrets").await;
+        all.as_array()?
+            .iter()
+            .find(|s| s["name"].as_str() == Some(name))
+            .cloned()
+    }
+
+    /// Prints the tail of certwire's log to stderr.
+    pub fn dump_log(&self) {
+        util::dump_log("certwire", &self.log, 120);
+    }
+}
+
+impl Drop for Certwire {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            self.dump_log();
+        }
+    }
+}
+
+/// Sums the samples of `metric` in Prometheus text whose labels contain all of
+/// `labels`. Counters may carry a `_total` suffix: pass the full sample name.
+pub fn sum_samples(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .filter_map(|line| {
+            let (series, value) = line.rsplit_once(' ')?;
+            let (name, label_text) = match series.split_once('{') {
+                Some((name, rest)) => (name, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if name != metric {
+                return None;
+            }
+            let all_match = labels
+                .iter()
+                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            if all_match { value.parse::<f64>().ok() } else { None }
+        })
+        .sum()
+}
