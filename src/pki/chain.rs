@@ -15,6 +15,7 @@ use super::key::{KeyPublic, describe_pem_error};
 use super::{CheckOptions, PkiError, SecretMeta};
 
 /// Certificates re-encoded as PEM in serving order, with their public facts.
+#[derive(Debug)]
 pub(super) struct Bundle {
     pub pem: Vec<u8>,
     pub meta: SecretMeta,
