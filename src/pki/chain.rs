@@ -259,6 +259,8 @@ pub(super) mod fixtures {
         BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType, IsCa, Issuer, KeyIdMethod,
         KeyPair, KeyUsagePurpose, SanType, SerialNumber,
     };
+    use rustls_pki_types::PrivatePkcs8KeyDer;
+    use rustls_pki_types::pem::PemObject;
     use std::io::Write;
     use std::process::{Command, Stdio};
     use std::sync::OnceLock;
@@ -294,6 +296,10 @@ pub(super) mod fixtures {
     }
 
     pub fn openssl(args: &[&str], stdin: &[u8]) -> String {
+        String::from_utf8(openssl_bytes(args, stdin)).unwrap()
+    }
+
+    pub fn openssl_bytes(args: &[&str], stdin: &[u8]) -> Vec<u8> {
         let mut child = Command::new("openssl")
             .args(args)
             .stdin(Stdio::piped())
@@ -304,22 +310,27 @@ pub(super) mod fixtures {
         child.stdin.take().unwrap().write_all(stdin).unwrap();
         let out = child.wait_with_output().unwrap();
         assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
+        out.stdout
     }
 
-    /// The same key as `pkcs8_pem` in the other encodings openssl writes for it.
-    pub fn other_encodings(pkcs8_pem: &str, alg: Alg) -> Vec<String> {
+    /// The same key as `pkcs8_pem` in the other encodings found in the wild, labelled.
+    pub fn other_encodings(pkcs8_pem: &str, alg: Alg) -> Vec<(&'static str, String)> {
         let key = pkcs8_pem.as_bytes();
-        let mut out = vec![openssl(&["pkey"], key)];
         match alg {
-            Alg::Rsa => out.push(openssl(&["pkey", "-traditional"], key)),
-            Alg::P256 | Alg::P384 => {
-                out.push(openssl(&["pkey", "-traditional"], key));
-                out.push(openssl(&["ec", "-no_public"], key));
+            Alg::Rsa => vec![("pkcs8 by openssl", openssl(&["pkey"], key)), ("pkcs1", openssl(&["rsa", "-traditional"], key))],
+            Alg::P256 | Alg::P384 => vec![("pkcs8 by openssl", openssl(&["pkey"], key)), ("sec1", openssl(&["ec"], key))],
+            Alg::Ed25519 => {
+                // OpenSSL 3.0 cannot read ring's RFC 8410 v2 form; rebuild the v1 form that
+                // OpenSSL and Go write from the same seed, and let openssl vouch for it.
+                const V1: &[u8] = &[0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+                let der = PrivatePkcs8KeyDer::from_pem_slice(key).unwrap();
+                let der = der.secret_pkcs8_der();
+                assert_eq!(der[5..16], V1[5..], "ring's Ed25519 PKCS#8 layout");
+                let v1 = [V1, &der[16..48]].concat();
+                let pem = super::to_pem("PRIVATE KEY", std::iter::once(v1.as_slice()));
+                vec![("pkcs8 v1", openssl(&["pkey"], &pem))]
             }
-            Alg::Ed25519 => {}
         }
-        out
     }
 
     pub struct Issued {

@@ -35,8 +35,7 @@ pub(super) fn parse(pem: &KeyBytes) -> Result<KeyPublic, PkiError> {
         Err(pem::Error::NoItemsFound) => return Err(PkiError::NoKey),
         Err(e) => return Err(PkiError::BadPem(describe_pem_error(&e))),
     };
-    let signing = any_supported_type(&der)
-        .map_err(|_| PkiError::BadKey("not an RSA (2048 bits or more), ECDSA P-256/P-384 or Ed25519 key".into()))?;
+    let signing = any_supported_type(&der).map_err(|_| PkiError::BadKey(unsupported(&der).into()))?;
     let spki = signing.public_key().ok_or_else(|| PkiError::BadKey("public key unavailable".into()))?;
     Ok(KeyPublic { spki: spki.as_ref().to_vec() })
 }
@@ -72,6 +71,22 @@ impl KeyPublic {
             return compress(point).is_some_and(|c| c.as_slice() == theirs.as_ref());
         }
         false
+    }
+}
+
+/// Why rustls refused a key. ring cannot derive the public point of an EC key (BoringSSL
+/// in Envoy can), so such keys need re-encoding: say how.
+fn unsupported(der: &PrivateKeyDer<'_>) -> &'static str {
+    const EC_PUBLIC_KEY_OID: &[u8] = &[0x06, 0x07, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x02, 0x01];
+    let ec = match der {
+        PrivateKeyDer::Sec1(_) => true,
+        PrivateKeyDer::Pkcs8(k) => contains(k.secret_pkcs8_der(), EC_PUBLIC_KEY_OID),
+        _ => false,
+    };
+    if ec {
+        "ECDSA keys must be P-256 or P-384 and include their public key (`openssl ec` adds it)"
+    } else {
+        "not an RSA (2048 bits or more), ECDSA P-256/P-384 or Ed25519 key"
     }
 }
 
@@ -128,18 +143,48 @@ mod tests {
             let leaf = fixtures::leaf(alg);
             assert!(key_matches_cert(&leaf.key_pem, leaf.cert.der()), "{alg:?}");
             // The same key in every encoding openssl offers for it.
-            for other in fixtures::other_encodings(&leaf.key_pem, alg) {
-                assert!(key_matches_cert(&other, leaf.cert.der()), "{alg:?} re-encoded");
+            for (encoding, other) in fixtures::other_encodings(&leaf.key_pem, alg) {
+                let label = match encoding {
+                    "pkcs1" => "RSA PRIVATE KEY",
+                    "sec1" => "EC PRIVATE KEY",
+                    _ => "PRIVATE KEY",
+                };
+                assert!(other.starts_with(&format!("-----BEGIN {label}-----")), "{other}");
+                assert!(key_matches_cert(&other, leaf.cert.der()), "{alg:?} {encoding}");
             }
         }
     }
 
     #[test]
-    fn rsa_spki_from_rustls_is_byte_identical_to_the_certificate() {
-        let leaf = fixtures::leaf(Alg::Rsa);
-        let key = parse(&KeyBytes::new(leaf.key_pem.into_bytes())).unwrap();
-        let (_, cert) = parse_x509_certificate(leaf.cert.der()).unwrap();
-        assert_eq!(key.spki, cert.public_key().raw);
+    fn ec_key_without_its_public_point_is_refused_with_a_hint() {
+        let leaf = fixtures::leaf(Alg::P256);
+        let sec1 = fixtures::openssl(&["ec", "-no_public"], leaf.key_pem.as_bytes());
+        let pkcs8 = fixtures::openssl(&["pkcs8", "-topk8", "-nocrypt"], sec1.as_bytes());
+        for pem in [sec1, pkcs8] {
+            let err = parse(&KeyBytes::new(pem.into_bytes())).unwrap_err();
+            assert!(matches!(err, PkiError::BadKey(ref m) if m.contains("include their public key")), "{err:?}");
+        }
+    }
+
+    #[test]
+    fn openssl_keys_and_certificates_agree_byte_for_byte() {
+        let rsa_pkcs1 = fixtures::other_encodings(&fixtures::leaf(Alg::Rsa).key_pem, Alg::Rsa).pop().unwrap().1;
+        let keys = [
+            // SEC1 preceded by an EC PARAMETERS block, as `ecparam -genkey` writes it.
+            fixtures::openssl(&["ecparam", "-genkey", "-name", "prime256v1"], b""),
+            fixtures::openssl(&["ecparam", "-genkey", "-name", "secp384r1"], b""),
+            fixtures::openssl(&["genpkey", "-algorithm", "ed25519"], b""),
+            rsa_pkcs1,
+        ];
+        for key_pem in keys {
+            let args = ["req", "-x509", "-new", "-key", "/dev/stdin", "-subj", "/CN=k", "-days", "1", "-outform", "DER"];
+            let cert_der = fixtures::openssl_bytes(&args, key_pem.as_bytes());
+            let key = parse(&KeyBytes::new(key_pem.into_bytes())).unwrap();
+            let (_, cert) = parse_x509_certificate(&cert_der).unwrap();
+            // rustls writes SPKI as OpenSSL does (rsaEncryption with NULL parameters, named
+            // curves, uncompressed points), so the exact comparison is the usual path.
+            assert_eq!(hex::encode(&key.spki), hex::encode(cert.public_key().raw));
+        }
     }
 
     #[test]

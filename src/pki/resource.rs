@@ -125,7 +125,7 @@ mod tests {
         let inter = root.intermediate("Test Intermediate", days(-1, 365));
         let leaf = inter.leaf(Alg::Rsa, "leaf.example.com", days(-1, 30));
         // The PKCS#1 form, as `openssl genrsa -traditional` and many secrets carry it.
-        let pkcs1 = fixtures::other_encodings(&leaf.key_pem, Alg::Rsa).pop().unwrap();
+        let (_, pkcs1) = fixtures::other_encodings(&leaf.key_pem, Alg::Rsa).pop().unwrap();
         assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
         let material = tls_material(inter.cert.pem() + &leaf.cert.pem(), &pkcs1);
 

@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use zeroize::Zeroizing;
 
 use crate::ingest::Sink;
-use crate::pki::{self, CheckOptions, KeyBytes, Material};
+use crate::pki::{self, CheckOptions, KeyBytes, Material, PkiError};
 
 /// Tuning of the file source. `Options::default()` is meant for production.
 #[derive(Debug, Clone, Copy)]
@@ -84,8 +84,7 @@ pub async fn start_with(
     })
     .await
     .expect("file source setup panicked")?;
-    let served = source.seen.values().flat_map(|s| [&s.tls, &s.ca]).filter(|s| s.last.is_some() && !s.rejected).count();
-    tracing::info!(source = source.sink.source(), secrets = served, "file source loaded");
+    tracing::info!(source = source.sink.source(), directories = source.seen.len(), "file source loaded");
     Ok(tokio::spawn(source.run(watcher, events, shutdown, options.rescan)))
 }
 
@@ -164,8 +163,8 @@ enum Pass {
     Event,
     /// A second look after `settle`: report what is there.
     Confirm,
-    /// The periodic safety net; also retries content the check refused (a certificate
-    /// not yet valid becomes valid without its files changing).
+    /// The periodic safety net; also retries content refused for a reason time can heal
+    /// (a certificate not yet valid becomes valid without its files changing).
     Periodic,
 }
 
@@ -205,7 +204,8 @@ impl Digests {
 #[derive(Default)]
 struct Slot {
     last: Option<Digests>,
-    rejected: bool,
+    /// The sink refused it for a reason that depends on the clock.
+    retry: bool,
 }
 
 #[derive(Default)]
@@ -394,13 +394,14 @@ fn report(
         Ok(None) if pass.settles() => true,
         Ok(None) => {
             slot.last = None;
-            slot.rejected = false;
+            slot.retry = false;
             sink.remove(secret);
             false
         }
         Ok(Some(material)) => {
             let digests = Digests::of(&material);
-            if slot.last == Some(digests) && !(slot.rejected && pass == Pass::Periodic) {
+            let unchanged = slot.last == Some(digests);
+            if unchanged && !(slot.retry && pass == Pass::Periodic) {
                 return false;
             }
             // A pair where only one file changed may be half-written (certificate first, key
@@ -408,7 +409,8 @@ fn report(
             // rejection, and give it time to settle. A pair swapped whole goes straight to the
             // sink: the common rotation pays for one check only.
             let swapped_whole = slot.last.is_some_and(|last| last.all_differ(&digests));
-            if pass.settles() && !swapped_whole && pki::check(secret, &material, &quiet_check()).is_err() {
+            if pass.settles() && !unchanged && !swapped_whole && pki::check(secret, &material, &quiet_check()).is_err()
+            {
                 tracing::debug!(
                     secret,
                     source = sink.source(),
@@ -416,7 +418,8 @@ fn report(
                 );
                 return true;
             }
-            slot.rejected = sink.update(secret, &material, detected_at).is_err();
+            let result = sink.update(secret, &material, detected_at);
+            slot.retry = matches!(result, Err(PkiError::NotYetValid { .. } | PkiError::Expired { .. }));
             slot.last = Some(digests);
             false
         }
@@ -706,6 +709,23 @@ mod tests {
         h.barrier().await;
 
         assert!(!rx.has_changed().unwrap(), "identical content must not wake subscribers");
+    }
+
+    #[tokio::test]
+    async fn periodic_rescan_serves_a_pair_once_it_becomes_valid() {
+        let root = tempdir();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["soon.test".to_owned()]).unwrap();
+        params.not_before = time::OffsetDateTime::now_utc() + time::Duration::seconds(4);
+        let cert = params.self_signed(&key).unwrap().pem();
+        kubelet_write(&root.path().join("soon"), &[("tls.crt", &cert), ("tls.key", &key.serialize_pem())]);
+        let options = Options { rescan: Duration::from_millis(200), ..Options::default() };
+
+        let h = Harness::start(root, options).await;
+        let mut rx = h.store.subscribe("soon");
+        assert!(rx.borrow_and_update().is_none(), "not valid yet, so not served");
+
+        wait_for(&mut rx, "soon served once valid", |c| c.is_some()).await;
     }
 
     #[test]
