@@ -56,7 +56,7 @@ pub(super) fn crl(crl_pem: &[u8]) -> Result<Vec<u8>, PkiError> {
     for (i, item) in CertificateRevocationListDer::pem_slice_iter(crl_pem).enumerate() {
         let der = item.map_err(|e| PkiError::BadCrl(format!("CRL {}: {}", i + 1, describe_pem_error(&e))))?;
         match parse_x509_crl(&der) {
-            Ok((rest, _)) if rest.is_empty() => ders.push(der),
+            Ok(([], _)) => ders.push(der),
             Ok(_) => return Err(PkiError::BadCrl(format!("CRL {}: trailing data", i + 1))),
             Err(e) => return Err(PkiError::BadCrl(format!("CRL {}: {e}", i + 1))),
         }
@@ -83,7 +83,7 @@ fn decode<'a>(ders: &'a [CertificateDer<'static>]) -> Result<Vec<X509Certificate
     let mut certs = Vec::with_capacity(ders.len());
     for (i, der) in ders.iter().enumerate() {
         match parse_x509_certificate(der) {
-            Ok((rest, cert)) if rest.is_empty() => certs.push(cert),
+            Ok(([], cert)) => certs.push(cert),
             Ok(_) => return Err(bad(i, "trailing data".into())),
             Err(e) => return Err(bad(i, e.to_string())),
         }
@@ -256,8 +256,8 @@ pub(super) mod fixtures {
     //! and for the legacy key encodings rcgen does not write.
 
     use rcgen::{
-        BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType, IsCa, Issuer, KeyIdMethod,
-        KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+        BasicConstraints, CertificateParams, CertificateRevocationListParams, DistinguishedName, DnType, IsCa, Issuer,
+        KeyIdMethod, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
     };
     use rustls_pki_types::PrivatePkcs8KeyDer;
     use rustls_pki_types::pem::PemObject;
@@ -317,12 +317,17 @@ pub(super) mod fixtures {
     pub fn other_encodings(pkcs8_pem: &str, alg: Alg) -> Vec<(&'static str, String)> {
         let key = pkcs8_pem.as_bytes();
         match alg {
-            Alg::Rsa => vec![("pkcs8 by openssl", openssl(&["pkey"], key)), ("pkcs1", openssl(&["rsa", "-traditional"], key))],
-            Alg::P256 | Alg::P384 => vec![("pkcs8 by openssl", openssl(&["pkey"], key)), ("sec1", openssl(&["ec"], key))],
+            Alg::Rsa => {
+                vec![("pkcs8 by openssl", openssl(&["pkey"], key)), ("pkcs1", openssl(&["rsa", "-traditional"], key))]
+            }
+            Alg::P256 | Alg::P384 => {
+                vec![("pkcs8 by openssl", openssl(&["pkey"], key)), ("sec1", openssl(&["ec"], key))]
+            }
             Alg::Ed25519 => {
                 // OpenSSL 3.0 cannot read ring's RFC 8410 v2 form; rebuild the v1 form that
                 // OpenSSL and Go write from the same seed, and let openssl vouch for it.
-                const V1: &[u8] = &[0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
+                const V1: &[u8] =
+                    &[0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20];
                 let der = PrivatePkcs8KeyDer::from_pem_slice(key).unwrap();
                 let der = der.secret_pkcs8_der();
                 assert_eq!(der[5..16], V1[5..], "ring's Ed25519 PKCS#8 layout");
@@ -444,7 +449,10 @@ mod tests {
         assert_eq!(m.certificates, 3);
         assert_eq!(m.subject.as_deref(), Some("CN=leaf.example.com"));
         assert_eq!(m.serial.as_deref(), Some("8f01"));
-        assert_eq!(m.sans, ["leaf.example.com", "10.0.0.1", "::1", "spiffe://example.com/ns/a/sa/b", "ops@example.com"]);
+        assert_eq!(
+            m.sans,
+            ["leaf.example.com", "10.0.0.1", "::1", "spiffe://example.com/ns/a/sa/b", "ops@example.com"]
+        );
         let fp = hex::encode(digest(&SHA256, p.leaf.cert.der()));
         assert_eq!(m.fingerprint_sha256, Some(fp));
         let (_, leaf) = parse_x509_certificate(p.leaf.cert.der()).unwrap();
@@ -535,11 +543,15 @@ mod tests {
         assert_eq!(tls(b"hello, world\n", &k, &opts).unwrap_err(), PkiError::NoCertificate);
 
         let bad_b64 = format!("{}-----BEGIN CERTIFICATE-----\n@@@@\n-----END CERTIFICATE-----\n", p.leaf.cert.pem());
-        assert_eq!(tls(bad_b64.as_bytes(), &k, &opts).unwrap_err(), PkiError::BadPem("certificate 2: invalid base64".into()));
+        assert_eq!(
+            tls(bad_b64.as_bytes(), &k, &opts).unwrap_err(),
+            PkiError::BadPem("certificate 2: invalid base64".into())
+        );
         let unterminated = "-----BEGIN CERTIFICATE-----\nMIIB\n";
         assert!(matches!(tls(unterminated.as_bytes(), &k, &opts), Err(PkiError::BadPem(_))));
 
-        let not_der = format!("{}-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n", p.leaf.cert.pem());
+        let not_der =
+            format!("{}-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n", p.leaf.cert.pem());
         let err = tls(not_der.as_bytes(), &k, &opts).unwrap_err();
         assert!(matches!(err, PkiError::BadCertificate(ref m) if m.starts_with("certificate 2:")), "{err:?}");
     }

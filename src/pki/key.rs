@@ -177,7 +177,8 @@ mod tests {
             rsa_pkcs1,
         ];
         for key_pem in keys {
-            let args = ["req", "-x509", "-new", "-key", "/dev/stdin", "-subj", "/CN=k", "-days", "1", "-outform", "DER"];
+            let args =
+                ["req", "-x509", "-new", "-key", "/dev/stdin", "-subj", "/CN=k", "-days", "1", "-outform", "DER"];
             let cert_der = fixtures::openssl_bytes(&args, key_pem.as_bytes());
             let key = parse(&KeyBytes::new(key_pem.into_bytes())).unwrap();
             let (_, cert) = parse_x509_certificate(&cert_der).unwrap();

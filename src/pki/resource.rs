@@ -58,11 +58,9 @@ fn check_ticket_keys(keys: &[KeyBytes]) -> Result<(), PkiError> {
         return Err(PkiError::BadTicketKeys("no keys".into()));
     }
     match keys.iter().position(|k| k.len() != TICKET_KEY_LEN) {
-        Some(i) => Err(PkiError::BadTicketKeys(format!(
-            "key {} is {} bytes, want {TICKET_KEY_LEN}",
-            i + 1,
-            keys[i].len()
-        ))),
+        Some(i) => {
+            Err(PkiError::BadTicketKeys(format!("key {} is {} bytes, want {TICKET_KEY_LEN}", i + 1, keys[i].len())))
+        }
         None => Ok(()),
     }
 }
@@ -116,7 +114,10 @@ mod tests {
     }
 
     fn tls_material(cert_chain_pem: String, key_pem: &str) -> Material {
-        Material::Tls { cert_chain_pem: cert_chain_pem.into_bytes(), key_pem: KeyBytes::new(key_pem.as_bytes().to_vec()) }
+        Material::Tls {
+            cert_chain_pem: cert_chain_pem.into_bytes(),
+            key_pem: KeyBytes::new(key_pem.as_bytes().to_vec()),
+        }
     }
 
     #[test]
@@ -161,7 +162,8 @@ mod tests {
     fn validation_context_carries_bundle_and_crl() {
         let root = fixtures::root("Test Root");
         let crl = root.crl_pem();
-        let material = Material::Validation { ca_pem: root.cert.pem().into_bytes(), crl_pem: Some(crl.clone().into_bytes()) };
+        let material =
+            Material::Validation { ca_pem: root.cert.pem().into_bytes(), crl_pem: Some(crl.clone().into_bytes()) };
         let checked = check("web-cacert", &material, &CheckOptions::default()).unwrap();
         assert_eq!(checked.kind, SecretKind::ValidationContext);
         assert_eq!(checked.meta.subject.as_deref(), Some("CN=Test Root"));
