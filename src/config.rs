@@ -148,7 +148,12 @@ mod tests {
         assert!(!s.dev, "files configured: no dev CA unless asked");
         assert_eq!(s.dev_rotate_every, Duration::from_secs(60));
         assert_eq!(s.log_format, LogFormat::Json);
-        let flags = ServeFlags { config: Some(path), listen: vec!["127.0.0.1:2".parse().unwrap()], dev: true, ..Default::default() };
+        let flags = ServeFlags {
+            config: Some(path),
+            listen: vec!["127.0.0.1:2".parse().unwrap()],
+            dev: true,
+            ..Default::default()
+        };
         let s = Settings::resolve(&flags, Some(LogFormat::Text)).unwrap();
         assert_eq!(s.listen, vec!["127.0.0.1:2".parse().unwrap()]);
         assert!(s.dev);

@@ -44,9 +44,15 @@ impl Sink {
                 let outcome = self.store.upsert(self.rank, &self.source, name, checked, detected_at);
                 match &outcome {
                     Outcome::Changed => {
-                        self.metrics.updates_applied.get_or_create(&SourceLabel { source: self.source.to_string() }).inc();
+                        self.metrics
+                            .updates_applied
+                            .get_or_create(&SourceLabel { source: self.source.to_string() })
+                            .inc();
                         if let Some(t) = not_after {
-                            self.metrics.secret_expiry.get_or_create(&SecretLabel { secret: name.to_owned() }).set(t as f64);
+                            self.metrics
+                                .secret_expiry
+                                .get_or_create(&SecretLabel { secret: name.to_owned() })
+                                .set(t as f64);
                         }
                         self.metrics.secrets_served.set(self.store.served_count() as i64);
                         tracing::info!(secret = name, source = %self.source, fingerprint = fingerprint.as_deref().unwrap_or("-"), "secret updated");

@@ -64,18 +64,24 @@ impl Metrics {
             secrets_served: Gauge::default(),
             secret_expiry: Family::default(),
             // 100 µs .. ~13 s: file watches are sub-millisecond, API servers are not.
-            change_to_push: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                0.0001, 2.0, 18,
-            )),
+            change_to_push: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18)),
             registry: Registry::default(),
         };
-        registry.register("proxies_connected", "Distinct proxy node ids with an open stream", m.proxies_connected.clone());
+        registry.register(
+            "proxies_connected",
+            "Distinct proxy node ids with an open stream",
+            m.proxies_connected.clone(),
+        );
         registry.register("streams_connected", "Open SDS streams", m.streams_connected.clone());
         registry.register("pushes", "Secret responses sent to proxies", m.pushes.clone());
         registry.register("acks", "Responses acknowledged by proxies", m.acks.clone());
         registry.register("nacks", "Responses rejected by proxies", m.nacks.clone());
         registry.register("updates_applied", "Secret updates accepted from sources", m.updates_applied.clone());
-        registry.register("updates_rejected", "Secret updates rejected by checks, by reason", m.updates_rejected.clone());
+        registry.register(
+            "updates_rejected",
+            "Secret updates rejected by checks, by reason",
+            m.updates_rejected.clone(),
+        );
         registry.register("secrets_served", "Secrets currently served", m.secrets_served.clone());
         registry.register(
             "secret_expiry_timestamp_seconds",

@@ -91,11 +91,7 @@ impl Entry {
         if same {
             return false;
         }
-        if next.is_none() {
-            self.deleted = true;
-        } else {
-            self.deleted = false;
-        }
+        self.deleted = next.is_none();
         self.tx.send_replace(next);
         true
     }

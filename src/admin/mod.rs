@@ -56,15 +56,14 @@ impl Admin {
 async fn readyz(State(a): State<Admin>) -> Response {
     match a.health.check() {
         Ok(()) => (StatusCode::OK, "ready\n").into_response(),
-        Err(reasons) => (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", reasons.join("\n"))).into_response(),
+        Err(reasons) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", reasons.join("\n"))).into_response()
+        }
     }
 }
 
 async fn metrics(State(a): State<Admin>) -> Response {
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        a.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], a.metrics.encode())
         .into_response()
 }
 

@@ -45,9 +45,8 @@ fn endpoint(sds: &str) -> anyhow::Result<(&'static str, String)> {
     if let Some(path) = sds.strip_prefix("unix:") {
         return Ok(("STATIC", format!("pipe: {{ path: \"{path}\" }}")));
     }
-    let (host, port) = sds
-        .rsplit_once(':')
-        .ok_or_else(|| anyhow::anyhow!("--sds {sds:?}: expected HOST:PORT or unix:/path"))?;
+    let (host, port) =
+        sds.rsplit_once(':').ok_or_else(|| anyhow::anyhow!("--sds {sds:?}: expected HOST:PORT or unix:/path"))?;
     let port: u16 = port.parse().map_err(|_| anyhow::anyhow!("--sds {sds:?}: bad port"))?;
     let host = host.trim_start_matches('[').trim_end_matches(']');
     // A DNS name (a Kubernetes Service) needs STRICT_DNS to be resolved.

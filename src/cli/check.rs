@@ -62,7 +62,8 @@ fn collect(args: &CheckArgs) -> anyhow::Result<Vec<(String, Material)>> {
     }
     // A root of secret directories, as `--files` takes it.
     let mut all = Vec::new();
-    let mut subdirs: Vec<_> = std::fs::read_dir(dir)?.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
+    let mut subdirs: Vec<_> =
+        std::fs::read_dir(dir)?.filter_map(Result::ok).map(|e| e.path()).filter(|p| p.is_dir()).collect();
     subdirs.sort();
     for sub in subdirs {
         let name = sub.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
@@ -102,7 +103,11 @@ fn print_ok(name: &str, kind: &str, meta: &SecretMeta) {
     if let Some(s) = &meta.serial {
         println!("  serial:      {s}");
     }
-    println!("  chain:       {} certificate(s){}", meta.certificates, if kind == "tls_certificate" { ", key matches the leaf" } else { "" });
+    println!(
+        "  chain:       {} certificate(s){}",
+        meta.certificates,
+        if kind == "tls_certificate" { ", key matches the leaf" } else { "" }
+    );
     if let Some(t) = meta.not_after_unix {
         let left = t - time::OffsetDateTime::now_utc().unix_timestamp();
         println!("  expires:     {} ({})", super::rfc3339(t), human_left(left));
@@ -112,7 +117,6 @@ fn print_ok(name: &str, kind: &str, meta: &SecretMeta) {
     }
     println!();
 }
-
 
 fn human_left(secs: i64) -> String {
     if secs < 0 {

@@ -33,7 +33,13 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
     for addr in &settings.listen {
         bound.push((addr.clone(), listen::bind(addr).await?));
     }
-    let admin = Admin { store: store.clone(), proxies: proxies.clone(), metrics: metrics.clone(), health: health.clone(), shutdown: shutdown.clone() };
+    let admin = Admin {
+        store: store.clone(),
+        proxies: proxies.clone(),
+        metrics: metrics.clone(),
+        health: health.clone(),
+        shutdown: shutdown.clone(),
+    };
     let mut tasks = JoinSet::new();
     let admin_addr = settings.admin;
     tasks.spawn(async move { admin.serve(admin_addr).await });

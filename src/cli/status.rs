@@ -28,7 +28,10 @@ pub async fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
                 "{} version {}: {}/{} streams acked, {} nacked",
                 p.name, version, p.streams_acked, p.streams_subscribed, p.streams_nacked
             );
-            if !p.version.is_empty() && p.streams_subscribed > 0 && p.streams_acked + p.streams_nacked == p.streams_subscribed {
+            if !p.version.is_empty()
+                && p.streams_subscribed > 0
+                && p.streams_acked + p.streams_nacked == p.streams_subscribed
+            {
                 break;
             }
         }
@@ -37,7 +40,7 @@ pub async fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     let secrets = client.list_secrets(ListSecretsRequest {}).await?.into_inner().secrets;
     let proxies = client.list_proxies(ListProxiesRequest {}).await?.into_inner().proxies;
     println!("SECRETS");
-    println!("{:<40} {:<18} {:<34} {:<20} {}", "NAME", "KIND", "VERSION", "EXPIRES", "SOURCE / ERROR");
+    println!("{:<40} {:<18} {:<34} {:<20} SOURCE / ERROR", "NAME", "KIND", "VERSION", "EXPIRES");
     for s in &secrets {
         let expires = if s.not_after_unix == 0 { "-".to_owned() } else { super::rfc3339(s.not_after_unix) };
         let version = if s.deleted { "(deleted)".to_owned() } else { s.version.clone() };
@@ -51,7 +54,7 @@ pub async fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         println!("{:<40} {:<18} {:<34} {:<20} {}", s.name, s.kind, version, expires, tail);
     }
     println!("\nPROXIES");
-    println!("{:<24} {:<12} {:<22} {:<6} {:<30} {}", "NODE", "CLUSTER", "ADDRESS", "PROTO", "SECRET", "ACKED (current?)");
+    println!("{:<24} {:<12} {:<22} {:<6} {:<30} ACKED (current?)", "NODE", "CLUSTER", "ADDRESS", "PROTO", "SECRET");
     for p in &proxies {
         for n in &p.secrets {
             let current = secrets.iter().find(|s| s.name == n.name).map(|s| s.version.as_str());
@@ -61,7 +64,10 @@ pub async fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
                 (a, _) => format!("{a} (STALE)"),
             };
             let nack = if n.last_nack.is_empty() { String::new() } else { format!(" NACK: {}", n.last_nack) };
-            println!("{:<24} {:<12} {:<22} {:<6} {:<30} {}{}", p.node_id, p.cluster, p.address, p.protocol, n.name, mark, nack);
+            println!(
+                "{:<24} {:<12} {:<22} {:<6} {:<30} {}{}",
+                p.node_id, p.cluster, p.address, p.protocol, n.name, mark, nack
+            );
         }
     }
     Ok(ExitCode::SUCCESS)

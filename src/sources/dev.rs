@@ -33,7 +33,8 @@ impl DevCa {
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, "certwire dev CA");
         dn.push(DnType::OrganizationName, "certwire (development only)");
@@ -69,7 +70,10 @@ impl DevCa {
         params.not_after = now + self.lifetime;
         let cert = params.signed_by(&key, &self.issuer)?;
         let chain = format!("{}{}", cert.pem(), self.ca_pem);
-        Ok(Material::Tls { cert_chain_pem: chain.into_bytes(), key_pem: KeyBytes::new(key.serialize_pem().into_bytes()) })
+        Ok(Material::Tls {
+            cert_chain_pem: chain.into_bytes(),
+            key_pem: KeyBytes::new(key.serialize_pem().into_bytes()),
+        })
     }
 }
 
@@ -85,7 +89,11 @@ fn host_part(name: &str) -> &str {
 }
 
 /// Runs the dev source until `shutdown`: mints on demand and re-mints on `rotate_every`.
-pub fn start(sink: Sink, rotate_every: Duration, shutdown: CancellationToken) -> Result<tokio::task::JoinHandle<()>, DevError> {
+pub fn start(
+    sink: Sink,
+    rotate_every: Duration,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, DevError> {
     // The certificate outlives two rotations so a slow proxy never holds an expired one.
     let ca = DevCa::new(rotate_every * 2 + BACKDATE)?;
     let mut demand = sink.store().demand();

@@ -30,9 +30,7 @@ impl FromStr for ListenAddr {
             }
             return Ok(Self::Unix(PathBuf::from(path)));
         }
-        s.parse::<SocketAddr>()
-            .map(Self::Tcp)
-            .map_err(|e| format!("{s:?} is neither HOST:PORT nor unix:/path ({e})"))
+        s.parse::<SocketAddr>().map(Self::Tcp).map_err(|e| format!("{s:?} is neither HOST:PORT nor unix:/path ({e})"))
     }
 }
 
@@ -60,7 +58,9 @@ pub enum Bound {
 
 pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Bound> {
     match addr {
-        ListenAddr::Tcp(a) => Ok(Bound::Tcp(TcpListener::bind(a).await.with_context(|| format!("binding SDS on {a}"))?)),
+        ListenAddr::Tcp(a) => {
+            Ok(Bound::Tcp(TcpListener::bind(a).await.with_context(|| format!("binding SDS on {a}"))?))
+        }
         ListenAddr::Unix(path) => {
             // A socket file left by a previous run would make bind fail; anything else
             // at that path is not ours to delete.
@@ -112,7 +112,10 @@ mod tests {
 
     #[test]
     fn parses_addresses() {
-        assert_eq!("127.0.0.1:18000".parse::<ListenAddr>().unwrap(), ListenAddr::Tcp("127.0.0.1:18000".parse().unwrap()));
+        assert_eq!(
+            "127.0.0.1:18000".parse::<ListenAddr>().unwrap(),
+            ListenAddr::Tcp("127.0.0.1:18000".parse().unwrap())
+        );
         assert_eq!("unix:/tmp/x.sock".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("/tmp/x.sock".into()));
         assert!("unix:".parse::<ListenAddr>().is_err());
         assert!("nonsense".parse::<ListenAddr>().unwrap_err().contains("nonsense"));

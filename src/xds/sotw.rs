@@ -18,7 +18,11 @@ use crate::pki::SECRET_TYPE_URL;
 /// watch means it sends the newest version once the proxy reads again.
 const OUTBOUND: usize = 2;
 
-pub fn spawn(shared: Shared, peer: Option<SocketAddr>, inbound: Streaming<DiscoveryRequest>) -> ResponseStream<DiscoveryResponse> {
+pub fn spawn(
+    shared: Shared,
+    peer: Option<SocketAddr>,
+    inbound: Streaming<DiscoveryRequest>,
+) -> ResponseStream<DiscoveryResponse> {
     let (tx, rx) = mpsc::channel(OUTBOUND);
     let session = Session::open(shared, "sotw", peer);
     tokio::spawn(run(session, inbound, tx));

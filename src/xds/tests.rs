@@ -45,8 +45,12 @@ async fn harness() -> Harness {
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::new());
     let shutdown = CancellationToken::new();
-    let shared =
-        Shared { store: store.clone(), proxies: Arc::new(Proxies::new(metrics.clone())), metrics: metrics.clone(), shutdown: shutdown.clone() };
+    let shared = Shared {
+        store: store.clone(),
+        proxies: Arc::new(Proxies::new(metrics.clone())),
+        metrics: metrics.clone(),
+        shutdown: shutdown.clone(),
+    };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let svc = Sds::new(shared.clone()).into_server();
@@ -167,7 +171,8 @@ async fn sotw_nack_is_recorded_and_not_resent() {
     tx.send(request(&["a"], "", "")).await.unwrap();
     let r = next(&mut rx).await;
     let mut nack = request(&["a"], "", &r.nonce);
-    nack.error_detail = Some(RpcStatus { code: 3, message: "Failed to load certificate chain".into(), details: vec![] });
+    nack.error_detail =
+        Some(RpcStatus { code: 3, message: "Failed to load certificate chain".into(), details: vec![] });
     tx.send(nack).await.unwrap();
     silent(&mut rx).await;
     let status = h.shared.proxies.status();
@@ -238,7 +243,9 @@ async fn delta_subscribe_unsubscribe_and_removal() {
     let va = h.version("a");
     wait_until(|| h.acked("a").as_deref() == Some(va.as_str())).await;
 
-    tx.send(DeltaDiscoveryRequest { resource_names_unsubscribe: vec!["b".into()], ..Default::default() }).await.unwrap();
+    tx.send(DeltaDiscoveryRequest { resource_names_unsubscribe: vec!["b".into()], ..Default::default() })
+        .await
+        .unwrap();
     wait_until(|| h.acked("b").is_none() && h.shared.proxies.status()[0].secrets.len() == 1).await;
     h.put("b", "2");
     silent(&mut rx).await;
