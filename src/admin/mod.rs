@@ -74,3 +74,73 @@ async fn secrets(State(a): State<Admin>) -> Response {
 async fn proxies(State(a): State<Admin>) -> Response {
     axum::Json(a.proxies.status()).into_response()
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::ingest::Sink;
+    use crate::sources::dev::DevCa;
+
+    async fn get(router: Router, path: &str) -> (StatusCode, String) {
+        let res = router.oneshot(Request::get(path).body(Body::empty()).unwrap()).await.unwrap();
+        let status = res.status();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    fn admin() -> Admin {
+        let metrics = Arc::new(Metrics::new());
+        Admin {
+            store: Arc::new(Store::new()),
+            proxies: Arc::new(Proxies::new(metrics.clone())),
+            metrics,
+            health: Arc::new(Health::default()),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    #[tokio::test]
+    async fn readyz_reports_why_not_ready() {
+        let a = admin();
+        a.health.not_ready("files:/etc/certs", "initial load");
+        let (code, body) = get(a.clone().router(), "/readyz").await;
+        assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(body.contains("files:/etc/certs: initial load"), "{body}");
+        a.health.ready("files:/etc/certs");
+        assert_eq!(get(a.router(), "/readyz").await.0, StatusCode::OK);
+    }
+
+    #[tokio::test]
+    async fn no_endpoint_shows_key_material() {
+        let a = admin();
+        let ca = DevCa::new(std::time::Duration::from_secs(600)).unwrap();
+        let material = ca.material("web").unwrap();
+        let crate::pki::Material::Tls { key_pem, .. } = &material else { panic!("tls material") };
+        let key_b64_line = String::from_utf8(key_pem.as_slice().to_vec()).unwrap().lines().nth(1).unwrap().to_owned();
+        let sink = Sink::new(a.store.clone(), a.metrics.clone(), "dev", false);
+        sink.update("web", &material, Instant::now()).unwrap();
+        // A rejected update too: its error text must not echo the key either.
+        let mut bad = material.clone();
+        if let crate::pki::Material::Tls { cert_chain_pem, .. } = &mut bad {
+            cert_chain_pem.extend_from_slice(key_pem.as_slice());
+        }
+        let _ = sink.update("web", &bad, Instant::now());
+        for path in ["/status/secrets", "/status/proxies", "/metrics", "/readyz"] {
+            let (code, body) = get(a.clone().router(), path).await;
+            assert_eq!(code, StatusCode::OK, "{path}");
+            assert!(!body.contains("PRIVATE KEY"), "{path} shows a key: {body}");
+            assert!(!body.contains(&key_b64_line), "{path} shows key bytes");
+        }
+        let (_, secrets) = get(a.router(), "/status/secrets").await;
+        let json: serde_json::Value = serde_json::from_str(&secrets).unwrap();
+        assert_eq!(json[0]["name"], "web");
+        assert_eq!(json[0]["kind"], "tls_certificate");
+        assert!(json[0]["fingerprint_sha256"].as_str().unwrap().len() == 64);
+    }
+}

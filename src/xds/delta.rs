@@ -1,8 +1,6 @@
 //! DeltaSecrets (incremental): explicit subscribe/unsubscribe, per-resource versions and
 //! removals announced in `removed_resources`.
 
-use std::net::SocketAddr;
-
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,7 +14,7 @@ const OUTBOUND: usize = 2;
 
 pub fn spawn(
     shared: Shared,
-    peer: Option<SocketAddr>,
+    peer: String,
     inbound: Streaming<DeltaDiscoveryRequest>,
 ) -> ResponseStream<DeltaDiscoveryResponse> {
     let (tx, rx) = mpsc::channel(OUTBOUND);

@@ -64,6 +64,21 @@ fn check_type_url(type_url: &str) -> Result<(), Status> {
     }
 }
 
+/// Who is on the other end, for status: `IP:PORT`, or for a Unix socket the peer's
+/// process credentials (the kernel vouches for them; the proxy cannot fake them).
+fn peer_label<T>(request: &Request<T>) -> String {
+    if let Some(addr) = request.remote_addr() {
+        return addr.to_string();
+    }
+    match request.extensions().get::<tonic::transport::server::UdsConnectInfo>().and_then(|i| i.peer_cred) {
+        Some(cred) => match cred.pid() {
+            Some(pid) => format!("unix:pid={pid},uid={}", cred.uid()),
+            None => format!("unix:uid={}", cred.uid()),
+        },
+        None => "unix".to_owned(),
+    }
+}
+
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -75,7 +90,7 @@ impl SecretDiscoveryService for Sds {
         &self,
         request: Request<Streaming<DiscoveryRequest>>,
     ) -> Result<Response<Self::StreamSecretsStream>, Status> {
-        let peer = request.remote_addr();
+        let peer = peer_label(&request);
         Ok(Response::new(sotw::spawn(self.shared.clone(), peer, request.into_inner())))
     }
 
@@ -83,7 +98,7 @@ impl SecretDiscoveryService for Sds {
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
     ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
-        let peer = request.remote_addr();
+        let peer = peer_label(&request);
         Ok(Response::new(delta::spawn(self.shared.clone(), peer, request.into_inner())))
     }
 

@@ -2,7 +2,6 @@
 //! awaiting an ACK, and NACK bookkeeping. Protocol files only shape messages.
 
 use std::collections::{HashMap, VecDeque};
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -43,10 +42,9 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn open(shared: Shared, protocol: &'static str, peer: Option<SocketAddr>) -> Self {
+    pub fn open(shared: Shared, protocol: &'static str, peer: String) -> Self {
         let id = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
-        let address = peer.map(|p| p.to_string()).unwrap_or_else(|| "unix".to_owned());
-        shared.proxies.open(id, protocol, address);
+        shared.proxies.open(id, protocol, peer);
         Self {
             id,
             protocol,

@@ -1,10 +1,8 @@
 //! StreamSecrets (state of the world). Each request carries the full list of wanted
 //! names; a response carries the secrets that changed.
 
-use std::collections::HashSet;
-use std::net::SocketAddr;
-
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use std::collections::HashSet;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -18,11 +16,7 @@ use crate::pki::SECRET_TYPE_URL;
 /// watch means it sends the newest version once the proxy reads again.
 const OUTBOUND: usize = 2;
 
-pub fn spawn(
-    shared: Shared,
-    peer: Option<SocketAddr>,
-    inbound: Streaming<DiscoveryRequest>,
-) -> ResponseStream<DiscoveryResponse> {
+pub fn spawn(shared: Shared, peer: String, inbound: Streaming<DiscoveryRequest>) -> ResponseStream<DiscoveryResponse> {
     let (tx, rx) = mpsc::channel(OUTBOUND);
     let session = Session::open(shared, "sotw", peer);
     tokio::spawn(run(session, inbound, tx));
