@@ -99,11 +99,9 @@ api_config_source:
             let _ = writeln!(sds_config, "initial_fetch_timeout: {}s", timeout.as_secs_f64());
         }
         let endpoint = match &self.sds {
-            SdsTarget::Tcp(addr) => format!(
-                "socket_address: {{address: \"{}\", port_value: {}}}",
-                addr.ip(),
-                addr.port()
-            ),
+            SdsTarget::Tcp(addr) => {
+                format!("socket_address: {{address: \"{}\", port_value: {}}}", addr.ip(), addr.port())
+            }
             SdsTarget::Unix(path) => format!("pipe: {{path: \"{}\"}}", path.display()),
         };
         let tls = tls_context(&self.secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
@@ -144,13 +142,7 @@ static_resources:
 /// `ca.crt` symlinks) through Envoy's own file-based SDS with `watched_directory`,
 /// so an atomic `..data` swap reloads the pair. This is what certwire is measured
 /// against. The SDS resource files are written into `work_dir`.
-pub fn file_watch_bootstrap(
-    work_dir: &Path,
-    secret: &str,
-    secret_dir: &Path,
-    listen_port: u16,
-    mtls: bool,
-) -> String {
+pub fn file_watch_bootstrap(work_dir: &Path, secret: &str, secret_dir: &Path, listen_port: u16, mtls: bool) -> String {
     let dir = secret_dir.display();
     let cert_file = work_dir.join(format!("sds-{secret}.yaml"));
     write_file(
@@ -200,10 +192,7 @@ const ADMIN: &str = "admin:
   address: {socket_address: {address: \"127.0.0.1\", port_value: 0}}";
 
 fn path_sds_config(file: &Path) -> String {
-    format!(
-        "resource_api_version: V3\npath_config_source: {{path: \"{}\"}}\n",
-        file.display()
-    )
+    format!("resource_api_version: V3\npath_config_source: {{path: \"{}\"}}\n", file.display())
 }
 
 /// The DownstreamTlsContext body (without `@type`): the certificate from `cert_sds`,
@@ -264,15 +253,7 @@ fn listener(port: u16, tls_context: &str) -> String {
 
 fn indent(text: &str, spaces: usize) -> String {
     let pad = " ".repeat(spaces);
-    text.lines()
-        .map(|line| {
-            if line.is_empty() {
-                "\n".to_string()
-            } else {
-                format!("{pad}{line}\n")
-            }
-        })
-        .collect()
+    text.lines().map(|line| if line.is_empty() { "\n".to_string() } else { format!("{pad}{line}\n") }).collect()
 }
 
 fn write_file(path: &Path, contents: &str) {

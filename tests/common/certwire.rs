@@ -18,11 +18,7 @@ pub fn certwire_bin() -> PathBuf {
 /// Runs `certwire ARGS` to completion and returns its stdout; panics with its
 /// stderr if it fails. For one-shot commands such as `certwire bootstrap`.
 pub fn run(args: &[&str]) -> String {
-    let output = Command::new(certwire_bin())
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run certwire");
+    let output = Command::new(certwire_bin()).args(args).stdin(Stdio::null()).output().expect("run certwire");
     assert!(
         output.status.success(),
         "certwire {args:?} failed ({}):\n{}{}",
@@ -66,11 +62,7 @@ impl Certwire {
     /// and admin address, appending to the same log, and waits for `/healthz`.
     pub async fn start(&mut self) {
         assert!(self.child.is_none(), "certwire is already running");
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("open certwire log");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open certwire log");
         let mut command = Command::new(certwire_bin());
         command
             .arg("serve")
@@ -84,6 +76,9 @@ impl Certwire {
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info,certwire=debug");
         }
+        // A log file, not a terminal: no colour codes. And a config file from the
+        // environment of whoever runs the tests must not change what is tested.
+        command.env("NO_COLOR", "1").env_remove("CERTWIRE_CONFIG");
         self.child = Some(command.spawn().expect("spawn certwire"));
 
         let deadline = std::time::Instant::now() + WAIT;
@@ -119,9 +114,7 @@ impl Certwire {
     }
 
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
@@ -134,18 +127,14 @@ impl Certwire {
 
     /// `GET path` on the admin API, any status.
     pub async fn get(&self, path: &str) -> Response {
-        http::get(self.admin, path)
-            .await
-            .unwrap_or_else(|e| panic!("certwire admin {path}: {e:#}"))
+        http::get(self.admin, path).await.unwrap_or_else(|e| panic!("certwire admin {path}: {e:#}"))
     }
 
     /// `GET path`, asserting 200 and a JSON body.
     pub async fn get_json(&self, path: &str) -> serde_json::Value {
         let response = self.get(path).await;
         assert_eq!(response.status, 200, "certwire {path}: {}", response.body);
-        response
-            .json()
-            .unwrap_or_else(|e| panic!("certwire {path}: {e:#}"))
+        response.json().unwrap_or_else(|e| panic!("certwire {path}: {e:#}"))
     }
 
     /// The Prometheus text of `/metrics`.
@@ -164,10 +153,7 @@ impl Certwire {
     /// The entry of `/status/secrets` for `name`.
     pub async fn secret_status(&self, name: &str) -> Option<serde_json::Value> {
         let all = self.get_json("/status/secrets").await;
-        all.as_array()?
-            .iter()
-            .find(|s| s["name"].as_str() == Some(name))
-            .cloned()
+        all.as_array()?.iter().find(|s| s["name"].as_str() == Some(name)).cloned()
     }
 
     /// Prints the tail of certwire's log to stderr.
@@ -199,9 +185,7 @@ pub fn sum_samples(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
             if name != metric {
                 return None;
             }
-            let all_match = labels
-                .iter()
-                .all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
+            let all_match = labels.iter().all(|(k, v)| label_text.contains(&format!("{k}=\"{v}\"")));
             if all_match { value.parse::<f64>().ok() } else { None }
         })
         .sum()

@@ -86,13 +86,8 @@ impl Envoy {
             .stderr(log_file)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn envoy: {e}"));
-        let mut envoy = Envoy {
-            child: Some(child),
-            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
-            log,
-            config,
-            _dir: dir,
-        };
+        let mut envoy =
+            Envoy { child: Some(child), admin: SocketAddr::from(([127, 0, 0, 1], 0)), log, config, _dir: dir };
         envoy.admin = envoy.wait_admin_address(&admin_path).await;
         let admin = envoy.admin;
         util::wait_for("Envoy admin to answer", WAIT, move || async move {
@@ -113,10 +108,7 @@ impl Envoy {
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("Envoy exited at start ({status}); its log follows");
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "Envoy wrote no admin address within {WAIT:?}"
-            );
+            assert!(std::time::Instant::now() < deadline, "Envoy wrote no admin address within {WAIT:?}");
             tokio::time::sleep(util::POLL).await;
         }
     }
@@ -140,10 +132,7 @@ impl Envoy {
 
     /// `GET path` on the admin API; panics unless it answers 200.
     pub async fn admin_get(&self, path: &str) -> String {
-        let response = self
-            .admin(path)
-            .await
-            .unwrap_or_else(|e| panic!("Envoy admin {path}: {e:#}"));
+        let response = self.admin(path).await.unwrap_or_else(|e| panic!("Envoy admin {path}: {e:#}"));
         assert_eq!(response.status, 200, "Envoy admin {path}: {}", response.body);
         response.body
     }
@@ -167,9 +156,7 @@ impl Envoy {
 
     /// `/config_dump?resource=dynamic_active_secrets` as JSON.
     pub async fn active_secrets(&self) -> serde_json::Value {
-        let body = self
-            .admin_get("/config_dump?resource=dynamic_active_secrets")
-            .await;
+        let body = self.admin_get("/config_dump?resource=dynamic_active_secrets").await;
         serde_json::from_str(&body).expect("config_dump is JSON")
     }
 
@@ -177,9 +164,7 @@ impl Envoy {
     /// Envoy has not created it.
     pub async fn stat(&self, name: &str) -> Option<u64> {
         let filter = format!("^{}$", regex_escape(name));
-        let body = self
-            .admin_get(&format!("/stats?filter={}", http::encode_query_value(&filter)))
-            .await;
+        let body = self.admin_get(&format!("/stats?filter={}", http::encode_query_value(&filter))).await;
         body.lines().find_map(|line| {
             let (key, value) = line.split_once(": ")?;
             (key == name).then(|| value.trim().parse().ok()).flatten()
@@ -190,10 +175,7 @@ impl Envoy {
     pub async fn wait_stat_at_least(&self, name: &str, min: u64, timeout: Duration) -> u64 {
         let what = format!("Envoy stat {name} >= {min}");
         let envoy = self;
-        util::wait_for(&what, timeout, move || async move {
-            envoy.stat(name).await.filter(|v| *v >= min)
-        })
-        .await
+        util::wait_for(&what, timeout, move || async move { envoy.stat(name).await.filter(|v| *v >= min) }).await
     }
 
     /// Sends SIGKILL and reaps the process.

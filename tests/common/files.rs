@@ -34,14 +34,8 @@ impl SecretDir {
     /// Creates `root/name` with a first generation holding `files` (name, contents).
     pub fn create(root: &Path, name: &str, files: &[(&str, &[u8])]) -> SecretDir {
         let dir = root.join(name);
-        std::fs::create_dir_all(&dir)
-            .unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
-        let mut secret = SecretDir {
-            dir,
-            generation: 0,
-            current: String::new(),
-            files: Vec::new(),
-        };
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+        let mut secret = SecretDir { dir, generation: 0, current: String::new(), files: Vec::new() };
         secret.swap(files);
         secret
     }
@@ -117,10 +111,7 @@ impl SecretDir {
 
 /// The file list of a TLS secret.
 pub fn tls_files<'a>(leaf: &'a Issued, ca_pem: Option<&'a str>) -> Vec<(&'static str, &'a [u8])> {
-    let mut files = vec![
-        (TLS_CRT, leaf.cert_pem.as_bytes()),
-        (TLS_KEY, leaf.key_pem.as_bytes()),
-    ];
+    let mut files = vec![(TLS_CRT, leaf.cert_pem.as_bytes()), (TLS_KEY, leaf.key_pem.as_bytes())];
     if let Some(ca) = ca_pem {
         files.push((CA_CRT, ca.as_bytes()));
     }

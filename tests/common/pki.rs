@@ -7,8 +7,8 @@
 use std::sync::atomic::{AtomicU32, Ordering};
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SerialNumber,
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    SerialNumber,
 };
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::{Duration as TimeDuration, OffsetDateTime};
@@ -73,11 +73,7 @@ impl LeafSpec {
     }
 
     pub fn client(common_name: &str) -> LeafSpec {
-        LeafSpec {
-            dns_names: Vec::new(),
-            client: true,
-            ..LeafSpec::server(common_name)
-        }
+        LeafSpec { dns_names: Vec::new(), client: true, ..LeafSpec::server(common_name) }
     }
 
     pub fn serial(mut self, serial: u64) -> LeafSpec {
@@ -118,30 +114,37 @@ impl Ca {
         let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
         params.distinguished_name.push(DnType::CommonName, name);
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
+        params.key_usages =
+            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
         params.serial_number = Some(next_serial());
         let now = OffsetDateTime::now_utc();
         params.not_before = now - TimeDuration::days(1);
         params.not_after = now + TimeDuration::days(30);
         let cert = params.self_signed(&key).expect("self-sign CA");
         let cert = Issued::new(&cert, &key);
-        Ca {
-            name: name.to_string(),
-            cert,
-            issuer: Issuer::new(params, key),
-        }
+        Ca { name: name.to_string(), cert, issuer: Issuer::new(params, key) }
+    }
+
+    /// An intermediate CA signed by this one; its leaves need `cert` in the chain.
+    pub fn intermediate(&self, name: &str) -> Ca {
+        let key = KeyPair::generate().expect("generate intermediate key");
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("intermediate params");
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.serial_number = Some(next_serial());
+        params.use_authority_key_identifier_extension = true;
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - TimeDuration::days(1);
+        params.not_after = now + TimeDuration::days(20);
+        let cert = params.signed_by(&key, &self.issuer).expect("sign intermediate");
+        Ca { name: name.to_string(), cert: Issued::new(&cert, &key), issuer: Issuer::new(params, key) }
     }
 
     pub fn issue(&self, spec: &LeafSpec) -> Issued {
         let key = KeyPair::generate().expect("generate leaf key");
         let mut params = CertificateParams::new(spec.dns_names.clone()).expect("leaf params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, spec.common_name.as_str());
+        params.distinguished_name.push(DnType::CommonName, spec.common_name.as_str());
         params.serial_number = Some(match spec.serial {
             Some(serial) => serial_number(serial),
             None => next_serial(),
@@ -149,11 +152,8 @@ impl Ca {
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![if spec.client {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
+        params.extended_key_usages =
+            vec![if spec.client { ExtendedKeyUsagePurpose::ClientAuth } else { ExtendedKeyUsagePurpose::ServerAuth }];
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
         Issued::new(&cert, &key)

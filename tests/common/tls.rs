@@ -48,10 +48,7 @@ async fn handshake_inner(addr: SocketAddr, sni: &str, client: Option<&Issued>) -
     let config = client_config(client)?;
     let server_name = ServerName::try_from(sni.to_string()).context("bad SNI")?;
     let tcp = TcpStream::connect(addr).await.context("connect")?;
-    let mut tls = TlsConnector::from(Arc::new(config))
-        .connect(server_name, tcp)
-        .await
-        .context("TLS handshake")?;
+    let mut tls = TlsConnector::from(Arc::new(config)).connect(server_name, tcp).await.context("TLS handshake")?;
 
     let (leaf_der, chain_len) = {
         let (_, conn) = tls.get_ref();
@@ -117,11 +114,9 @@ pub async fn wait_served_serial_with(
     serial_hex: &str,
     timeout: Duration,
 ) -> ServedCert {
-    poll_handshakes(addr, sni, client, timeout, |served| served.serial_hex == serial_hex)
-        .await
-        .unwrap_or_else(|last| {
-            panic!("{addr} (SNI {sni}) did not serve serial {serial_hex} within {timeout:?}; last: {last}")
-        })
+    poll_handshakes(addr, sni, client, timeout, |served| served.serial_hex == serial_hex).await.unwrap_or_else(|last| {
+        panic!("{addr} (SNI {sni}) did not serve serial {serial_hex} within {timeout:?}; last: {last}")
+    })
 }
 
 /// Polls until a handshake succeeds at all (the listener has its certificate).

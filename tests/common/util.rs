@@ -31,10 +31,7 @@ pub fn free_addr() -> SocketAddr {
 /// A fresh temporary directory. Set `CERTWIRE_KEEP_TMP=1` to keep it (and the logs in
 /// it) after the test, to look at by hand.
 pub fn tempdir() -> TempDir {
-    let mut dir = tempfile::Builder::new()
-        .prefix("certwire-e2e-")
-        .tempdir()
-        .expect("create temp dir");
+    let mut dir = tempfile::Builder::new().prefix("certwire-e2e-").tempdir().expect("create temp dir");
     if std::env::var_os("CERTWIRE_KEEP_TMP").is_some_and(|v| v == "1") {
         dir.disable_cleanup(true);
         eprintln!("keeping {}", dir.path().display());
