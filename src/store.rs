@@ -30,6 +30,8 @@ pub struct Served {
     pub updated: SystemTime,
     /// When the source noticed the change; start of the change-to-push latency.
     pub detected_at: Instant,
+    /// The same moment on the wall clock, for status and benchmarks in other processes.
+    pub detected: SystemTime,
 }
 
 impl std::fmt::Debug for Served {
@@ -109,6 +111,9 @@ pub struct SecretStatus {
     pub deleted: bool,
     pub subscribers: usize,
     pub updated_unix_ms: Option<i64>,
+    /// When the source noticed the change now served, in µs since the epoch: lets a
+    /// benchmark measure latency from the source change rather than from its own clock.
+    pub detected_unix_us: Option<i64>,
     /// Latest rejection, naming the source and the reason.
     pub last_error: Option<String>,
     pub shadowed_sources: Vec<String>,
@@ -160,6 +165,7 @@ impl Store {
             source: source.clone(),
             updated: SystemTime::now(),
             detected_at,
+            detected: SystemTime::now() - detected_at.elapsed(),
         });
         entry.candidates.insert(rank, served);
         if entry.publish() {
@@ -253,6 +259,7 @@ impl Store {
                     deleted: e.deleted,
                     subscribers: e.tx.receiver_count(),
                     updated_unix_ms: current.as_ref().map(|c| unix_ms(c.updated)),
+                    detected_unix_us: current.as_ref().map(|c| unix_us(c.detected)),
                     last_error,
                     shadowed_sources,
                 }
@@ -266,6 +273,10 @@ impl Store {
 /// Version string: the first 16 bytes of the SHA-256 of the encoded resource, in hex.
 pub fn content_version(bytes: &[u8]) -> String {
     hex::encode(&digest::digest(&digest::SHA256, bytes).as_ref()[..16])
+}
+
+pub fn unix_us(t: SystemTime) -> i64 {
+    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
 }
 
 pub fn unix_ms(t: SystemTime) -> i64 {
