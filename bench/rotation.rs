@@ -11,7 +11,7 @@
 //!
 //! The clock starts right before the `rename(2)` of `..data_tmp` over `..data` (the
 //! step that completes the swap) and stops when a handshake returns the new serial.
-//! Handshakes are polled back to back, each on a new TCP + TLS connection. A rotation
+//! Handshakes are polled back to back, each a full handshake on a new TCP connection. A rotation
 //! not served within [`CAP`] counts as a timeout. certwire's own
 //! `certwire_change_to_push_seconds` histogram is read before and after every
 //! certwire rotation, which splits its latency into certwire's part (change noticed ->
@@ -28,13 +28,21 @@ use std::fmt::Write as _;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use rustls::client::Resumption;
+use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::{ClientConfig, RootCertStore};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
 
 use common::bootstrap::{SdsBootstrap, SdsTarget, file_watch_bootstrap};
 use common::certwire::{Certwire, certwire_bin, sum_samples};
 use common::envoy::{Envoy, envoy_bin};
 use common::files::{SecretDir, tls_files};
-use common::pki::{Ca, Issued};
+use common::pki::{self, Ca, Issued};
 use common::{tls, util};
 
 /// Rotations per setup unless `ROTATIONS` says otherwise.
@@ -175,12 +183,13 @@ async fn run(rotations: usize) -> String {
         samples: Vec::new(),
     };
     let mut jitter = Jitter::new();
+    let probe = Probe::new(&ca);
 
     for round in 0..WARMUP + rotations {
         let order: [&mut Target; 2] = if round % 2 == 0 { [&mut a, &mut b] } else { [&mut b, &mut a] };
         for target in order {
             let leaf = leaves.next().expect("enough leaves were minted");
-            let sample = rotate(target, &leaf, &certwire).await;
+            let sample = rotate(target, &leaf, &certwire, &probe).await;
             if let Some(latency) = sample.latency {
                 eprintln!("{:>3} {:<9} {:>8.3} ms", round, label(target.setup), ms(latency));
             } else {
@@ -208,7 +217,7 @@ async fn run(rotations: usize) -> String {
 }
 
 /// One rotation: swap the directory to `leaf`, then poll handshakes until it is served.
-async fn rotate(target: &mut Target, leaf: &Issued, certwire: &Certwire) -> Sample {
+async fn rotate(target: &mut Target, leaf: &Issued, certwire: &Certwire, probe: &Probe) -> Sample {
     let before = match target.setup {
         Setup::Certwire => Some(histogram(certwire).await),
         Setup::FileWatch => None,
@@ -220,17 +229,17 @@ async fn rotate(target: &mut Target, leaf: &Issued, certwire: &Certwire) -> Samp
     let mut sample = Sample::default();
     loop {
         let poll_start = Instant::now();
-        let result = tls::handshake(target.listener, SNI, None).await;
+        let result = probe.serial(target.listener).await;
         let now = Instant::now();
         sample.poll_costs.push(now - poll_start);
         match result {
-            Ok(served) if served.serial_hex == leaf.serial_hex => {
+            Ok(serial) if serial == leaf.serial_hex => {
                 sample.latency = Some(now - t0);
                 break;
             }
-            Ok(served) => {
+            Ok(serial) => {
                 sample.stale_polls += 1;
-                sample.last_seen = format!("serial {}", served.serial_hex);
+                sample.last_seen = format!("serial {serial}");
             }
             Err(err) => {
                 sample.failed_polls += 1;
@@ -277,6 +286,49 @@ fn kubelet_swap(dir: &Path, generation: u64, files: &[(&str, &[u8])]) -> Instant
     let old_dir = dir.join(old);
     std::fs::remove_dir_all(&old_dir).unwrap_or_else(|e| panic!("remove {}: {e}", old_dir.display()));
     t0
+}
+
+/// A handshake-only probe: a new TCP connection with `TCP_NODELAY`, a full TLS
+/// handshake (no session resumption, so the server always presents its current
+/// certificate, checked against the bench CA), the leaf's serial, close.
+///
+/// `common::tls::handshake` also sends a `GET /` and leaves Nagle on: its request
+/// waits for the ACK of the client's Finished, which the server delays by ~40 ms, so
+/// each of its handshakes costs ~44 ms and would quantize every latency here.
+struct Probe {
+    connector: TlsConnector,
+    server_name: ServerName<'static>,
+}
+
+impl Probe {
+    fn new(ca: &Ca) -> Probe {
+        let mut roots = RootCertStore::empty();
+        roots.add(CertificateDer::from(ca.cert.der.clone())).expect("the bench CA is a valid root");
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .expect("default protocol versions")
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.resumption = Resumption::disabled();
+        Probe {
+            connector: TlsConnector::from(Arc::new(config)),
+            server_name: ServerName::try_from(SNI).expect("SNI is a DNS name"),
+        }
+    }
+
+    /// The serial (lowercase hex) of the leaf `addr` presents on a fresh handshake.
+    async fn serial(&self, addr: std::net::SocketAddr) -> anyhow::Result<String> {
+        let attempt = async {
+            let tcp = TcpStream::connect(addr).await.context("connect")?;
+            tcp.set_nodelay(true).context("TCP_NODELAY")?;
+            let tls = self.connector.connect(self.server_name.clone(), tcp).await.context("TLS handshake")?;
+            let (_, conn) = tls.get_ref();
+            let leaf = conn.peer_certificates().and_then(|c| c.first()).context("no server certificate")?;
+            Ok(pki::serial_hex(leaf))
+        };
+        tokio::time::timeout(Duration::from_secs(5), attempt).await.context("probe timed out")?
+    }
 }
 
 /// (sum in seconds, count) of certwire's change-to-push histogram.
@@ -355,8 +407,8 @@ fn render(context: &Context, a: &Target, b: &Target) -> String {
     let _ = writeln!(
         w,
         "| method | {} warm-up + {} rotations per setup, interleaved (order alternates), {}-{} ms apart; \
-         clock from the `..data` rename to the end of the first fresh handshake (TCP + TLS + `GET /`) \
-         presenting the new serial; handshakes back to back; cap {} s = timeout |",
+         clock from the `..data` rename to the end of the first fresh handshake (new TCP connection, \
+         TCP_NODELAY, full TLS handshake, no resumption) presenting the new serial; handshakes back to back; cap {} s = timeout |",
         WARMUP,
         context.rotations,
         PAUSE.as_millis(),
