@@ -1,22 +1,18 @@
 //! DeltaSecrets (incremental): explicit subscribe/unsubscribe, per-resource versions and
 //! removals announced in `removed_resources`.
 
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource};
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
-use super::session::{Change, Session, to_any};
+use super::codec::Outgoing;
+use super::session::{Change, Session};
 use super::{ResponseStream, Shared, check_type_url};
-use crate::pki::SECRET_TYPE_URL;
 
 const OUTBOUND: usize = 2;
 
-pub fn spawn(
-    shared: Shared,
-    peer: String,
-    inbound: Streaming<DeltaDiscoveryRequest>,
-) -> ResponseStream<DeltaDiscoveryResponse> {
+pub fn spawn(shared: Shared, peer: String, inbound: Streaming<DeltaDiscoveryRequest>) -> ResponseStream<Outgoing> {
     let (tx, rx) = mpsc::channel(OUTBOUND);
     let session = Session::open(shared, "delta", peer);
     tokio::spawn(run(session, inbound, tx));
@@ -26,7 +22,7 @@ pub fn spawn(
 async fn run(
     mut session: Session,
     mut inbound: Streaming<DeltaDiscoveryRequest>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<Outgoing, Status>>,
 ) {
     let shutdown = session.shared().shutdown.clone();
     loop {
@@ -51,27 +47,9 @@ async fn run(
                 Change::Send(served) => {
                     let resources = vec![served];
                     let nonce = session.record_sent(&resources);
-                    DeltaDiscoveryResponse {
-                        resources: resources
-                            .iter()
-                            .map(|s| Resource {
-                                name: s.name.clone(),
-                                version: s.version.clone(),
-                                resource: Some(to_any(s)),
-                                ..Default::default()
-                            })
-                            .collect(),
-                        type_url: SECRET_TYPE_URL.to_owned(),
-                        nonce,
-                        ..Default::default()
-                    }
+                    Outgoing::Delta { nonce, resources, removed: Vec::new() }
                 }
-                Change::Gone(name) => DeltaDiscoveryResponse {
-                    removed_resources: vec![name],
-                    type_url: SECRET_TYPE_URL.to_owned(),
-                    nonce: session.next_nonce(),
-                    ..Default::default()
-                },
+                Change::Gone(name) => Outgoing::Delta { nonce: session.next_nonce(), resources: Vec::new(), removed: vec![name] },
             },
         };
         if tx.send(Ok(response)).await.is_err() {

@@ -1,14 +1,13 @@
 //! FetchSecrets: one request, the current content of the names that exist.
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
-use super::session::to_any;
+use super::codec::Outgoing;
 use super::{Shared, check_type_url};
 use crate::metrics::ProtocolLabel;
-use crate::pki::SECRET_TYPE_URL;
 
-pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<DiscoveryResponse, Status> {
+pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status> {
     check_type_url(&req.type_url)?;
     let found: Vec<_> = req.resource_names.iter().filter_map(|n| shared.store.get(n)).collect();
     if found.is_empty() {
@@ -20,12 +19,7 @@ pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<DiscoveryResponse
         return Err(Status::already_exists(format!("version {version} is current")));
     }
     shared.metrics.pushes.get_or_create(&ProtocolLabel { protocol: "fetch" }).inc();
-    Ok(DiscoveryResponse {
-        version_info: version,
-        resources: found.iter().map(|s| to_any(s)).collect(),
-        type_url: SECRET_TYPE_URL.to_owned(),
-        ..Default::default()
-    })
+    Ok(Outgoing::Sotw { version_info: version, nonce: String::new(), resources: found })
 }
 
 /// Version of a SotW response: the secret's own content hash when it carries one

@@ -88,8 +88,7 @@ fn server() -> Server {
 }
 
 /// Serves until `shutdown` is cancelled and the streams have ended.
-pub async fn serve(bound: Bound, sds: Sds, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let svc = sds.into_server();
+pub async fn serve(bound: Bound, svc: Sds, shutdown: CancellationToken) -> anyhow::Result<()> {
     let signal = shutdown.clone().cancelled_owned();
     match bound {
         Bound::Tcp(l) => {

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use prost::Message;
 use tokio_stream::StreamMap;
 use tokio_stream::wrappers::WatchStream;
 
@@ -199,10 +197,4 @@ impl Drop for Session {
             self.shared.store.release(&name);
         }
     }
-}
-
-/// The served resource as the `Any` Envoy expects.
-pub fn to_any(served: &Served) -> Any {
-    // The store keeps the encoded Any; decoding only copies the bytes out.
-    Any::decode(served.resource.as_slice()).expect("store holds Any encoded by pki")
 }

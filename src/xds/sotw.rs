@@ -1,22 +1,22 @@
 //! StreamSecrets (state of the world). Each request carries the full list of wanted
 //! names; a response carries the secrets that changed.
 
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use std::collections::HashSet;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
 
+use super::codec::Outgoing;
 use super::fetch::sotw_version;
-use super::session::{Change, Session, to_any};
+use super::session::{Change, Session};
 use super::{ResponseStream, Shared, check_type_url};
-use crate::pki::SECRET_TYPE_URL;
 
 /// A couple of responses in flight; beyond that the task waits, and the latest-wins
 /// watch means it sends the newest version once the proxy reads again.
 const OUTBOUND: usize = 2;
 
-pub fn spawn(shared: Shared, peer: String, inbound: Streaming<DiscoveryRequest>) -> ResponseStream<DiscoveryResponse> {
+pub fn spawn(shared: Shared, peer: String, inbound: Streaming<DiscoveryRequest>) -> ResponseStream<Outgoing> {
     let (tx, rx) = mpsc::channel(OUTBOUND);
     let session = Session::open(shared, "sotw", peer);
     tokio::spawn(run(session, inbound, tx));
@@ -26,7 +26,7 @@ pub fn spawn(shared: Shared, peer: String, inbound: Streaming<DiscoveryRequest>)
 async fn run(
     mut session: Session,
     mut inbound: Streaming<DiscoveryRequest>,
-    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    tx: mpsc::Sender<Result<Outgoing, Status>>,
 ) {
     let shutdown = session.shared().shutdown.clone();
     loop {
@@ -51,13 +51,8 @@ async fn run(
                 let Change::Send(served) = change else { continue };
                 let resources = vec![served];
                 let nonce = session.record_sent(&resources);
-                let response = DiscoveryResponse {
-                    version_info: sotw_version(resources.iter().map(|s| s.version.as_str())),
-                    resources: resources.iter().map(|s| to_any(s)).collect(),
-                    type_url: SECRET_TYPE_URL.to_owned(),
-                    nonce,
-                    ..Default::default()
-                };
+                let version_info = sotw_version(resources.iter().map(|s| s.version.as_str()));
+                let response = Outgoing::Sotw { version_info, nonce, resources };
                 if tx.send(Ok(response)).await.is_err() {
                     break;
                 }

@@ -53,7 +53,7 @@ async fn harness() -> Harness {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = Sds::new(shared.clone()).into_server();
+    let svc = Sds::new(shared.clone());
     let stop = shutdown.clone();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
