@@ -29,6 +29,19 @@ pub struct FileConfig {
     pub drain_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     pub files_rescan_every: Option<Duration>,
+    pub kubernetes: Option<KubeConfig>,
+}
+
+/// `[kubernetes]` table of the config file.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KubeConfig {
+    pub enabled: Option<bool>,
+    pub namespaces: Option<Vec<String>>,
+    pub all_namespaces: Option<bool>,
+    pub label_selector: Option<String>,
+    pub default_namespace: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl FileConfig {
@@ -53,6 +66,25 @@ pub struct ServeFlags {
     /// Directory of secrets in the Kubernetes mounted-Secret layout (repeatable)
     #[arg(long = "files", value_name = "DIR")]
     pub files: Vec<PathBuf>,
+    /// Serve Kubernetes Secrets (credentials: --kubeconfig, KUBECONFIG or in-cluster)
+    #[arg(long)]
+    pub kubernetes: bool,
+    /// Namespace to watch (repeatable) [default: the kubeconfig's or pod's namespace]
+    #[arg(long = "namespace", value_name = "NS")]
+    pub namespaces: Vec<String>,
+    /// Watch Secrets in every namespace (needs a ClusterRole)
+    #[arg(long)]
+    pub all_namespaces: bool,
+    /// Only Secrets matching this label selector, e.g. certwire.io/serve=true
+    #[arg(long, value_name = "SELECTOR")]
+    pub label_selector: Option<String>,
+    /// Namespace whose Secrets are also served as kubernetes://NAME and NAME
+    /// [default: the first watched namespace]
+    #[arg(long, value_name = "NS")]
+    pub default_namespace: Option<String>,
+    /// kubeconfig file [default: in-cluster service account, else KUBECONFIG or ~/.kube/config]
+    #[arg(long, value_name = "FILE")]
+    pub kubeconfig: Option<PathBuf>,
     /// Run the dev CA source (the default when no other source is configured)
     #[arg(long)]
     pub dev: bool,
@@ -79,6 +111,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
     pub files_rescan_every: Duration,
+    /// `None` when the Kubernetes source is off.
+    pub kubernetes: Option<crate::sources::kubernetes::Options>,
 }
 
 impl Settings {
@@ -94,8 +128,9 @@ impl Settings {
             file.listen.unwrap_or_else(|| vec![DEFAULT_LISTEN.parse().expect("default listen address")])
         };
         let files = if !flags.files.is_empty() { flags.files.clone() } else { file.files.unwrap_or_default() };
+        let kubernetes = kube_options(flags, file.kubernetes.unwrap_or_default());
         // The embedded default: with no source configured, the dev CA serves.
-        let dev = flags.dev || file.dev.unwrap_or(files.is_empty());
+        let dev = flags.dev || file.dev.unwrap_or(files.is_empty() && kubernetes.is_none());
         Ok(Self {
             listen,
             admin: flags.admin.or(file.admin).unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("default admin address")),
@@ -106,8 +141,31 @@ impl Settings {
             log_format: log_format.or(file.log_format).unwrap_or_default(),
             drain_timeout: flags.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(5)),
             files_rescan_every: file.files_rescan_every.unwrap_or(Duration::from_secs(30)),
+            kubernetes,
         })
     }
+}
+
+/// The Kubernetes source is on when asked for by flag or file, or implied by any of
+/// its flags; flags override the `[kubernetes]` table key by key.
+fn kube_options(flags: &ServeFlags, file: KubeConfig) -> Option<crate::sources::kubernetes::Options> {
+    let implied = !flags.namespaces.is_empty() || flags.all_namespaces || flags.label_selector.is_some();
+    if !(flags.kubernetes || implied || file.enabled.unwrap_or(false)) {
+        return None;
+    }
+    let namespaces =
+        if flags.namespaces.is_empty() { file.namespaces.unwrap_or_default() } else { flags.namespaces.clone() };
+    Some(crate::sources::kubernetes::Options {
+        default_namespace: flags
+            .default_namespace
+            .clone()
+            .or(file.default_namespace)
+            .or_else(|| namespaces.first().cloned()),
+        namespaces,
+        all_namespaces: flags.all_namespaces || file.all_namespaces.unwrap_or(false),
+        label_selector: flags.label_selector.clone().or(file.label_selector),
+        kubeconfig: flags.kubeconfig.clone().or(file.kubeconfig),
+    })
 }
 
 /// serde adapter for optional humantime durations ("30s", "5m").
@@ -158,6 +216,26 @@ mod tests {
         assert_eq!(s.listen, vec!["127.0.0.1:2".parse().unwrap()]);
         assert!(s.dev);
         assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn kubernetes_options() {
+        assert!(Settings::resolve(&ServeFlags::default(), None).unwrap().kubernetes.is_none());
+        let flags = ServeFlags { namespaces: vec!["gw".into(), "apps".into()], ..Default::default() };
+        let s = Settings::resolve(&flags, None).unwrap();
+        let k = s.kubernetes.unwrap();
+        assert_eq!(k.namespaces, ["gw", "apps"]);
+        assert_eq!(k.default_namespace.as_deref(), Some("gw"));
+        assert!(!s.dev, "a configured source turns the dev CA off");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[kubernetes]\nenabled = true\nall_namespaces = true\nlabel_selector = \"a=b\"\n")
+            .unwrap();
+        let flags = ServeFlags { config: Some(path), label_selector: Some("c=d".into()), ..Default::default() };
+        let k = Settings::resolve(&flags, None).unwrap().kubernetes.unwrap();
+        assert!(k.all_namespaces);
+        assert_eq!(k.label_selector.as_deref(), Some("c=d"));
     }
 
     #[test]

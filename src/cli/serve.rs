@@ -55,6 +55,12 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
             .with_context(|| format!("starting file source {}", root.display()))?;
         health.ready(&name);
     }
+    if let Some(options) = settings.kubernetes.clone() {
+        let sink = Sink::new(store.clone(), metrics.clone(), "kubernetes", settings.allow_expired);
+        sources::kubernetes::start(options, sink, health.clone(), shutdown.clone())
+            .await
+            .context("starting the Kubernetes source")?;
+    }
     if settings.dev {
         let sink = Sink::new(store.clone(), metrics.clone(), "dev", settings.allow_expired);
         sources::dev::start(sink, settings.dev_rotate_every, shutdown.clone())?;
