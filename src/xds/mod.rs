@@ -9,6 +9,7 @@ pub mod proxies;
 mod service;
 mod session;
 mod sotw;
+mod stream;
 
 use std::pin::Pin;
 use std::sync::Arc;

@@ -2,6 +2,7 @@
 //! server of envoy-types always encodes responses with prost, per stream.
 
 use std::convert::Infallible;
+use std::marker::PhantomData;
 use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
@@ -10,7 +11,10 @@ use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::codec::{Outgoing, SdsCodec};
-use super::{ResponseStream, Shared, delta, fetch, peer_label, sotw};
+use super::delta::Delta;
+use super::sotw::Sotw;
+use super::stream::{self, Protocol};
+use super::{ResponseStream, Shared, fetch, peer_label};
 
 const STREAM: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
 const DELTA: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
@@ -49,10 +53,14 @@ where
         let shared = self.shared.clone();
         match req.uri().path() {
             STREAM => Box::pin(async move {
-                Ok(Grpc::new(SdsCodec::<DiscoveryRequest>::default()).streaming(SotwMethod(shared), req).await)
+                Ok(Grpc::new(SdsCodec::<DiscoveryRequest>::default())
+                    .streaming(StreamMethod::<Sotw>(shared, PhantomData), req)
+                    .await)
             }),
             DELTA => Box::pin(async move {
-                Ok(Grpc::new(SdsCodec::<DeltaDiscoveryRequest>::default()).streaming(DeltaMethod(shared), req).await)
+                Ok(Grpc::new(SdsCodec::<DeltaDiscoveryRequest>::default())
+                    .streaming(StreamMethod::<Delta>(shared, PhantomData), req)
+                    .await)
             }),
             FETCH => Box::pin(async move {
                 Ok(Grpc::new(SdsCodec::<DiscoveryRequest>::default()).unary(FetchMethod(shared), req).await)
@@ -65,31 +73,21 @@ where
     }
 }
 
-struct SotwMethod(Shared);
+/// StreamSecrets or DeltaSecrets, by protocol.
+struct StreamMethod<P>(Shared, PhantomData<fn() -> P>);
 
-impl StreamingService<DiscoveryRequest> for SotwMethod {
+impl<P: Protocol> StreamingService<P::Request> for StreamMethod<P>
+where
+    Streaming<P::Request>: Send,
+{
     type Response = Outgoing;
     type ResponseStream = ResponseStream<Outgoing>;
     type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
 
-    fn call(&mut self, request: Request<Streaming<DiscoveryRequest>>) -> Self::Future {
+    fn call(&mut self, request: Request<Streaming<P::Request>>) -> Self::Future {
         let shared = self.0.clone();
         let peer = peer_label(&request);
-        Box::pin(async move { Ok(Response::new(sotw::spawn(shared, peer, request.into_inner()))) })
-    }
-}
-
-struct DeltaMethod(Shared);
-
-impl StreamingService<DeltaDiscoveryRequest> for DeltaMethod {
-    type Response = Outgoing;
-    type ResponseStream = ResponseStream<Outgoing>;
-    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: Request<Streaming<DeltaDiscoveryRequest>>) -> Self::Future {
-        let shared = self.0.clone();
-        let peer = peer_label(&request);
-        Box::pin(async move { Ok(Response::new(delta::spawn(shared, peer, request.into_inner()))) })
+        Box::pin(async move { Ok(Response::new(stream::spawn::<P>(shared, peer, request.into_inner()))) })
     }
 }
 
