@@ -15,6 +15,7 @@ pub mod certwire;
 pub mod envoy;
 pub mod files;
 pub mod http;
+pub mod kubeapi;
 pub mod pki;
 pub mod tls;
 pub mod util;
