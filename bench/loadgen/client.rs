@@ -1,0 +1,249 @@
+//! One simulated proxy: its own HTTP/2 connection (a tonic `Channel` of its own, from a
+//! chosen 127.0.0.x source address), one SDS stream per secret, every response ACKed
+//! the way Envoy does. Each stream writes what it received into a [`Slot`].
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use hyper_util::rt::TokioIo;
+use tokio::net::TcpSocket;
+use tokio::sync::{Notify, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+use crate::proc::unix_us;
+
+pub const SECRET_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Sotw,
+    Delta,
+}
+
+impl Protocol {
+    pub fn label(self) -> &'static str {
+        match self {
+            Protocol::Sotw => "SotW",
+            Protocol::Delta => "Delta",
+        }
+    }
+}
+
+/// What one stream has seen, and the state of the current measurement.
+#[derive(Debug, Default)]
+struct SlotState {
+    version: Option<String>,
+    /// The version held when the measurement was armed: the next different one counts.
+    armed_base: Option<String>,
+    arrival_us: Option<i64>,
+}
+
+#[derive(Debug)]
+pub struct Slot {
+    pub name: String,
+    state: Mutex<SlotState>,
+}
+
+/// Every stream of a worker, and counters to wait on.
+#[derive(Debug)]
+pub struct Tracker {
+    pub slots: Vec<Slot>,
+    /// Streams still waiting for their first response.
+    initial_pending: AtomicUsize,
+    /// Armed streams still waiting for a new version.
+    armed_pending: AtomicUsize,
+    /// Streams that ended (error or closed by the server).
+    pub broken: AtomicUsize,
+    changed: Notify,
+}
+
+impl Tracker {
+    pub fn new(names: impl IntoIterator<Item = String>) -> Arc<Tracker> {
+        let slots: Vec<Slot> = names.into_iter().map(|name| Slot { name, state: Mutex::default() }).collect();
+        Arc::new(Tracker {
+            initial_pending: AtomicUsize::new(slots.len()),
+            slots,
+            armed_pending: AtomicUsize::new(0),
+            broken: AtomicUsize::new(0),
+            changed: Notify::new(),
+        })
+    }
+
+    fn record(&self, slot: usize, version: &str) {
+        let now = unix_us();
+        let mut st = self.slots[slot].state.lock().expect("slot lock");
+        if st.version.is_none() {
+            self.initial_pending.fetch_sub(1, Ordering::AcqRel);
+            self.changed.notify_one();
+        }
+        st.version = Some(version.to_owned());
+        let fresh = st.armed_base.as_deref().is_some_and(|base| base != version);
+        if fresh && st.arrival_us.is_none() {
+            st.arrival_us = Some(now);
+            self.armed_pending.fetch_sub(1, Ordering::AcqRel);
+            self.changed.notify_one();
+        }
+    }
+
+    pub fn initial_pending(&self) -> usize {
+        self.initial_pending.load(Ordering::Acquire)
+    }
+
+    pub fn armed_pending(&self) -> usize {
+        self.armed_pending.load(Ordering::Acquire)
+    }
+
+    /// Resolves after the next first-response or arrival (or spuriously).
+    pub async fn changed(&self) {
+        self.changed.notified().await;
+    }
+
+    /// Arms every stream of `names`: its next different version is recorded. Returns how
+    /// many streams were armed.
+    pub fn arm(&self, names: &std::collections::HashSet<&str>) -> usize {
+        let armed: Vec<&Slot> = self.slots.iter().filter(|s| names.contains(s.name.as_str())).collect();
+        // Count first: an arrival can only come after the rotation, which follows this.
+        self.armed_pending.store(armed.len(), Ordering::Release);
+        for slot in &armed {
+            let mut st = slot.state.lock().expect("slot lock");
+            st.armed_base = Some(st.version.clone().unwrap_or_default());
+            st.arrival_us = None;
+        }
+        armed.len()
+    }
+
+    /// Ends the measurement: (slot index, arrival µs or None) of every armed stream.
+    pub fn disarm(&self) -> Vec<(usize, Option<i64>)> {
+        let mut out = Vec::new();
+        for (i, slot) in self.slots.iter().enumerate() {
+            let mut st = slot.state.lock().expect("slot lock");
+            if st.armed_base.take().is_some() {
+                out.push((i, st.arrival_us.take()));
+            }
+        }
+        self.armed_pending.store(0, Ordering::Release);
+        out
+    }
+}
+
+/// Opens one HTTP/2 connection from `source` (port chosen by the kernel) to `target`.
+pub async fn connect(source: IpAddr, target: SocketAddr) -> anyhow::Result<Channel> {
+    let connector = tower::service_fn(move |_: Uri| async move {
+        let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+        socket.bind(SocketAddr::new(source, 0))?;
+        let stream = socket.connect(target).await?;
+        stream.set_nodelay(true)?;
+        Ok::<_, std::io::Error>(TokioIo::new(stream))
+    });
+    let endpoint = Endpoint::from_shared(format!("http://{target}"))?.connect_timeout(CONNECT_TIMEOUT);
+    tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect_with_connector(connector))
+        .await
+        .context("connect timed out")?
+        .with_context(|| format!("connect {source} -> {target}"))
+}
+
+/// Opens the stream of `slot` on `channel` and spawns the task that ACKs its responses.
+pub async fn open_stream(
+    channel: Channel,
+    protocol: Protocol,
+    node: Node,
+    tracker: Arc<Tracker>,
+    slot: usize,
+) -> anyhow::Result<()> {
+    let name = tracker.slots[slot].name.clone();
+    let mut client = SecretDiscoveryServiceClient::new(channel);
+    match protocol {
+        Protocol::Sotw => {
+            let (tx, rx) = mpsc::channel(4);
+            let first = DiscoveryRequest {
+                node: Some(node.clone()),
+                resource_names: vec![name.clone()],
+                type_url: SECRET_TYPE_URL.to_owned(),
+                ..Default::default()
+            };
+            tx.send(first).await.ok().context("request channel closed")?;
+            let mut inbound = client.stream_secrets(ReceiverStream::new(rx)).await?.into_inner();
+            tokio::spawn(async move {
+                loop {
+                    match inbound.message().await {
+                        Ok(Some(resp)) => {
+                            tracker.record(slot, &resp.version_info);
+                            // ACK: the version and nonce just received, same names, node again.
+                            let ack = DiscoveryRequest {
+                                version_info: resp.version_info,
+                                node: Some(node.clone()),
+                                resource_names: vec![name.clone()],
+                                type_url: SECRET_TYPE_URL.to_owned(),
+                                response_nonce: resp.nonce,
+                                ..Default::default()
+                            };
+                            if tx.send(ack).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            stream_error(&tracker, &name, &status);
+                            break;
+                        }
+                    }
+                }
+                tracker.broken.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+        Protocol::Delta => {
+            let (tx, rx) = mpsc::channel(4);
+            let first = DeltaDiscoveryRequest {
+                node: Some(node.clone()),
+                type_url: SECRET_TYPE_URL.to_owned(),
+                resource_names_subscribe: vec![name.clone()],
+                ..Default::default()
+            };
+            tx.send(first).await.ok().context("request channel closed")?;
+            let mut inbound = client.delta_secrets(ReceiverStream::new(rx)).await?.into_inner();
+            tokio::spawn(async move {
+                loop {
+                    match inbound.message().await {
+                        Ok(Some(resp)) => {
+                            if let Some(resource) = resp.resources.iter().find(|r| r.name == name) {
+                                tracker.record(slot, &resource.version);
+                            }
+                            let ack = DeltaDiscoveryRequest {
+                                node: Some(node.clone()),
+                                type_url: SECRET_TYPE_URL.to_owned(),
+                                response_nonce: resp.nonce,
+                                ..Default::default()
+                            };
+                            if tx.send(ack).await.is_err() {
+                                break;
+                            }
+                        }
+                        Ok(None) => break,
+                        Err(status) => {
+                            stream_error(&tracker, &name, &status);
+                            break;
+                        }
+                    }
+                }
+                tracker.broken.fetch_add(1, Ordering::Relaxed);
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Logs the first few stream errors of a worker; the rest only count.
+fn stream_error(tracker: &Tracker, name: &str, status: &tonic::Status) {
+    if tracker.broken.load(Ordering::Relaxed) < 3 {
+        eprintln!("loadgen worker: stream for {name} ended: {status}");
+    }
+}

@@ -1,0 +1,196 @@
+//! The coordinator's side of the worker processes: spawn them (each with its own
+//! 127.0.0.x source address), hand out the proxies, arm a measurement, collect it.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::process::Stdio;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+
+use crate::client::Protocol;
+use crate::proc::{self, CpuSnapshot};
+use crate::worker::WorkerConfig;
+
+/// In-flight connection attempts per worker.
+const CONNECT_CONCURRENCY: usize = 64;
+/// How long a worker may take to connect everything and get every first response.
+const READY_TIMEOUT: Duration = Duration::from_secs(150);
+/// How long a worker waits for every armed stream before reporting the missing ones.
+const DONE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Extra patience of the coordinator for a worker's answer.
+const SLACK: Duration = Duration::from_secs(30);
+
+/// Every worker gets a source address never used before in this run, so sockets in
+/// TIME_WAIT from an earlier fleet never take ports from a new one.
+static NEXT_SOURCE: AtomicUsize = AtomicUsize::new(0);
+
+fn next_source() -> IpAddr {
+    let k = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
+    IpAddr::V4(Ipv4Addr::new(127, 0, (k / 250) as u8, (2 + k % 250) as u8))
+}
+
+pub struct FleetSpec {
+    pub target: SocketAddr,
+    pub protocol: Protocol,
+    /// Per proxy, the secret names it streams.
+    pub conns: Vec<Vec<String>>,
+    pub per_worker: usize,
+    /// At least this many workers (2 lets the clients use both cores when not pinned).
+    pub min_workers: usize,
+    pub pin: bool,
+}
+
+/// One stream got the new version at `at_us` (µs since the epoch).
+#[derive(Debug, Clone)]
+pub struct Arrival {
+    pub name: String,
+    pub at_us: i64,
+}
+
+#[derive(Debug, Default)]
+pub struct Collected {
+    pub arrivals: Vec<Arrival>,
+    pub expected: usize,
+    pub missing: usize,
+}
+
+struct WorkerProc {
+    child: Child,
+    stdin: ChildStdin,
+    lines: Lines<BufReader<ChildStdout>>,
+    /// Secret name of each of this worker's streams, by slot.
+    names: Vec<String>,
+    pid: u32,
+}
+
+pub struct Fleet {
+    workers: Vec<WorkerProc>,
+    pub streams: usize,
+    pub conns: usize,
+    pub connect_time: Duration,
+}
+
+impl Fleet {
+    /// Spawns the workers and waits until every stream has its first response.
+    pub async fn start(spec: FleetSpec) -> anyhow::Result<Fleet> {
+        let started = Instant::now();
+        let conns = spec.conns.len();
+        let count = conns.div_ceil(spec.per_worker.max(1)).max(spec.min_workers).min(conns.max(1));
+        let per = conns.div_ceil(count);
+        let exe = std::env::current_exe().context("locating the loadgen binary")?;
+        let mut workers = Vec::with_capacity(count);
+        for (i, chunk) in spec.conns.chunks(per.max(1)).enumerate() {
+            let config = WorkerConfig {
+                target: spec.target,
+                source: next_source(),
+                protocol: spec.protocol,
+                first_proxy: i * per,
+                conns: chunk.to_vec(),
+                connect_concurrency: CONNECT_CONCURRENCY,
+                ready_timeout_ms: READY_TIMEOUT.as_millis() as u64,
+                done_timeout_ms: DONE_TIMEOUT.as_millis() as u64,
+            };
+            let mut command = if spec.pin {
+                let mut c = Command::new("taskset");
+                c.args(["-c", "1"]).arg(&exe);
+                c
+            } else {
+                Command::new(&exe)
+            };
+            command.arg("worker").stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+            let mut child = command.kill_on_drop(true).spawn().context("spawning a loadgen worker")?;
+            let pid = child.id().context("worker pid")?;
+            let mut stdin = child.stdin.take().context("worker stdin")?;
+            let stdout = child.stdout.take().context("worker stdout")?;
+            let mut line = serde_json::to_string(&config)?;
+            line.push('\n');
+            stdin.write_all(line.as_bytes()).await.context("configuring a worker")?;
+            stdin.flush().await?;
+            let names = config.conns.into_iter().flatten().collect();
+            workers.push(WorkerProc { child, stdin, lines: BufReader::new(stdout).lines(), names, pid });
+        }
+        let mut fleet = Fleet { workers, streams: 0, conns, connect_time: Duration::ZERO };
+        let ready = fleet.expect_all("ready", READY_TIMEOUT + SLACK).await?;
+        fleet.streams = ready.iter().map(|l| field(l, "streams=")).sum();
+        fleet.connect_time = started.elapsed();
+        Ok(fleet)
+    }
+
+    /// Arms the streams of `names` in every worker; returns how many were armed.
+    pub async fn arm(&mut self, round: usize, names: &[String]) -> anyhow::Result<usize> {
+        let line = format!("arm {round} {}\n", names.join(","));
+        for w in &mut self.workers {
+            w.stdin.write_all(line.as_bytes()).await.context("arming a worker")?;
+            w.stdin.flush().await?;
+        }
+        let armed = self.expect_all(&format!("armed {round} "), SLACK).await?;
+        Ok(armed.iter().map(|l| l.split_whitespace().nth(2).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0)).sum())
+    }
+
+    /// Waits for the arrivals of `round` from every worker.
+    pub async fn collect(&mut self, round: usize) -> anyhow::Result<Collected> {
+        let prefix = format!("done {round} ");
+        let lines = self.expect_all(&prefix, DONE_TIMEOUT + SLACK).await?;
+        let mut out = Collected::default();
+        for (w, line) in self.workers.iter().zip(lines) {
+            let mut words = line.split_whitespace().skip(2);
+            out.expected += words.next().and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+            out.missing += words.next().and_then(|n| n.parse::<usize>().ok()).unwrap_or(0);
+            for word in words {
+                let (slot, at) = word.split_once(':').context("bad arrival")?;
+                let slot: usize = slot.parse()?;
+                let name = w.names.get(slot).context("arrival for an unknown slot")?.clone();
+                out.arrivals.push(Arrival { name, at_us: at.parse()? });
+            }
+        }
+        Ok(out)
+    }
+
+    /// CPU time of every worker, to tell the clients' share from the server's.
+    pub fn cpu(&self) -> Vec<CpuSnapshot> {
+        self.workers.iter().map(|w| proc::cpu(w.pid)).collect()
+    }
+
+    /// Asks every worker to exit and reaps it (killed after a grace period).
+    pub async fn shutdown(mut self) {
+        for w in &mut self.workers {
+            let _ = w.stdin.write_all(b"quit\n").await;
+            let _ = w.stdin.flush().await;
+        }
+        for w in &mut self.workers {
+            if tokio::time::timeout(Duration::from_secs(10), w.child.wait()).await.is_err() {
+                let _ = w.child.kill().await;
+            }
+        }
+    }
+
+    /// The next line of every worker starting with `prefix` (other lines are skipped);
+    /// fails on an `error` line, an exited worker or the timeout.
+    async fn expect_all(&mut self, prefix: &str, timeout: Duration) -> anyhow::Result<Vec<String>> {
+        let reads = self.workers.iter_mut().enumerate().map(|(i, w)| async move {
+            let read = async {
+                loop {
+                    let Some(line) = w.lines.next_line().await? else { bail!("worker {i} exited") };
+                    if let Some(err) = line.strip_prefix("error ") {
+                        bail!("worker {i}: {err}");
+                    }
+                    if line.starts_with(prefix) {
+                        return Ok(line);
+                    }
+                }
+            };
+            tokio::time::timeout(timeout, read)
+                .await
+                .with_context(|| format!("worker {i} did not say {prefix:?} within {timeout:?}"))?
+        });
+        futures_util::future::try_join_all(reads).await
+    }
+}
+
+/// The number after `key` in a `ready` line.
+fn field(line: &str, key: &str) -> usize {
+    line.split_whitespace().find_map(|w| w.strip_prefix(key)).and_then(|n| n.parse().ok()).unwrap_or(0)
+}

@@ -1,0 +1,318 @@
+//! The coordinator: runs the chosen scenarios in order and prints the markdown report
+//! (also written to bench/out/loadgen.md, or loadgen-pinned.md with `--pin`).
+
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::Options;
+use crate::client::Protocol;
+use crate::pki::Ca;
+use crate::server::{Kind, Launcher};
+use crate::stats::{ms, num, ratio};
+use crate::{cold_start, fanout, many_secrets, proc, secrets};
+
+pub fn out_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/out")
+}
+
+pub fn main(opts: Options) {
+    if opts.pin {
+        if !proc::have_taskset() {
+            eprintln!("--pin needs taskset (Debian package util-linux)");
+            std::process::exit(2);
+        }
+        if let Err(err) = proc::pin_self(1) {
+            eprintln!("{err:#}");
+            std::process::exit(2);
+        }
+    }
+    let certwire = opts.certwire.clone().unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_certwire")));
+    if !certwire.is_file() {
+        eprintln!("{} does not exist: run `cargo build --release` first", certwire.display());
+        std::process::exit(2);
+    }
+    let release = certwire.components().any(|c| c.as_os_str() == "release");
+    eprintln!("certwire binary: {}{}", certwire.display(), if release { "" } else { " (NOT a release build)" });
+    if !release {
+        eprintln!("warning: numbers of a debug build are not representative; use `cargo build --release`");
+    }
+    let logs = crate::util::tempdir();
+    let launcher = Launcher { certwire: certwire.clone(), pin: opts.pin, logs: logs.path().to_owned() };
+
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let started = Instant::now();
+    let load_before = proc::loadavg();
+    let body = runtime.block_on(run(&launcher, &opts));
+    drop(runtime);
+
+    let mut report = String::new();
+    let _ = writeln!(report, "# certwire load benchmarks (bench/loadgen.rs)\n");
+    let _ = writeln!(report, "- machine: {}", proc::machine());
+    let _ = writeln!(report, "- commit: {}", proc::git_commit());
+    let _ = writeln!(report, "- command: `{}`", command_line());
+    let _ = writeln!(report, "- certwire: {}{}", certwire.display(), if release { " (release)" } else { " (DEBUG)" });
+    let _ = writeln!(
+        report,
+        "- CPUs: {}",
+        if opts.pin { "server pinned to CPU 0, clients to CPU 1 (taskset)" } else { "shared, not pinned" }
+    );
+    let _ = writeln!(
+        report,
+        "- date: {} UTC, load average before {load_before}, after {}, took {:.0} s\n",
+        now_utc(),
+        proc::loadavg(),
+        started.elapsed().as_secs_f64()
+    );
+    report.push_str(&body);
+
+    println!("{report}");
+    let out = out_dir().join(if opts.pin { "loadgen-pinned.md" } else { "loadgen.md" });
+    match std::fs::create_dir_all(out_dir()).and_then(|()| std::fs::write(&out, &report)) {
+        Ok(()) => eprintln!("wrote {}", out.display()),
+        Err(err) => eprintln!("cannot write {}: {err}", out.display()),
+    }
+}
+
+fn now_utc() -> String {
+    let t = time::OffsetDateTime::now_utc();
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        t.year(),
+        u8::from(t.month()),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    )
+}
+
+/// How this run can be repeated: the cargo command with its arguments and any
+/// LOADGEN_* settings from the environment.
+fn command_line() -> String {
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let env: Vec<String> =
+        std::env::vars().filter(|(k, _)| k.starts_with("LOADGEN_")).map(|(k, v)| format!("{k}={v} ")).collect();
+    let mut line = format!("{}cargo bench --bench loadgen", env.concat());
+    if !args.is_empty() {
+        line.push_str(" -- ");
+        line.push_str(&args.join(" "));
+    }
+    line
+}
+
+async fn run(launcher: &Launcher, opts: &Options) -> String {
+    let mut out = String::new();
+    let mut fanout_rows = Vec::new();
+    let mut failures = Vec::new();
+    let mut record = |what: String, result: anyhow::Result<fanout::Row>| match result {
+        Ok(row) => fanout_rows.push(row),
+        Err(err) => {
+            eprintln!("{what} failed: {err:#}");
+            failures.push(format!("{what}: {err:#}"));
+        }
+    };
+    // Interleaved per size, so drift in the machine's load hits both servers alike.
+    for &n in &opts.sizes {
+        if opts.wants("fanout") {
+            record(
+                format!("fan-out certwire SotW N={n}"),
+                fanout::run(launcher, opts, Kind::Certwire, Protocol::Sotw, n).await,
+            );
+        }
+        if opts.wants("baseline") {
+            record(
+                format!("fan-out baseline SotW N={n}"),
+                fanout::run(launcher, opts, Kind::Naive, Protocol::Sotw, n).await,
+            );
+        }
+    }
+    if opts.wants("delta") {
+        for &n in &opts.delta_sizes {
+            record(
+                format!("fan-out certwire Delta N={n}"),
+                fanout::run(launcher, opts, Kind::Certwire, Protocol::Delta, n).await,
+            );
+        }
+    }
+    if !fanout_rows.is_empty() {
+        out.push_str(&fanout_table(&fanout_rows, opts.rotations));
+        out.push_str(&ratio_table(&fanout_rows));
+    }
+
+    if opts.wants("cold") || opts.wants("many") {
+        let dir = crate::util::tempdir();
+        let root = dir.path().join("secrets");
+        std::fs::create_dir_all(&root).expect("create secrets root");
+        let ca = Ca::new("loadgen many-secrets CA");
+        let set = secrets::create_set(&root, &ca, "s", opts.secrets);
+        if opts.wants("cold") {
+            match cold_start::run(launcher, opts, &root, &set).await {
+                Ok(row) => out.push_str(&cold_table(&row)),
+                Err(err) => {
+                    eprintln!("cold start failed: {err:#}");
+                    failures.push(format!("cold start: {err:#}"));
+                }
+            }
+        }
+        if opts.wants("many") {
+            match many_secrets::run(launcher, opts, &root, &set, &ca).await {
+                Ok(row) => out.push_str(&many_table(&row)),
+                Err(err) => {
+                    eprintln!("many secrets failed: {err:#}");
+                    failures.push(format!("many secrets: {err:#}"));
+                }
+            }
+        }
+    }
+    if !failures.is_empty() {
+        out.push_str("## Failures\n\n");
+        for f in failures {
+            // The first lines say what failed; the full log tail went to stderr.
+            let short: String = f.lines().take(2).collect::<Vec<_>>().join(" ").chars().take(400).collect();
+            let _ = writeln!(out, "- {short}");
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn fanout_table(rows: &[fanout::Row], rotations: usize) -> String {
+    let mut t = String::from("## Fan-out: one rotated secret to N streams, one HTTP/2 connection each\n\n");
+    let _ = writeln!(
+        t,
+        "Medians over {rotations} rotations (after one warm-up). Latencies are per stream, from the server \
+         noticing the change (certwire: `detected_unix_us` in /status/secrets; baseline: start of its reload) \
+         to the client decoding the response; \"from rename\" starts right before the `..data` rename. \
+         CPU: server user+system time from before the swap to 100 ms after the last stream has it, divided \
+         by N (the clients' CPU: all worker processes, same window). RSS: VmRSS with N idle streams minus \
+         before connecting, divided by N.\n"
+    );
+    t.push_str(
+        "| server | protocol | streams | last, from detected (ms) | last, from rename (ms) | p50 (ms) | p99 (ms) \
+         | server CPU per stream per rotation (µs) | clients' CPU per stream (µs) | server RSS per idle stream (KiB) \
+         | connect (s) | missing |\n",
+    );
+    t.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    for r in rows {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            r.kind.label(),
+            r.protocol.label(),
+            r.streams,
+            ms(r.last_from_detect),
+            ms(r.last_from_change),
+            ms(r.p50),
+            ms(r.p99),
+            num(r.cpu_per_stream, 1),
+            num(r.client_cpu_per_stream, 1),
+            num(r.rss_per_stream, 1),
+            num(r.connect_s, 1),
+            r.missing
+        );
+    }
+    t.push('\n');
+    t
+}
+
+fn ratio_table(rows: &[fanout::Row]) -> String {
+    let pairs: Vec<(&fanout::Row, &fanout::Row)> = rows
+        .iter()
+        .filter(|r| r.kind == Kind::Certwire && r.protocol == Protocol::Sotw)
+        .filter_map(|c| {
+            rows.iter()
+                .find(|b| b.kind == Kind::Naive && b.protocol == Protocol::Sotw && b.streams == c.streams)
+                .map(|b| (c, b))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return String::new();
+    }
+    let mut t = String::from("## certwire / plain tonic server (same run, SotW; below 1 means certwire is better)\n\n");
+    t.push_str("| streams | last stream, from rename | p99, from detected | CPU per stream | RSS per idle stream |\n");
+    t.push_str("|---:|---:|---:|---:|---:|\n");
+    for (c, b) in pairs {
+        let _ = writeln!(
+            t,
+            "| {} | {} | {} | {} | {} |",
+            c.streams,
+            ratio(c.last_from_change, b.last_from_change),
+            ratio(c.p99, b.p99),
+            ratio(c.cpu_per_stream, b.cpu_per_stream),
+            ratio(c.rss_per_stream, b.rss_per_stream)
+        );
+    }
+    t.push('\n');
+    t
+}
+
+fn many_table(r: &many_secrets::Row) -> String {
+    let mut t = String::from("## Many secrets: a batch of secrets rotated at once\n\n");
+    let _ = writeln!(
+        t,
+        "certwire with {} file secrets; {} proxies (connections) × {} streams, one secret each; {} secrets \
+         swapped back to back (`..data` renames, new generations written just before). Medians over {} rounds. \
+         Latency per affected stream from the first rename, and from certwire noticing that stream's own \
+         secret.\n",
+        r.secrets,
+        r.proxies,
+        r.streams / r.proxies.max(1),
+        r.rotated,
+        r.rounds
+    );
+    t.push_str(
+        "| secrets | streams | rotated | affected streams | last, from first rename (ms) | p50 / p99 from first \
+         rename (ms) | p50 / p99 from own detected (ms) | last change noticed, from first rename (ms) | server CPU \
+         per round (ms) | missing |\n",
+    );
+    t.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let _ = writeln!(
+        t,
+        "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} |\n",
+        r.secrets,
+        r.streams,
+        r.rotated,
+        r.affected,
+        ms(r.last_from_first_change),
+        ms(r.p50_from_first_change),
+        ms(r.p99_from_first_change),
+        ms(r.p50_from_detect),
+        ms(r.p99_from_detect),
+        ms(r.last_detected),
+        num(r.cpu_ms_per_round, 1),
+        r.missing
+    );
+    t
+}
+
+fn cold_table(r: &cold_start::Row) -> String {
+    let mut t = String::from("## Cold start\n\n");
+    let _ = writeln!(
+        t,
+        "From spawning `certwire serve --files ROOT` ({} kubelet-layout secret directories, page cache warm) \
+         until /readyz answers 200, and until /status/secrets lists every secret with a version (polled every \
+         20 ms, so up to that much late); medians of {} runs. RSS on a separate run, 1 s after ready, minus \
+         certwire with an empty files directory.\n",
+        r.secrets, r.runs
+    );
+    t.push_str(
+        "| secrets | spawn → /readyz 200 (ms) | spawn → all listed (ms) | RSS (MiB) | RSS, no secrets (MiB) | RSS \
+         per secret (KiB) | PEM per secret (KiB) | RSS / PEM |\n",
+    );
+    t.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    let pem_kib = r.pem_bytes_per_secret / 1024.0;
+    let _ = writeln!(
+        t,
+        "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        r.secrets,
+        num(r.ready_ms, 0),
+        num(r.all_listed_ms, 0),
+        num(r.rss_kib as f64 / 1024.0, 1),
+        num(r.rss_empty_kib as f64 / 1024.0, 1),
+        num(r.rss_per_secret_kib(), 2),
+        num(pem_kib, 2),
+        ratio(r.rss_per_secret_kib(), pem_kib)
+    );
+    t
+}

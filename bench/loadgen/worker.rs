@@ -1,0 +1,162 @@
+//! A worker process: holds its share of the simulated proxies and answers the
+//! coordinator over stdin/stdout, one line per message.
+//!
+//! ```text
+//! coordinator -> worker                 worker -> coordinator
+//! {WorkerConfig as JSON}                ready conns=C streams=S ms=T
+//! arm R NAME,NAME,...                   armed R COUNT
+//!                                       done R EXPECTED MISSING SLOT:UNIX_US SLOT:UNIX_US ...
+//! quit (or end of input)                error MESSAGE
+//! ```
+//!
+//! After `arm`, every stream of those names records the wall-clock time (µs since the
+//! epoch, comparable with other processes) of the first response carrying a version
+//! other than the one it held; `done` follows once all have one or the timeout passed.
+
+use std::collections::HashSet;
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use futures_util::{StreamExt as _, TryStreamExt as _};
+use tokio::io::{AsyncBufReadExt as _, BufReader};
+
+use crate::client::{self, Protocol, Tracker};
+
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct WorkerConfig {
+    pub target: SocketAddr,
+    /// Source address of every connection of this worker (its own ephemeral ports).
+    pub source: IpAddr,
+    pub protocol: Protocol,
+    /// Index of the first proxy, for node ids unique across workers.
+    pub first_proxy: usize,
+    /// Per connection (proxy), the secret names it streams, one stream each.
+    pub conns: Vec<Vec<String>>,
+    pub connect_concurrency: usize,
+    pub ready_timeout_ms: u64,
+    pub done_timeout_ms: u64,
+}
+
+pub fn main() {
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let code = match runtime.block_on(run()) {
+        Ok(()) => 0,
+        Err(err) => {
+            say(&format!("error {err:#}"));
+            1
+        }
+    };
+    // Exiting at once closes every socket; dropping thousands of tasks one by one is slower.
+    std::process::exit(code);
+}
+
+fn say(line: &str) {
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+async fn run() -> anyhow::Result<()> {
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    let first = lines.next_line().await?.context("no configuration on stdin")?;
+    let config: WorkerConfig = serde_json::from_str(&first).context("parsing worker configuration")?;
+    let started = Instant::now();
+    let tracker = Tracker::new(config.conns.iter().flatten().cloned());
+    connect_all(&config, &tracker).await?;
+    wait_until(&tracker, Duration::from_millis(config.ready_timeout_ms), |t| t.initial_pending() == 0)
+        .await
+        .with_context(|| format!("{} streams got no first response", tracker.initial_pending()))?;
+    say(&format!(
+        "ready conns={} streams={} ms={}",
+        config.conns.len(),
+        tracker.slots.len(),
+        started.elapsed().as_millis()
+    ));
+
+    while let Some(line) = lines.next_line().await? {
+        let mut words = line.split_whitespace();
+        match words.next() {
+            Some("arm") => {
+                let round = words.next().context("arm needs a round")?.to_owned();
+                let names: HashSet<&str> = words.next().unwrap_or("").split(',').collect();
+                let expected = tracker.arm(&names);
+                say(&format!("armed {round} {expected}"));
+                // A timeout is reported as missing streams, not as an error.
+                let _ = wait_until(&tracker, Duration::from_millis(config.done_timeout_ms), |t| t.armed_pending() == 0)
+                    .await;
+                let results = tracker.disarm();
+                let missing = results.iter().filter(|(_, t)| t.is_none()).count();
+                let mut out = format!("done {round} {expected} {missing}");
+                for (slot, at) in results {
+                    if let Some(at) = at {
+                        out.push_str(&format!(" {slot}:{at}"));
+                    }
+                }
+                say(&out);
+            }
+            Some("quit") => break,
+            Some(other) => anyhow::bail!("unknown command {other:?}"),
+            None => {}
+        }
+    }
+    Ok(())
+}
+
+/// Opens every connection and its streams, a bounded number at a time so the
+/// server's accept backlog never overflows (an overflow costs a 1 s SYN retry).
+async fn connect_all(config: &WorkerConfig, tracker: &Arc<Tracker>) -> anyhow::Result<()> {
+    let mut first_slot = 0;
+    let mut jobs = Vec::with_capacity(config.conns.len());
+    for (i, names) in config.conns.iter().enumerate() {
+        jobs.push((config.first_proxy + i, first_slot, names.len()));
+        first_slot += names.len();
+    }
+    futures_util::stream::iter(jobs)
+        .map(|(proxy, first_slot, streams)| {
+            let tracker = tracker.clone();
+            async move {
+                let channel = connect_retry(config.source, config.target).await?;
+                let node =
+                    Node { id: format!("loadgen-proxy-{proxy}"), cluster: "loadgen".to_owned(), ..Default::default() };
+                for slot in first_slot..first_slot + streams {
+                    client::open_stream(channel.clone(), config.protocol, node.clone(), tracker.clone(), slot)
+                        .await
+                        .with_context(|| format!("opening stream {slot} of proxy {proxy}"))?;
+                }
+                anyhow::Ok(())
+            }
+        })
+        .buffer_unordered(config.connect_concurrency.max(1))
+        .try_collect::<()>()
+        .await
+}
+
+async fn connect_retry(source: IpAddr, target: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match client::connect(source, target).await {
+            Ok(channel) => return Ok(channel),
+            Err(err) if attempt < 3 => {
+                eprintln!("loadgen worker: {err:#}; retrying");
+                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}
+
+/// Waits until `done(tracker)` holds, or fails after `timeout`.
+async fn wait_until(tracker: &Tracker, timeout: Duration, done: impl Fn(&Tracker) -> bool) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !done(tracker) {
+        if tokio::time::timeout_at(deadline, tracker.changed()).await.is_err() {
+            anyhow::bail!("timed out after {timeout:?}");
+        }
+    }
+    Ok(())
+}
