@@ -9,6 +9,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
 use dashmap::DashMap;
@@ -82,20 +83,22 @@ impl Entry {
         self.candidates.values().next().cloned()
     }
 
-    /// Publishes the winner if it differs from what subscribers have; returns whether it did.
-    fn publish(&mut self) -> bool {
+    /// Publishes the winner if it differs from what subscribers have. Returns whether it
+    /// did, and how the number of served names changed (-1, 0 or 1).
+    fn publish(&mut self) -> (bool, isize) {
         let next = self.winner();
-        let same = match (&*self.tx.borrow(), &next) {
-            (Some(a), Some(b)) => a.version == b.version && a.source == b.source,
-            (None, None) => true,
-            _ => false,
+        let (same, delta) = match (&*self.tx.borrow(), &next) {
+            (Some(a), Some(b)) => (a.version == b.version && a.source == b.source, 0),
+            (None, None) => (true, 0),
+            (None, Some(_)) => (false, 1),
+            (Some(_), None) => (false, -1),
         };
         if same {
-            return false;
+            return (false, 0);
         }
         self.deleted = next.is_none();
         self.tx.send_replace(next);
-        true
+        (true, delta)
     }
 }
 
@@ -124,6 +127,8 @@ pub struct Store {
     sources: std::sync::Mutex<Vec<Arc<str>>>,
     /// Names subscribed but not stored: on-demand sources (dev CA) mint them.
     demand: broadcast::Sender<String>,
+    /// Names currently served; kept as a count so updates stay O(1) with many secrets.
+    served: AtomicUsize,
 }
 
 impl Default for Store {
@@ -135,7 +140,7 @@ impl Default for Store {
 impl Store {
     pub fn new() -> Self {
         let (demand, _) = broadcast::channel(1024);
-        Self { entries: DashMap::new(), sources: Default::default(), demand }
+        Self { entries: DashMap::new(), sources: Default::default(), demand, served: AtomicUsize::new(0) }
     }
 
     /// Registers a source; registration order is precedence order.
@@ -168,7 +173,9 @@ impl Store {
             detected: SystemTime::now() - detected_at.elapsed(),
         });
         entry.candidates.insert(rank, served);
-        if entry.publish() {
+        let (changed, delta) = entry.publish();
+        self.count(delta);
+        if changed {
             Outcome::Changed
         } else {
             match entry.winner() {
@@ -191,7 +198,17 @@ impl Store {
         if entry.candidates.remove(&rank).is_none() {
             return false;
         }
-        entry.publish()
+        let (changed, delta) = entry.publish();
+        self.count(delta);
+        changed
+    }
+
+    fn count(&self, delta: isize) {
+        match delta {
+            1 => self.served.fetch_add(1, Ordering::Relaxed),
+            -1 => self.served.fetch_sub(1, Ordering::Relaxed),
+            _ => 0,
+        };
     }
 
     /// Subscribes to a name. Unknown names are announced on the demand channel so an
@@ -223,11 +240,6 @@ impl Store {
         self.demand.subscribe()
     }
 
-    /// Names currently served.
-    pub fn served_names(&self) -> Vec<String> {
-        self.entries.iter().filter(|e| e.tx.borrow().is_some()).map(|e| e.key().clone()).collect()
-    }
-
     /// Names some stream waits for that no source serves (yet).
     pub fn wanted_unserved(&self) -> Vec<String> {
         self.entries
@@ -238,7 +250,7 @@ impl Store {
     }
 
     pub fn served_count(&self) -> usize {
-        self.entries.iter().filter(|e| e.tx.borrow().is_some()).count()
+        self.served.load(Ordering::Relaxed)
     }
 
     pub fn status(&self) -> Vec<SecretStatus> {
@@ -364,9 +376,11 @@ mod tests {
         store.upsert(rank, &src, "s", checked(b"x"), Instant::now());
         let mut rx = store.subscribe("s");
         rx.borrow_and_update();
+        assert_eq!(store.served_count(), 1);
         assert!(store.remove(rank, "s"));
         assert!(rx.borrow_and_update().is_none());
         assert!(store.status()[0].deleted);
+        assert_eq!(store.served_count(), 0);
     }
 
     #[tokio::test]
