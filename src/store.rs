@@ -20,9 +20,9 @@ use crate::pki::{Checked, KeyBytes, SecretKind, SecretMeta};
 
 /// One good version of a secret, as served. Cheap to clone through `Arc`.
 pub struct Served {
-    pub name: String,
+    pub name: Arc<str>,
     /// Content hash: stable across restarts, so a reconnecting proxy's claim is meaningful.
-    pub version: String,
+    pub version: Arc<str>,
     pub kind: SecretKind,
     /// Encoded `google.protobuf.Any` with the Envoy `Secret`.
     pub resource: KeyBytes,
@@ -157,13 +157,13 @@ impl Store {
         let mut entry = self.entries.entry(name.to_owned()).or_insert_with(Entry::new);
         entry.errors.remove(&rank);
         if let Some(existing) = entry.candidates.get(&rank)
-            && existing.version == version
+            && *existing.version == *version
         {
             return Outcome::Unchanged;
         }
         let served = Arc::new(Served {
-            name: name.to_owned(),
-            version,
+            name: Arc::from(name),
+            version: Arc::from(version),
             kind: checked.kind,
             resource: checked.resource,
             meta: checked.meta,
@@ -265,7 +265,7 @@ impl Store {
                 SecretStatus {
                     name: e.key().clone(),
                     kind: current.as_ref().map(|c| c.kind),
-                    version: current.as_ref().map(|c| c.version.clone()),
+                    version: current.as_ref().map(|c| c.version.to_string()),
                     source: current.as_ref().map(|c| c.source.to_string()),
                     meta: current.as_ref().map(|c| c.meta.clone()).unwrap_or_default(),
                     deleted: e.deleted,
@@ -331,7 +331,7 @@ mod tests {
             store.upsert(rank, &src, "s", checked(&[i]), Instant::now());
         }
         // One pending wake-up, and it shows only the last version.
-        assert_eq!(rx.borrow_and_update().clone().unwrap().version, content_version(&[99]));
+        assert_eq!(&*rx.borrow_and_update().clone().unwrap().version, content_version(&[99]));
         assert!(!rx.has_changed().unwrap());
     }
 
@@ -360,7 +360,7 @@ mod tests {
         store.upsert(rank, &src, "s", checked(b"good"), Instant::now());
         store.upsert(rank, &src, "other", checked(b"fine"), Instant::now());
         store.reject(rank, &src, "s", "key mismatch".into());
-        assert_eq!(store.get("s").unwrap().version, content_version(b"good"));
+        assert_eq!(&*store.get("s").unwrap().version, content_version(b"good"));
         let st = store.status();
         assert_eq!(st[1].last_error.as_deref(), Some("files:/a: key mismatch"));
         assert!(st[0].last_error.is_none(), "other secret untouched");

@@ -55,9 +55,9 @@ impl StatusService for Admin {
                     .secrets
                     .into_iter()
                     .map(|n| ProxySecretStatus {
-                        name: n.name,
-                        sent_version: n.sent_version.unwrap_or_default(),
-                        acked_version: n.acked_version.unwrap_or_default(),
+                        name: n.name.to_string(),
+                        sent_version: n.sent_version.as_deref().unwrap_or_default().to_owned(),
+                        acked_version: n.acked_version.as_deref().unwrap_or_default().to_owned(),
                         last_nack: n.last_nack.unwrap_or_default(),
                     })
                     .collect(),
@@ -76,11 +76,11 @@ impl StatusService for Admin {
         let (tx, rx) = mpsc::channel(1);
         let admin = self.clone();
         tokio::spawn(async move {
-            let mut proxy_changes = admin.proxies.changes();
+            let mut seen_generation = admin.proxies.generation();
             let mut secret = admin.store.subscribe(&name);
             let mut last = None;
-            loop {
-                let version = secret.borrow_and_update().as_ref().map(|s| s.version.clone());
+            'watch: loop {
+                let version = secret.borrow_and_update().as_ref().map(|s| s.version.to_string());
                 let (subscribed, acked, nacked) = admin.proxies.rollout(&name, version.as_deref());
                 let progress = RolloutProgress {
                     name: name.clone(),
@@ -92,17 +92,25 @@ impl StatusService for Admin {
                 if last.as_ref() != Some(&progress) {
                     last = Some(progress.clone());
                     if tx.send(Ok(progress)).await.is_err() {
-                        break;
+                        break 'watch;
                     }
                 }
-                tokio::select! {
-                    _ = admin.shutdown.cancelled() => break,
-                    _ = tx.closed() => break,
-                    r = proxy_changes.changed() => if r.is_err() { break },
-                    r = secret.changed() => if r.is_err() { break },
+                // Streams do not wake watchers (a rollout is thousands of ACKs): poll the
+                // registry's generation, and wake at once for a new version.
+                loop {
+                    tokio::select! {
+                        _ = admin.shutdown.cancelled() => break 'watch,
+                        _ = tx.closed() => break 'watch,
+                        r = secret.changed() => if r.is_err() { break 'watch } else { break },
+                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
+                            let g = admin.proxies.generation();
+                            if g != seen_generation {
+                                seen_generation = g;
+                                break;
+                            }
+                        }
+                    }
                 }
-                // Coalesce bursts (thousands of ACKs) into one progress message.
-                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             drop(secret);
             admin.store.release(&name);

@@ -25,9 +25,10 @@ const YIELD: usize = 32 * 1024;
 #[derive(Debug)]
 pub enum Outgoing {
     /// `DiscoveryResponse` (StreamSecrets, FetchSecrets).
-    Sotw { version_info: String, nonce: String, resources: Vec<Arc<Served>> },
+    /// A nonce of 0 is not written (FetchSecrets has none).
+    Sotw { version_info: Arc<str>, nonce: u64, resources: Vec<Arc<Served>> },
     /// `DeltaDiscoveryResponse`.
-    Delta { nonce: String, resources: Vec<Arc<Served>>, removed: Vec<String> },
+    Delta { nonce: u64, resources: Vec<Arc<Served>>, removed: Vec<String> },
 }
 
 impl Outgoing {
@@ -41,7 +42,7 @@ impl Outgoing {
                     bytes_field(2, r.resource.as_slice(), buf);
                 }
                 string(4, SECRET_TYPE_URL, buf);
-                string(5, nonce, buf);
+                nonce_field(*nonce, buf);
             }
             Outgoing::Delta { nonce, resources, removed } => {
                 for r in resources {
@@ -55,13 +56,29 @@ impl Outgoing {
                     string(3, &r.name, buf);
                 }
                 string(4, SECRET_TYPE_URL, buf);
-                string(5, nonce, buf);
+                nonce_field(*nonce, buf);
                 for name in removed {
                     string(6, name, buf);
                 }
             }
         }
     }
+}
+
+/// Field 5 (`nonce`) of both responses, as decimal text, without allocating.
+fn nonce_field(nonce: u64, buf: &mut impl BufMut) {
+    if nonce == 0 {
+        return;
+    }
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = nonce;
+    while n > 0 {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+    }
+    bytes_field(5, &digits[at..], buf);
 }
 
 fn string(tag: u32, value: &str, buf: &mut impl BufMut) {
@@ -156,7 +173,7 @@ mod tests {
         let any = Any { type_url: SECRET_TYPE_URL.into(), value: value.to_vec() };
         Arc::new(Served {
             name: name.into(),
-            version: format!("v-{name}"),
+            version: format!("v-{name}").into(),
             kind: SecretKind::GenericSecret,
             resource: KeyBytes::new(any.encode_to_vec()),
             meta: SecretMeta::default(),
@@ -170,7 +187,7 @@ mod tests {
     #[test]
     fn sotw_encoding_matches_prost() {
         let (a, b) = (served("a", b"secret-a"), served("b", &[7u8; 300]));
-        let out = Outgoing::Sotw { version_info: "v1".into(), nonce: "42".into(), resources: vec![a, b] };
+        let out = Outgoing::Sotw { version_info: "v1".into(), nonce: 42, resources: vec![a, b] };
         let mut buf = Vec::new();
         out.encode(&mut buf);
         let expected = DiscoveryResponse {
@@ -190,7 +207,7 @@ mod tests {
     #[test]
     fn delta_encoding_matches_prost() {
         let a = served("a", &[1u8; 200]);
-        let out = Outgoing::Delta { nonce: "7".into(), resources: vec![a], removed: vec!["gone".into()] };
+        let out = Outgoing::Delta { nonce: 7, resources: vec![a], removed: vec!["gone".into()] };
         let mut buf = Vec::new();
         out.encode(&mut buf);
         let expected = DeltaDiscoveryResponse {

@@ -1,11 +1,14 @@
 //! FetchSecrets: one request, the current content of the names that exist.
 
+use std::sync::Arc;
+
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
 use super::codec::Outgoing;
 use super::{Shared, check_type_url};
 use crate::metrics::ProtocolLabel;
+use crate::store::Served;
 
 pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status> {
     check_type_url(&req.type_url)?;
@@ -13,21 +16,23 @@ pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status>
     if found.is_empty() {
         return Err(Status::not_found(format!("no secret named {:?}", req.resource_names)));
     }
-    let version = sotw_version(found.iter().map(|s| s.version.as_str()));
-    if !req.version_info.is_empty() && req.version_info == version {
+    let version = sotw_version(&found);
+    if !req.version_info.is_empty() && *req.version_info == *version {
         // Same contract as other xDS servers: nothing new for a caller that is current.
         return Err(Status::already_exists(format!("version {version} is current")));
     }
     shared.metrics.pushes.get_or_create(&ProtocolLabel { protocol: "fetch" }).inc();
-    Ok(Outgoing::Sotw { version_info: version, nonce: String::new(), resources: found })
+    Ok(Outgoing::Sotw { version_info: version, nonce: 0, resources: found })
 }
 
 /// Version of a SotW response: the secret's own content hash when it carries one
 /// resource (what Envoy does: one stream per secret), else a hash of the versions.
-pub fn sotw_version<'a>(versions: impl Iterator<Item = &'a str>) -> String {
-    let versions: Vec<&str> = versions.collect();
-    match versions.as_slice() {
-        [one] => (*one).to_owned(),
-        many => crate::store::content_version(many.join(",").as_bytes()),
+pub fn sotw_version(resources: &[Arc<Served>]) -> Arc<str> {
+    match resources {
+        [one] => one.version.clone(),
+        many => {
+            let joined: Vec<&str> = many.iter().map(|s| &*s.version).collect();
+            crate::store::content_version(joined.join(",").as_bytes()).into()
+        }
     }
 }

@@ -1,24 +1,27 @@
 //! What every connected proxy has: node, address, and per secret the version sent, the
 //! version acked and the last NACK. Read by admin status and the rollout watch.
+//!
+//! Each stream owns its entry ([`StreamHandle`]) and updates it under its own, in
+//! practice uncontended, lock: a push to ten thousand streams touches no shared map.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use dashmap::DashMap;
-use tokio::sync::watch;
 
 use crate::metrics::{Metrics, ProtocolLabel};
 use crate::store::unix_ms;
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct NameStatus {
-    pub name: String,
-    pub sent_version: Option<String>,
-    pub acked_version: Option<String>,
+    pub name: Arc<str>,
+    pub sent_version: Option<Arc<str>>,
+    pub acked_version: Option<Arc<str>>,
     pub last_nack: Option<String>,
     /// The version the last NACK refused; it is never sent again on this stream.
-    pub nacked_version: Option<String>,
+    pub nacked_version: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -36,62 +39,118 @@ struct StreamState {
     node_id: String,
     cluster: String,
     address: String,
-    protocol: &'static str,
     connected: SystemTime,
-    secrets: BTreeMap<String, NameStatus>,
+    secrets: BTreeMap<Arc<str>, NameStatus>,
 }
 
-/// Registry of open streams. Each mutation bumps a generation so rollout watchers wake.
+/// One stream's entry, shared by its task (writer) and the registry (readers).
+pub struct StreamHandle {
+    pub id: u64,
+    pub protocol: &'static str,
+    state: Mutex<StreamState>,
+    generation: Arc<AtomicU64>,
+}
+
+impl StreamHandle {
+    /// Applies `f` to the status of `name` on this stream.
+    pub fn with_name(&self, name: &str, f: impl FnOnce(&mut NameStatus)) {
+        let mut state = self.state.lock().expect("stream status lock");
+        match state.secrets.get_mut(name) {
+            Some(n) => f(n),
+            None => {
+                let name: Arc<str> = Arc::from(name);
+                let mut n = NameStatus { name: name.clone(), ..Default::default() };
+                f(&mut n);
+                state.secrets.insert(name, n);
+            }
+        }
+        drop(state);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn forget(&self, name: &str) {
+        self.state.lock().expect("stream status lock").secrets.remove(name);
+        self.generation.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn status(&self) -> StreamStatus {
+        let s = self.state.lock().expect("stream status lock");
+        StreamStatus {
+            stream_id: self.id,
+            node_id: s.node_id.clone(),
+            cluster: s.cluster.clone(),
+            address: s.address.clone(),
+            protocol: self.protocol,
+            connected_unix_ms: unix_ms(s.connected),
+            secrets: s.secrets.values().cloned().collect(),
+        }
+    }
+}
+
+/// Registry of open streams.
 pub struct Proxies {
-    streams: DashMap<u64, StreamState>,
+    streams: DashMap<u64, Arc<StreamHandle>>,
     /// Open streams per node id, for the distinct-proxies gauge.
     nodes: DashMap<String, usize>,
-    generation: watch::Sender<u64>,
+    next_id: AtomicU64,
+    /// Bumped on every change; rollout watchers poll it instead of being woken by each
+    /// of thousands of ACKs.
+    generation: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 }
 
 impl Proxies {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self { streams: DashMap::new(), nodes: DashMap::new(), generation: watch::channel(0).0, metrics }
+        Self {
+            streams: DashMap::new(),
+            nodes: DashMap::new(),
+            next_id: AtomicU64::new(1),
+            generation: Arc::new(AtomicU64::new(0)),
+            metrics,
+        }
     }
 
-    pub fn open(&self, id: u64, protocol: &'static str, address: String) {
-        self.streams.insert(
-            id,
-            StreamState {
-                node_id: String::new(),
-                cluster: String::new(),
-                address,
-                protocol,
-                connected: SystemTime::now(),
-                secrets: BTreeMap::new(),
-            },
-        );
+    pub fn open(&self, protocol: &'static str, address: String) -> Arc<StreamHandle> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let state = StreamState {
+            node_id: String::new(),
+            cluster: String::new(),
+            address,
+            connected: SystemTime::now(),
+            secrets: BTreeMap::new(),
+        };
+        let handle =
+            Arc::new(StreamHandle { id, protocol, state: Mutex::new(state), generation: self.generation.clone() });
+        self.streams.insert(id, handle.clone());
         self.metrics.streams_connected.get_or_create(&ProtocolLabel { protocol }).inc();
         self.bump();
+        handle
     }
 
     /// Records the node identity the first time a stream presents it.
-    pub fn identify(&self, id: u64, node_id: &str, cluster: &str) {
-        let Some(mut s) = self.streams.get_mut(&id) else { return };
-        if !s.node_id.is_empty() {
-            return;
+    pub fn identify(&self, stream: &StreamHandle, node_id: &str, cluster: &str) {
+        {
+            let mut s = stream.state.lock().expect("stream status lock");
+            if !s.node_id.is_empty() {
+                return;
+            }
+            s.node_id = node_id.to_owned();
+            s.cluster = cluster.to_owned();
         }
-        s.node_id = node_id.to_owned();
-        s.cluster = cluster.to_owned();
-        drop(s);
-        let mut count = self.nodes.entry(node_id.to_owned()).or_insert(0);
-        *count += 1;
-        drop(count);
+        *self.nodes.entry(node_id.to_owned()).or_insert(0) += 1;
         self.metrics.proxies_connected.set(self.nodes.len() as i64);
-        tracing::info!(stream = id, node = node_id, cluster, "proxy connected");
+        self.bump();
+        tracing::info!(stream = stream.id, node = node_id, cluster, "proxy connected");
     }
 
-    pub fn close(&self, id: u64) {
-        let Some((_, s)) = self.streams.remove(&id) else { return };
-        self.metrics.streams_connected.get_or_create(&ProtocolLabel { protocol: s.protocol }).dec();
-        if !s.node_id.is_empty() {
-            self.nodes.remove_if_mut(&s.node_id, |_, n| {
+    pub fn close(&self, stream: &StreamHandle) {
+        if self.streams.remove(&stream.id).is_none() {
+            return;
+        }
+        self.metrics.streams_connected.get_or_create(&ProtocolLabel { protocol: stream.protocol }).dec();
+        let node_id = std::mem::take(&mut stream.state.lock().expect("stream status lock").node_id);
+        if !node_id.is_empty() {
+            self.nodes.remove_if_mut(&node_id, |_, n| {
                 *n -= 1;
                 *n == 0
             });
@@ -100,47 +159,18 @@ impl Proxies {
         self.bump();
     }
 
-    /// Applies `f` to the per-name status of a stream.
-    pub fn with_name(&self, id: u64, name: &str, f: impl FnOnce(&mut NameStatus)) {
-        if let Some(mut s) = self.streams.get_mut(&id) {
-            let entry = s
-                .secrets
-                .entry(name.to_owned())
-                .or_insert_with(|| NameStatus { name: name.to_owned(), ..Default::default() });
-            f(entry);
-        }
-        self.bump();
-    }
-
-    pub fn forget_name(&self, id: u64, name: &str) {
-        if let Some(mut s) = self.streams.get_mut(&id) {
-            s.secrets.remove(name);
-        }
-        self.bump();
-    }
-
     fn bump(&self) {
-        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub fn changes(&self) -> watch::Receiver<u64> {
-        self.generation.subscribe()
+    /// Changes whenever any stream's status changes.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Relaxed)
     }
 
     pub fn status(&self) -> Vec<StreamStatus> {
-        let mut out: Vec<StreamStatus> = self
-            .streams
-            .iter()
-            .map(|s| StreamStatus {
-                stream_id: *s.key(),
-                node_id: s.node_id.clone(),
-                cluster: s.cluster.clone(),
-                address: s.address.clone(),
-                protocol: s.protocol,
-                connected_unix_ms: unix_ms(s.connected),
-                secrets: s.secrets.values().cloned().collect(),
-            })
-            .collect();
+        let handles: Vec<Arc<StreamHandle>> = self.streams.iter().map(|s| s.value().clone()).collect();
+        let mut out: Vec<StreamStatus> = handles.iter().map(|h| h.status()).collect();
         out.sort_by_key(|s| s.stream_id);
         out
     }
@@ -148,7 +178,9 @@ impl Proxies {
     /// (subscribed, acked `version`, nacked `version`) over all streams for `name`.
     pub fn rollout(&self, name: &str, version: Option<&str>) -> (u32, u32, u32) {
         let (mut subscribed, mut acked, mut nacked) = (0, 0, 0);
-        for s in self.streams.iter() {
+        let handles: Vec<Arc<StreamHandle>> = self.streams.iter().map(|s| s.value().clone()).collect();
+        for h in handles {
+            let s = h.state.lock().expect("stream status lock");
             if let Some(n) = s.secrets.get(name) {
                 subscribed += 1;
                 if version.is_some() && n.acked_version.as_deref() == version {

@@ -1,20 +1,23 @@
 //! State shared by SotW and Delta streams: the watched names, what was sent, the nonces
 //! awaiting an ACK, and NACK bookkeeping. Protocol files only shape messages.
+//!
+//! This runs once per stream per rotation, ten thousand times for one secret change:
+//! names and versions are shared `Arc<str>`, nonces are integers, and metric handles are
+//! looked up once per stream.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prometheus_client::metrics::counter::Counter;
 use tokio_stream::StreamMap;
 use tokio_stream::wrappers::WatchStream;
 
 use super::Shared;
+use super::proxies::StreamHandle;
 use crate::metrics::ProtocolLabel;
 use crate::store::{Current, Served};
-
-static NEXT_STREAM: AtomicU64 = AtomicU64::new(1);
 
 /// Responses kept for ACK matching; Envoy answers in order, so a few suffice.
 const PENDING_NONCES: usize = 16;
@@ -27,26 +30,42 @@ pub enum Change {
     Gone(String),
 }
 
+struct Counters {
+    pushes: Counter,
+    acks: Counter,
+    nacks: Counter,
+}
+
 pub struct Session {
     pub id: u64,
-    pub protocol: &'static str,
     shared: Shared,
+    status: Arc<StreamHandle>,
+    counters: Counters,
     watches: StreamMap<String, WatchStream<Current>>,
-    sent: HashMap<String, String>,
-    nacked: HashMap<String, String>,
-    pending: VecDeque<(String, Vec<(String, String)>)>,
+    /// Version sent, per name.
+    sent: HashMap<Arc<str>, Arc<str>>,
+    /// Version the proxy refused, per name.
+    nacked: HashMap<Arc<str>, Arc<str>>,
+    pending: VecDeque<(u64, Vec<Arc<Served>>)>,
     next_nonce: u64,
     identified: bool,
 }
 
 impl Session {
     pub fn open(shared: Shared, protocol: &'static str, peer: String) -> Self {
-        let id = NEXT_STREAM.fetch_add(1, Ordering::Relaxed);
-        shared.proxies.open(id, protocol, peer);
+        let status = shared.proxies.open(protocol, peer);
+        let label = ProtocolLabel { protocol };
+        let m = &shared.metrics;
+        let counters = Counters {
+            pushes: m.pushes.get_or_create(&label).clone(),
+            acks: m.acks.get_or_create(&label).clone(),
+            nacks: m.nacks.get_or_create(&label).clone(),
+        };
         Self {
-            id,
-            protocol,
+            id: status.id,
             shared,
+            status,
+            counters,
             watches: StreamMap::new(),
             sent: HashMap::new(),
             nacked: HashMap::new(),
@@ -65,7 +84,7 @@ impl Session {
             return;
         }
         if let Some(node) = node {
-            self.shared.proxies.identify(self.id, &node.id, &node.cluster);
+            self.shared.proxies.identify(&self.status, &node.id, &node.cluster);
             self.identified = true;
         }
     }
@@ -82,7 +101,7 @@ impl Session {
         }
         let rx = self.shared.store.subscribe(name);
         self.watches.insert(name.to_owned(), WatchStream::new(rx));
-        self.shared.proxies.with_name(self.id, name, |_| {});
+        self.status.with_name(name, |_| {});
         tracing::debug!(stream = self.id, secret = name, "subscribed");
     }
 
@@ -92,7 +111,7 @@ impl Session {
         }
         self.sent.remove(name);
         self.nacked.remove(name);
-        self.shared.proxies.forget_name(self.id, name);
+        self.status.forget(name);
         self.shared.store.release(name);
         tracing::debug!(stream = self.id, secret = name, "unsubscribed");
     }
@@ -107,14 +126,14 @@ impl Session {
             };
             match current {
                 Some(served) => {
-                    let already = self.sent.get(&name) == Some(&served.version);
-                    let refused = self.nacked.get(&name) == Some(&served.version);
+                    let already = self.sent.get(name.as_str()) == Some(&served.version);
+                    let refused = self.nacked.get(name.as_str()) == Some(&served.version);
                     if !already && !refused {
                         return Change::Send(served);
                     }
                 }
                 None => {
-                    if self.sent.remove(&name).is_some() {
+                    if self.sent.remove(name.as_str()).is_some() {
                         return Change::Gone(name);
                     }
                 }
@@ -123,64 +142,54 @@ impl Session {
     }
 
     /// Records that `resources` go out under a fresh nonce; returns the nonce.
-    pub fn record_sent(&mut self, resources: &[Arc<Served>]) -> String {
-        self.next_nonce += 1;
-        let nonce = self.next_nonce.to_string();
-        let mut names = Vec::with_capacity(resources.len());
+    pub fn record_sent(&mut self, resources: &[Arc<Served>]) -> u64 {
+        let nonce = self.next_nonce();
         for served in resources {
             self.sent.insert(served.name.clone(), served.version.clone());
-            names.push((served.name.clone(), served.version.clone()));
-            let version = served.version.clone();
-            self.shared.proxies.with_name(self.id, &served.name, |n| n.sent_version = Some(version));
+            self.status.with_name(&served.name, |n| n.sent_version = Some(served.version.clone()));
             self.shared.metrics.change_to_push.observe(served.detected_at.elapsed().as_secs_f64());
         }
-        self.shared.metrics.pushes.get_or_create(&ProtocolLabel { protocol: self.protocol }).inc();
+        self.counters.pushes.inc();
         if self.pending.len() == PENDING_NONCES {
             self.pending.pop_front();
         }
-        self.pending.push_back((nonce.clone(), names));
+        self.pending.push_back((self.next_nonce, resources.to_vec()));
         nonce
     }
 
-    /// Nonce for a response that carries no resource (only removals).
-    pub fn next_nonce(&mut self) -> String {
+    /// A fresh nonce (also for a response that carries only removals). Never 0.
+    pub fn next_nonce(&mut self) -> u64 {
         self.next_nonce += 1;
-        self.next_nonce.to_string()
+        self.next_nonce
     }
 
     /// Handles the ACK or NACK part of a request. Unknown or stale nonces are ignored.
     pub fn acknowledge(&mut self, nonce: &str, error: Option<&RpcStatus>) {
-        if nonce.is_empty() {
-            return;
-        }
-        let Some(pos) = self.pending.iter().position(|(n, _)| n == nonce) else { return };
+        let Ok(nonce) = nonce.parse::<u64>() else { return };
+        let Some(pos) = self.pending.iter().position(|(n, _)| *n == nonce) else { return };
         // Envoy answers in order: older outstanding nonces are superseded.
-        let (_, names) = self.pending.drain(..=pos).next_back().expect("position is in range");
-        let label = ProtocolLabel { protocol: self.protocol };
+        let (_, resources) = self.pending.drain(..=pos).next_back().expect("position is in range");
         match error {
             None => {
-                self.shared.metrics.acks.get_or_create(&label).inc();
-                for (name, version) in names {
-                    self.shared.proxies.with_name(self.id, &name, |n| {
-                        n.acked_version = Some(version);
-                    });
+                self.counters.acks.inc();
+                for served in resources {
+                    self.status.with_name(&served.name, |n| n.acked_version = Some(served.version.clone()));
                 }
             }
             Some(err) => {
-                self.shared.metrics.nacks.get_or_create(&label).inc();
-                for (name, version) in names {
+                self.counters.nacks.inc();
+                for served in resources {
                     tracing::warn!(
                         stream = self.id,
-                        secret = %name,
-                        version = %version,
+                        secret = %served.name,
+                        version = %served.version,
                         error = %err.message,
                         "proxy rejected secret (NACK); not resending this version"
                     );
-                    self.nacked.insert(name.clone(), version.clone());
-                    let message = err.message.clone();
-                    self.shared.proxies.with_name(self.id, &name, |n| {
-                        n.last_nack = Some(message);
-                        n.nacked_version = Some(version);
+                    self.nacked.insert(served.name.clone(), served.version.clone());
+                    self.status.with_name(&served.name, |n| {
+                        n.last_nack = Some(err.message.clone());
+                        n.nacked_version = Some(served.version.clone());
                     });
                 }
             }
@@ -190,7 +199,7 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        self.shared.proxies.close(self.id);
+        self.shared.proxies.close(&self.status);
         let names: Vec<String> = self.watches.keys().cloned().collect();
         self.watches = StreamMap::new();
         for name in names {

@@ -39,7 +39,7 @@ impl Protocol for Sotw {
         let Change::Send(served) = change else { return None };
         let resources = vec![served];
         let nonce = session.record_sent(&resources);
-        let version_info = sotw_version(resources.iter().map(|s| s.version.as_str()));
+        let version_info = sotw_version(&resources);
         Some(Outgoing::Sotw { version_info, nonce, resources })
     }
 }

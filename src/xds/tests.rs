@@ -72,7 +72,7 @@ impl Harness {
         self.sink.update(name, &Material::Generic(KeyBytes::new(content.as_bytes().to_vec())), Instant::now()).unwrap();
     }
     fn version(&self, name: &str) -> String {
-        self.shared.store.get(name).unwrap().version.clone()
+        self.shared.store.get(name).unwrap().version.to_string()
     }
     async fn sotw(&mut self) -> (mpsc::Sender<DiscoveryRequest>, Streaming<DiscoveryResponse>) {
         let (tx, rx) = mpsc::channel(8);
@@ -85,7 +85,9 @@ impl Harness {
         (tx, stream)
     }
     fn acked(&self, name: &str) -> Option<String> {
-        self.shared.proxies.status().iter().flat_map(|p| p.secrets.clone()).find(|n| n.name == name)?.acked_version
+        let status = self.shared.proxies.status();
+        let n = status.iter().flat_map(|p| p.secrets.iter()).find(|n| &*n.name == name)?;
+        n.acked_version.as_deref().map(str::to_owned)
     }
 }
 
