@@ -36,54 +36,77 @@ impl Sink {
 
     /// Checks and stores `material` for `name`, noticed by the source at `detected_at`.
     pub fn update(&self, name: &str, material: &Material, detected_at: Instant) -> Result<Outcome, PkiError> {
+        self.update_aliases(&[name], material, detected_at)
+    }
+
+    /// Like [`Sink::update`] for one piece of material served under several names (a
+    /// Kubernetes Secret is `kubernetes://ns/name`, `kubernetes://name` and `name`): a
+    /// rejection is logged and counted once, and recorded for every name. The outcome is
+    /// that of the first name.
+    pub fn update_aliases(
+        &self,
+        names: &[&str],
+        material: &Material,
+        detected_at: Instant,
+    ) -> Result<Outcome, PkiError> {
         let opts = CheckOptions { allow_expired: self.allow_expired, now: std::time::SystemTime::now() };
-        match pki::check(name, material, &opts) {
-            Ok(checked) => {
-                let not_after = checked.meta.not_after_unix;
-                let fingerprint = checked.meta.fingerprint_sha256.clone();
-                let outcome = self.store.upsert(self.rank, &self.source, name, checked, detected_at);
-                match &outcome {
-                    Outcome::Changed => {
-                        self.metrics
-                            .updates_applied
-                            .get_or_create(&SourceLabel { source: self.source.to_string() })
-                            .inc();
-                        if let Some(t) = not_after {
-                            self.metrics
-                                .secret_expiry
-                                .get_or_create(&SecretLabel { secret: name.to_owned() })
-                                .set(t as f64);
-                        }
-                        self.metrics.secrets_served.set(self.store.served_count() as i64);
-                        tracing::info!(secret = name, source = %self.source, fingerprint = fingerprint.as_deref().unwrap_or("-"), "secret updated");
-                    }
-                    Outcome::Shadowed { by } => {
-                        tracing::warn!(secret = name, source = %self.source, served_by = %by, "secret offered by two sources; the first configured one is served");
-                    }
-                    Outcome::Unchanged => {
-                        tracing::debug!(secret = name, source = %self.source, "secret unchanged");
-                    }
+        let mut first = None;
+        for name in names {
+            // The Envoy Secret carries its name, so each alias is encoded on its own;
+            // the checks cannot pass for one name and fail for another.
+            let checked = match pki::check(name, material, &opts) {
+                Ok(checked) => checked,
+                Err(err) => return Err(self.rejected(names, err)),
+            };
+            let outcome = self.store_checked(name, checked, detected_at);
+            first.get_or_insert(outcome);
+        }
+        Ok(first.unwrap_or(Outcome::Unchanged))
+    }
+
+    fn store_checked(&self, name: &str, checked: pki::Checked, detected_at: Instant) -> Outcome {
+        let not_after = checked.meta.not_after_unix;
+        let fingerprint = checked.meta.fingerprint_sha256.clone();
+        let outcome = self.store.upsert(self.rank, &self.source, name, checked, detected_at);
+        match &outcome {
+            Outcome::Changed => {
+                self.metrics.updates_applied.get_or_create(&SourceLabel { source: self.source.to_string() }).inc();
+                if let Some(t) = not_after {
+                    self.metrics.secret_expiry.get_or_create(&SecretLabel { secret: name.to_owned() }).set(t as f64);
                 }
-                Ok(outcome)
+                self.metrics.secrets_served.set(self.store.served_count() as i64);
+                tracing::info!(secret = name, source = %self.source, fingerprint = fingerprint.as_deref().unwrap_or("-"), "secret updated");
             }
-            Err(err) => {
-                self.metrics
-                    .updates_rejected
-                    .get_or_create(&RejectLabel { source: self.source.to_string(), reason: err.reason() })
-                    .inc();
-                let served = self.store.get(name).map(|s| s.version.clone());
-                tracing::error!(
-                    secret = name,
-                    source = %self.source,
-                    reason = err.reason(),
-                    error = %err,
-                    still_serving = served.as_deref().unwrap_or("nothing"),
-                    "secret update rejected; last good version kept"
-                );
-                self.store.reject(self.rank, &self.source, name, err.to_string());
-                Err(err)
+            Outcome::Shadowed { by } => {
+                tracing::warn!(secret = name, source = %self.source, served_by = %by, "secret offered by two sources; the first configured one is served");
+            }
+            Outcome::Unchanged => {
+                tracing::debug!(secret = name, source = %self.source, "secret unchanged");
             }
         }
+        outcome
+    }
+
+    fn rejected(&self, names: &[&str], err: PkiError) -> PkiError {
+        self.metrics
+            .updates_rejected
+            .get_or_create(&RejectLabel { source: self.source.to_string(), reason: err.reason() })
+            .inc();
+        let name = names.first().copied().unwrap_or_default();
+        let served = self.store.get(name).map(|s| s.version.clone());
+        tracing::error!(
+            secret = name,
+            aliases = names.len(),
+            source = %self.source,
+            reason = err.reason(),
+            error = %err,
+            still_serving = served.as_deref().unwrap_or("nothing"),
+            "secret update rejected; last good version kept"
+        );
+        for name in names {
+            self.store.reject(self.rank, &self.source, name, err.to_string());
+        }
+        err
     }
 
     /// The source no longer has `name`. Proxies keep what they have (Envoy semantics).

@@ -10,6 +10,7 @@
 // Each test crate uses a different part of the harness.
 #![allow(dead_code)]
 
+pub mod acme;
 pub mod bootstrap;
 pub mod certwire;
 pub mod envoy;

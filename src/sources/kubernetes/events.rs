@@ -13,7 +13,7 @@ use crate::pki::PkiError;
 #[derive(Clone)]
 pub struct Rejections {
     recorder: Arc<Recorder>,
-    /// Last reason published per Secret uid: the same rejection is reported once.
+    /// Last note published per Secret (`ns/name`): the same rejection is reported once.
     published: Arc<Mutex<HashMap<String, String>>>,
 }
 
@@ -24,32 +24,31 @@ impl Rejections {
         Self { recorder: Arc::new(Recorder::new(client, reporter)), published: Default::default() }
     }
 
-    /// Forgets a Secret's last rejection once it is accepted, so a relapse is reported.
-    pub fn accepted(&self, secret: &Secret) {
-        if let Some(uid) = &secret.metadata.uid {
-            self.published.lock().expect("events lock").remove(uid);
-        }
+    /// Forgets a Secret's last rejection once it is accepted or deleted, so a relapse
+    /// is reported and the map does not grow with deleted Secrets.
+    pub fn forget(&self, key: &str) {
+        self.published.lock().expect("events lock").remove(key);
     }
 
     /// Publishes a Warning event in the background; never blocks the watch.
-    pub fn rejected(&self, secret: &Secret, err: &PkiError) {
-        let uid = secret.metadata.uid.clone().unwrap_or_default();
+    /// `key` is the Secret's `ns/name`.
+    pub fn rejected(&self, secret: &Secret, key: &str, err: &PkiError) {
+        let key = key.to_owned();
         let note =
             format!("certwire refused this Secret ({}): {err}; the last good version stays served", err.reason());
         {
             let mut published = self.published.lock().expect("events lock");
-            if published.get(&uid) == Some(&note) {
+            if published.get(&key) == Some(&note) {
                 return;
             }
-            published.insert(uid, note.clone());
+            published.insert(key.clone(), note.clone());
         }
         let recorder = self.recorder.clone();
-        let reference = secret.object_ref(&());
-        let name = format!(
-            "{}/{}",
-            secret.metadata.namespace.as_deref().unwrap_or(""),
-            secret.metadata.name.as_deref().unwrap_or("")
-        );
+        // The Recorder merges events about the same reference into one (a count);
+        // naming the rejected resourceVersion gives each bad version its own Event,
+        // with its own reason.
+        let mut reference = secret.object_ref(&());
+        reference.resource_version = secret.metadata.resource_version.clone();
         tokio::spawn(async move {
             let event = Event {
                 type_: EventType::Warning,
@@ -59,7 +58,7 @@ impl Rejections {
                 secondary: None,
             };
             if let Err(e) = recorder.publish(&event, &reference).await {
-                tracing::warn!(secret = %name, error = %e, "could not publish a Kubernetes event");
+                tracing::warn!(secret = %key, error = %e, "could not publish a Kubernetes event");
             }
         });
     }

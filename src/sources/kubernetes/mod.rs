@@ -183,16 +183,18 @@ impl Watch {
         }
         let detected = Instant::now();
         let ns = secret.namespace().unwrap_or_default();
+        let bases = served_names(&ns, &secret.name_any(), &self.default_ns);
         let mut names = Vec::new();
         let mut error: Option<PkiError> = None;
-        for base in served_names(&ns, &secret.name_any(), &self.default_ns) {
-            for (name, material) in [(base.clone(), &extracted.tls), (cacert_name(&base), &extracted.ca)] {
-                let Some(material) = material else { continue };
-                if let Err(e) = self.sink.update(&name, material, detected) {
-                    error.get_or_insert(e);
-                }
-                names.push(name);
+        for (aliases, material) in
+            [(bases.clone(), &extracted.tls), (bases.iter().map(|b| cacert_name(b)).collect::<Vec<_>>(), &extracted.ca)]
+        {
+            let Some(material) = material else { continue };
+            let refs: Vec<&str> = aliases.iter().map(String::as_str).collect();
+            if let Err(e) = self.sink.update_aliases(&refs, material, detected) {
+                error.get_or_insert(e);
             }
+            names.extend(aliases);
         }
         // Names this Secret no longer offers (ca.crt removed, say).
         if let Some(old) = self.served.get(&key) {
@@ -201,14 +203,15 @@ impl Watch {
             }
         }
         match error {
-            Some(err) => self.recorder.rejected(secret, &err),
-            None => self.recorder.accepted(secret),
+            Some(err) => self.recorder.rejected(secret, &key, &err),
+            None => self.recorder.forget(&key),
         }
         self.served.insert(key.clone(), Served { digest, names });
         key
     }
 
     fn withdraw(&mut self, key: &str) {
+        self.recorder.forget(key);
         if let Some(old) = self.served.remove(key) {
             tracing::info!(secret = key, "kubernetes secret deleted; proxies keep what they have");
             for name in &old.names {
