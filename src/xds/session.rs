@@ -7,9 +7,11 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
+use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
 use tokio_stream::StreamMap;
 use tokio_stream::wrappers::WatchStream;
@@ -75,10 +77,6 @@ impl Session {
         }
     }
 
-    pub fn shared(&self) -> &Shared {
-        &self.shared
-    }
-
     pub fn identify(&mut self, node: Option<&Node>) {
         if self.identified {
             return;
@@ -116,25 +114,25 @@ impl Session {
         tracing::debug!(stream = self.id, secret = name, "unsubscribed");
     }
 
-    /// Waits for the next watched name whose content must be sent or announced gone.
-    /// Pending forever when nothing is watched (the caller selects on other events).
-    pub async fn next_change(&mut self) -> Change {
+    /// The next watched name whose content must be sent or announced gone. Pending
+    /// when nothing is due (also when nothing is watched: a new subscription comes with
+    /// a request, which wakes the stream).
+    pub fn poll_change(&mut self, cx: &mut Context<'_>) -> Poll<Change> {
         loop {
-            let Some((name, current)) = futures_util::StreamExt::next(&mut self.watches).await else {
-                std::future::pending::<()>().await;
-                unreachable!()
+            let Poll::Ready(Some((name, current))) = self.watches.poll_next_unpin(cx) else {
+                return Poll::Pending;
             };
             match current {
                 Some(served) => {
                     let already = self.sent.get(name.as_str()) == Some(&served.version);
                     let refused = self.nacked.get(name.as_str()) == Some(&served.version);
                     if !already && !refused {
-                        return Change::Send(served);
+                        return Poll::Ready(Change::Send(served));
                     }
                 }
                 None => {
                     if self.sent.remove(name.as_str()).is_some() {
-                        return Change::Gone(name);
+                        return Poll::Ready(Change::Gone(name));
                     }
                 }
             }

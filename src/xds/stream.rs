@@ -1,18 +1,19 @@
-//! One task per stream, shared by SotW and Delta: read requests, wait for changes,
-//! send responses. The protocols differ only in how they read a request and shape a
-//! response ([`Protocol`]).
+//! A stream, shared by SotW and Delta: the response body itself reads the proxy's
+//! requests, watches the secrets and yields responses. There is no task or channel per
+//! stream: a rotation wakes the body's own task directly, which matters when one change
+//! fans out to ten thousand streams. The protocols differ only in how they read a
+//! request and shape a response ([`Protocol`]).
 
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures_util::{Stream, StreamExt};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::{Status, Streaming};
 
 use super::codec::Outgoing;
 use super::session::{Change, Session};
 use super::{ResponseStream, Shared};
-
-/// A couple of responses in flight; beyond that the task waits, and the latest-wins
-/// watch means it sends the newest version once the proxy reads again.
-const OUTBOUND: usize = 2;
 
 pub trait Protocol: Send + 'static {
     type Request: Send + 'static;
@@ -28,44 +29,65 @@ pub fn spawn<P: Protocol>(shared: Shared, peer: String, inbound: Streaming<P::Re
 where
     Streaming<P::Request>: Send,
 {
-    let (tx, rx) = mpsc::channel(OUTBOUND);
+    let shutdown = Box::pin(shared.shutdown.clone().cancelled_owned());
     let session = Session::open(shared, P::NAME, peer);
-    tokio::spawn(run::<P>(session, inbound, tx));
-    Box::pin(ReceiverStream::new(rx))
+    Box::pin(SessionStream::<P> { session, inbound, shutdown, done: false })
 }
 
-async fn run<P: Protocol>(
-    mut session: Session,
-    mut inbound: Streaming<P::Request>,
-    tx: mpsc::Sender<Result<Outgoing, Status>>,
-) {
-    let shutdown = session.shared().shutdown.clone();
-    loop {
-        let response = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            req = inbound.message() => match req {
-                Ok(Some(req)) => match P::on_request(&mut session, req) {
-                    Ok(()) => continue,
-                    Err(status) => {
-                        let _ = tx.send(Err(status)).await;
-                        break;
+struct SessionStream<P: Protocol> {
+    session: Session,
+    inbound: Streaming<P::Request>,
+    /// SIGTERM: the stream ends cleanly so the proxy reconnects to another replica.
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    done: bool,
+}
+
+impl<P: Protocol> SessionStream<P> {
+    fn end(&mut self, why: &str) -> Poll<Option<Result<Outgoing, Status>>> {
+        self.done = true;
+        tracing::debug!(stream = self.session.id, protocol = P::NAME, why, "stream ended");
+        Poll::Ready(None)
+    }
+}
+
+impl<P: Protocol> Stream for SessionStream<P> {
+    type Item = Result<Outgoing, Status>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        // Every field is Unpin.
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        if this.shutdown.as_mut().poll(cx).is_ready() {
+            return this.end("shutting down");
+        }
+        // Requests first: an ACK or a new subscription changes what is due.
+        loop {
+            match this.inbound.poll_next_unpin(cx) {
+                Poll::Ready(Some(Ok(req))) => {
+                    if let Err(status) = P::on_request(&mut this.session, req) {
+                        this.done = true;
+                        return Poll::Ready(Some(Err(status)));
                     }
-                },
-                Ok(None) => break,
-                Err(status) => {
-                    tracing::debug!(stream = session.id, error = %status, "stream closed by peer");
-                    break;
                 }
-            },
-            change = session.next_change() => match P::response(&mut session, change) {
-                Some(response) => response,
-                None => continue,
-            },
-        };
-        if tx.send(Ok(response)).await.is_err() {
-            break;
+                Poll::Ready(Some(Err(status))) => {
+                    tracing::debug!(stream = this.session.id, error = %status, "stream closed by peer");
+                    return this.end("peer error");
+                }
+                Poll::Ready(None) => return this.end("peer closed"),
+                Poll::Pending => break,
+            }
+        }
+        loop {
+            match this.session.poll_change(cx) {
+                Poll::Ready(change) => {
+                    if let Some(response) = P::response(&mut this.session, change) {
+                        return Poll::Ready(Some(Ok(response)));
+                    }
+                }
+                Poll::Pending => return Poll::Pending,
+            }
         }
     }
-    tracing::debug!(stream = session.id, protocol = P::NAME, "stream ended");
 }
