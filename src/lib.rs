@@ -11,6 +11,7 @@ pub mod ingest;
 pub mod logging;
 pub mod metrics;
 pub mod pki;
+pub mod shutdown;
 pub mod sources;
 pub mod store;
 pub mod xds;

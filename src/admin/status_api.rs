@@ -76,7 +76,6 @@ impl StatusService for Admin {
         let (tx, rx) = mpsc::channel(1);
         let admin = self.clone();
         tokio::spawn(async move {
-            let mut seen_generation = admin.proxies.generation();
             let mut secret = admin.store.subscribe(&name);
             let mut last = None;
             'watch: loop {
@@ -95,21 +94,13 @@ impl StatusService for Admin {
                         break 'watch;
                     }
                 }
-                // Streams do not wake watchers (a rollout is thousands of ACKs): poll the
-                // registry's generation, and wake at once for a new version.
-                loop {
-                    tokio::select! {
-                        _ = admin.shutdown.cancelled() => break 'watch,
-                        _ = tx.closed() => break 'watch,
-                        r = secret.changed() => if r.is_err() { break 'watch } else { break },
-                        _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {
-                            let g = admin.proxies.generation();
-                            if g != seen_generation {
-                                seen_generation = g;
-                                break;
-                            }
-                        }
-                    }
+                // Streams do not wake watchers (a rollout is thousands of ACKs): look
+                // again every 100 ms, and at once for a new version. Only changes are sent.
+                tokio::select! {
+                    _ = admin.shutdown.cancelled() => break 'watch,
+                    _ = tx.closed() => break 'watch,
+                    r = secret.changed() => if r.is_err() { break 'watch },
+                    _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
                 }
             }
             drop(secret);

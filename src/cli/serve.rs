@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::task::JoinSet;
-use tokio_util::sync::CancellationToken;
 
 use crate::admin::Admin;
 use crate::config::{ServeFlags, Settings};
@@ -13,6 +12,7 @@ use crate::health::Health;
 use crate::ingest::Sink;
 use crate::logging::{self, LogFormat};
 use crate::metrics::Metrics;
+use crate::shutdown::Shutdown;
 use crate::sources;
 use crate::store::Store;
 use crate::xds::proxies::Proxies;
@@ -26,7 +26,8 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
     let store = Arc::new(Store::new());
     let health = Arc::new(Health::default());
     let proxies = Arc::new(Proxies::new(metrics.clone()));
-    let shutdown = CancellationToken::new();
+    let stop = Shutdown::new();
+    let shutdown = stop.token();
 
     // Bind everything first: a taken port fails the start with a clear message.
     let mut bound = Vec::new();
@@ -67,7 +68,7 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
         tracing::warn!(rotate_every = ?settings.dev_rotate_every, "dev CA source enabled: certificates are for testing only");
     }
 
-    let shared = Shared { store: store.clone(), proxies, metrics, shutdown: shutdown.clone() };
+    let shared = Shared { store: store.clone(), proxies, metrics, shutdown: stop.clone() };
     for (addr, b) in bound {
         let sds = Sds::new(shared.clone());
         let token = shutdown.clone();
@@ -80,7 +81,7 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
         _ = terminated() => None,
         Some(res) = tasks.join_next() => Some(res),
     };
-    shutdown.cancel();
+    stop.trigger();
     if let Some(res) = failed {
         // A listener died: report it and still drain the rest.
         let err = match res {

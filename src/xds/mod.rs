@@ -15,11 +15,11 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures_util::Stream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
 use crate::metrics::Metrics;
 use crate::pki::SECRET_TYPE_URL;
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 use proxies::Proxies;
 pub use service::Sds;
@@ -30,8 +30,8 @@ pub struct Shared {
     pub store: Arc<Store>,
     pub proxies: Arc<Proxies>,
     pub metrics: Arc<Metrics>,
-    /// Cancelled on SIGTERM: streams end cleanly so proxies reconnect elsewhere.
-    pub shutdown: CancellationToken,
+    /// SIGTERM: streams end cleanly so proxies reconnect elsewhere.
+    pub shutdown: Shutdown,
 }
 
 /// Refuses a type URL other than Secret (empty is allowed: only the first request of a

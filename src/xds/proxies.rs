@@ -2,7 +2,8 @@
 //! version acked and the last NACK. Read by admin status and the rollout watch.
 //!
 //! Each stream owns its entry ([`StreamHandle`]) and updates it under its own, in
-//! practice uncontended, lock: a push to ten thousand streams touches no shared map.
+//! practice uncontended, lock: a push to ten thousand streams touches no shared map or
+//! counter. Readers (status, rollout watch) poll.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -48,7 +49,6 @@ pub struct StreamHandle {
     pub id: u64,
     pub protocol: &'static str,
     state: Mutex<StreamState>,
-    generation: Arc<AtomicU64>,
 }
 
 impl StreamHandle {
@@ -64,13 +64,10 @@ impl StreamHandle {
                 state.secrets.insert(name, n);
             }
         }
-        drop(state);
-        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn forget(&self, name: &str) {
         self.state.lock().expect("stream status lock").secrets.remove(name);
-        self.generation.fetch_add(1, Ordering::Relaxed);
     }
 
     fn status(&self) -> StreamStatus {
@@ -93,21 +90,12 @@ pub struct Proxies {
     /// Open streams per node id, for the distinct-proxies gauge.
     nodes: DashMap<String, usize>,
     next_id: AtomicU64,
-    /// Bumped on every change; rollout watchers poll it instead of being woken by each
-    /// of thousands of ACKs.
-    generation: Arc<AtomicU64>,
     metrics: Arc<Metrics>,
 }
 
 impl Proxies {
     pub fn new(metrics: Arc<Metrics>) -> Self {
-        Self {
-            streams: DashMap::new(),
-            nodes: DashMap::new(),
-            next_id: AtomicU64::new(1),
-            generation: Arc::new(AtomicU64::new(0)),
-            metrics,
-        }
+        Self { streams: DashMap::new(), nodes: DashMap::new(), next_id: AtomicU64::new(1), metrics }
     }
 
     pub fn open(&self, protocol: &'static str, address: String) -> Arc<StreamHandle> {
@@ -119,11 +107,9 @@ impl Proxies {
             connected: SystemTime::now(),
             secrets: BTreeMap::new(),
         };
-        let handle =
-            Arc::new(StreamHandle { id, protocol, state: Mutex::new(state), generation: self.generation.clone() });
+        let handle = Arc::new(StreamHandle { id, protocol, state: Mutex::new(state) });
         self.streams.insert(id, handle.clone());
         self.metrics.streams_connected.get_or_create(&ProtocolLabel { protocol }).inc();
-        self.bump();
         handle
     }
 
@@ -139,7 +125,6 @@ impl Proxies {
         }
         *self.nodes.entry(node_id.to_owned()).or_insert(0) += 1;
         self.metrics.proxies_connected.set(self.nodes.len() as i64);
-        self.bump();
         tracing::info!(stream = stream.id, node = node_id, cluster, "proxy connected");
     }
 
@@ -156,16 +141,6 @@ impl Proxies {
             });
             self.metrics.proxies_connected.set(self.nodes.len() as i64);
         }
-        self.bump();
-    }
-
-    fn bump(&self) {
-        self.generation.fetch_add(1, Ordering::Relaxed);
-    }
-
-    /// Changes whenever any stream's status changes.
-    pub fn generation(&self) -> u64 {
-        self.generation.load(Ordering::Relaxed)
     }
 
     pub fn status(&self) -> Vec<StreamStatus> {

@@ -5,7 +5,7 @@
 //! request and shape a response ([`Protocol`]).
 
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use futures_util::{Stream, StreamExt};
 use tokio_util::sync::WaitForCancellationFutureOwned;
@@ -14,6 +14,7 @@ use tonic::{Status, Streaming};
 use super::codec::Outgoing;
 use super::session::{Change, Session};
 use super::{ResponseStream, Shared};
+use crate::shutdown::Shutdown;
 
 pub trait Protocol: Send + 'static {
     type Request: Send + 'static;
@@ -29,16 +30,21 @@ pub fn spawn<P: Protocol>(shared: Shared, peer: String, inbound: Streaming<P::Re
 where
     Streaming<P::Request>: Send,
 {
-    let shutdown = Box::pin(shared.shutdown.clone().cancelled_owned());
+    let stopping = shared.shutdown.clone();
+    let wake_on_stop = Box::pin(stopping.token().cancelled_owned());
     let session = Session::open(shared, P::NAME, peer);
-    Box::pin(SessionStream::<P> { session, inbound, shutdown, done: false })
+    Box::pin(SessionStream::<P> { session, inbound, stopping, wake_on_stop, registered: None, done: false })
 }
 
 struct SessionStream<P: Protocol> {
     session: Session,
     inbound: Streaming<P::Request>,
     /// SIGTERM: the stream ends cleanly so the proxy reconnects to another replica.
-    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    stopping: Shutdown,
+    /// Polled only to register the waker that SIGTERM wakes (again when the waker
+    /// changes); the flag in `stopping` is what is checked on every poll, lock-free.
+    wake_on_stop: Pin<Box<WaitForCancellationFutureOwned>>,
+    registered: Option<Waker>,
     done: bool,
 }
 
@@ -59,7 +65,13 @@ impl<P: Protocol> Stream for SessionStream<P> {
         if this.done {
             return Poll::Ready(None);
         }
-        if this.shutdown.as_mut().poll(cx).is_ready() {
+        if !this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            this.registered = Some(cx.waker().clone());
+            if this.wake_on_stop.as_mut().poll(cx).is_ready() {
+                return this.end("shutting down");
+            }
+        }
+        if this.stopping.is_triggered() {
             return this.end("shutting down");
         }
         // Requests first: an ACK or a new subscription changes what is due.

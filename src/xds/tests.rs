@@ -11,7 +11,6 @@ use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
-use tokio_util::sync::CancellationToken;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
@@ -20,6 +19,7 @@ use super::{Sds, Shared};
 use crate::ingest::Sink;
 use crate::metrics::Metrics;
 use crate::pki::{KeyBytes, Material, SECRET_TYPE_URL};
+use crate::shutdown::Shutdown;
 use crate::store::Store;
 
 /// Long enough for a push on a loaded machine; only used to wait for something that must come.
@@ -32,19 +32,19 @@ struct Harness {
     sink: Sink,
     shared: Shared,
     client: SecretDiscoveryServiceClient<Channel>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.shutdown.trigger();
     }
 }
 
 async fn harness() -> Harness {
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::new());
-    let shutdown = CancellationToken::new();
+    let shutdown = Shutdown::new();
     let shared = Shared {
         store: store.clone(),
         proxies: Arc::new(Proxies::new(metrics.clone())),
@@ -54,7 +54,7 @@ async fn harness() -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let svc = Sds::new(shared.clone());
-    let stop = shutdown.clone();
+    let stop = shutdown.token();
     tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(svc)
@@ -304,7 +304,7 @@ async fn shutdown_ends_streams() {
     let (tx, mut rx) = h.sotw().await;
     tx.send(request(&["a"], "", "")).await.unwrap();
     next(&mut rx).await;
-    h.shutdown.cancel();
+    h.shutdown.trigger();
     let end = tokio::time::timeout(ARRIVE, rx.message()).await.expect("stream ends");
     assert!(matches!(end, Ok(None) | Err(_)));
 }
