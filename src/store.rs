@@ -64,7 +64,11 @@ pub enum Outcome {
 }
 
 struct Entry {
-    tx: watch::Sender<Current>,
+    /// What is served now.
+    current: Current,
+    /// Created on the first subscription and dropped with the last one: most stored
+    /// secrets have no subscriber on a given replica, and a channel costs ~0.5 KiB.
+    tx: Option<watch::Sender<Current>>,
     /// Good versions per offering source, by precedence.
     candidates: BTreeMap<Rank, Arc<Served>>,
     /// Last rejection per source, cleared by that source's next good update.
@@ -75,8 +79,7 @@ struct Entry {
 
 impl Entry {
     fn new() -> Self {
-        let (tx, _) = watch::channel(None);
-        Self { tx, candidates: BTreeMap::new(), errors: BTreeMap::new(), deleted: false }
+        Self { current: None, tx: None, candidates: BTreeMap::new(), errors: BTreeMap::new(), deleted: false }
     }
 
     fn winner(&self) -> Current {
@@ -87,7 +90,7 @@ impl Entry {
     /// did, and how the number of served names changed (-1, 0 or 1).
     fn publish(&mut self) -> (bool, isize) {
         let next = self.winner();
-        let (same, delta) = match (&*self.tx.borrow(), &next) {
+        let (same, delta) = match (&self.current, &next) {
             (Some(a), Some(b)) => (a.version == b.version && a.source == b.source, 0),
             (None, None) => (true, 0),
             (None, Some(_)) => (false, 1),
@@ -97,8 +100,15 @@ impl Entry {
             return (false, 0);
         }
         self.deleted = next.is_none();
-        self.tx.send_replace(next);
+        if let Some(tx) = &self.tx {
+            tx.send_replace(next.clone());
+        }
+        self.current = next;
         (true, delta)
+    }
+
+    fn subscribers(&self) -> usize {
+        self.tx.as_ref().map_or(0, |tx| tx.receiver_count())
     }
 }
 
@@ -214,8 +224,9 @@ impl Store {
     /// Subscribes to a name. Unknown names are announced on the demand channel so an
     /// on-demand source can mint them; the subscriber is woken the moment they exist.
     pub fn subscribe(&self, name: &str) -> watch::Receiver<Current> {
-        let entry = self.entries.entry(name.to_owned()).or_insert_with(Entry::new);
-        let rx = entry.tx.subscribe();
+        let mut entry = self.entries.entry(name.to_owned()).or_insert_with(Entry::new);
+        let current = entry.current.clone();
+        let rx = entry.tx.get_or_insert_with(|| watch::channel(current).0).subscribe();
         let missing = entry.candidates.is_empty();
         drop(entry);
         if missing {
@@ -225,15 +236,25 @@ impl Store {
         rx
     }
 
-    /// Drops bookkeeping for a name nobody serves or watches any more.
+    /// Called when a subscriber let go of `name`: drops the channel when it was the last
+    /// one, and the whole entry when nothing is served or recorded for the name.
     pub fn release(&self, name: &str) {
-        self.entries.remove_if(name, |_, e| {
-            e.candidates.is_empty() && e.errors.is_empty() && !e.deleted && e.tx.receiver_count() == 0
-        });
+        let Some(mut entry) = self.entries.get_mut(name) else { return };
+        if entry.subscribers() > 0 {
+            return;
+        }
+        entry.tx = None;
+        let forget = entry.candidates.is_empty() && entry.errors.is_empty() && !entry.deleted;
+        drop(entry);
+        if forget {
+            self.entries.remove_if(name, |_, e| {
+                e.candidates.is_empty() && e.errors.is_empty() && !e.deleted && e.subscribers() == 0
+            });
+        }
     }
 
     pub fn get(&self, name: &str) -> Current {
-        self.entries.get(name).and_then(|e| e.tx.borrow().clone())
+        self.entries.get(name).and_then(|e| e.current.clone())
     }
 
     pub fn demand(&self) -> broadcast::Receiver<String> {
@@ -242,11 +263,7 @@ impl Store {
 
     /// Names some stream waits for that no source serves (yet).
     pub fn wanted_unserved(&self) -> Vec<String> {
-        self.entries
-            .iter()
-            .filter(|e| e.tx.borrow().is_none() && e.tx.receiver_count() > 0)
-            .map(|e| e.key().clone())
-            .collect()
+        self.entries.iter().filter(|e| e.current.is_none() && e.subscribers() > 0).map(|e| e.key().clone()).collect()
     }
 
     pub fn served_count(&self) -> usize {
@@ -259,7 +276,7 @@ impl Store {
             .iter()
             .filter(|e| !e.candidates.is_empty() || !e.errors.is_empty() || e.deleted)
             .map(|e| {
-                let current = e.tx.borrow().clone();
+                let current = e.current.clone();
                 let shadowed_sources = e.candidates.values().skip(1).map(|s| s.source.to_string()).collect();
                 let last_error = e.errors.values().next().map(|(src, why)| format!("{src}: {why}"));
                 SecretStatus {
@@ -269,7 +286,7 @@ impl Store {
                     source: current.as_ref().map(|c| c.source.to_string()),
                     meta: current.as_ref().map(|c| c.meta.clone()).unwrap_or_default(),
                     deleted: e.deleted,
-                    subscribers: e.tx.receiver_count(),
+                    subscribers: e.subscribers(),
                     updated_unix_ms: current.as_ref().map(|c| unix_ms(c.updated)),
                     detected_unix_us: current.as_ref().map(|c| unix_us(c.detected)),
                     last_error,
@@ -381,6 +398,24 @@ mod tests {
         assert!(rx.borrow_and_update().is_none());
         assert!(store.status()[0].deleted);
         assert_eq!(store.served_count(), 0);
+    }
+
+    #[test]
+    fn channel_lives_only_while_subscribed() {
+        let store = Store::new();
+        let (rank, src) = store.register_source("files:/a");
+        store.upsert(rank, &src, "s", checked(b"x"), Instant::now());
+        let rx = store.subscribe("s");
+        assert_eq!(store.status()[0].subscribers, 1);
+        drop(rx);
+        store.release("s");
+        assert_eq!(store.status()[0].subscribers, 0);
+        assert!(store.get("s").is_some(), "content stays when the channel goes");
+        // A later subscriber gets the current content at once.
+        let rx = store.subscribe("s");
+        assert_eq!(&*rx.borrow().clone().unwrap().version, content_version(b"x"));
+        store.upsert(rank, &src, "s", checked(b"y"), Instant::now());
+        assert_eq!(&*rx.borrow().clone().unwrap().version, content_version(b"y"));
     }
 
     #[tokio::test]
