@@ -108,6 +108,24 @@ impl Certwire {
         }
     }
 
+    /// Sends SIGTERM and waits (up to `timeout`) for the process to exit on its own;
+    /// returns its exit status, or `None` if it was still running (it is then killed).
+    pub async fn terminate(&mut self, timeout: std::time::Duration) -> Option<std::process::ExitStatus> {
+        let mut child = self.child.take()?;
+        // SAFETY: kill(2) with the pid of our own, not yet reaped, child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = std::time::Instant::now() + timeout;
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            tokio::time::sleep(util::POLL).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        None
+    }
+
     pub async fn restart(&mut self) {
         self.kill();
         self.start().await;
