@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
-# Runs the benchmarks: `bash bench/run.sh [ROTATIONS]` (default 30).
-# Needs the Envoy that `bash tests/run.sh` installs into .tools/venv (or CERTWIRE_ENVOY).
-# `cargo bench` builds certwire itself with the release profile; the table goes to
-# stdout and to bench/out/rotation.md.
+# Every benchmark in one command, about 5 minutes on the project's 2-core machine:
+#   bash bench/run.sh
+# rotation to served (a real Envoy; certwire vs Envoy's own file watch), then fan-out,
+# many secrets and cold start (certwire vs a plain tonic SDS server), then the same
+# with the server pinned to CPU 0 and the clients to CPU 1. Each writes its table to
+# bench/out/; this script assembles them into bench/RESULTS.md with the machine, the
+# commit and the commands. Needs the Envoy that `bash tests/run.sh` installs into
+# .tools/venv (or CERTWIRE_ENVOY). `cargo bench` builds certwire in release itself.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -13,4 +17,26 @@ if [ -z "${CERTWIRE_ENVOY:-}" ] && [ ! -x .tools/venv/bin/envoy ]; then
     exit 1
 fi
 
-ROTATIONS="${1:-${ROTATIONS:-30}}" exec cargo bench --bench rotation
+mkdir -p bench/out
+ROTATIONS="${ROTATIONS:-30}" cargo bench --bench rotation
+cargo bench --bench loadgen
+cargo bench --bench loadgen -- --pin
+
+{
+    echo "# Benchmark results"
+    echo
+    echo "Written by \`bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores" \
+        "($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), commit" \
+        "\`$(git rev-parse --short HEAD)\`$(git diff --quiet HEAD -- src bench || echo ' + uncommitted changes')."
+    echo "Targets, what was tried and what limits the figures: [README.md](README.md)."
+    echo
+    echo "Commands: \`ROTATIONS=30 cargo bench --bench rotation\`, \`cargo bench --bench loadgen\`," \
+        "\`cargo bench --bench loadgen -- --pin\`."
+    echo
+    # Each part starts with its own level-1 title: demote it under this page's.
+    for part in rotation loadgen loadgen-pinned; do
+        sed -e 's/^### /#### /;t' -e 's/^## /### /;t' -e 's/^# /## /' "bench/out/$part.md"
+        echo
+    done
+} > bench/RESULTS.md
+echo "wrote bench/RESULTS.md"
