@@ -30,6 +30,8 @@ pub struct FileConfig {
     #[serde(default, with = "humantime_serde_opt")]
     pub files_rescan_every: Option<Duration>,
     pub kubernetes: Option<KubeConfig>,
+    /// `[acme]`: certificates certwire orders and renews itself.
+    pub acme: Option<crate::sources::acme::AcmeConfig>,
 }
 
 /// `[kubernetes]` table of the config file.
@@ -113,6 +115,8 @@ pub struct Settings {
     pub files_rescan_every: Duration,
     /// `None` when the Kubernetes source is off.
     pub kubernetes: Option<crate::sources::kubernetes::Options>,
+    /// `None` when the ACME source is off (no `[acme]` table).
+    pub acme: Option<crate::sources::acme::AcmeConfig>,
 }
 
 impl Settings {
@@ -129,8 +133,12 @@ impl Settings {
         };
         let files = if !flags.files.is_empty() { flags.files.clone() } else { file.files.unwrap_or_default() };
         let kubernetes = kube_options(flags, file.kubernetes.unwrap_or_default());
+        let acme = file.acme;
+        if let Some(acme) = &acme {
+            acme.validate()?;
+        }
         // The embedded default: with no source configured, the dev CA serves.
-        let dev = flags.dev || file.dev.unwrap_or(files.is_empty() && kubernetes.is_none());
+        let dev = flags.dev || file.dev.unwrap_or(files.is_empty() && kubernetes.is_none() && acme.is_none());
         Ok(Self {
             listen,
             admin: flags.admin.or(file.admin).unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("default admin address")),
@@ -142,6 +150,7 @@ impl Settings {
             drain_timeout: flags.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(5)),
             files_rescan_every: file.files_rescan_every.unwrap_or(Duration::from_secs(30)),
             kubernetes,
+            acme,
         })
     }
 }
@@ -236,6 +245,22 @@ mod tests {
         let k = Settings::resolve(&flags, None).unwrap().kubernetes.unwrap();
         assert!(k.all_namespaces);
         assert_eq!(k.label_selector.as_deref(), Some("c=d"));
+    }
+
+    #[test]
+    fn acme_table_turns_the_dev_ca_off_and_is_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let acme = "[acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"/tmp/acme\"\n\
+                    [[acme.certificates]]\nname = \"web\"\ndomains = [\"www.example.com\"]\n";
+        std::fs::write(&path, acme).unwrap();
+        let flags = ServeFlags { config: Some(path.clone()), ..Default::default() };
+        let s = Settings::resolve(&flags, None).unwrap();
+        assert!(!s.dev, "a configured ACME source turns the dev CA off");
+        assert_eq!(s.acme.unwrap().certificates[0].name, "web");
+        std::fs::write(&path, acme.replace("www.example.com", "*.example.com")).unwrap();
+        let err = Settings::resolve(&flags, None).unwrap_err();
+        assert!(format!("{err:#}").contains("dns-01"), "{err:#}");
     }
 
     #[test]

@@ -30,6 +30,18 @@ pub struct SecretLabel {
     pub secret: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcmeOrderLabel {
+    pub certificate: String,
+    /// `issued` or `failed`.
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AcmeCertificateLabel {
+    pub certificate: String,
+}
+
 pub struct Metrics {
     pub registry: Registry,
     pub proxies_connected: Gauge,
@@ -42,6 +54,8 @@ pub struct Metrics {
     pub secrets_served: Gauge,
     pub secret_expiry: Family<SecretLabel, Gauge<f64, AtomicU64>>,
     pub change_to_push: Histogram,
+    pub acme_orders: Family<AcmeOrderLabel, Counter>,
+    pub acme_next_renewal: Family<AcmeCertificateLabel, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -65,6 +79,8 @@ impl Metrics {
             secret_expiry: Family::default(),
             // 100 µs .. ~13 s: file watches are sub-millisecond, API servers are not.
             change_to_push: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18)),
+            acme_orders: Family::default(),
+            acme_next_renewal: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -92,6 +108,12 @@ impl Metrics {
             "change_to_push_seconds",
             "Time from a source noticing a change to the response being handed to a stream",
             m.change_to_push.clone(),
+        );
+        registry.register("acme_orders", "ACME orders by certificate and result", m.acme_orders.clone());
+        registry.register(
+            "acme_next_renewal_timestamp_seconds",
+            "Unix time of the next ACME order (renewal or retry) per certificate",
+            m.acme_next_renewal.clone(),
         );
         Self { registry, ..m }
     }

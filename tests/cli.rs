@@ -72,7 +72,8 @@ fn check_fails_on_a_mismatched_key_and_on_an_expired_certificate() {
 /// certwire on the dev CA with one Envoy asking for `localhost`.
 async fn dev_stack() -> (Certwire, Envoy, SocketAddr) {
     let sds = util::free_addr();
-    let certwire = Certwire::serve(["--listen".to_string(), sds.to_string(), "--drain-timeout".into(), "3s".into()]).await;
+    let certwire =
+        Certwire::serve(["--listen".to_string(), sds.to_string(), "--drain-timeout".into(), "3s".into()]).await;
     let port = util::free_port();
     let bootstrap = SdsBootstrap::new("localhost", SdsTarget::Tcp(sds), port).node("cli-envoy", "edge");
     let envoy = Envoy::start(&bootstrap.to_yaml()).await;

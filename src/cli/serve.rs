@@ -62,6 +62,12 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
             .await
             .context("starting the Kubernetes source")?;
     }
+    if let Some(acme) = settings.acme.clone() {
+        let sink = Sink::new(store.clone(), metrics.clone(), "acme", settings.allow_expired);
+        sources::acme::start(acme, sink, metrics.clone(), health.clone(), shutdown.clone())
+            .await
+            .context("starting the ACME source")?;
+    }
     if settings.dev {
         let sink = Sink::new(store.clone(), metrics.clone(), "dev", settings.allow_expired);
         sources::dev::start(sink, settings.dev_rotate_every, shutdown.clone())?;

@@ -1,6 +1,7 @@
 //! Sources turn the outside world into "secret NAME now has CONTENT" or "NAME is gone",
 //! reported through an [`crate::ingest::Sink`]. A source knows nothing of xDS.
 
+pub mod acme;
 pub mod dev;
 pub mod files;
 pub mod kubernetes;

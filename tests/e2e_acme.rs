@@ -1,0 +1,473 @@
+//! The ACME source end to end: certwire (a child process) orders from acme2certifier
+//! on loopback, answers challenges over RFC 2136 (knot on 127.0.0.1:53, TSIG),
+//! http-01 on 127.0.0.1:80 and tls-alpn-01 on 127.0.0.1:443, and serves what it got
+//! over SDS, where a real Envoy picks it up by name.
+//!
+//! These tests bind ports 53, 80 and 443 and run one at a time (nextest group
+//! `acme`). Lifetimes are minutes and retry bases seconds, so renewals and backoff
+//! happen within the test; nothing asserts on durations beyond generous bounds.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use certwire::sources::acme::dns::DnsProvider;
+use certwire::sources::acme::dns::rfc2136::Rfc2136;
+use common::acme::ca::{AcmeCa, AcmeCaOptions};
+use common::acme::dns::{Knot, ZONE};
+use common::bootstrap::{SdsBootstrap, SdsTarget};
+use common::certwire::Certwire;
+use common::envoy::Envoy;
+use common::pki;
+use common::tls::{handshake, wait_served_serial};
+use common::util::{self, WAIT};
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// How long a certificate may take to be issued: account, order, challenge, DNS.
+const ISSUE_WAIT: Duration = Duration::from_secs(60);
+
+/// knot, the CA and a work directory.
+struct Env {
+    dir: TempDir,
+    knot: Knot,
+    ca: AcmeCa,
+}
+
+async fn env(options: AcmeCaOptions) -> Env {
+    let dir = util::tempdir();
+    let knot = Knot::start(dir.path()).await;
+    let ca = AcmeCa::start(dir.path(), options).await;
+    Env { dir, knot, ca }
+}
+
+/// One `[[acme.certificates]]` entry.
+struct Cert {
+    name: &'static str,
+    domains: Vec<String>,
+    challenge: &'static str,
+    extra: &'static str,
+}
+
+impl Cert {
+    fn new(name: &'static str, domains: &[&str], challenge: &'static str) -> Cert {
+        Cert { name, domains: domains.iter().map(|d| d.to_string()).collect(), challenge, extra: "" }
+    }
+
+    fn with(mut self, extra: &'static str) -> Cert {
+        self.extra = extra;
+        self
+    }
+}
+
+/// Knobs of the `[acme]` table that tests change.
+struct Acme<'a> {
+    state_dir: PathBuf,
+    eab: bool,
+    tsig_secret: Option<&'a str>,
+    http01_listen: &'a str,
+    retry_base: &'a str,
+    retry_max: &'a str,
+}
+
+impl Env {
+    fn acme(&self, state: &str) -> Acme<'static> {
+        Acme {
+            state_dir: self.dir.path().join(state),
+            eab: self.ca.eab().is_some(),
+            tsig_secret: None,
+            http01_listen: "127.0.0.1:80",
+            retry_base: "1s",
+            retry_max: "4s",
+        }
+    }
+
+    /// Writes certwire's config file and returns its path.
+    fn config(&self, acme: &Acme, certs: &[Cert]) -> PathBuf {
+        let tsig = self.knot.tsig();
+        let mut text = format!(
+            r#"[acme]
+directory = "{directory}"
+insecure_http_directory = true
+contact = ["test@certwire.test"]
+state_dir = "{state}"
+retry_base = "{retry_base}"
+retry_max = "{retry_max}"
+http01_listen = "{http01}"
+tls_alpn01_listen = "127.0.0.1:443"
+dns_propagation_timeout = "20s"
+
+[[acme.rfc2136]]
+server = "127.0.0.1:53"
+zone = "{ZONE}"
+tsig_key_name = "{key}"
+tsig_algorithm = "{alg}"
+tsig_secret = "{secret}"
+"#,
+            directory = self.ca.directory_url(),
+            state = acme.state_dir.display(),
+            retry_base = acme.retry_base,
+            retry_max = acme.retry_max,
+            http01 = acme.http01_listen,
+            key = tsig.name,
+            alg = tsig.algorithm,
+            secret = acme.tsig_secret.unwrap_or(&tsig.secret),
+        );
+        if acme.eab {
+            let eab = self.ca.eab().expect("the CA has an EAB credential");
+            text.push_str(&format!("\n[acme.eab]\nkid = \"{}\"\nhmac_key = \"{}\"\n", eab.kid, eab.hmac_key));
+        }
+        for cert in certs {
+            let domains: Vec<String> = cert.domains.iter().map(|d| format!("\"{d}\"")).collect();
+            text.push_str(&format!(
+                "\n[[acme.certificates]]\nname = \"{}\"\ndomains = [{}]\nchallenge = \"{}\"\n{}\n",
+                cert.name,
+                domains.join(", "),
+                cert.challenge,
+                cert.extra
+            ));
+        }
+        let path = acme.state_dir.with_extension("toml");
+        std::fs::write(&path, text).expect("write certwire config");
+        path
+    }
+}
+
+/// certwire serving SDS on a free port with `config`.
+async fn certwire(config: &Path) -> (Certwire, SocketAddr) {
+    let sds = util::free_addr();
+    let certwire =
+        Certwire::serve(["--listen".to_string(), sds.to_string(), "--config".into(), config.display().to_string()])
+            .await;
+    (certwire, sds)
+}
+
+fn domain(host: &str) -> String {
+    format!("{host}.{ZONE}")
+}
+
+/// Lowercase hex without separators.
+fn normalize_hex(text: &str) -> String {
+    text.chars().filter(char::is_ascii_hexdigit).collect::<String>().to_lowercase()
+}
+
+/// The serial certwire serves for `name`, once it serves one other than `not`.
+async fn wait_serial(certwire: &Certwire, name: &str, not: Option<&str>, timeout: Duration) -> String {
+    let what = format!("certwire serves {name} (other than {not:?})");
+    util::wait_for(&what, timeout, move || async move {
+        let status = certwire.secret_status(name).await?;
+        let serial = normalize_hex(status["serial"].as_str()?);
+        (Some(serial.as_str()) != not).then_some(serial)
+    })
+    .await
+}
+
+/// The serial of `state_dir/NAME/tls.crt`'s leaf.
+fn stored_serial(state_dir: &Path, name: &str) -> String {
+    let pem = std::fs::read_to_string(state_dir.join(name).join("tls.crt")).expect("read stored tls.crt");
+    pki::serial_hex_of_pem(&pem)
+}
+
+async fn orders(certwire: &Certwire, name: &str, result: &str) -> f64 {
+    certwire.metric_sum("certwire_acme_orders_total", &[("certificate", name), ("result", result)]).await
+}
+
+async fn wait_orders(certwire: &Certwire, name: &str, result: &str, at_least: f64, timeout: Duration) -> f64 {
+    let what = format!("certwire_acme_orders_total{{certificate={name},result={result}}} >= {at_least}");
+    util::wait_for(&what, timeout, move || async move {
+        let n = orders(certwire, name, result).await;
+        (n >= at_least).then_some(n)
+    })
+    .await
+}
+
+fn log_of(certwire: &Certwire) -> String {
+    std::fs::read_to_string(certwire.log_path()).expect("read certwire log")
+}
+
+/// The SAN DNS names of the PEM's first certificate, sorted.
+fn dns_names(pem: &str) -> Vec<String> {
+    let der = pki::pem_decode_first(pem);
+    let (_, cert) = x509_parser::parse_x509_certificate(&der).expect("parse leaf");
+    let san = cert.subject_alternative_name().expect("SAN").expect("SAN present");
+    let mut names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    names.sort();
+    names
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs_f64()
+}
+
+#[tokio::test]
+async fn rfc2136_updates_from_certwire_are_taken_by_knot() {
+    let dir = util::tempdir();
+    let knot = Knot::start(dir.path()).await;
+    let tsig = knot.tsig();
+    let provider = Rfc2136::new(knot.addr(), ZONE, &tsig.name, &tsig.algorithm, &tsig.secret).expect("provider");
+    let name = format!("_acme-challenge.rfc.{ZONE}");
+
+    provider.add_txt(&name, "first").await.expect("signed add accepted");
+    provider.add_txt(&name, "second").await.expect("a second value is added, not replaced");
+    let mut records = knot.txt(&name).await;
+    records.sort();
+    assert_eq!(records, ["first", "second"]);
+
+    provider.remove_txt(&name, "first").await.expect("signed delete accepted");
+    assert_eq!(knot.txt(&name).await, ["second"], "only that value is removed");
+    provider.remove_txt(&name, "second").await.expect("signed delete accepted");
+    assert_eq!(knot.txt(&name).await, Vec::<String>::new());
+
+    // The servers to check: the update server, and the zone's NS (the same knot).
+    let servers = provider.authoritative_servers().await.expect("NS lookup");
+    assert_eq!(servers, [knot.addr()]);
+
+    // Another secret: knot refuses, and certwire says so.
+    let wrong = Rfc2136::new(
+        knot.addr(),
+        ZONE,
+        &tsig.name,
+        &tsig.algorithm,
+        "c2VjcmV0IHRoYXQga25vdCBkb2VzIG5vdCBrbm93IGF0IGFsbCEh",
+    )
+    .unwrap();
+    let err = wrong.add_txt(&name, "forged").await.expect_err("a wrong secret is refused").to_string();
+    assert!(err.contains("Not authorized") && err.contains("BadSig"), "{err}");
+    assert_eq!(knot.txt(&name).await, Vec::<String>::new(), "nothing published");
+}
+
+#[tokio::test]
+async fn dns01_wildcard_is_issued_served_to_envoy_and_reloaded_after_restart() {
+    let env = env(AcmeCaOptions::default()).await;
+    let acme = env.acme("state");
+    let wild = Cert::new("wild", &[&domain("app"), &format!("*.{}", domain("app"))], "dns-01");
+    let config = env.config(&acme, &[wild]);
+    let (mut certwire, sds) = certwire(&config).await;
+
+    let serial = wait_serial(&certwire, "wild", None, ISSUE_WAIT).await;
+    assert_eq!(stored_serial(&acme.state_dir, "wild"), serial, "the served certificate is the stored one");
+    let chain = std::fs::read_to_string(acme.state_dir.join("wild/tls.crt")).unwrap();
+    assert_eq!(dns_names(&chain), [format!("*.{}", domain("app")), domain("app")]);
+    let cacert = certwire.secret_status("wild-cacert").await.expect("the issuer chain is served as NAME-cacert");
+    assert_eq!(cacert["kind"], "validation_context", "{cacert}");
+    let ca_crt = std::fs::read_to_string(acme.state_dir.join("wild/ca.crt")).unwrap();
+    assert_eq!(ca_crt.trim(), env.ca.ca_cert_pem().trim(), "ca.crt is the issuer chain");
+
+    // The challenge records are gone again.
+    assert_eq!(env.knot.txt(&format!("_acme-challenge.{}", domain("app"))).await, Vec::<String>::new());
+    // Private files are private.
+    let key_mode = std::fs::metadata(acme.state_dir.join("wild/tls.key")).unwrap().mode() & 0o777;
+    assert_eq!(key_mode, 0o600);
+    let accounts: Vec<_> =
+        std::fs::read_dir(acme.state_dir.join(".account")).unwrap().map(|e| e.unwrap().path()).collect();
+    assert_eq!(accounts.len(), 1, "{accounts:?}");
+    assert_eq!(std::fs::metadata(&accounts[0]).unwrap().mode() & 0o777, 0o600);
+    let log = log_of(&certwire);
+    let account_json = std::fs::read_to_string(&accounts[0]).unwrap();
+    let key: Value = serde_json::from_str(&account_json).unwrap();
+    assert!(!log.contains(key["key_pkcs8"].as_str().unwrap()), "the account key is never logged");
+
+    // Metrics: one order issued; the next renewal comes from the CA's ARI window
+    // (85% to 100% of 90 days here), not the 2/3 default.
+    assert_eq!(orders(&certwire, "wild", "issued").await, 1.0);
+    let next = certwire.metric_sum("certwire_acme_next_renewal_timestamp_seconds", &[("certificate", "wild")]).await;
+    let day = 86400.0;
+    assert!(next > unix_now() + 75.0 * day && next < unix_now() + 91.0 * day, "next renewal {next}");
+    assert!(log.contains("ARI window"), "the renewal time names its basis");
+
+    // A real Envoy takes it by name, for any name under the wildcard.
+    let tls_port = util::free_port();
+    let envoy = Envoy::start(&SdsBootstrap::new("wild", SdsTarget::Tcp(sds), tls_port).to_yaml()).await;
+    let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    let served = wait_served_serial(tls_addr, &format!("x.{}", domain("app")), &serial, WAIT).await;
+    assert_eq!(served.chain_len, 2, "leaf and issuer");
+
+    // A restart serves the stored certificate at once and orders nothing.
+    certwire.restart().await;
+    assert_eq!(wait_serial(&certwire, "wild", None, WAIT).await, serial);
+    util::holds_for(Duration::from_secs(3), || async {
+        match orders(&certwire, "wild", "issued").await + orders(&certwire, "wild", "failed").await {
+            0.0 => Ok(()),
+            n => Err(format!("{n} orders after a restart with a valid stored certificate")),
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(std::fs::read_dir(env.ca.issued_dir()).unwrap().count(), 1, "the CA issued once");
+    wait_served_serial(tls_addr, &domain("app"), &serial, WAIT).await;
+    drop(envoy);
+}
+
+#[tokio::test]
+async fn http01_is_answered_on_port_80() {
+    let env = env(AcmeCaOptions::default()).await;
+    let acme = env.acme("state");
+    let config = env.config(&acme, &[Cert::new("web", &[&domain("web")], "http-01").with("key_type = \"ecdsa-p384\"")]);
+    let (certwire, _) = certwire(&config).await;
+
+    let serial = wait_serial(&certwire, "web", None, ISSUE_WAIT).await;
+    let chain = std::fs::read_to_string(acme.state_dir.join("web/tls.crt")).unwrap();
+    assert_eq!(dns_names(&chain), [domain("web")]);
+    assert_eq!(stored_serial(&acme.state_dir, "web"), serial);
+    let key = std::fs::read_to_string(acme.state_dir.join("web/tls.key")).unwrap();
+    assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8 key");
+    let leaf_der = pki::pem_decode_first(&chain);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).unwrap();
+    let curve = leaf.public_key().algorithm.parameters.as_ref().unwrap().as_oid().unwrap().to_id_string();
+    assert_eq!(curve, "1.3.132.0.34", "key_type = ecdsa-p384");
+    assert!(log_of(&certwire).contains("ACME http-01 challenge fetched"), "the CA fetched the token");
+}
+
+#[tokio::test]
+async fn tls_alpn01_is_answered_on_port_443() {
+    let env = env(AcmeCaOptions::default()).await;
+    let acme = env.acme("state");
+    let config = env.config(&acme, &[Cert::new("alpn", &[&domain("alpn")], "tls-alpn-01")]);
+    let (certwire, _) = certwire(&config).await;
+
+    let serial = wait_serial(&certwire, "alpn", None, ISSUE_WAIT).await;
+    let chain = std::fs::read_to_string(acme.state_dir.join("alpn/tls.crt")).unwrap();
+    assert_eq!(dns_names(&chain), [domain("alpn")]);
+    assert_eq!(stored_serial(&acme.state_dir, "alpn"), serial);
+    assert!(log_of(&certwire).contains("ACME tls-alpn-01 challenge presented"), "the CA shook hands");
+    // An ordinary TLS client gets nothing from the responder.
+    assert!(handshake("127.0.0.1:443".parse().unwrap(), &domain("alpn"), None).await.is_err());
+}
+
+#[tokio::test]
+async fn short_lived_certificate_is_renewed_and_served_without_restart() {
+    // 3-minute certificates; renew_before 150 s renews 30 s after issuance (the
+    // ARI window, from 90%, starts later: the configured deadline wins).
+    let options = AcmeCaOptions {
+        cert_lifetime: Duration::from_secs(180),
+        ari_window_start_percent: Some(90),
+        ..Default::default()
+    };
+    let env = env(options).await;
+    let acme = env.acme("state");
+    let cert = Cert::new("short", &[&domain("short")], "dns-01").with("renew_before = \"150s\"");
+    let config = env.config(&acme, &[cert]);
+    let (certwire, sds) = certwire(&config).await;
+    let first = wait_serial(&certwire, "short", None, ISSUE_WAIT).await;
+
+    let tls_port = util::free_port();
+    let envoy = Envoy::start(&SdsBootstrap::new("short", SdsTarget::Tcp(sds), tls_port).to_yaml()).await;
+    let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    wait_served_serial(tls_addr, &domain("short"), &first, WAIT).await;
+    let next = certwire.metric_sum("certwire_acme_next_renewal_timestamp_seconds", &[("certificate", "short")]).await;
+    assert!(next < unix_now() + 40.0, "renewal planned within 30 s of issuance: {next} vs now {}", unix_now());
+
+    let second = wait_serial(&certwire, "short", Some(&first), Duration::from_secs(90)).await;
+    let served = wait_served_serial(tls_addr, &domain("short"), &second, WAIT).await;
+    assert_eq!(served.http_status, 200);
+    assert_eq!(stored_serial(&acme.state_dir, "short"), second, "the renewal is stored too");
+    assert_eq!(orders(&certwire, "short", "issued").await, 2.0);
+    assert_eq!(orders(&certwire, "short", "failed").await, 0.0);
+    envoy.wait_stat_at_least("sds.short.update_success", 2, WAIT).await;
+    assert_eq!(envoy.stat("sds.short.update_rejected").await, Some(0));
+}
+
+#[tokio::test]
+async fn ca_down_during_renewal_backs_off_keeps_serving_and_recovers() {
+    let options = AcmeCaOptions { cert_lifetime: Duration::from_secs(180), ari: false, ..Default::default() };
+    let mut env = env(options).await;
+    let acme = env.acme("state");
+    let cert = Cert::new("down", &[&domain("down")], "dns-01").with("renew_before = \"160s\"");
+    let config = env.config(&acme, &[cert]);
+    let (certwire, _) = certwire(&config).await;
+    let first = wait_serial(&certwire, "down", None, ISSUE_WAIT).await;
+
+    // The renewal is due 20 s after issuance; the CA is gone by then.
+    env.ca.stop();
+    wait_orders(&certwire, "down", "failed", 3.0, Duration::from_secs(60)).await;
+    // Backoff (1 s base, 4 s cap, jittered): a handful of tries, not a storm.
+    tokio::time::sleep(Duration::from_secs(6)).await;
+    let failed = orders(&certwire, "down", "failed").await;
+    assert!(failed <= 8.0, "{failed} failed orders in a few seconds: a retry storm");
+    assert_eq!(wait_serial(&certwire, "down", None, WAIT).await, first, "the old certificate is still served");
+    let status = certwire.secret_status("down").await.unwrap();
+    let last_error = status["last_error"].as_str().unwrap_or_default();
+    assert!(last_error.contains("ACME order failed"), "status shows the failure: {status}");
+    let log = log_of(&certwire);
+    assert!(log.contains("ACME order failed") && log.contains("Connection refused"), "the log says why");
+
+    env.ca.restart().await;
+    let second = wait_serial(&certwire, "down", Some(&first), Duration::from_secs(60)).await;
+    assert_eq!(stored_serial(&acme.state_dir, "down"), second);
+    let status = certwire.secret_status("down").await.unwrap();
+    assert!(status["last_error"].is_null(), "a success clears the error: {status}");
+}
+
+#[tokio::test]
+async fn failed_challenges_are_clear_and_nothing_is_served() {
+    let env = env(AcmeCaOptions::default()).await;
+    let mut acme = env.acme("state");
+    // dns-01 with a TSIG secret knot does not know: the update is refused.
+    acme.tsig_secret = Some("c2VjcmV0IHRoYXQga25vdCBkb2VzIG5vdCBrbm93IGF0IGFsbCEh");
+    // http-01 answered on 8080 while the CA asks port 80: the CA fails the challenge.
+    acme.http01_listen = "127.0.0.1:8080";
+    acme.retry_base = "1m";
+    acme.retry_max = "1h";
+    let certs =
+        [Cert::new("badtsig", &[&domain("badtsig")], "dns-01"), Cert::new("badhttp", &[&domain("badhttp")], "http-01")];
+    let config = env.config(&acme, &certs);
+    let (certwire, _) = certwire(&config).await;
+
+    wait_orders(&certwire, "badtsig", "failed", 1.0, ISSUE_WAIT).await;
+    wait_orders(&certwire, "badhttp", "failed", 1.0, ISSUE_WAIT).await;
+
+    let status = certwire.secret_status("badtsig").await.expect("the failure is listed");
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("challenge-publish") && error.contains("Not authorized"), "{status}");
+    assert!(status["version"].is_null(), "nothing served: {status}");
+
+    let status = certwire.secret_status("badhttp").await.expect("the failure is listed");
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("challenge-validation") && error.contains("http-01 challenge Invalid"),
+        "the CA's refusal, read from the authorization: {status}"
+    );
+    assert!(status["version"].is_null(), "nothing served: {status}");
+
+    assert_eq!(std::fs::read_dir(env.ca.issued_dir()).unwrap().count(), 0, "the CA issued nothing");
+    assert!(!acme.state_dir.join("badtsig/tls.crt").exists());
+    let log = log_of(&certwire);
+    let line = log.lines().find(|l| l.contains("ACME order failed") && l.contains("badtsig")).expect("an error line");
+    assert!(line.contains("challenge-publish") && line.contains("ERROR"), "{line}");
+}
+
+#[tokio::test]
+async fn eab_only_ca_needs_the_binding() {
+    let options = AcmeCaOptions { eab: true, ari: false, ..Default::default() };
+    let env = env(options).await;
+
+    // Without the binding: the account step fails with the CA's reason.
+    let mut acme = env.acme("plain");
+    acme.eab = false;
+    acme.retry_base = "1m";
+    acme.retry_max = "1h";
+    let config = env.config(&acme, &[Cert::new("eab", &[&domain("eab")], "dns-01")]);
+    let (certwire_plain, _) = certwire(&config).await;
+    wait_orders(&certwire_plain, "eab", "failed", 1.0, ISSUE_WAIT).await;
+    let status = certwire_plain.secret_status("eab").await.unwrap();
+    assert!(status["last_error"].as_str().unwrap_or_default().contains("externalAccountRequired"), "{status}");
+    drop(certwire_plain);
+
+    // With it: issued.
+    let acme = env.acme("bound");
+    let config = env.config(&acme, &[Cert::new("eab", &[&domain("eab")], "dns-01")]);
+    let (certwire, _) = certwire(&config).await;
+    let serial = wait_serial(&certwire, "eab", None, ISSUE_WAIT).await;
+    assert_eq!(stored_serial(&acme.state_dir, "eab"), serial);
+}
