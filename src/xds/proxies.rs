@@ -5,7 +5,6 @@
 //! practice uncontended, lock: a push to ten thousand streams touches no shared map or
 //! counter. Readers (status, rollout watch) poll.
 
-use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -41,7 +40,9 @@ struct StreamState {
     cluster: String,
     address: String,
     connected: SystemTime,
-    secrets: BTreeMap<Arc<str>, NameStatus>,
+    /// A stream carries one name (Envoy) or a few: a Vec is smaller than any map, and
+    /// this is per connected proxy.
+    secrets: Vec<NameStatus>,
 }
 
 /// One stream's entry, shared by its task (writer) and the registry (readers).
@@ -55,19 +56,18 @@ impl StreamHandle {
     /// Applies `f` to the status of `name` on this stream.
     pub fn with_name(&self, name: &str, f: impl FnOnce(&mut NameStatus)) {
         let mut state = self.state.lock().expect("stream status lock");
-        match state.secrets.get_mut(name) {
+        match state.secrets.iter_mut().find(|n| &*n.name == name) {
             Some(n) => f(n),
             None => {
-                let name: Arc<str> = Arc::from(name);
-                let mut n = NameStatus { name: name.clone(), ..Default::default() };
+                let mut n = NameStatus { name: Arc::from(name), ..Default::default() };
                 f(&mut n);
-                state.secrets.insert(name, n);
+                state.secrets.push(n);
             }
         }
     }
 
     pub fn forget(&self, name: &str) {
-        self.state.lock().expect("stream status lock").secrets.remove(name);
+        self.state.lock().expect("stream status lock").secrets.retain(|n| &*n.name != name);
     }
 
     fn status(&self) -> StreamStatus {
@@ -79,7 +79,7 @@ impl StreamHandle {
             address: s.address.clone(),
             protocol: self.protocol,
             connected_unix_ms: unix_ms(s.connected),
-            secrets: s.secrets.values().cloned().collect(),
+            secrets: s.secrets.clone(),
         }
     }
 }
@@ -105,7 +105,7 @@ impl Proxies {
             cluster: String::new(),
             address,
             connected: SystemTime::now(),
-            secrets: BTreeMap::new(),
+            secrets: Vec::new(),
         };
         let handle = Arc::new(StreamHandle { id, protocol, state: Mutex::new(state) });
         self.streams.insert(id, handle.clone());
@@ -156,7 +156,7 @@ impl Proxies {
         let handles: Vec<Arc<StreamHandle>> = self.streams.iter().map(|s| s.value().clone()).collect();
         for h in handles {
             let s = h.state.lock().expect("stream status lock");
-            if let Some(n) = s.secrets.get(name) {
+            if let Some(n) = s.secrets.iter().find(|n| &*n.name == name) {
                 subscribed += 1;
                 if version.is_some() && n.acked_version.as_deref() == version {
                     acked += 1;
