@@ -132,8 +132,16 @@ impl Settings {
             file.listen.unwrap_or_else(|| vec![DEFAULT_LISTEN.parse().expect("default listen address")])
         };
         let files = if !flags.files.is_empty() { flags.files.clone() } else { file.files.unwrap_or_default() };
+        let file_kubeconfig = file.kubernetes.as_ref().and_then(|k| k.kubeconfig.clone());
         let kubernetes = kube_options(flags, file.kubernetes.unwrap_or_default());
-        let acme = file.acme;
+        let mut acme = file.acme;
+        // The ACME Kubernetes store and Lease use the same credentials as the
+        // Kubernetes source unless `[acme] kubeconfig` says otherwise.
+        if let Some(acme) = acme.as_mut()
+            && acme.kubeconfig.is_none()
+        {
+            acme.kubeconfig = flags.kubeconfig.clone().or(file_kubeconfig);
+        }
         if let Some(acme) = &acme {
             acme.validate()?;
         }
@@ -261,6 +269,24 @@ mod tests {
         std::fs::write(&path, acme.replace("www.example.com", "*.example.com")).unwrap();
         let err = Settings::resolve(&flags, None).unwrap_err();
         assert!(format!("{err:#}").contains("dns-01"), "{err:#}");
+    }
+
+    #[test]
+    fn acme_uses_the_kubernetes_kubeconfig_unless_it_has_its_own() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let acme = "[acme]\ndirectory = \"https://acme.example/dir\"\nstate_dir = \"/tmp/acme\"\n\
+                    [[acme.certificates]]\nname = \"web\"\ndomains = [\"www.example.com\"]\n\
+                    [kubernetes]\nkubeconfig = \"/file/kc\"\n";
+        std::fs::write(&path, acme).unwrap();
+        let flags = ServeFlags { config: Some(path.clone()), ..Default::default() };
+        let s = Settings::resolve(&flags, None).unwrap();
+        assert_eq!(s.acme.unwrap().kubeconfig, Some(PathBuf::from("/file/kc")));
+        let flags =
+            ServeFlags { config: Some(path.clone()), kubeconfig: Some("/flag/kc".into()), ..Default::default() };
+        assert_eq!(Settings::resolve(&flags, None).unwrap().acme.unwrap().kubeconfig, Some(PathBuf::from("/flag/kc")));
+        std::fs::write(&path, acme.replace("state_dir", "kubeconfig = \"/acme/kc\"\nstate_dir")).unwrap();
+        assert_eq!(Settings::resolve(&flags, None).unwrap().acme.unwrap().kubeconfig, Some(PathBuf::from("/acme/kc")));
     }
 
     #[test]

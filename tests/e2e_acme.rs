@@ -21,6 +21,7 @@ use common::acme::dns::{Knot, ZONE};
 use common::bootstrap::{SdsBootstrap, SdsTarget};
 use common::certwire::Certwire;
 use common::envoy::Envoy;
+use common::kubeapi::{self, KubeApi};
 use common::pki;
 use common::tls::{handshake, wait_served_serial};
 use common::util::{self, WAIT};
@@ -71,6 +72,8 @@ struct Acme<'a> {
     http01_listen: &'a str,
     retry_base: &'a str,
     retry_max: &'a str,
+    /// More `[acme]` keys (the Kubernetes store, the Lease).
+    extra: String,
 }
 
 impl Env {
@@ -82,6 +85,7 @@ impl Env {
             http01_listen: "127.0.0.1:80",
             retry_base: "1s",
             retry_max: "4s",
+            extra: String::new(),
         }
     }
 
@@ -99,7 +103,7 @@ retry_max = "{retry_max}"
 http01_listen = "{http01}"
 tls_alpn01_listen = "127.0.0.1:443"
 dns_propagation_timeout = "20s"
-
+{extra}
 [[acme.rfc2136]]
 server = "127.0.0.1:53"
 zone = "{ZONE}"
@@ -115,6 +119,7 @@ tsig_secret = "{secret}"
             key = tsig.name,
             alg = tsig.algorithm,
             secret = acme.tsig_secret.unwrap_or(&tsig.secret),
+            extra = acme.extra,
         );
         if acme.eab {
             let eab = self.ca.eab().expect("the CA has an EAB credential");
@@ -470,4 +475,169 @@ async fn eab_only_ca_needs_the_binding() {
     let (certwire, _) = certwire(&config).await;
     let serial = wait_serial(&certwire, "eab", None, ISSUE_WAIT).await;
     assert_eq!(stored_serial(&acme.state_dir, "eab"), serial);
+}
+
+/// The namespace of the ACME Secrets and Lease in the Kubernetes tests.
+const ACME_NS: &str = "acme";
+
+/// An emulated API server with the `acme` namespace, and the `[acme]` keys that
+/// store into it (plus `lease` when given).
+async fn kube_store(env: &Env, lease: Option<&str>) -> (KubeApi, String) {
+    let api = KubeApi::start().await;
+    api.create_namespace(ACME_NS);
+    let kubeconfig = api.kubeconfig(env.dir.path());
+    let mut extra = format!("kubernetes_secret_namespace = \"{ACME_NS}\"\nkubeconfig = \"{}\"\n", kubeconfig.display());
+    if let Some(lease) = lease {
+        extra.push_str(&format!("lease = {lease}\n"));
+    }
+    (api, extra)
+}
+
+/// A data key of a Secret object as the API returns it, decoded.
+fn secret_data(secret: &Value, key: &str) -> Option<String> {
+    use base64::Engine;
+    let text = secret["data"][key].as_str()?;
+    let bytes = base64::engine::general_purpose::STANDARD.decode(text).expect("Secret data is base64");
+    Some(String::from_utf8(bytes).expect("PEM is UTF-8"))
+}
+
+fn get_secret(api: &KubeApi, name: &str) -> Option<Value> {
+    api.get_object("v1", "Secret", ACME_NS, name)
+}
+
+/// The serial in the certificate Secret `name`, once it is there and other than `not`.
+async fn wait_secret_serial(api: &KubeApi, name: &str, not: Option<&str>, timeout: Duration) -> String {
+    let what = format!("Secret {ACME_NS}/{name} holds a certificate other than {not:?}");
+    util::wait_for(&what, timeout, move || async move {
+        let serial = pki::serial_hex_of_pem(&secret_data(&get_secret(api, name)?, "tls.crt")?);
+        (Some(serial.as_str()) != not).then_some(serial)
+    })
+    .await
+}
+
+/// The certificate orders a replica made, whatever their result.
+async fn all_orders(certwire: &Certwire, name: &str) -> f64 {
+    orders(certwire, name, "issued").await + orders(certwire, name, "failed").await
+}
+
+#[tokio::test]
+async fn kubernetes_secret_store_holds_the_certificate_and_a_restart_loads_it() {
+    let env = env(AcmeCaOptions::default()).await;
+    let (api, extra) = kube_store(&env, None).await;
+    let mut acme = env.acme("state");
+    acme.extra = extra;
+    // A Secret someone else owns, with the name of a certificate: never overwritten.
+    let foreign = kubeapi::tls_secret(ACME_NS, "foreign", "not a certificate", "not a key");
+    let foreign_rv = api.put_object(foreign)["metadata"]["resourceVersion"].clone();
+    let stored = || Cert::new("stored", &[&domain("stored")], "dns-01");
+    let config = env.config(&acme, &[stored(), Cert::new("foreign", &[&domain("foreign")], "dns-01")]);
+    let (mut certwire, _) = certwire(&config).await;
+
+    let serial = wait_serial(&certwire, "stored", None, ISSUE_WAIT).await;
+    wait_serial(&certwire, "foreign", None, ISSUE_WAIT).await;
+    let status = certwire.secret_status("foreign").await.unwrap();
+    let error = status["last_error"].as_str().unwrap_or_default();
+    assert!(error.contains("certificate-store") && error.contains("not written by certwire"), "{status}");
+    let foreign = get_secret(&api, "foreign").unwrap();
+    assert_eq!(foreign["metadata"]["resourceVersion"], foreign_rv, "left alone: {foreign}");
+    assert_eq!(wait_secret_serial(&api, "stored", None, WAIT).await, serial, "the served certificate is in the Secret");
+    let secret = get_secret(&api, "stored").unwrap();
+    assert_eq!(secret["type"], "kubernetes.io/tls", "{secret}");
+    assert_eq!(secret["metadata"]["labels"]["app.kubernetes.io/managed-by"], "certwire", "{secret}");
+    let chain = secret_data(&secret, "tls.crt").unwrap();
+    let key = secret_data(&secret, "tls.key").unwrap();
+    let ca = secret_data(&secret, "ca.crt").expect("ca.crt: the issuer chain");
+    assert_eq!(split_certs(&chain).len(), 2, "leaf and issuer");
+    assert_eq!(split_certs(&chain)[1].trim(), env.ca.ca_cert_pem().trim(), "the chain ends with the issuer");
+    assert_eq!(ca.trim(), env.ca.ca_cert_pem().trim(), "ca.crt is the issuer chain");
+    assert_eq!(dns_names(&chain), [domain("stored")]);
+    // The key is the leaf's: the same public key.
+    let leaf_der = pki::pem_decode_first(&chain);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).unwrap();
+    let pair = rcgen::KeyPair::from_pem(&key).expect("tls.key parses");
+    assert_eq!(rcgen::PublicKeyData::subject_public_key_info(&pair), leaf.public_key().raw, "tls.key matches tls.crt");
+    assert_eq!(std::fs::read_to_string(acme.state_dir.join("stored/tls.crt")).unwrap(), chain, "and the state dir");
+
+    // The account, in its own Opaque Secret.
+    let account = get_secret(&api, "certwire-acme-account").expect("the account Secret");
+    assert_eq!(account["type"], "Opaque", "{account}");
+    let keys: Vec<&String> = account["data"].as_object().unwrap().keys().collect();
+    assert!(keys.len() == 1 && keys[0].ends_with(".json"), "{keys:?}");
+    let log = log_of(&certwire);
+    assert!(!log.contains(&key.lines().nth(1).unwrap().to_string()), "the certificate key is never logged");
+
+    // A restart with an empty state directory loads from the Secrets, orders nothing.
+    std::fs::remove_dir_all(&acme.state_dir).unwrap();
+    env.config(&acme, &[stored()]);
+    certwire.restart().await;
+    assert_eq!(wait_serial(&certwire, "stored", None, WAIT).await, serial);
+    util::holds_for(Duration::from_secs(3), || async {
+        match all_orders(&certwire, "stored").await {
+            0.0 => Ok(()),
+            n => Err(format!("{n} orders after a restart with a valid certificate in its Secret")),
+        }
+    })
+    .await
+    .unwrap();
+    let issued = std::fs::read_dir(env.ca.issued_dir()).unwrap().count();
+    assert_eq!(issued, 2, "the CA issued once per certificate");
+    assert!(log_of(&certwire).contains("stored certificate served from its Kubernetes Secret"));
+}
+
+#[tokio::test]
+async fn replicas_share_a_lease_only_the_holder_orders_and_the_other_takes_over() {
+    // 2-minute certificates renewed 30 s after issuance; a 10 s lease: long enough that
+    // a loaded CI machine does not lose it between renewals (which would be a handover).
+    let options = AcmeCaOptions { cert_lifetime: Duration::from_secs(120), ari: false, ..Default::default() };
+    let env = env(options).await;
+    let (api, extra) = kube_store(&env, Some("{ name = \"certwire-acme\", duration = \"10s\" }")).await;
+    let cert = || [Cert::new("shared", &[&domain("shared")], "dns-01").with("renew_before = \"90s\"")];
+    let mut acme_a = env.acme("state-a");
+    acme_a.extra = extra.clone();
+    let mut acme_b = env.acme("state-b");
+    acme_b.extra = extra;
+    let (a, _) = certwire(&env.config(&acme_a, &cert())).await;
+    let (b, _) = certwire(&env.config(&acme_b, &cert())).await;
+
+    // Both serve the one certificate; one replica ordered it.
+    let first = wait_serial(&a, "shared", None, ISSUE_WAIT).await;
+    assert_eq!(wait_serial(&b, "shared", None, WAIT).await, first, "both replicas serve the same certificate");
+    assert_eq!(wait_secret_serial(&api, "shared", None, WAIT).await, first);
+    let (a_orders, b_orders) = (all_orders(&a, "shared").await, all_orders(&b, "shared").await);
+    assert_eq!(a_orders + b_orders, 1.0, "one order in all: a {a_orders}, b {b_orders}");
+    assert_eq!(std::fs::read_dir(env.ca.issued_dir()).unwrap().count(), 1, "the CA issued once");
+    let lease = api.get_object("coordination.k8s.io/v1", "Lease", ACME_NS, "certwire-acme").expect("the Lease");
+    let first_holder = lease["spec"]["holderIdentity"].as_str().unwrap().to_string();
+    let (mut leader, follower) = if a_orders == 1.0 { (a, b) } else { (b, a) };
+    assert!(log_of(&follower).contains("not the ACME lease holder"));
+
+    // The holder dies without releasing the Lease: the other takes over once it
+    // expires, and renews when the certificate is due.
+    leader.kill();
+    let second = wait_serial(&follower, "shared", Some(&first), Duration::from_secs(60)).await;
+    assert_eq!(orders(&follower, "shared", "issued").await, 1.0, "the new holder renewed");
+    assert_eq!(wait_secret_serial(&api, "shared", Some(&first), WAIT).await, second, "and stored the renewal");
+    assert_eq!(std::fs::read_dir(env.ca.issued_dir()).unwrap().count(), 2);
+    let lease = api.get_object("coordination.k8s.io/v1", "Lease", ACME_NS, "certwire-acme").unwrap();
+    assert_ne!(lease["spec"]["holderIdentity"].as_str().unwrap(), first_holder, "{lease}");
+    assert!(lease["spec"]["leaseTransitions"].as_i64().unwrap() >= 1, "{lease}");
+    let log = log_of(&follower);
+    assert!(log.contains("ACME lease acquired") && log.contains("ACME lease expired or free"), "the log tells");
+
+    // The old holder comes back as a follower and serves the renewal from the Secret.
+    leader.start().await;
+    assert_eq!(wait_serial(&leader, "shared", None, WAIT).await, second);
+    util::holds_for(Duration::from_secs(3), || async {
+        match all_orders(&leader, "shared").await {
+            0.0 => Ok(()),
+            n => Err(format!("{n} orders by a replica without the lease")),
+        }
+    })
+    .await
+    .unwrap();
+}
+
+/// The PEM certificates in `pem`.
+fn split_certs(pem: &str) -> Vec<String> {
+    certwire::sources::acme::renew::split_pem_certificates(pem)
 }

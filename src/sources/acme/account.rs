@@ -25,7 +25,8 @@ use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
 use super::config::{AcmeConfig, read_secret};
-use super::store::StateDir;
+use super::k8s_store::KubeStore;
+use super::store::{StateDir, account_file_name};
 
 /// One request to the CA may take this long (connect included) before it fails.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -37,12 +38,14 @@ pub struct Accounts {
     contact: Vec<String>,
     eab: Option<(String, Zeroizing<Vec<u8>>)>,
     state: StateDir,
+    /// The Kubernetes account Secret, read before the state directory.
+    kube: Option<KubeStore>,
     http: Http,
     account: Mutex<Option<Account>>,
 }
 
 impl Accounts {
-    pub fn new(config: &AcmeConfig, state: StateDir) -> anyhow::Result<Self> {
+    pub fn new(config: &AcmeConfig, state: StateDir, kube: Option<KubeStore>) -> anyhow::Result<Self> {
         let eab = match &config.eab {
             Some(eab) => {
                 let text = read_secret(eab.hmac_key.as_ref(), eab.hmac_key_file.as_deref()).context("acme.eab")?;
@@ -57,6 +60,7 @@ impl Accounts {
             contact,
             eab,
             state,
+            kube,
             http: Http::new(config.ca_file.clone(), config.insecure_http_directory)?,
             account: Mutex::new(None),
         })
@@ -72,11 +76,10 @@ impl Accounts {
         if let Some(account) = slot.as_ref() {
             return Ok(account.clone());
         }
-        let account = match self.state.load_account(&self.directory)? {
+        let account = match self.load().await? {
             Some(json) => {
-                let credentials: AccountCredentials = serde_json::from_str(&json).with_context(|| {
-                    format!("stored account {} is not valid JSON", self.state.account_path(&self.directory).display())
-                })?;
+                let credentials: AccountCredentials = serde_json::from_str(&json)
+                    .with_context(|| format!("the stored ACME account for {} is not valid JSON", self.directory))?;
                 let account = Account::builder_with_http(self.http.boxed())
                     .from_credentials(credentials)
                     .await
@@ -100,6 +103,9 @@ impl Accounts {
             .map_err(|e| anyhow!("registering an account at {}: {e}", self.directory))?;
         let json = Zeroizing::new(serde_json::to_vec(&credentials).context("serializing the account")?);
         let path = self.state.save_account(&self.directory, &json)?;
+        if let Some(kube) = &self.kube {
+            kube.save_account(&account_file_name(&self.directory), &json).await?;
+        }
         tracing::info!(
             directory = %self.directory,
             account = account.id(),
@@ -108,6 +114,25 @@ impl Accounts {
             "ACME account registered"
         );
         Ok(account)
+    }
+}
+
+impl Accounts {
+    /// The stored credentials: the Kubernetes Secret first (shared by the replicas),
+    /// else the state directory (then copied into the Secret).
+    async fn load(&self) -> anyhow::Result<Option<Zeroizing<String>>> {
+        let key = account_file_name(&self.directory);
+        if let Some(kube) = &self.kube
+            && let Some(json) = kube.load_account(&key).await?
+        {
+            return Ok(Some(json));
+        }
+        let Some(json) = self.state.load_account(&self.directory)? else { return Ok(None) };
+        if let Some(kube) = &self.kube {
+            kube.save_account(&key, json.as_bytes()).await?;
+            tracing::info!(directory = %self.directory, "ACME account copied from the state directory to the Kubernetes Secret");
+        }
+        Ok(Some(json))
     }
 }
 

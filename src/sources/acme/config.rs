@@ -54,7 +54,41 @@ pub struct AcmeConfig {
     pub dns_propagation_timeout: Option<Duration>,
     #[serde(default)]
     pub certificates: Vec<CertificateConfig>,
+    /// Also store the account and every issued certificate as Kubernetes Secrets in
+    /// this namespace (certificate `NAME`: Secret `NAME`, type `kubernetes.io/tls`), and
+    /// load them from there first at start.
+    pub kubernetes_secret_namespace: Option<String>,
+    /// The Opaque Secret holding the account credentials (default `certwire-acme-account`).
+    pub kubernetes_account_secret: Option<String>,
+    /// Kubernetes credentials for the Secrets and the Lease; default: `--kubeconfig` /
+    /// `[kubernetes] kubeconfig`, else in-cluster, else `KUBECONFIG` / `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+    /// Several replicas: only the holder of this Lease orders; the others serve what
+    /// is stored in the Secrets and take over when the holder stops renewing it.
+    pub lease: Option<LeaseConfig>,
 }
+
+/// `lease = { name, namespace, duration }` of `[acme]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// The `coordination.k8s.io/v1` Lease (default `certwire-acme`).
+    #[serde(default = "default_lease_name")]
+    pub name: String,
+    /// Default: `kubernetes_secret_namespace`.
+    pub namespace: Option<String>,
+    /// How long the holder's lease lasts without renewal (default `15s`): a dead
+    /// holder is replaced after at most this long.
+    #[serde(default, with = "duration_opt")]
+    pub duration: Option<Duration>,
+}
+
+fn default_lease_name() -> String {
+    "certwire-acme".into()
+}
+
+pub const DEFAULT_ACCOUNT_SECRET: &str = "certwire-acme-account";
+pub const DEFAULT_LEASE_DURATION: Duration = Duration::from_secs(15);
 
 #[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -251,7 +285,46 @@ impl AcmeConfig {
                 );
             }
         }
+        self.validate_kubernetes()
+    }
+
+    /// The Kubernetes store and the Lease: names the API server would refuse are
+    /// refused here, and a Lease needs the Secrets (the other replicas read them).
+    fn validate_kubernetes(&self) -> anyhow::Result<()> {
+        let Some(ns) = &self.kubernetes_secret_namespace else {
+            if self.lease.is_some() {
+                bail!(
+                    "acme.lease needs acme.kubernetes_secret_namespace: replicas that do not hold the lease \
+                     serve the certificates the holder stores there"
+                );
+            }
+            if self.kubernetes_account_secret.is_some() {
+                bail!("acme.kubernetes_account_secret needs acme.kubernetes_secret_namespace");
+            }
+            return Ok(());
+        };
+        check_k8s_name(ns, 63).context("acme.kubernetes_secret_namespace")?;
+        check_k8s_name(self.account_secret(), 253).context("acme.kubernetes_account_secret")?;
+        for cert in &self.certificates {
+            check_k8s_name(&cert.name, 253)
+                .with_context(|| format!("acme.certificates {}: the name is the Secret's name in {ns}", cert.name))?;
+            if cert.name == self.account_secret() {
+                bail!("acme.certificates {}: that Secret name holds the ACME account", cert.name);
+            }
+        }
+        if let Some(lease) = &self.lease {
+            check_k8s_name(&lease.name, 253).context("acme.lease.name")?;
+            check_k8s_name(lease.namespace.as_deref().unwrap_or(ns), 63).context("acme.lease.namespace")?;
+            let d = lease.duration.unwrap_or(DEFAULT_LEASE_DURATION);
+            if d < Duration::from_secs(2) || d.subsec_nanos() != 0 {
+                bail!("acme.lease.duration ({d:?}) must be whole seconds, at least 2s");
+            }
+        }
         Ok(())
+    }
+
+    pub fn account_secret(&self) -> &str {
+        self.kubernetes_account_secret.as_deref().unwrap_or(DEFAULT_ACCOUNT_SECRET)
     }
 
     /// The RFC 2136 zone (longest match) that holds `_acme-challenge.DOMAIN`.
@@ -290,6 +363,22 @@ fn check_domain(domain: &str) -> anyhow::Result<()> {
         if !ok {
             bail!("label {label:?} is not a valid DNS label (a wildcard may only be the leading \"*.\")");
         }
+    }
+    Ok(())
+}
+
+/// A DNS-1123 name (subdomain when `max` is 253, label when 63).
+fn check_k8s_name(name: &str, max: usize) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= max
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || (max > 63 && c == '.'))
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if !ok {
+        bail!(
+            "{name:?} is not a valid Kubernetes name (lowercase letters, digits, '-'{})",
+            if max > 63 { ", '.'" } else { "" }
+        );
     }
     Ok(())
 }
@@ -416,6 +505,28 @@ tsig_secret = "c2VjcmV0"
     fn unknown_keys_are_errors() {
         let err = toml::from_str::<AcmeConfig>(&format!("{BASE}\nretry_bse = \"1s\"")).unwrap_err();
         assert!(err.to_string().contains("retry_bse"), "{err}");
+    }
+
+    #[test]
+    fn kubernetes_store_and_lease() {
+        let mut c = with_cert("name = \"web\"\ndomains = [\"a.example.com\"]");
+        c.lease = Some(LeaseConfig { name: "l".into(), namespace: None, duration: None });
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("kubernetes_secret_namespace"));
+        c.kubernetes_secret_namespace = Some("ingress".into());
+        c.validate().unwrap();
+        c.lease.as_mut().unwrap().duration = Some(Duration::from_millis(1500));
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("at least 2s"));
+        c.lease = None;
+        c.certificates[0].name = "Web_1".into();
+        assert!(format!("{:#}", c.validate().unwrap_err()).contains("not a valid Kubernetes name"));
+        let text = format!(
+            "kubernetes_secret_namespace = \"gw\"\nlease = {{ name = \"x\", duration = \"5s\" }}\n{BASE}\n\
+             [[certificates]]\nname = \"w\"\ndomains = [\"a.example.com\"]"
+        );
+        let c = parse(&text);
+        c.validate().unwrap();
+        assert_eq!(c.lease.as_ref().unwrap().duration, Some(Duration::from_secs(5)));
+        assert_eq!(c.account_secret(), DEFAULT_ACCOUNT_SECRET);
     }
 
     #[test]

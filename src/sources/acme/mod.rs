@@ -7,15 +7,16 @@
 //! - `order`: one order, start to finish; `challenge/`: http-01, dns-01, tls-alpn-01;
 //! - `dns/`: the DNS provider trait, RFC 2136 with TSIG, direct DNS queries;
 //! - `schedule`: when to renew and to retry; `renew`: the task per certificate;
-//! - `store`: the state directory in the file-source layout.
-//!
-//! Not here yet (issue 5): storing into Kubernetes Secrets and Lease-based leader
-//! election between replicas; every replica with this config orders on its own.
+//! - `store`: the state directory in the file-source layout;
+//! - `k8s_store`: the account and the certificates as Kubernetes Secrets;
+//! - `lease`: leader election over a Kubernetes Lease (only the holder orders).
 
 pub mod account;
 pub mod challenge;
 pub mod config;
 pub mod dns;
+pub mod k8s_store;
+pub mod lease;
 pub mod order;
 pub mod renew;
 pub mod schedule;
@@ -51,7 +52,26 @@ pub async fn start(
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     config.validate()?;
     let state = store::StateDir::open(&config.state_dir)?;
-    let accounts = Arc::new(account::Accounts::new(&config, state.clone())?);
+    // The Kubernetes client is built without asking the API server anything: an
+    // unreachable one shows in logs and the state directory is used meanwhile.
+    let client = match &config.kubernetes_secret_namespace {
+        Some(_) => Some(k8s_store::client(config.kubeconfig.as_ref()).await.context("acme: Kubernetes store")?),
+        None => None,
+    };
+    let kube = match (&client, &config.kubernetes_secret_namespace) {
+        (Some(client), Some(ns)) => Some(k8s_store::KubeStore::new(client.clone(), ns, config.account_secret())),
+        _ => None,
+    };
+    let leader = match (&client, &config.lease, &config.kubernetes_secret_namespace) {
+        (Some(client), Some(lease), Some(ns)) => {
+            let namespace = lease.namespace.as_deref().unwrap_or(ns);
+            let duration = lease.duration.unwrap_or(config::DEFAULT_LEASE_DURATION);
+            let (leader, _task) = lease::start(client.clone(), namespace, &lease.name, duration, shutdown.clone());
+            Some(leader)
+        }
+        _ => None,
+    };
+    let accounts = Arc::new(account::Accounts::new(&config, state.clone(), kube.clone())?);
 
     let mut dns: Vec<(String, Arc<dyn DnsProvider>)> = Vec::new();
     for (i, r) in config.rfc2136.iter().enumerate() {
@@ -102,11 +122,15 @@ pub async fn start(
         retry_max: config.retry_max.unwrap_or(config::DEFAULT_RETRY_MAX),
         orders: Semaphore::new(CONCURRENT_ORDERS),
         shutdown,
+        kube,
+        leader,
     });
     tracing::info!(
         directory = %config.directory,
         certificates = config.certificates.len(),
         state_dir = %config.state_dir.display(),
+        kubernetes_secret_namespace = config.kubernetes_secret_namespace.as_deref().unwrap_or("-"),
+        lease = config.lease.as_ref().map(|l| l.name.as_str()).unwrap_or("-"),
         "ACME source started"
     );
     Ok(config.certificates.into_iter().map(|spec| tokio::spawn(renew::Task::new(shared.clone(), spec).run())).collect())

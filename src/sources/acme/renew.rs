@@ -3,10 +3,15 @@
 //! lifetime, the CA's ARI window, or `renew_before`), retrying failures with jittered
 //! exponential backoff. The served certificate changes only when a new one has been
 //! issued and passed the same checks as any other secret.
+//!
+//! With a Lease (`[acme] lease`), a task orders only while its replica holds it;
+//! otherwise it watches the certificate's Kubernetes Secret and serves each version
+//! the holder writes there, and takes over the schedule when the Lease comes to it.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use futures_util::StreamExt;
 use instant_acme::CertificateIdentifier;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -16,6 +21,8 @@ use tokio_util::sync::CancellationToken;
 use super::account::Accounts;
 use super::challenge::Solvers;
 use super::config::{CertificateConfig, normalize_domain};
+use super::k8s_store::KubeStore;
+use super::lease::Leadership;
 use super::order::{self, Issued, OrderError, Step, fail};
 use super::schedule::{self, Basis, Validity, Window};
 use super::store::{StateDir, Stored};
@@ -28,6 +35,8 @@ use crate::store::{Rank, Store};
 /// The longest single sleep: the plan is re-checked against the wall clock after it,
 /// so a suspended machine or a clock jump is noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(3600);
+/// How long writing the issued certificate to its Kubernetes Secret may take.
+const KUBE_STORE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Bounds on how often the CA's ARI answer is fetched again.
 const ARI_RECHECK_MIN: Duration = Duration::from_secs(60);
 const ARI_RECHECK_MAX: Duration = Duration::from_secs(24 * 3600);
@@ -46,6 +55,18 @@ pub struct Shared {
     /// Orders in flight at once, across certificates.
     pub orders: Semaphore,
     pub shutdown: CancellationToken,
+    /// The Kubernetes Secrets store, when configured.
+    pub kube: Option<KubeStore>,
+    /// Whether this replica holds the ACME Lease; `None`: no Lease, always order.
+    pub leader: Option<Leadership>,
+}
+
+/// Why a wait ended.
+enum Wake {
+    Due,
+    Shutdown,
+    /// The Lease went to another replica.
+    Lost,
 }
 
 /// Order failures shown in `/status/secrets` as `last_error` of the certificate's
@@ -107,11 +128,15 @@ impl Task {
 
     pub async fn run(mut self) {
         let name = self.spec.name.clone();
-        let mut current = self.load_stored();
+        let mut current = self.load_stored().await;
         self.shared.health.ready(&self.component);
         let mut failures = 0u32;
         let mut retry_at: Option<SystemTime> = None;
         loop {
+            // Not the Lease holder: serve what the holder stores, until the Lease comes here.
+            if !self.follow(&mut current).await {
+                return;
+            }
             // When to order, and when to wake up first (to ask the CA's ARI again).
             let (order_at, why, wake_at) = match (&retry_at, &current) {
                 (Some(t), _) => (*t, "retry after a failed order".to_string(), *t),
@@ -140,8 +165,10 @@ impl Task {
                 if wake_at < order_at {
                     tracing::debug!(certificate = %name, at = %rfc3339(wake_at), "next ARI check scheduled");
                 }
-                if !self.sleep_until(wake_at).await {
-                    return;
+                match self.sleep_until(wake_at).await {
+                    Wake::Due => {}
+                    Wake::Shutdown => return,
+                    Wake::Lost => continue,
                 }
             }
             if wake_at < order_at {
@@ -154,7 +181,6 @@ impl Task {
                     retry_at = None;
                     self.ari_choice = None;
                     self.count("issued");
-                    self.shared.status.cleared(&name);
                     current = Some(new);
                 }
                 Err(Failure::Cancelled) => return,
@@ -192,16 +218,87 @@ impl Task {
         self.shared.metrics.acme_orders.get_or_create(&label).inc();
     }
 
-    /// Sleeps until `at` by the wall clock; false when shut down meanwhile.
-    async fn sleep_until(&self, at: SystemTime) -> bool {
+    /// Sleeps until `at` by the wall clock, or until shutdown or the Lease is lost.
+    async fn sleep_until(&self, at: SystemTime) -> Wake {
+        let mut leader = self.shared.leader.clone();
         loop {
-            let Ok(left) = at.duration_since(SystemTime::now()) else { return true };
+            let Ok(left) = at.duration_since(SystemTime::now()) else { return Wake::Due };
             if left.is_zero() {
-                return true;
+                return Wake::Due;
             }
+            let lost = async {
+                match leader.as_mut() {
+                    Some(rx) => {
+                        let _ = rx.wait_for(|holding| !holding).await;
+                    }
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = self.shared.shutdown.cancelled() => return Wake::Shutdown,
+                _ = lost => return Wake::Lost,
+                _ = tokio::time::sleep(left.min(MAX_SLEEP)) => {}
+            }
+        }
+    }
+
+    /// Returns at once without a Lease or while holding it; else serves each version
+    /// of the certificate's Secret until the Lease comes here (true) or shutdown
+    /// (false). On taking over, the Secret is read once more: the schedule starts
+    /// from what the last holder stored.
+    async fn follow(&self, current: &mut Option<Current>) -> bool {
+        let Some(mut leader) = self.shared.leader.clone() else { return true };
+        if *leader.borrow_and_update() {
+            return true;
+        }
+        let name = &self.spec.name;
+        let Some(kube) = self.shared.kube.clone() else { return true };
+        tracing::info!(certificate = %name, secret = %kube.describe(name), "not the ACME lease holder: serving what the holder stores, ordering nothing");
+        let mut versions = kube.watch_cert(name);
+        loop {
             tokio::select! {
                 _ = self.shared.shutdown.cancelled() => return false,
-                _ = tokio::time::sleep(left.min(MAX_SLEEP)) => {}
+                changed = leader.changed() => {
+                    if changed.is_err() {
+                        return false;
+                    }
+                    if *leader.borrow_and_update() {
+                        break;
+                    }
+                }
+                version = versions.next() => match version {
+                    Some(Ok(Some(stored))) => self.adopt(&stored, current, "the lease holder's stored certificate served"),
+                    Some(Ok(None)) => {}
+                    Some(Err(e)) => tracing::warn!(certificate = %name, error = %e, "watching the stored certificate failed; retrying"),
+                    None => return false,
+                },
+            }
+        }
+        match kube.load_cert(name).await {
+            Ok(Some(stored)) => self.adopt(&stored, current, "stored certificate served on taking over the lease"),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(certificate = %name, error = format!("{e:#}"), "could not re-read the stored certificate on taking over")
+            }
+        }
+        true
+    }
+
+    /// Serves `stored` when it is another certificate than `current` and passes the checks.
+    fn adopt(&self, stored: &Stored, current: &mut Option<Current>, what: &str) {
+        let name = &self.spec.name;
+        match self.check(&stored.chain_pem, &stored.key_pem) {
+            Ok(new) => {
+                if current.as_ref().is_some_and(|c| c.leaf_der == new.leaf_der) {
+                    return;
+                }
+                if self.serve(stored, Instant::now()).is_ok() {
+                    tracing::info!(certificate = %name, serial = %new.serial, not_after = %rfc3339(new.validity.not_after), "{what}");
+                    *current = Some(new);
+                }
+            }
+            Err(e) => {
+                tracing::warn!(certificate = %name, error = %e.message, "stored certificate not usable; keeping the current one")
             }
         }
     }
@@ -264,9 +361,49 @@ impl Task {
         }
     }
 
-    /// The stored certificate, served at once when it passes the checks.
-    fn load_stored(&self) -> Option<Current> {
+    /// The certificate's Kubernetes Secret, when configured and readable.
+    async fn load_from_kube(&self) -> Option<Stored> {
         let name = &self.spec.name;
+        let kube = self.shared.kube.as_ref()?;
+        let loaded = tokio::select! {
+            _ = self.shared.shutdown.cancelled() => return None,
+            loaded = tokio::time::timeout(KUBE_STORE_TIMEOUT / 3, kube.load_cert(name)) => loaded
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from the API server within {:?}", KUBE_STORE_TIMEOUT / 3))),
+        };
+        match loaded {
+            Ok(Some(stored)) => Some(stored),
+            Ok(None) => {
+                tracing::info!(certificate = %name, secret = %kube.describe(name), "no stored certificate in Kubernetes");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(certificate = %name, error = format!("{e:#}"), "stored certificate unreadable from Kubernetes; trying the state directory");
+                None
+            }
+        }
+    }
+
+    /// The stored certificate (the Kubernetes Secret first, then the state
+    /// directory), served at once when it passes the checks.
+    async fn load_stored(&self) -> Option<Current> {
+        let name = &self.spec.name;
+        if let Some(stored) = self.load_from_kube().await {
+            match self.check(&stored.chain_pem, &stored.key_pem) {
+                Ok(current) if self.serve(&stored, Instant::now()).is_ok() => {
+                    tracing::info!(
+                        certificate = %name,
+                        serial = %current.serial,
+                        not_after = %rfc3339(current.validity.not_after),
+                        "stored certificate served from its Kubernetes Secret"
+                    );
+                    return Some(current);
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::warn!(certificate = %name, error = %e.message, "certificate in the Kubernetes Secret not usable; trying the state directory");
+                }
+            }
+        }
         let stored = match self.shared.state.load_cert(name) {
             Ok(Some(stored)) => stored,
             Ok(None) => {
@@ -314,11 +451,11 @@ impl Task {
         };
         self.shared.solvers.withdraw(&self.spec.name, published).await;
         let issued = result.ok_or(Failure::Cancelled)??;
-        Ok(self.accept(issued)?)
+        Ok(self.accept(issued).await?)
     }
 
     /// Checks the new certificate, stores it, serves it.
-    fn accept(&self, issued: Issued) -> Result<Current, OrderError> {
+    async fn accept(&self, issued: Issued) -> Result<Current, OrderError> {
         let detected = Instant::now();
         let name = &self.spec.name;
         let current = self.check(issued.chain_pem.as_bytes(), &issued.key_pem)?;
@@ -331,6 +468,8 @@ impl Task {
             chain_pem: issued.chain_pem.into_bytes(),
             key_pem: issued.key_pem,
         };
+        // Cleared before the Kubernetes store, whose failure is shown there.
+        self.shared.status.cleared(name);
         if let Err(e) = self.shared.state.save_cert(name, &stored) {
             // Served all the same: it is valid. A restart orders again.
             tracing::error!(certificate = %name, error = format!("{e:#}"), "could not store the issued certificate");
@@ -342,6 +481,24 @@ impl Task {
             not_after = %rfc3339(current.validity.not_after),
             "ACME certificate issued and served"
         );
+        if let Some(kube) = &self.shared.kube
+            && let Err(e) = tokio::time::timeout(KUBE_STORE_TIMEOUT, kube.save_cert(name, &stored, &self.spec.domains))
+                .await
+                .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer from the API server within {KUBE_STORE_TIMEOUT:?}")))
+        {
+            // Served here all the same; other replicas keep the previous one until
+            // the next issuance.
+            tracing::error!(
+                certificate = %name,
+                step = Step::Store.as_str(),
+                error = format!("{e:#}"),
+                "could not store the issued certificate in its Kubernetes Secret"
+            );
+            self.shared.status.failed(
+                name,
+                format!("certificate issued and served, but not stored in Kubernetes: {}: {e:#}", Step::Store.as_str()),
+            );
+        }
         Ok(current)
     }
 

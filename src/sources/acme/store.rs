@@ -56,8 +56,7 @@ impl StateDir {
     /// `.account/<first 16 hex of SHA-256(directory URL)>.json`: switching CAs never
     /// reuses another CA's account.
     pub fn account_path(&self, directory: &str) -> PathBuf {
-        let digest = ring::digest::digest(&ring::digest::SHA256, directory.as_bytes());
-        self.root.join(ACCOUNT_DIR).join(format!("{}.json", hex::encode(&digest.as_ref()[..8])))
+        self.root.join(ACCOUNT_DIR).join(account_file_name(directory))
     }
 
     /// The stored account JSON for `directory`, if any.
@@ -110,6 +109,13 @@ impl StateDir {
         }
         result.with_context(|| format!("writing certificate {name} to {}", dir.display()))
     }
+}
+
+/// `<first 16 hex of SHA-256(directory URL)>.json`: the account's file name in the
+/// state directory and its key in the Kubernetes account Secret.
+pub fn account_file_name(directory: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, directory.as_bytes());
+    format!("{}.json", hex::encode(&digest.as_ref()[..8]))
 }
 
 /// Fills `dir/stamp/`, points `..data` at it, links the files, drops the old data.
