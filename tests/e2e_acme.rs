@@ -335,6 +335,31 @@ async fn http01_is_answered_on_port_80() {
 }
 
 #[tokio::test]
+async fn rsa_keys_are_issued_on_request() {
+    let env = env(AcmeCaOptions::default()).await;
+    let acme = env.acme("state");
+    let config = env.config(
+        &acme,
+        &[
+            Cert::new("rsa2k", &[&domain("rsa2k")], "dns-01").with("key_type = \"rsa-2048\""),
+            Cert::new("rsa3k", &[&domain("rsa3k")], "dns-01").with("key_type = \"rsa-3072\""),
+        ],
+    );
+    let (certwire, _) = certwire(&config).await;
+    for (name, bits) in [("rsa2k", 2048), ("rsa3k", 3072)] {
+        let serial = wait_serial(&certwire, name, None, ISSUE_WAIT).await;
+        assert_eq!(stored_serial(&acme.state_dir, name), serial);
+        let chain = std::fs::read_to_string(acme.state_dir.join(format!("{name}/tls.crt"))).unwrap();
+        let leaf_der = pki::pem_decode_first(&chain);
+        let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).unwrap();
+        let x509_parser::public_key::PublicKey::RSA(rsa) = leaf.public_key().parsed().unwrap() else {
+            panic!("{name}: an RSA certificate")
+        };
+        assert_eq!(rsa.key_size(), bits, "{name}");
+    }
+}
+
+#[tokio::test]
 async fn tls_alpn01_is_answered_on_port_443() {
     let env = env(AcmeCaOptions::default()).await;
     let acme = env.acme("state");

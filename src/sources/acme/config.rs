@@ -277,13 +277,6 @@ impl AcmeConfig {
                     );
                 }
             }
-            if matches!(cert.key_type, KeyType::Rsa2048 | KeyType::Rsa3072) {
-                bail!(
-                    "acme.certificates {name}: key_type {} is not supported: certwire's crypto backend (ring) \
-                     cannot generate RSA keys; use ecdsa-p256 (default) or ecdsa-p384",
-                    cert.key_type.as_str()
-                );
-            }
         }
         self.validate_kubernetes()
     }
@@ -471,7 +464,6 @@ tsig_secret = "c2VjcmV0"
     fn refusals_name_the_problem() {
         let cases = [
             ("name = \"w\"\ndomains = [\"*.example.com\"]", "needs challenge = \"dns-01\""),
-            ("name = \"w\"\ndomains = [\"a.example.com\"]\nkey_type = \"rsa-2048\"", "cannot generate RSA"),
             ("name = \"w\"\ndomains = [\"a.other.org\"]\nchallenge = \"dns-01\"", "no [[acme.rfc2136]] zone"),
             ("name = \"w\"\ndomains = []", "no domains"),
             ("name = \"w-cacert\"\ndomains = [\"a.example.com\"]", "-cacert"),

@@ -236,14 +236,13 @@ fn type_name(t: &ChallengeType) -> String {
 /// A CSR for `domains` (subject CN = the first when it fits) and its new key (PEM,
 /// PKCS#8, zeroized on drop).
 pub fn csr(domains: &[String], key_type: KeyType) -> Result<(Vec<u8>, KeyBytes), String> {
-    let alg = match key_type {
-        KeyType::EcdsaP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-        KeyType::EcdsaP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
-        KeyType::Rsa2048 | KeyType::Rsa3072 => {
-            return Err(format!("{} keys cannot be generated with ring", key_type.as_str()));
-        }
-    };
-    let key = KeyPair::generate_for(alg).map_err(|e| format!("generating a {} key: {e}", key_type.as_str()))?;
+    let key = match key_type {
+        KeyType::EcdsaP256 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256),
+        KeyType::EcdsaP384 => KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384),
+        KeyType::Rsa2048 => rsa_key(2048),
+        KeyType::Rsa3072 => rsa_key(3072),
+    }
+    .map_err(|e| format!("generating a {} key: {e}", key_type.as_str()))?;
     let mut params = CertificateParams::new(domains.to_vec()).map_err(|e| format!("CSR names: {e}"))?;
     params.distinguished_name = DistinguishedName::new();
     if let Some(first) = domains.first().filter(|d| d.len() <= 64) {
@@ -251,6 +250,16 @@ pub fn csr(domains: &[String], key_type: KeyType) -> Result<(Vec<u8>, KeyBytes),
     }
     let csr = params.serialize_request(&key).map_err(|e| format!("signing the CSR: {e}"))?;
     Ok((csr.der().to_vec(), KeyBytes::new(key.serialize_pem().into_bytes())))
+}
+
+/// ring signs with RSA keys but cannot generate them: the `rsa` crate generates the
+/// key only; everything else (CSR signature, checks, TLS) stays on ring.
+fn rsa_key(bits: usize) -> Result<KeyPair, rcgen::Error> {
+    use rsa::pkcs8::EncodePrivateKey;
+    let key = rsa::PrivateKey::new(&mut getrandom::SysRng, bits).map_err(|_| rcgen::Error::KeyGenerationUnavailable)?;
+    let der = key.to_pkcs8_der().map_err(|_| rcgen::Error::KeyGenerationUnavailable)?;
+    let der = rustls_pki_types::PrivatePkcs8KeyDer::from(der.as_bytes());
+    KeyPair::from_pkcs8_der_and_sign_algo(&der, &rcgen::PKCS_RSA_SHA256)
 }
 
 #[cfg(test)]
@@ -280,6 +289,12 @@ mod tests {
             assert_eq!(names, ["DNSName(example.com)", "DNSName(*.example.com)"]);
             assert!(std::str::from_utf8(key.as_slice()).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
         }
-        assert!(csr(&domains, KeyType::Rsa2048).unwrap_err().contains("ring"));
+        let (der, key) = csr(&domains, KeyType::Rsa2048).unwrap();
+        let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(&der).unwrap();
+        let spki = &req.certification_request_info.subject_pki;
+        assert_eq!(spki.algorithm.algorithm.to_id_string(), "1.2.840.113549.1.1.1", "rsaEncryption");
+        let x509_parser::public_key::PublicKey::RSA(rsa) = spki.parsed().unwrap() else { panic!("RSA key") };
+        assert_eq!(rsa.key_size(), 2048);
+        assert!(std::str::from_utf8(key.as_slice()).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
     }
 }
