@@ -285,7 +285,7 @@ async fn dns01_wildcard_is_issued_served_to_envoy_and_reloaded_after_restart() {
 
     // Metrics: one order issued; the next renewal comes from the CA's ARI window
     // (85% to 100% of 90 days here), not the 2/3 default.
-    assert_eq!(orders(&certwire, "wild", "issued").await, 1.0);
+    assert_eq!(wait_orders(&certwire, "wild", "issued", 1.0, WAIT).await, 1.0);
     let next = certwire.metric_sum("certwire_acme_next_renewal_timestamp_seconds", &[("certificate", "wild")]).await;
     let day = 86400.0;
     assert!(next > unix_now() + 75.0 * day && next < unix_now() + 91.0 * day, "next renewal {next}");
@@ -402,7 +402,7 @@ async fn short_lived_certificate_is_renewed_and_served_without_restart() {
     let served = wait_served_serial(tls_addr, &domain("short"), &second, WAIT).await;
     assert_eq!(served.http_status, 200);
     assert_eq!(stored_serial(&acme.state_dir, "short"), second, "the renewal is stored too");
-    assert_eq!(orders(&certwire, "short", "issued").await, 2.0);
+    assert_eq!(wait_orders(&certwire, "short", "issued", 2.0, WAIT).await, 2.0);
     assert_eq!(orders(&certwire, "short", "failed").await, 0.0);
     envoy.wait_stat_at_least("sds.short.update_success", 2, WAIT).await;
     assert_eq!(envoy.stat("sds.short.update_rejected").await, Some(0));
@@ -628,6 +628,12 @@ async fn replicas_share_a_lease_only_the_holder_orders_and_the_other_takes_over(
     let first = wait_serial(&a, "shared", None, ISSUE_WAIT).await;
     assert_eq!(wait_serial(&b, "shared", None, WAIT).await, first, "both replicas serve the same certificate");
     assert_eq!(wait_secret_serial(&api, "shared", None, WAIT).await, first);
+    // The order is counted once its certificate is stored (served, then written to the
+    // Secret): wait for the count rather than racing it.
+    util::wait_for("one order counted", WAIT, || async {
+        (all_orders(&a, "shared").await + all_orders(&b, "shared").await >= 1.0).then_some(())
+    })
+    .await;
     let (a_orders, b_orders) = (all_orders(&a, "shared").await, all_orders(&b, "shared").await);
     assert_eq!(a_orders + b_orders, 1.0, "one order in all: a {a_orders}, b {b_orders}");
     assert_eq!(std::fs::read_dir(env.ca.issued_dir()).unwrap().count(), 1, "the CA issued once");
@@ -640,7 +646,7 @@ async fn replicas_share_a_lease_only_the_holder_orders_and_the_other_takes_over(
     // expires, and renews when the certificate is due.
     leader.kill();
     let second = wait_serial(&follower, "shared", Some(&first), Duration::from_secs(60)).await;
-    assert_eq!(orders(&follower, "shared", "issued").await, 1.0, "the new holder renewed");
+    assert_eq!(wait_orders(&follower, "shared", "issued", 1.0, WAIT).await, 1.0, "the new holder renewed");
     assert_eq!(wait_secret_serial(&api, "shared", Some(&first), WAIT).await, second, "and stored the renewal");
     assert_eq!(std::fs::read_dir(env.ca.issued_dir()).unwrap().count(), 2);
     let lease = api.get_object("coordination.k8s.io/v1", "Lease", ACME_NS, "certwire-acme").unwrap();

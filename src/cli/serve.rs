@@ -62,11 +62,16 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
             .await
             .context("starting the Kubernetes source")?;
     }
+    // Source tasks whose shutdown does cleanup (ACME removes published challenge answers
+    // and releases its Lease): drained with the servers on SIGTERM.
+    let mut background = Vec::new();
     if let Some(acme) = settings.acme.clone() {
         let sink = Sink::new(store.clone(), metrics.clone(), "acme", settings.allow_expired);
-        sources::acme::start(acme, sink, metrics.clone(), health.clone(), shutdown.clone())
-            .await
-            .context("starting the ACME source")?;
+        background.extend(
+            sources::acme::start(acme, sink, metrics.clone(), health.clone(), shutdown.clone())
+                .await
+                .context("starting the ACME source")?,
+        );
     }
     if settings.dev {
         let sink = Sink::new(store.clone(), metrics.clone(), "dev", settings.allow_expired);
@@ -97,11 +102,11 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
             Err(e) => anyhow::anyhow!("a server task panicked: {e}"),
         };
         tracing::error!(error = format!("{err:#}"), "shutting down");
-        drain(&mut tasks, settings.drain_timeout).await;
+        drain(&mut tasks, background, settings.drain_timeout).await;
         return Err(err);
     }
     tracing::info!(timeout = ?settings.drain_timeout, "draining streams");
-    drain(&mut tasks, settings.drain_timeout).await;
+    drain(&mut tasks, background, settings.drain_timeout).await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -116,8 +121,17 @@ fn release_load_garbage() {
     }
 }
 
-async fn drain(tasks: &mut JoinSet<anyhow::Result<()>>, timeout: std::time::Duration) {
-    let all = async { while tasks.join_next().await.is_some() {} };
+async fn drain(
+    tasks: &mut JoinSet<anyhow::Result<()>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    timeout: std::time::Duration,
+) {
+    let all = async {
+        while tasks.join_next().await.is_some() {}
+        for task in background {
+            let _ = task.await;
+        }
+    };
     if tokio::time::timeout(timeout, all).await.is_err() {
         tracing::warn!("drain timeout reached; closing remaining connections");
         tasks.abort_all();
