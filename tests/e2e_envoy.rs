@@ -117,17 +117,7 @@ fn str_field<'a>(value: &'a Value, field: &str) -> &'a str {
 
 /// Holds for [`HOLD`] that fresh handshakes keep showing `serial_hex`.
 async fn keeps_serving(addr: SocketAddr, serial_hex: &str) {
-    let result = util::holds_for(HOLD, move || async move {
-        match handshake(addr, SNI, None).await {
-            Ok(served) if served.serial_hex == serial_hex => Ok(()),
-            Ok(served) => Err(format!("served serial {} instead of {serial_hex}", served.serial_hex)),
-            Err(err) => Err(format!("handshake failed: {err:#}")),
-        }
-    })
-    .await;
-    if let Err(what) = result {
-        panic!("expected {addr} to keep serving serial {serial_hex}, but: {what}");
-    }
+    tls::keeps_serving(addr, SNI, None, serial_hex, HOLD).await
 }
 
 /// Waits until certwire counts a rejected update with `reason`.

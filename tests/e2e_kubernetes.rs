@@ -77,16 +77,7 @@ impl Cluster {
     /// Runs `kubectl ARGS` against the emulator; panics with its output unless it
     /// succeeds. Returns stdout.
     async fn kubectl(&self, args: &[&str]) -> String {
-        let output = kubeapi::kubectl(&self.kubeconfig).args(args).output().await.expect("run kubectl");
-        assert!(
-            output.status.success(),
-            "kubectl {} failed ({}): {}{}",
-            args.join(" "),
-            output.status,
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
-        String::from_utf8(output.stdout).expect("kubectl prints UTF-8")
+        kubeapi::kubectl_ok(&self.kubeconfig, args).await
     }
 
     /// Writes `contents` to `DIR/file` and returns the path as a string for kubectl.
@@ -188,17 +179,7 @@ async fn envoy(sds: SocketAddr, secret: &str, mtls: bool) -> Proxy {
 /// Holds for [`HOLD`] that fresh handshakes (with `client`, if given) keep showing
 /// `serial_hex`.
 async fn keeps_serving(addr: SocketAddr, client: Option<&Issued>, serial_hex: &str) {
-    let result = util::holds_for(HOLD, move || async move {
-        match handshake(addr, SNI, client).await {
-            Ok(served) if served.serial_hex == serial_hex => Ok(()),
-            Ok(served) => Err(format!("served serial {} instead of {serial_hex}", served.serial_hex)),
-            Err(err) => Err(format!("handshake failed: {err:#}")),
-        }
-    })
-    .await;
-    if let Err(what) = result {
-        panic!("expected {addr} to keep serving serial {serial_hex}, but: {what}");
-    }
+    common::tls::keeps_serving(addr, SNI, client, serial_hex, HOLD).await
 }
 
 /// Holds for [`HOLD`] that no handshake succeeds: the listener has no certificate.

@@ -199,16 +199,7 @@ fn names(list: &Value) -> Vec<String> {
 }
 
 async fn kubectl(kubeconfig: &Path, args: &[&str]) -> String {
-    let output = kubeapi::kubectl(kubeconfig).args(args).output().await.expect("run kubectl");
-    assert!(
-        output.status.success(),
-        "kubectl {} failed ({}): {}{}",
-        args.join(" "),
-        output.status,
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8(output.stdout).expect("kubectl prints UTF-8")
+    kubeapi::kubectl_ok(kubeconfig, args).await
 }
 
 /// Words of each output line, to compare tables without caring about alignment.

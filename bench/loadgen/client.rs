@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpSocket;
@@ -171,34 +173,19 @@ pub async fn open_stream(
                 ..Default::default()
             };
             tx.send(first).await.ok().context("request channel closed")?;
-            let mut inbound = client.stream_secrets(ReceiverStream::new(rx)).await?.into_inner();
-            tokio::spawn(async move {
-                loop {
-                    match inbound.message().await {
-                        Ok(Some(resp)) => {
-                            tracker.record(slot, &resp.version_info);
-                            // ACK: the version and nonce just received, same names, node again.
-                            let ack = DiscoveryRequest {
-                                version_info: resp.version_info,
-                                node: Some(node.clone()),
-                                resource_names: vec![name.clone()],
-                                type_url: SECRET_TYPE_URL.to_owned(),
-                                response_nonce: resp.nonce,
-                                ..Default::default()
-                            };
-                            if tx.send(ack).await.is_err() {
-                                break;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(status) => {
-                            stream_error(&tracker, &name, &status);
-                            break;
-                        }
-                    }
+            let inbound = client.stream_secrets(ReceiverStream::new(rx)).await?.into_inner();
+            tokio::spawn(ack_loop(inbound, tx, tracker, name.clone(), move |tracker, resp: DiscoveryResponse| {
+                tracker.record(slot, &resp.version_info);
+                // ACK: the version and nonce just received, same names, node again.
+                DiscoveryRequest {
+                    version_info: resp.version_info,
+                    node: Some(node.clone()),
+                    resource_names: vec![name.clone()],
+                    type_url: SECRET_TYPE_URL.to_owned(),
+                    response_nonce: resp.nonce,
+                    ..Default::default()
                 }
-                tracker.broken.fetch_add(1, Ordering::Relaxed);
-            });
+            }));
         }
         Protocol::Delta => {
             let (tx, rx) = mpsc::channel(4);
@@ -209,36 +196,48 @@ pub async fn open_stream(
                 ..Default::default()
             };
             tx.send(first).await.ok().context("request channel closed")?;
-            let mut inbound = client.delta_secrets(ReceiverStream::new(rx)).await?.into_inner();
-            tokio::spawn(async move {
-                loop {
-                    match inbound.message().await {
-                        Ok(Some(resp)) => {
-                            if let Some(resource) = resp.resources.iter().find(|r| r.name == name) {
-                                tracker.record(slot, &resource.version);
-                            }
-                            let ack = DeltaDiscoveryRequest {
-                                node: Some(node.clone()),
-                                type_url: SECRET_TYPE_URL.to_owned(),
-                                response_nonce: resp.nonce,
-                                ..Default::default()
-                            };
-                            if tx.send(ack).await.is_err() {
-                                break;
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(status) => {
-                            stream_error(&tracker, &name, &status);
-                            break;
-                        }
-                    }
+            let inbound = client.delta_secrets(ReceiverStream::new(rx)).await?.into_inner();
+            let watched = name.clone();
+            tokio::spawn(ack_loop(inbound, tx, tracker, name, move |tracker, resp: DeltaDiscoveryResponse| {
+                if let Some(resource) = resp.resources.iter().find(|r| r.name == watched) {
+                    tracker.record(slot, &resource.version);
                 }
-                tracker.broken.fetch_add(1, Ordering::Relaxed);
-            });
+                DeltaDiscoveryRequest {
+                    node: Some(node.clone()),
+                    type_url: SECRET_TYPE_URL.to_owned(),
+                    response_nonce: resp.nonce,
+                    ..Default::default()
+                }
+            }));
         }
     }
     Ok(())
+}
+
+/// Reads responses until the stream ends, answering each with the request `ack` builds
+/// (recording the arrival on the way), the way Envoy acknowledges every response.
+async fn ack_loop<Resp, Req>(
+    mut inbound: tonic::Streaming<Resp>,
+    tx: mpsc::Sender<Req>,
+    tracker: Arc<Tracker>,
+    name: String,
+    mut ack: impl FnMut(&Tracker, Resp) -> Req,
+) {
+    loop {
+        match inbound.message().await {
+            Ok(Some(resp)) => {
+                if tx.send(ack(&tracker, resp)).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(status) => {
+                stream_error(&tracker, &name, &status);
+                break;
+            }
+        }
+    }
+    tracker.broken.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Logs the first few stream errors of a worker; the rest only count.

@@ -102,6 +102,22 @@ fn client_config(client: Option<&Issued>) -> anyhow::Result<ClientConfig> {
     })
 }
 
+/// Holds for `hold` that fresh handshakes (with `client`, if given) keep presenting
+/// `serial_hex`: shows that a rejected or torn update is never served.
+pub async fn keeps_serving(addr: SocketAddr, sni: &str, client: Option<&Issued>, serial_hex: &str, hold: Duration) {
+    let result = util::holds_for(hold, move || async move {
+        match handshake(addr, sni, client).await {
+            Ok(served) if served.serial_hex == serial_hex => Ok(()),
+            Ok(served) => Err(format!("served serial {} instead of {serial_hex}", served.serial_hex)),
+            Err(err) => Err(format!("handshake failed: {err:#}")),
+        }
+    })
+    .await;
+    if let Err(what) = result {
+        panic!("expected {addr} to keep serving serial {serial_hex}, but: {what}");
+    }
+}
+
 /// Polls fresh handshakes until the server presents the certificate with
 /// `serial_hex`; panics after `timeout` with the last thing seen.
 pub async fn wait_served_serial(addr: SocketAddr, sni: &str, serial_hex: &str, timeout: Duration) -> ServedCert {

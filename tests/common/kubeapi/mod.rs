@@ -277,3 +277,18 @@ pub fn kubectl(kubeconfig: &Path) -> tokio::process::Command {
     command.kill_on_drop(true);
     command
 }
+
+/// Runs `kubectl ARGS` against `kubeconfig`; panics with its output unless it succeeds.
+/// Returns stdout.
+pub async fn kubectl_ok(kubeconfig: &Path, args: &[&str]) -> String {
+    let output = kubectl(kubeconfig).args(args).output().await.expect("run kubectl");
+    assert!(
+        output.status.success(),
+        "kubectl {} failed ({}): {}{}",
+        args.join(" "),
+        output.status,
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout).expect("kubectl prints UTF-8")
+}
