@@ -16,7 +16,7 @@ use crate::shutdown::Shutdown;
 use crate::sources;
 use crate::store::Store;
 use crate::xds::proxies::Proxies;
-use crate::xds::{Sds, Shared, listen};
+use crate::xds::{Shared, listen};
 
 pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Result<ExitCode> {
     let settings = Settings::resolve(&flags, log_format)?;
@@ -82,10 +82,10 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
     release_load_garbage();
     let shared = Shared { store: store.clone(), proxies, metrics, shutdown: stop.clone() };
     for (addr, b) in bound {
-        let sds = Sds::new(shared.clone());
+        let shared = shared.clone();
         let token = shutdown.clone();
         tracing::info!(%addr, "SDS listening");
-        tasks.spawn(async move { listen::serve(b, sds, token).await.with_context(|| format!("SDS on {addr}")) });
+        tasks.spawn(async move { listen::serve(b, shared, token).await.with_context(|| format!("SDS on {addr}")) });
     }
 
     tracing::info!(secrets = store.served_count(), "certwire ready");

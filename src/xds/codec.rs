@@ -1,25 +1,19 @@
-//! The gRPC codec of the SDS service. Requests are decoded with prost; responses are
-//! written field by field around the secret bytes the store encoded once, so a push to
-//! ten thousand streams copies those bytes into each frame and encodes nothing again.
-//! Small initial buffers keep an idle stream cheap; they grow for the rare large message.
+//! SDS responses, written field by field around the secret bytes the store encoded
+//! once: a push to ten thousand streams copies those bytes into each frame and encodes
+//! nothing again. (Requests are decoded with prost where they are read.)
 
-use std::marker::PhantomData;
 use std::sync::Arc;
 
-use bytes::{Buf, BufMut};
-use prost::Message;
+use bytes::{BufMut, Bytes};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-use tonic::Status;
-use tonic::codec::{BufferSettings, Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 
+use super::grpc;
 use crate::pki::SECRET_TYPE_URL;
 use crate::store::Served;
 
-/// Initial size of each stream's encode and decode buffers. Envoy's requests are a few
-/// hundred bytes; a response grows the buffer once to the size of the secret.
-const BUFFER: usize = 512;
-/// Flush to the socket after this many bytes when responses queue up.
-const YIELD: usize = 32 * 1024;
+/// Room for the fields around the secrets: version, type URL, nonce, and per Delta
+/// resource its name and version. A response larger than the hint grows once.
+const FIELDS: usize = 160;
 
 /// A response, as references to shared secrets plus the few per-stream fields.
 #[derive(Debug)]
@@ -32,6 +26,16 @@ pub enum Outgoing {
 }
 
 impl Outgoing {
+    /// The response as one gRPC message, ready for a DATA frame.
+    pub fn frame(&self) -> Bytes {
+        let (resources, removed) = match self {
+            Outgoing::Sotw { resources, .. } => (resources, 0),
+            Outgoing::Delta { resources, removed, .. } => (resources, removed.iter().map(|n| n.len() + 4).sum()),
+        };
+        let hint: usize = resources.iter().map(|r| r.resource.len() + r.name.len() + FIELDS).sum::<usize>() + removed;
+        grpc::frame(hint + FIELDS, |buf| self.encode(buf))
+    }
+
     /// Writes the protobuf encoding of the response. Field numbers are those of
     /// envoy.service.discovery.v3 (checked against prost in the tests below).
     pub fn encode(&self, buf: &mut impl BufMut) {
@@ -102,69 +106,13 @@ fn bytes_len(tag: u32, value: &[u8]) -> usize {
     key_len(tag) + encoded_len_varint(value.len() as u64) + value.len()
 }
 
-/// Codec for one SDS method: requests of type `Req`, responses [`Outgoing`].
-pub struct SdsCodec<Req>(PhantomData<fn() -> Req>);
-
-impl<Req> Default for SdsCodec<Req> {
-    fn default() -> Self {
-        Self(PhantomData)
-    }
-}
-
-impl<Req: Message + Default + Send + 'static> Codec for SdsCodec<Req> {
-    type Encode = Outgoing;
-    type Decode = Req;
-    type Encoder = OutgoingEncoder;
-    type Decoder = RequestDecoder<Req>;
-
-    fn encoder(&mut self) -> Self::Encoder {
-        OutgoingEncoder
-    }
-
-    fn decoder(&mut self) -> Self::Decoder {
-        RequestDecoder(PhantomData)
-    }
-}
-
-pub struct OutgoingEncoder;
-
-impl Encoder for OutgoingEncoder {
-    type Item = Outgoing;
-    type Error = Status;
-
-    fn encode(&mut self, item: Outgoing, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode(dst);
-        Ok(())
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(BUFFER, YIELD)
-    }
-}
-
-pub struct RequestDecoder<Req>(PhantomData<fn() -> Req>);
-
-impl<Req: Message + Default> Decoder for RequestDecoder<Req> {
-    type Item = Req;
-    type Error = Status;
-
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<Req>, Status> {
-        let msg = Req::decode(src.copy_to_bytes(src.remaining()))
-            .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))?;
-        Ok(Some(msg))
-    }
-
-    fn buffer_settings(&self) -> BufferSettings {
-        BufferSettings::new(BUFFER, YIELD)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::time::{Instant, SystemTime};
 
     use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse, Resource};
     use envoy_types::pb::google::protobuf::Any;
+    use prost::Message;
 
     use super::*;
     use crate::pki::{KeyBytes, SecretKind, SecretMeta};
@@ -223,5 +171,16 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(DeltaDiscoveryResponse::decode(buf.as_slice()).unwrap(), expected);
+    }
+
+    #[test]
+    fn frame_is_the_encoding_behind_a_grpc_prefix() {
+        let out = Outgoing::Sotw { version_info: "v1".into(), nonce: 9, resources: vec![served("a", &[3u8; 5000])] };
+        let mut body = Vec::new();
+        out.encode(&mut body);
+        let frame = out.frame();
+        assert_eq!(frame[0], 0, "uncompressed");
+        assert_eq!(u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize, body.len());
+        assert_eq!(&frame[5..], &body[..]);
     }
 }

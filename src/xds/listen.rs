@@ -6,13 +6,12 @@ use std::str::FromStr;
 use std::time::Duration;
 
 use anyhow::Context;
-use tokio::net::{TcpListener, UnixListener};
-use tokio_stream::wrappers::UnixListenerStream;
+use socket2::{SockRef, TcpKeepalive};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
+use tokio_util::task::TaskTracker;
 
-use super::Sds;
+use super::{Shared, conn};
 
 /// `127.0.0.1:18000` or `unix:/run/certwire/sds.sock`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -80,34 +79,73 @@ pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Bound> {
     }
 }
 
-fn server() -> Server {
-    // Dead peers are found by TCP keepalive (below), which costs nothing per connection
-    // in user space; HTTP/2 PING timers showed up in profiles with 10,000 streams.
-    Server::builder()
-}
-
-/// Serves until `shutdown` is cancelled and the streams have ended.
-pub async fn serve(bound: Bound, svc: Sds, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let signal = shutdown.clone().cancelled_owned();
+/// Serves until `shutdown` is cancelled and the connections have ended.
+pub async fn serve(bound: Bound, shared: Shared, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let connections = TaskTracker::new();
     match bound {
         Bound::Tcp(l) => {
-            // Proxies keep streams for days: the kernel probes an idle peer after 30 s,
-            // every 10 s, and drops it after 3 misses.
-            let incoming = TcpIncoming::from(l)
-                .with_nodelay(Some(true))
-                .with_keepalive(Some(Duration::from_secs(30)))
-                .with_keepalive_interval(Some(Duration::from_secs(10)))
-                .with_keepalive_retries(Some(3));
-            server().add_service(svc).serve_with_incoming_shutdown(incoming, signal).await?;
+            while let Some((sock, addr)) = accept(&shutdown, || l.accept()).await {
+                if let Err(e) = tune(&sock) {
+                    tracing::debug!(peer = %addr, error = %e, "could not set TCP options");
+                }
+                connections.spawn(conn::serve(sock, shared.clone(), addr.to_string()));
+            }
         }
         Bound::Unix(l, path) => {
-            let incoming = UnixListenerStream::new(l);
-            let result = server().add_service(svc).serve_with_incoming_shutdown(incoming, signal).await;
+            while let Some((sock, _)) = accept(&shutdown, || l.accept()).await {
+                let peer = unix_peer(&sock);
+                connections.spawn(conn::serve(sock, shared.clone(), peer));
+            }
             let _ = std::fs::remove_file(&path);
-            result?;
         }
     }
+    connections.close();
+    connections.wait().await;
     Ok(())
+}
+
+/// The next connection, or `None` on shutdown. Errors are the process's (out of file
+/// descriptors, memory) or a connection's that died in the queue; neither stops the
+/// server, and a short pause keeps an exhausted process from spinning.
+async fn accept<S, A, F, Fut>(shutdown: &CancellationToken, mut next: F) -> Option<(S, A)>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = std::io::Result<(S, A)>>,
+{
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return None,
+            r = next() => match r {
+                Ok(pair) => return Some(pair),
+                Err(e) => {
+                    tracing::warn!(error = %e, "accepting an SDS connection failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Proxies keep streams for days: the kernel probes an idle peer after 30 s, every
+/// 10 s, and drops it after 3 misses. (HTTP/2 PING timers would do the same in user
+/// space, per connection; they showed up in profiles with 10,000 streams.)
+fn tune(sock: &TcpStream) -> std::io::Result<()> {
+    sock.set_nodelay(true)?;
+    let keepalive =
+        TcpKeepalive::new().with_time(Duration::from_secs(30)).with_interval(Duration::from_secs(10)).with_retries(3);
+    SockRef::from(sock).set_tcp_keepalive(&keepalive)
+}
+
+/// Who is on the other end of a Unix socket, for status: the peer's process
+/// credentials (the kernel vouches for them; the proxy cannot fake them).
+fn unix_peer(sock: &UnixStream) -> String {
+    match sock.peer_cred() {
+        Ok(cred) => match cred.pid() {
+            Some(pid) => format!("unix:pid={pid},uid={}", cred.uid()),
+            None => format!("unix:uid={}", cred.uid()),
+        },
+        Err(_) => "unix".to_owned(),
+    }
 }
 
 #[cfg(test)]

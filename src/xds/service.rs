@@ -1,104 +1,79 @@
-//! The SDS gRPC service, routed by hand so that it can use [`SdsCodec`]: the generated
-//! server of envoy-types always encodes responses with prost, per stream.
+//! `envoy.service.secret.v3.SecretDiscoveryService`: routes an accepted HTTP/2 request
+//! to its method. Each call becomes a future run by its connection's task.
 
-use std::convert::Infallible;
-use std::marker::PhantomData;
-use std::task::{Context, Poll};
+use std::future::Future;
+use std::pin::Pin;
 
-use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
-use tonic::codegen::{Body, BoxFuture, StdError, http};
-use tonic::server::{Grpc, NamedService, StreamingService, UnaryService};
-use tonic::{Request, Response, Status, Streaming};
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use futures_util::future::poll_fn;
+use h2::server::SendResponse;
+use h2::{RecvStream, SendStream};
+use http::Request;
+use prost::Message;
+use tonic::Status;
 
-use super::codec::{Outgoing, SdsCodec};
 use super::delta::Delta;
+use super::grpc::{self, Inbound};
 use super::sotw::Sotw;
 use super::stream::{self, Protocol};
-use super::{ResponseStream, Shared, fetch, peer_label};
+use super::{Shared, fetch};
 
 const STREAM: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
 const DELTA: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
 const FETCH: &str = "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecrets";
 
-/// `envoy.service.secret.v3.SecretDiscoveryService`. Cheap to clone.
-#[derive(Clone)]
-pub struct Sds {
-    shared: Shared,
-}
+pub type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
 
-impl Sds {
-    pub fn new(shared: Shared) -> Self {
-        Self { shared }
+/// The call for `req`, or `None` when it was answered at once (not gRPC, unknown method,
+/// or the peer went away).
+pub fn route(shared: &Shared, peer: &str, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) -> Option<Call> {
+    if let Some(refusal) = grpc::refuse(&req) {
+        let _ = respond.send_response(refusal, true);
+        return None;
     }
-}
-
-impl NamedService for Sds {
-    const NAME: &'static str = "envoy.service.secret.v3.SecretDiscoveryService";
-}
-
-impl<B> tower::Service<http::Request<B>> for Sds
-where
-    B: Body + Send + 'static,
-    B::Error: Into<StdError> + Send + 'static,
-{
-    type Response = http::Response<tonic::body::Body>;
-    type Error = Infallible;
-    type Future = BoxFuture<Self::Response, Self::Error>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let shared = self.shared.clone();
-        match req.uri().path() {
-            STREAM => Box::pin(async move {
-                Ok(Grpc::new(SdsCodec::<DiscoveryRequest>::default())
-                    .streaming(StreamMethod::<Sotw>(shared, PhantomData), req)
-                    .await)
-            }),
-            DELTA => Box::pin(async move {
-                Ok(Grpc::new(SdsCodec::<DeltaDiscoveryRequest>::default())
-                    .streaming(StreamMethod::<Delta>(shared, PhantomData), req)
-                    .await)
-            }),
-            FETCH => Box::pin(async move {
-                Ok(Grpc::new(SdsCodec::<DiscoveryRequest>::default()).unary(FetchMethod(shared), req).await)
-            }),
-            other => {
-                let status = Status::unimplemented(format!("{other} is not served: certwire serves SDS v3"));
-                Box::pin(async move { Ok(status.into_http()) })
-            }
+    let shared = shared.clone();
+    match req.uri().path() {
+        STREAM => open::<Sotw>(shared, peer, req, respond),
+        DELTA => open::<Delta>(shared, peer, req, respond),
+        FETCH => Some(Box::pin(unary(shared, req.into_body(), respond))),
+        other => {
+            let status = Status::unimplemented(format!("{other} is not served: certwire serves SDS v3"));
+            let _ = respond.send_response(grpc::trailers_only(&status), true);
+            None
         }
     }
 }
 
-/// StreamSecrets or DeltaSecrets, by protocol.
-struct StreamMethod<P>(Shared, PhantomData<fn() -> P>);
-
-impl<P: Protocol> StreamingService<P::Request> for StreamMethod<P>
-where
-    Streaming<P::Request>: Send,
-{
-    type Response = Outgoing;
-    type ResponseStream = ResponseStream<Outgoing>;
-    type Future = BoxFuture<Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: Request<Streaming<P::Request>>) -> Self::Future {
-        let shared = self.0.clone();
-        let peer = peer_label(&request);
-        Box::pin(async move { Ok(Response::new(stream::spawn::<P>(shared, peer, request.into_inner()))) })
-    }
+fn open<P: Protocol>(
+    shared: Shared,
+    peer: &str,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) -> Option<Call> {
+    let send: SendStream<Bytes> = respond.send_response(grpc::response_headers(), false).ok()?;
+    Some(Box::pin(stream::run::<P>(shared, peer.to_owned(), req.into_body(), send)))
 }
 
-struct FetchMethod(Shared);
-
-impl UnaryService<DiscoveryRequest> for FetchMethod {
-    type Response = Outgoing;
-    type Future = BoxFuture<Response<Outgoing>, Status>;
-
-    fn call(&mut self, request: Request<DiscoveryRequest>) -> Self::Future {
-        let shared = self.0.clone();
-        Box::pin(async move { fetch::fetch(&shared, request.into_inner()).map(Response::new) })
+/// FetchSecrets: one request message, one response (or a status).
+async fn unary(shared: Shared, body: RecvStream, mut respond: SendResponse<Bytes>) {
+    let mut inbound = Inbound::new(body);
+    let outcome = match poll_fn(|cx| inbound.poll_message(cx)).await {
+        Some(Ok(message)) => DiscoveryRequest::decode(message)
+            .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
+            .and_then(|req| fetch::fetch(&shared, req)),
+        Some(Err(status)) => Err(status),
+        None => Err(Status::invalid_argument("FetchSecrets needs a request message")),
+    };
+    match outcome {
+        Ok(response) => {
+            let Ok(mut send) = respond.send_response(grpc::response_headers(), false) else { return };
+            if send.send_data(response.frame(), false).is_ok() {
+                let _ = send.send_trailers(grpc::trailers(&Status::ok("")));
+            }
+        }
+        Err(status) => {
+            let _ = respond.send_response(grpc::trailers_only(&status), true);
+        }
     }
 }

@@ -1,23 +1,27 @@
-//! A stream, shared by SotW and Delta: the response body itself reads the proxy's
-//! requests, watches the secrets and yields responses. There is no task or channel per
-//! stream: a rotation wakes the body's own task directly, which matters when one change
-//! fans out to ten thousand streams. The protocols differ only in how they read a
-//! request and shape a response ([`Protocol`]).
+//! A stream, shared by SotW and Delta: one future reads the proxy's requests, watches
+//! the secrets and writes responses. It runs inside its connection's task (see
+//! [`super::conn`]), so a rotation wakes that task directly: no task or channel per
+//! stream, which matters when one change fans out to ten thousand streams. The
+//! protocols differ only in how they read a request and shape a response ([`Protocol`]).
 
+use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll, Waker};
 
-use futures_util::{Stream, StreamExt};
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
+use prost::Message;
 use tokio_util::sync::WaitForCancellationFutureOwned;
-use tonic::{Status, Streaming};
+use tonic::Status;
 
+use super::Shared;
 use super::codec::Outgoing;
+use super::grpc::{self, Inbound};
 use super::session::{Change, Session};
-use super::{ResponseStream, Shared};
 use crate::shutdown::Shutdown;
 
 pub trait Protocol: Send + 'static {
-    type Request: Send + 'static;
+    type Request: Message + Default + Send + 'static;
     /// Label in metrics and status.
     const NAME: &'static str;
     /// Applies a request (subscriptions, ACK/NACK) to the session.
@@ -26,79 +30,107 @@ pub trait Protocol: Send + 'static {
     fn response(session: &mut Session, change: Change) -> Option<Outgoing>;
 }
 
-pub fn spawn<P: Protocol>(shared: Shared, peer: String, inbound: Streaming<P::Request>) -> ResponseStream<Outgoing>
-where
-    Streaming<P::Request>: Send,
-{
+/// The future of one StreamSecrets or DeltaSecrets call whose response headers are sent.
+pub fn run<P: Protocol>(shared: Shared, peer: String, body: RecvStream, send: SendStream<Bytes>) -> StreamTask<P> {
     let stopping = shared.shutdown.clone();
     let wake_on_stop = Box::pin(stopping.token().cancelled_owned());
     let session = Session::open(shared, P::NAME, peer);
-    Box::pin(SessionStream::<P> { session, inbound, stopping, wake_on_stop, registered: None, done: false })
+    StreamTask {
+        session,
+        inbound: Inbound::new(body),
+        send,
+        stopping,
+        wake_on_stop,
+        registered: None,
+        _protocol: std::marker::PhantomData,
+    }
 }
 
-struct SessionStream<P: Protocol> {
+pub struct StreamTask<P: Protocol> {
     session: Session,
-    inbound: Streaming<P::Request>,
+    inbound: Inbound,
+    send: SendStream<Bytes>,
     /// SIGTERM: the stream ends cleanly so the proxy reconnects to another replica.
     stopping: Shutdown,
     /// Polled only to register the waker that SIGTERM wakes (again when the waker
     /// changes); the flag in `stopping` is what is checked on every poll, lock-free.
     wake_on_stop: Pin<Box<WaitForCancellationFutureOwned>>,
     registered: Option<Waker>,
-    done: bool,
+    _protocol: std::marker::PhantomData<fn() -> P>,
 }
 
-impl<P: Protocol> SessionStream<P> {
-    fn end(&mut self, why: &str) -> Poll<Option<Result<Outgoing, Status>>> {
-        self.done = true;
+impl<P: Protocol> StreamTask<P> {
+    /// Ends the call with `status` in the trailers.
+    fn end(&mut self, why: &str, status: Status) -> Poll<()> {
         tracing::debug!(stream = self.session.id, protocol = P::NAME, why, "stream ended");
-        Poll::Ready(None)
+        // Fails only when the peer is already gone.
+        let _ = self.send.send_trailers(grpc::trailers(&status));
+        Poll::Ready(())
+    }
+
+    /// Whether another response may be handed to h2 now. The previous one must have
+    /// left its buffer, so a proxy that stops reading holds at most one response here;
+    /// changes meanwhile wait in the watches, where only the latest is kept.
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
+        self.send.reserve_capacity(1);
+        while self.send.capacity() == 0 {
+            match self.send.poll_capacity(cx) {
+                Poll::Ready(Some(Ok(_))) => {}
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+                Poll::Ready(None) => return Poll::Ready(Err(h2::Error::from(h2::Reason::CANCEL))),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        Poll::Ready(Ok(()))
     }
 }
 
-impl<P: Protocol> Stream for SessionStream<P> {
-    type Item = Result<Outgoing, Status>;
+impl<P: Protocol> Future for StreamTask<P> {
+    type Output = ();
 
-    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         // Every field is Unpin.
         let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(None);
-        }
         if !this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
             this.registered = Some(cx.waker().clone());
             if this.wake_on_stop.as_mut().poll(cx).is_ready() {
-                return this.end("shutting down");
+                return this.end("shutting down", Status::ok(""));
             }
         }
         if this.stopping.is_triggered() {
-            return this.end("shutting down");
+            return this.end("shutting down", Status::ok(""));
         }
         // Requests first: an ACK or a new subscription changes what is due.
         loop {
-            match this.inbound.poll_next_unpin(cx) {
-                Poll::Ready(Some(Ok(req))) => {
-                    if let Err(status) = P::on_request(&mut this.session, req) {
-                        this.done = true;
-                        return Poll::Ready(Some(Err(status)));
+            match this.inbound.poll_message(cx) {
+                Poll::Ready(Some(Ok(message))) => {
+                    let applied = P::Request::decode(message)
+                        .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
+                        .and_then(|req| P::on_request(&mut this.session, req));
+                    if let Err(status) = applied {
+                        return this.end("bad request", status);
                     }
                 }
-                Poll::Ready(Some(Err(status))) => {
-                    tracing::debug!(stream = this.session.id, error = %status, "stream closed by peer");
-                    return this.end("peer error");
-                }
-                Poll::Ready(None) => return this.end("peer closed"),
+                Poll::Ready(Some(Err(status))) => return this.end("bad request", status),
+                Poll::Ready(None) => return this.end("peer closed", Status::ok("")),
                 Poll::Pending => break,
             }
         }
         loop {
-            match this.session.poll_change(cx) {
-                Poll::Ready(change) => {
-                    if let Some(response) = P::response(&mut this.session, change) {
-                        return Poll::Ready(Some(Ok(response)));
-                    }
+            match this.poll_room(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(stream = this.session.id, error = %e, "stream broken");
+                    return Poll::Ready(());
                 }
                 Poll::Pending => return Poll::Pending,
+            }
+            let Poll::Ready(change) = this.session.poll_change(cx) else { return Poll::Pending };
+            if let Some(response) = P::response(&mut this.session, change)
+                && let Err(e) = this.send.send_data(response.frame(), false)
+            {
+                tracing::debug!(stream = this.session.id, error = %e, "stream broken");
+                return Poll::Ready(());
             }
         }
     }

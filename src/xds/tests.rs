@@ -10,12 +10,12 @@ use envoy_types::pb::envoy::service::discovery::v3::{
 use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
+use super::Shared;
 use super::proxies::Proxies;
-use super::{Sds, Shared};
 use crate::ingest::Sink;
 use crate::metrics::Metrics;
 use crate::pki::{KeyBytes, Material, SECRET_TYPE_URL};
@@ -32,6 +32,7 @@ struct Harness {
     sink: Sink,
     shared: Shared,
     client: SecretDiscoveryServiceClient<Channel>,
+    addr: std::net::SocketAddr,
     shutdown: Shutdown,
 }
 
@@ -53,18 +54,11 @@ async fn harness() -> Harness {
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let svc = Sds::new(shared.clone());
     let stop = shutdown.token();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), stop.cancelled_owned())
-            .await
-            .unwrap();
-    });
+    tokio::spawn(super::listen::serve(super::listen::Bound::Tcp(listener), shared.clone(), stop));
     let client = SecretDiscoveryServiceClient::connect(format!("http://{addr}")).await.unwrap();
     let sink = Sink::new(store, metrics, "test", false);
-    Harness { sink, shared, client, shutdown }
+    Harness { sink, shared, client, addr, shutdown }
 }
 
 impl Harness {
@@ -307,4 +301,95 @@ async fn shutdown_ends_streams() {
     h.shutdown.trigger();
     let end = tokio::time::timeout(ARRIVE, rx.message()).await.expect("stream ends");
     assert!(matches!(end, Ok(None) | Err(_)));
+}
+
+/// A raw HTTP/2 request to the SDS port; returns the response head and the stream to
+/// read the rest from. For what a gRPC client would never send.
+async fn raw(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+) -> (http::response::Parts, h2::RecvStream) {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"))
+        .header("content-type", content_type)
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(req, body.is_empty()).unwrap();
+    if !body.is_empty() {
+        send.send_data(bytes::Bytes::copy_from_slice(body), true).unwrap();
+    }
+    let response = tokio::time::timeout(ARRIVE, response).await.expect("a response in time").unwrap();
+    let (parts, body) = response.into_parts();
+    (parts, body)
+}
+
+#[tokio::test]
+async fn requests_that_are_not_sds_calls_get_a_clear_answer() {
+    let h = harness().await;
+    let (get, _) = raw(h.addr, "GET", "/", "text/plain", b"").await;
+    assert_eq!(get.status, http::StatusCode::METHOD_NOT_ALLOWED);
+    let (plain, _) = raw(h.addr, "POST", "/", "text/plain", b"x").await;
+    assert_eq!(plain.status, http::StatusCode::UNSUPPORTED_MEDIA_TYPE);
+    let (unknown, _) = raw(
+        h.addr,
+        "POST",
+        "/envoy.service.cluster.v3.ClusterDiscoveryService/StreamClusters",
+        "application/grpc",
+        b"",
+    )
+    .await;
+    assert_eq!(unknown.status, http::StatusCode::OK);
+    assert_eq!(unknown.headers["grpc-status"], "12", "UNIMPLEMENTED");
+    let message = unknown.headers["grpc-message"].to_str().unwrap();
+    assert!(message.contains("ClusterDiscoveryService") && message.contains("SDS"), "{message}");
+}
+
+#[tokio::test]
+async fn compressed_request_is_refused_with_the_reason() {
+    let h = harness().await;
+    let path = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+    let (head, mut body) = raw(h.addr, "POST", path, "application/grpc", &[1, 0, 0, 0, 1, 0]).await;
+    assert_eq!(head.status, http::StatusCode::OK);
+    while let Some(chunk) = body.data().await {
+        chunk.unwrap();
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers["grpc-status"], "12");
+    assert!(trailers["grpc-message"].to_str().unwrap().contains("compressed"));
+}
+
+/// Envoy opens one stream per secret, all on one connection: a gateway with hundreds of
+/// certificates must get every one.
+#[tokio::test]
+async fn hundreds_of_streams_on_one_connection() {
+    const N: usize = 300;
+    let mut h = harness().await;
+    let names: Vec<String> = (0..N).map(|i| format!("s{i}")).collect();
+    for n in &names {
+        h.put(n, n);
+    }
+    let mut streams = Vec::new();
+    for n in &names {
+        let (tx, rx) = h.sotw().await;
+        tx.send(request(&[n], "", "")).await.unwrap();
+        streams.push((n, tx, rx));
+    }
+    for (n, tx, rx) in &mut streams {
+        let r = next(rx).await;
+        assert_eq!(&secret_name(&r), *n);
+        tx.send(request(&[n], &r.version_info, &r.nonce)).await.unwrap();
+    }
+    h.put("s7", "rotated");
+    let (_, _, rx) = &mut streams[7];
+    let r = next(rx).await;
+    assert_eq!(r.version_info, h.version("s7"));
+    let (_, _, other) = &mut streams[8];
+    silent(other).await;
 }
