@@ -211,7 +211,13 @@ impl Server {
         util::log_tail(&self.log, 20)
     }
 
+    /// SIGTERM, as in production (and so that a profiler wrapping the server writes its
+    /// output), then SIGKILL if it has not exited within a few seconds.
     pub async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        // SAFETY: plain kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid as libc::pid_t, libc::SIGTERM) };
+        if tokio::time::timeout(Duration::from_secs(10), self.child.wait()).await.is_err() {
+            let _ = self.child.kill().await;
+        }
     }
 }

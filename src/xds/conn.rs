@@ -2,13 +2,16 @@
 //! task. Calls write into h2's buffers; the same poll then flushes them, so a push costs
 //! one wake-up and one write per connection.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use futures_util::future::poll_fn;
 use futures_util::stream::FuturesUnordered;
+use h2::server::{Connection, Handshake};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::Shared;
 use super::service::{self, Call};
@@ -27,34 +30,70 @@ fn builder() -> h2::server::Builder {
 }
 
 /// Serves one connection until the peer leaves, or after SIGTERM until its calls ended.
-pub async fn serve<IO>(io: IO, shared: Shared, peer: String)
+pub fn serve<IO>(io: IO, shared: Shared, peer: String) -> ConnTask<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut conn = match builder().handshake::<_, Bytes>(io).await {
-        Ok(conn) => conn,
-        Err(e) => {
-            tracing::debug!(%peer, error = %e, "HTTP/2 handshake failed");
-            return;
-        }
-    };
-    let mut calls: FuturesUnordered<Call> = FuturesUnordered::new();
-    let stop = shared.shutdown.token();
-    let mut stopping = std::pin::pin!(stop.cancelled());
-    let mut draining = false;
-    poll_fn(|cx: &mut Context<'_>| {
-        if !draining && stopping.as_mut().poll(cx).is_ready() {
+    let stopping = Box::pin(shared.shutdown.token().cancelled_owned());
+    ConnTask {
+        phase: Phase::Handshake(builder().handshake(io)),
+        calls: FuturesUnordered::new(),
+        shared,
+        peer,
+        stopping,
+        draining: false,
+    }
+}
+
+/// The task of a connection. A hand-written state machine rather than an `async fn`,
+/// whose layout kept the handshake and the connection side by side: this is allocated
+/// once per proxy, and every byte of it is touched.
+pub struct ConnTask<IO> {
+    phase: Phase<IO>,
+    calls: FuturesUnordered<Call>,
+    shared: Shared,
+    peer: String,
+    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    draining: bool,
+}
+
+enum Phase<IO> {
+    Handshake(Handshake<IO, Bytes>),
+    Serving(Connection<IO, Bytes>),
+}
+
+impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.get_mut();
+        let conn = match &mut this.phase {
+            Phase::Serving(conn) => conn,
+            Phase::Handshake(handshake) => match Pin::new(handshake).poll(cx) {
+                Poll::Ready(Ok(conn)) => {
+                    this.phase = Phase::Serving(conn);
+                    let Phase::Serving(conn) = &mut this.phase else { unreachable!("just set") };
+                    conn
+                }
+                Poll::Ready(Err(e)) => {
+                    tracing::debug!(peer = %this.peer, error = %e, "HTTP/2 handshake failed");
+                    return Poll::Ready(());
+                }
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        if !this.draining && this.stopping.as_mut().poll(cx).is_ready() {
             // GOAWAY: no new calls; the open ones end themselves on the same signal.
             conn.graceful_shutdown();
-            draining = true;
+            this.draining = true;
         }
         loop {
             // Calls first, so that what they write is flushed by the connection below.
-            while let Poll::Ready(Some(())) = calls.poll_next_unpin(cx) {}
-            if draining {
+            while let Poll::Ready(Some(())) = this.calls.poll_next_unpin(cx) {}
+            if this.draining {
                 return match conn.poll_closed(cx) {
                     Poll::Ready(Err(e)) => {
-                        tracing::debug!(%peer, error = %e, "connection closed");
+                        tracing::debug!(peer = %this.peer, error = %e, "connection closed");
                         Poll::Ready(())
                     }
                     other => other.map(|_| ()),
@@ -62,19 +101,43 @@ where
             }
             match conn.poll_accept(cx) {
                 Poll::Ready(Some(Ok((req, respond)))) => {
-                    if let Some(call) = service::route(&shared, &peer, req, respond) {
-                        calls.push(call);
+                    if let Some(call) = service::route(&this.shared, &this.peer, req, respond) {
+                        this.calls.push(call);
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    tracing::debug!(%peer, error = %e, "connection failed");
+                    tracing::debug!(peer = %this.peer, error = %e, "connection failed");
                     return Poll::Ready(());
                 }
                 // The peer closed the connection (or sent GOAWAY): finish what runs.
-                Poll::Ready(None) => draining = true,
+                Poll::Ready(None) => this.draining = true,
                 Poll::Pending => return Poll::Pending,
             }
         }
-    })
-    .await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use tokio::net::TcpStream;
+
+    /// Every connection allocates its task once; an `async fn` here laid the handshake
+    /// and the connection side by side and doubled it.
+    #[tokio::test]
+    async fn connection_task_is_little_more_than_the_h2_connection() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let io = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        let shared = super::Shared {
+            store: Arc::new(crate::store::Store::new()),
+            proxies: Arc::new(crate::xds::proxies::Proxies::new(metrics.clone())),
+            metrics,
+            shutdown: crate::shutdown::Shutdown::new(),
+        };
+        let task = super::serve(io, shared, String::new());
+        let h2 = std::mem::size_of::<h2::server::Connection<TcpStream, bytes::Bytes>>();
+        assert!(std::mem::size_of_val(&task) <= h2 + 160, "{} bytes for {h2} of h2", std::mem::size_of_val(&task));
+    }
 }
