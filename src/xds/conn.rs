@@ -5,12 +5,14 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use h2::server::{Connection, Handshake};
 use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::time::Sleep;
 use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::Shared;
@@ -19,13 +21,18 @@ use super::service::{self, Call};
 /// Bytes a call may have waiting in h2 for a slow proxy before it stops taking new
 /// responses (the latest version then waits in the store, not in memory per stream).
 const SEND_BUFFER: usize = 64 * 1024;
+/// A client that connects and never speaks HTTP/2 is dropped after this: otherwise idle
+/// sockets would pile up until the process runs out of file descriptors.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Headers of a request, at most: gRPC's own default is 8 KiB.
+const MAX_HEADERS: u32 = 64 * 1024;
 /// Calls per connection. Envoy opens one stream per secret on one connection; a gateway
 /// with thousands of certificates stays well below this.
 const MAX_STREAMS: u32 = 16 * 1024;
 
 fn builder() -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
-    b.max_concurrent_streams(MAX_STREAMS).max_send_buffer_size(SEND_BUFFER);
+    b.max_concurrent_streams(MAX_STREAMS).max_send_buffer_size(SEND_BUFFER).max_header_list_size(MAX_HEADERS);
     b
 }
 
@@ -36,7 +43,7 @@ where
 {
     let stopping = Box::pin(shared.shutdown.token().cancelled_owned());
     ConnTask {
-        phase: Phase::Handshake(builder().handshake(io)),
+        phase: Phase::Handshake(builder().handshake(io), Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT))),
         calls: FuturesUnordered::new(),
         shared,
         peer,
@@ -58,7 +65,7 @@ pub struct ConnTask<IO> {
 }
 
 enum Phase<IO> {
-    Handshake(Handshake<IO, Bytes>),
+    Handshake(Handshake<IO, Bytes>, Pin<Box<Sleep>>),
     Serving(Connection<IO, Bytes>),
 }
 
@@ -69,7 +76,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
         let this = self.get_mut();
         let conn = match &mut this.phase {
             Phase::Serving(conn) => conn,
-            Phase::Handshake(handshake) => match Pin::new(handshake).poll(cx) {
+            Phase::Handshake(handshake, deadline) => match Pin::new(handshake).poll(cx) {
                 Poll::Ready(Ok(conn)) => {
                     this.phase = Phase::Serving(conn);
                     let Phase::Serving(conn) = &mut this.phase else { unreachable!("just set") };
@@ -79,7 +86,13 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
                     tracing::debug!(peer = %this.peer, error = %e, "HTTP/2 handshake failed");
                     return Poll::Ready(());
                 }
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if deadline.as_mut().poll(cx).is_ready() {
+                        tracing::debug!(peer = %this.peer, "no HTTP/2 preface in time; closing");
+                        return Poll::Ready(());
+                    }
+                    return Poll::Pending;
+                }
             },
         };
         if !this.draining && this.stopping.as_mut().poll(cx).is_ready() {
@@ -123,20 +136,32 @@ mod tests {
 
     use tokio::net::TcpStream;
 
+    fn shared() -> super::Shared {
+        let metrics = Arc::new(crate::metrics::Metrics::new());
+        super::Shared {
+            store: Arc::new(crate::store::Store::new()),
+            proxies: Arc::new(crate::xds::proxies::Proxies::new(metrics.clone())),
+            metrics,
+            shutdown: crate::shutdown::Shutdown::new(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_never_speaks_http2_is_dropped() {
+        let (_client, server) = tokio::io::duplex(1024);
+        let task = tokio::spawn(super::serve(server, shared(), "silent".into()));
+        tokio::time::sleep(super::HANDSHAKE_TIMEOUT / 2).await;
+        assert!(!task.is_finished(), "still waiting for the preface");
+        tokio::time::timeout(super::HANDSHAKE_TIMEOUT, task).await.expect("dropped after the timeout").unwrap();
+    }
+
     /// Every connection allocates its task once; an `async fn` here laid the handshake
     /// and the connection side by side and doubled it.
     #[tokio::test]
     async fn connection_task_is_little_more_than_the_h2_connection() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let io = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let metrics = Arc::new(crate::metrics::Metrics::new());
-        let shared = super::Shared {
-            store: Arc::new(crate::store::Store::new()),
-            proxies: Arc::new(crate::xds::proxies::Proxies::new(metrics.clone())),
-            metrics,
-            shutdown: crate::shutdown::Shutdown::new(),
-        };
-        let task = super::serve(io, shared, String::new());
+        let task = super::serve(io, shared(), String::new());
         let h2 = std::mem::size_of::<h2::server::Connection<TcpStream, bytes::Bytes>>();
         assert!(std::mem::size_of_val(&task) <= h2 + 160, "{} bytes for {h2} of h2", std::mem::size_of_val(&task));
     }

@@ -1,23 +1,23 @@
 //! DeltaSecrets (incremental): explicit subscribe/unsubscribe, per-resource versions and
 //! removals announced in `removed_resources`.
 
-use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
 
 use super::check_type_url;
 use super::codec::Outgoing;
+use super::requests::DeltaRequest;
 use super::session::{Change, Session};
 use super::stream::Protocol;
 
 pub struct Delta;
 
 impl Protocol for Delta {
-    type Request = DeltaDiscoveryRequest;
+    type Request = DeltaRequest;
     const NAME: &'static str = "delta";
 
-    fn on_request(session: &mut Session, req: DeltaDiscoveryRequest) -> Result<(), Status> {
+    fn on_request(session: &mut Session, req: DeltaRequest) -> Result<(), Status> {
         check_type_url(&req.type_url)?;
-        session.identify(req.node.as_ref());
+        session.identify(&req.node);
         session.acknowledge(&req.response_nonce, req.error_detail.as_ref());
         // `initial_resource_versions` is deliberately ignored: a new stream always gets the
         // current content, so a proxy that claims a version we never served still converges.
@@ -38,7 +38,7 @@ impl Protocol for Delta {
                 Outgoing::Delta { nonce, resources, removed: Vec::new() }
             }
             Change::Gone(name) => {
-                Outgoing::Delta { nonce: session.next_nonce(), resources: Vec::new(), removed: vec![name] }
+                Outgoing::Delta { nonce: session.next_nonce(), resources: Vec::new(), removed: vec![name.to_string()] }
             }
         })
     }

@@ -11,7 +11,7 @@ use crate::metrics::ProtocolLabel;
 use crate::store::Served;
 
 pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status> {
-    check_type_url(&req.type_url)?;
+    check_type_url(req.type_url.as_bytes())?;
     let found: Vec<_> = req.resource_names.iter().filter_map(|n| shared.store.get(n)).collect();
     if found.is_empty() {
         return Err(Status::not_found(format!("no secret named {:?}", req.resource_names)));

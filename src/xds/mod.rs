@@ -8,6 +8,7 @@ mod fetch;
 mod grpc;
 pub mod listen;
 pub mod proxies;
+mod requests;
 mod service;
 mod session;
 mod sotw;
@@ -35,11 +36,12 @@ pub struct Shared {
 
 /// Refuses a type URL other than Secret (empty is allowed: only the first request of a
 /// stream must carry it).
-fn check_type_url(type_url: &str) -> Result<(), Status> {
-    if type_url.is_empty() || type_url == SECRET_TYPE_URL {
+fn check_type_url(type_url: &[u8]) -> Result<(), Status> {
+    if type_url.is_empty() || type_url == SECRET_TYPE_URL.as_bytes() {
         Ok(())
     } else {
-        Err(Status::invalid_argument(format!("this is an SDS server; type_url {type_url} is not served")))
+        let shown = String::from_utf8_lossy(type_url);
+        Err(Status::invalid_argument(format!("this is an SDS server; type_url {shown} is not served")))
     }
 }
 

@@ -9,7 +9,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use envoy_types::pb::envoy::config::core::v3::Node;
+use bytes::Bytes;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures_util::StreamExt;
 use prometheus_client::metrics::counter::Counter;
@@ -18,6 +18,7 @@ use tokio_stream::wrappers::WatchStream;
 
 use super::Shared;
 use super::proxies::StreamHandle;
+use super::requests;
 use crate::metrics::ProtocolLabel;
 use crate::store::{Current, Served};
 
@@ -29,7 +30,7 @@ pub enum Change {
     /// A version to send (never one already sent or refused on this stream).
     Send(Arc<Served>),
     /// The name is no longer served (deleted at every source).
-    Gone(String),
+    Gone(Arc<str>),
 }
 
 struct Counters {
@@ -43,7 +44,9 @@ pub struct Session {
     shared: Shared,
     status: Arc<StreamHandle>,
     counters: Counters,
-    watches: StreamMap<String, WatchStream<Current>>,
+    /// Keyed by the stream's own copy of each name: the map hands out a key clone per
+    /// change, and a name shared with other streams would be a contended refcount.
+    watches: StreamMap<Arc<str>, WatchStream<Current>>,
     /// Version sent, per name.
     sent: HashMap<Arc<str>, Arc<str>>,
     /// Version the proxy refused, per name.
@@ -77,18 +80,27 @@ impl Session {
         }
     }
 
-    pub fn identify(&mut self, node: Option<&Node>) {
+    /// Records the proxy's node the first time a request carries one (decoded then only).
+    pub fn identify(&mut self, raw_node: &Bytes) {
         if self.identified {
             return;
         }
-        if let Some(node) = node {
+        if let Some(node) = requests::node(raw_node) {
             self.shared.proxies.identify(&self.status, &node.id, &node.cluster);
             self.identified = true;
         }
     }
 
-    pub fn subscribed(&self) -> impl Iterator<Item = &String> {
+    pub fn subscribed(&self) -> impl Iterator<Item = &Arc<str>> {
         self.watches.keys()
+    }
+
+    pub fn watched(&self) -> usize {
+        self.watches.len()
+    }
+
+    pub fn watches(&self, name: &str) -> bool {
+        self.watches.contains_key(name)
     }
 
     /// Watches `name`. The current content (if any) is yielded by `next_change` at once,
@@ -98,7 +110,7 @@ impl Session {
             return;
         }
         let rx = self.shared.store.subscribe(name);
-        self.watches.insert(name.to_owned(), WatchStream::new(rx));
+        self.watches.insert(Arc::from(name), WatchStream::new(rx));
         self.status.with_name(name, |_| {});
         tracing::debug!(stream = self.id, secret = name, "subscribed");
     }
@@ -124,14 +136,14 @@ impl Session {
             };
             match current {
                 Some(served) => {
-                    let already = self.sent.get(name.as_str()) == Some(&served.version);
-                    let refused = self.nacked.get(name.as_str()) == Some(&served.version);
+                    let already = self.sent.get(&name) == Some(&served.version);
+                    let refused = self.nacked.get(&name) == Some(&served.version);
                     if !already && !refused {
                         return Poll::Ready(Change::Send(served));
                     }
                 }
                 None => {
-                    if self.sent.remove(name.as_str()).is_some() {
+                    if self.sent.remove(&name).is_some() {
                         return Poll::Ready(Change::Gone(name));
                     }
                 }
@@ -162,8 +174,8 @@ impl Session {
     }
 
     /// Handles the ACK or NACK part of a request. Unknown or stale nonces are ignored.
-    pub fn acknowledge(&mut self, nonce: &str, error: Option<&RpcStatus>) {
-        let Ok(nonce) = nonce.parse::<u64>() else { return };
+    pub fn acknowledge(&mut self, nonce: &[u8], error: Option<&RpcStatus>) {
+        let Some(nonce) = requests::nonce(nonce) else { return };
         let Some(pos) = self.pending.iter().position(|(n, _)| *n == nonce) else { return };
         // Envoy answers in order: older outstanding nonces are superseded.
         let (_, resources) = self.pending.drain(..=pos).next_back().expect("position is in range");
@@ -198,7 +210,7 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.shared.proxies.close(&self.status);
-        let names: Vec<String> = self.watches.keys().cloned().collect();
+        let names: Vec<Arc<str>> = self.watches.keys().cloned().collect();
         self.watches = StreamMap::new();
         for name in names {
             self.shared.store.release(&name);

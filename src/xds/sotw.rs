@@ -3,28 +3,32 @@
 
 use std::collections::HashSet;
 
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
 use super::check_type_url;
 use super::codec::Outgoing;
 use super::fetch::sotw_version;
+use super::requests::SotwRequest;
 use super::session::{Change, Session};
 use super::stream::Protocol;
 
 pub struct Sotw;
 
 impl Protocol for Sotw {
-    type Request = DiscoveryRequest;
+    type Request = SotwRequest;
     const NAME: &'static str = "sotw";
 
-    fn on_request(session: &mut Session, req: DiscoveryRequest) -> Result<(), Status> {
+    fn on_request(session: &mut Session, req: SotwRequest) -> Result<(), Status> {
         check_type_url(&req.type_url)?;
-        session.identify(req.node.as_ref());
+        session.identify(&req.node);
         session.acknowledge(&req.response_nonce, req.error_detail.as_ref());
+        // An ACK repeats the names already watched: the common case, worth no set.
+        if req.resource_names.len() == session.watched() && req.resource_names.iter().all(|n| session.watches(n)) {
+            return Ok(());
+        }
         // The list is the full desired set: add new names, drop the ones no longer asked for.
         let wanted: HashSet<&str> = req.resource_names.iter().map(String::as_str).collect();
-        let dropped: Vec<String> = session.subscribed().filter(|n| !wanted.contains(n.as_str())).cloned().collect();
+        let dropped: Vec<_> = session.subscribed().filter(|n| !wanted.contains(&n[..])).cloned().collect();
         for name in dropped {
             session.unsubscribe(&name);
         }
