@@ -3,10 +3,16 @@
 //! usually symlinks through the `..data` link the kubelet swaps atomically).
 //! Subdirectory `NAME` serves `NAME` (the pair) and `NAME-cacert` (the CA bundle).
 //!
-//! Any event under `root/NAME` re-reads that directory at once, with no debounce: a
+//! Any event in `root/NAME` re-reads that directory at once, with no debounce: a
 //! rotation is pushed as soon as the files are consistent. What is pushed is remembered
 //! by digest, so the burst of events of one swap pushes once. A periodic full rescan is
 //! the safety net for events the watch missed.
+//!
+//! The root and each secret directory are watched on their own, not recursively: the
+//! kubelet's swap is a rename of `..data_tmp` onto `..data` in the secret directory, and
+//! plain writes of `tls.crt` and `tls.key` happen there too, so the `..TIMESTAMP`
+//! directories below need no watch. That halves the watches, and their bookkeeping is
+//! much of the memory a stored secret costs.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read as _};
@@ -64,8 +70,8 @@ pub async fn start_with(
     options: Options,
 ) -> Result<JoinHandle<()>, FilesError> {
     let (tx, events) = mpsc::unbounded_channel();
-    // The recursive watch setup and the first load are blocking I/O over many files.
-    let (source, watcher) = tokio::task::spawn_blocking(move || {
+    // The watch setup and the first load are blocking I/O over many files.
+    let source = tokio::task::spawn_blocking(move || {
         std::fs::read_dir(&root).map_err(|source| FilesError::Read { path: root.clone(), source })?;
         let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
             if !is_only_access(&event) {
@@ -75,17 +81,17 @@ pub async fn start_with(
         .map_err(|source| FilesError::Watch { path: root.clone(), source })?;
         // Watch before loading so that a change in between is not lost.
         watcher
-            .watch(&root, RecursiveMode::Recursive)
+            .watch(&root, RecursiveMode::NonRecursive)
             .map_err(|source| FilesError::Watch { path: root.clone(), source })?;
         let mut source =
-            FileSource { root, sink, settle: options.settle, seen: HashMap::new(), settling: HashMap::new() };
+            FileSource { root, sink, watcher, settle: options.settle, dirs: HashMap::new(), settling: HashMap::new() };
         source.scan(Pass::Initial, Instant::now());
-        Ok::<_, FilesError>((source, watcher))
+        Ok::<_, FilesError>(source)
     })
     .await
     .expect("file source setup panicked")?;
-    tracing::info!(source = source.sink.source(), directories = source.seen.len(), "file source loaded");
-    Ok(tokio::spawn(source.run(watcher, events, shutdown, options.rescan)))
+    tracing::info!(source = source.sink.source(), directories = source.dirs.len(), "file source loaded");
+    Ok(tokio::spawn(source.run(events, shutdown, options.rescan)))
 }
 
 /// Our own reads show up as open and close events; of all accesses only a finished write
@@ -174,10 +180,10 @@ impl Pass {
     }
 }
 
-/// SHA-256 of each file of a secret: tells what changed without keeping a second copy
-/// of every key in memory.
+/// SHA-256 of each file of a secret, truncated to 128 bits (plenty to tell a change):
+/// tells what changed without keeping a second copy of every key in memory.
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Digests([[u8; 32]; 2]);
+struct Digests([[u8; 16]; 2]);
 
 impl Digests {
     fn of(material: &Material) -> Self {
@@ -187,8 +193,8 @@ impl Digests {
             Material::SessionTicketKeys(_) | Material::Generic(_) => (&[], &[]),
         };
         let sha = |b: &[u8]| {
-            let mut out = [0u8; 32];
-            out.copy_from_slice(digest::digest(&digest::SHA256, b).as_ref());
+            let mut out = [0u8; 16];
+            out.copy_from_slice(&digest::digest(&digest::SHA256, b).as_ref()[..16]);
             out
         };
         Self([sha(a), sha(b)])
@@ -208,18 +214,32 @@ struct Slot {
     retry: bool,
 }
 
+/// Whether a secret directory has its own watch.
+#[derive(Default, Clone, Copy, PartialEq, Eq)]
+enum Watch {
+    #[default]
+    None,
+    Added,
+    /// Adding it failed (e.g. the inotify watch limit); retried on each read of the
+    /// directory, which the periodic rescan keeps doing meanwhile.
+    Failed,
+}
+
+/// One secret directory: what was reported for its two secrets, and its watch.
 #[derive(Default)]
-struct Seen {
+struct Dir {
     tls: Slot,
     ca: Slot,
+    watch: Watch,
 }
 
 struct FileSource {
     root: PathBuf,
     sink: Sink,
+    watcher: RecommendedWatcher,
     settle: Duration,
-    /// Per directory NAME.
-    seen: HashMap<String, Seen>,
+    /// Per directory NAME that exists or still has something reported.
+    dirs: HashMap<Box<str>, Dir>,
     /// Directories to read again once settled: (when, first detection of the change).
     settling: HashMap<String, (Instant, Instant)>,
 }
@@ -235,7 +255,6 @@ struct Batch {
 impl FileSource {
     async fn run(
         mut self,
-        _watcher: RecommendedWatcher,
         mut events: mpsc::UnboundedReceiver<(Instant, notify::Result<Event>)>,
         shutdown: CancellationToken,
         rescan: Duration,
@@ -304,15 +323,18 @@ impl FileSource {
 
     async fn handle_events(mut self, batch: Batch) -> Self {
         if let Some(at) = batch.rescan {
+            // Lost events may hide a directory replaced in between, whose old watch notify
+            // dropped: watch them all again (adding an existing watch is harmless).
+            self.dirs.values_mut().for_each(|dir| dir.watch = Watch::None);
             return self.scan_blocking(Pass::Event, at).await;
         }
         for (name, (at, appeared)) in batch.dirs {
-            self.refresh(&name, Pass::Event, at);
-            // notify watches a new directory only after delivering its creation, so files
-            // written in between raise no event: look once more when it has settled.
-            if appeared {
-                self.settling.entry(name).or_insert((Instant::now() + self.settle, at));
+            // A directory deleted and created again under the same name lost its watch
+            // with the old one.
+            if appeared && let Some(dir) = self.dirs.get_mut(name.as_str()) {
+                dir.watch = Watch::None;
             }
+            self.refresh(&name, Pass::Event, at);
         }
         self
     }
@@ -336,7 +358,7 @@ impl FileSource {
 
     /// Reads every directory under the root, and every one known before (to notice removals).
     fn scan(&mut self, pass: Pass, detected_at: Instant) {
-        let mut names: BTreeSet<String> = self.seen.keys().cloned().collect();
+        let mut names: BTreeSet<String> = self.dirs.keys().map(|name| name.to_string()).collect();
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
             Err(err) => {
@@ -359,17 +381,50 @@ impl FileSource {
         }
     }
 
-    /// Re-reads directory `name` and reports what changed through the sink.
+    /// Watches directory `name` if it exists, re-reads it and reports what changed
+    /// through the sink.
     fn refresh(&mut self, name: &str, pass: Pass, detected_at: Instant) {
-        let (pair, ca) = read_secret_dir(&self.root.join(name));
-        let seen = self.seen.entry(name.to_owned()).or_default();
-        let pair_waits = report(&self.sink, name, &mut seen.tls, pair, pass, detected_at);
-        let ca_waits = report(&self.sink, &format!("{name}-cacert"), &mut seen.ca, ca, pass, detected_at);
-        if seen.tls.last.is_none() && seen.ca.last.is_none() {
-            self.seen.remove(name);
+        let path = self.root.join(name);
+        let exists = path.is_dir();
+        let dir = match self.dirs.get_mut(name) {
+            Some(dir) => dir,
+            None if exists => self.dirs.entry(name.into()).or_default(),
+            None => return,
+        };
+        // The watch comes before the read: a write after it raises an event, one before it
+        // is in what we read.
+        match (exists, dir.watch) {
+            (true, Watch::None | Watch::Failed) => {
+                dir.watch = watch_dir(&mut self.watcher, &path, dir.watch, &self.sink)
+            }
+            // notify drops the watch of a deleted directory by itself, hence no error here.
+            (false, Watch::Added) => {
+                let _ = self.watcher.unwatch(&path);
+                dir.watch = Watch::None;
+            }
+            _ => {}
+        }
+        let (pair, ca) = read_secret_dir(&path);
+        let pair_waits = report(&self.sink, name, &mut dir.tls, pair, pass, detected_at);
+        let ca_waits = report(&self.sink, &format!("{name}-cacert"), &mut dir.ca, ca, pass, detected_at);
+        if !exists && dir.tls.last.is_none() && dir.ca.last.is_none() {
+            self.dirs.remove(name);
         }
         if pair_waits || ca_waits {
             self.settling.entry(name.to_owned()).or_insert((Instant::now() + self.settle, detected_at));
+        }
+    }
+}
+
+/// Adds the watch of one secret directory. A failure is logged once, not on every retry.
+fn watch_dir(watcher: &mut RecommendedWatcher, path: &Path, before: Watch, sink: &Sink) -> Watch {
+    match watcher.watch(path, RecursiveMode::NonRecursive) {
+        Ok(()) => Watch::Added,
+        Err(err) => {
+            if before != Watch::Failed {
+                tracing::warn!(source = sink.source(), path = %path.display(), error = %err, "cannot watch secret directory; its changes are seen by the periodic rescan only");
+            }
+            Watch::Failed
         }
     }
 }
@@ -693,6 +748,38 @@ mod tests {
 
         wait_for(&mut atomic_rx, "late served", |c| c.is_some()).await;
         wait_for(&mut plain_rx, "plain served", |c| fingerprint(c) == Some(plain.fingerprint.as_str())).await;
+    }
+
+    #[tokio::test]
+    async fn swap_in_directory_created_after_start_is_served() {
+        // The rescan would find the swap too, but not within the test's patience.
+        let h = Harness::start(tempdir(), Options { rescan: Duration::from_secs(3600), ..Options::default() }).await;
+        let mut rx = h.store.subscribe("later");
+        let (first, second) = (pair("later.test"), pair("later.test"));
+        kubelet_write(&h.dir("later"), &pair_files(&first));
+        wait_for(&mut rx, "first pair", |c| fingerprint(c) == Some(first.fingerprint.as_str())).await;
+
+        kubelet_write(&h.dir("later"), &pair_files(&second));
+
+        wait_for(&mut rx, "the swapped pair", |c| fingerprint(c) == Some(second.fingerprint.as_str())).await;
+    }
+
+    #[tokio::test]
+    async fn directory_replaced_under_the_same_name_is_still_watched() {
+        let root = tempdir();
+        kubelet_write(&root.path().join("again"), &pair_files(&pair("again.test")));
+        let h = Harness::start(root, Options { rescan: Duration::from_secs(3600), ..Options::default() }).await;
+        let mut rx = h.store.subscribe("again");
+        rx.borrow_and_update();
+
+        std::fs::remove_dir_all(h.dir("again")).unwrap();
+        wait_for(&mut rx, "again removed", |c| c.is_none()).await;
+        let (first, second) = (pair("again.test"), pair("again.test"));
+        kubelet_write(&h.dir("again"), &pair_files(&first));
+        wait_for(&mut rx, "again back", |c| fingerprint(c) == Some(first.fingerprint.as_str())).await;
+        kubelet_write(&h.dir("again"), &pair_files(&second));
+
+        wait_for(&mut rx, "the swapped pair", |c| fingerprint(c) == Some(second.fingerprint.as_str())).await;
     }
 
     #[tokio::test]
