@@ -66,7 +66,7 @@ impl Sink {
 
     fn store_checked(&self, name: &str, checked: pki::Checked, detected_at: Instant) -> Outcome {
         let not_after = checked.meta.not_after_unix;
-        let fingerprint = checked.meta.fingerprint_sha256.clone();
+        let fingerprint = checked.identity.fingerprint_sha256.clone();
         let outcome = self.store.upsert(self.rank, &self.source, name, checked, detected_at);
         match &outcome {
             Outcome::Changed => {

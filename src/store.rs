@@ -7,7 +7,6 @@
 //! are kept as shadowed candidates so a collision is visible in status and takes over
 //! when the winner withdraws.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
@@ -16,7 +15,7 @@ use dashmap::DashMap;
 use ring::digest;
 use tokio::sync::{broadcast, watch};
 
-use crate::pki::{Checked, KeyBytes, SecretKind, SecretMeta};
+use crate::pki::{self, CertIdentity, Checked, KeyBytes, SecretKind, SecretMeta};
 
 /// One good version of a secret, as served. Cheap to clone through `Arc`.
 pub struct Served {
@@ -26,6 +25,8 @@ pub struct Served {
     pub kind: SecretKind,
     /// Encoded `google.protobuf.Any` with the Envoy `Secret`.
     pub resource: KeyBytes,
+    /// The rest of what status shows is read from `resource` on demand
+    /// ([`pki::identity`]): kept here, it would cost more than the PEM it describes.
     pub meta: SecretMeta,
     pub source: Arc<str>,
     pub updated: SystemTime,
@@ -69,17 +70,19 @@ struct Entry {
     /// Created on the first subscription and dropped with the last one: most stored
     /// secrets have no subscriber on a given replica, and a channel costs ~0.5 KiB.
     tx: Option<watch::Sender<Current>>,
-    /// Good versions per offering source, by precedence.
-    candidates: BTreeMap<Rank, Arc<Served>>,
-    /// Last rejection per source, cleared by that source's next good update.
-    errors: BTreeMap<Rank, (Arc<str>, String)>,
+    /// Good versions per offering source, by precedence. Almost always one, so a list
+    /// (a map node would cost more than the rest of the entry).
+    candidates: ByRank<Arc<Served>>,
+    /// Last rejection per source (source name, reason), cleared by that source's next
+    /// good update.
+    errors: ByRank<(Arc<str>, String)>,
     /// Set when a served secret disappeared from all sources.
     deleted: bool,
 }
 
 impl Entry {
     fn new() -> Self {
-        Self { current: None, tx: None, candidates: BTreeMap::new(), errors: BTreeMap::new(), deleted: false }
+        Self { current: None, tx: None, candidates: ByRank::default(), errors: ByRank::default(), deleted: false }
     }
 
     fn winner(&self) -> Current {
@@ -112,6 +115,49 @@ impl Entry {
     }
 }
 
+/// One value per source, ordered by precedence.
+struct ByRank<T>(Vec<(Rank, T)>);
+
+impl<T> Default for ByRank<T> {
+    fn default() -> Self {
+        Self(Vec::new())
+    }
+}
+
+impl<T> ByRank<T> {
+    fn get(&self, rank: Rank) -> Option<&T> {
+        self.0.iter().find(|(r, _)| *r == rank).map(|(_, v)| v)
+    }
+
+    fn insert(&mut self, rank: Rank, value: T) {
+        match self.0.binary_search_by_key(&rank, |(r, _)| *r) {
+            Ok(i) => self.0[i].1 = value,
+            Err(i) => {
+                // A first push would reserve room for four.
+                self.0.reserve_exact(1);
+                self.0.insert(i, (rank, value));
+            }
+        }
+    }
+
+    fn remove(&mut self, rank: Rank) -> Option<T> {
+        let i = self.0.iter().position(|(r, _)| *r == rank)?;
+        let (_, value) = self.0.remove(i);
+        if self.0.is_empty() {
+            self.0 = Vec::new();
+        }
+        Some(value)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
 /// Public status of one secret (for /status/secrets and the status API).
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct SecretStatus {
@@ -119,6 +165,8 @@ pub struct SecretStatus {
     pub kind: Option<SecretKind>,
     pub version: Option<String>,
     pub source: Option<String>,
+    #[serde(flatten)]
+    pub identity: CertIdentity,
     #[serde(flatten)]
     pub meta: SecretMeta,
     pub deleted: bool,
@@ -133,7 +181,8 @@ pub struct SecretStatus {
 }
 
 pub struct Store {
-    entries: DashMap<String, Entry>,
+    /// The key is shared with every `Served::name` of the entry.
+    entries: DashMap<Arc<str>, Entry>,
     sources: std::sync::Mutex<Vec<Arc<str>>>,
     /// Names subscribed but not stored: on-demand sources (dev CA) mint them.
     demand: broadcast::Sender<String>,
@@ -164,15 +213,15 @@ impl Store {
     /// Stores a checked version offered by `source` for `name`.
     pub fn upsert(&self, rank: Rank, source: &Arc<str>, name: &str, checked: Checked, detected_at: Instant) -> Outcome {
         let version = content_version(checked.resource.as_slice());
-        let mut entry = self.entries.entry(name.to_owned()).or_insert_with(Entry::new);
-        entry.errors.remove(&rank);
-        if let Some(existing) = entry.candidates.get(&rank)
+        let mut entry = self.entries.entry(Arc::from(name)).or_insert_with(Entry::new);
+        entry.errors.remove(rank);
+        if let Some(existing) = entry.candidates.get(rank)
             && *existing.version == *version
         {
             return Outcome::Unchanged;
         }
         let served = Arc::new(Served {
-            name: Arc::from(name),
+            name: entry.key().clone(),
             version: Arc::from(version),
             kind: checked.kind,
             resource: checked.resource,
@@ -197,15 +246,15 @@ impl Store {
 
     /// Records a rejected update. What is served does not change.
     pub fn reject(&self, rank: Rank, source: &Arc<str>, name: &str, reason: String) {
-        let mut entry = self.entries.entry(name.to_owned()).or_insert_with(Entry::new);
+        let mut entry = self.entries.entry(Arc::from(name)).or_insert_with(Entry::new);
         entry.errors.insert(rank, (source.clone(), reason));
     }
 
     /// `source` no longer offers `name`. Returns true when what is served changed.
     pub fn remove(&self, rank: Rank, name: &str) -> bool {
         let Some(mut entry) = self.entries.get_mut(name) else { return false };
-        entry.errors.remove(&rank);
-        if entry.candidates.remove(&rank).is_none() {
+        entry.errors.remove(rank);
+        if entry.candidates.remove(rank).is_none() {
             return false;
         }
         let (changed, delta) = entry.publish();
@@ -224,7 +273,7 @@ impl Store {
     /// Subscribes to a name. Unknown names are announced on the demand channel so an
     /// on-demand source can mint them; the subscriber is woken the moment they exist.
     pub fn subscribe(&self, name: &str) -> watch::Receiver<Current> {
-        let mut entry = self.entries.entry(name.to_owned()).or_insert_with(Entry::new);
+        let mut entry = self.entries.entry(Arc::from(name)).or_insert_with(Entry::new);
         let current = entry.current.clone();
         let rx = entry.tx.get_or_insert_with(|| watch::channel(current).0).subscribe();
         let missing = entry.candidates.is_empty();
@@ -263,7 +312,11 @@ impl Store {
 
     /// Names some stream waits for that no source serves (yet).
     pub fn wanted_unserved(&self) -> Vec<String> {
-        self.entries.iter().filter(|e| e.current.is_none() && e.subscribers() > 0).map(|e| e.key().clone()).collect()
+        self.entries
+            .iter()
+            .filter(|e| e.current.is_none() && e.subscribers() > 0)
+            .map(|e| e.key().to_string())
+            .collect()
     }
 
     pub fn served_count(&self) -> usize {
@@ -271,7 +324,8 @@ impl Store {
     }
 
     pub fn status(&self) -> Vec<SecretStatus> {
-        let mut out: Vec<SecretStatus> = self
+        // Identities are parsed after the shard locks are released.
+        let mut rows: Vec<(SecretStatus, Current)> = self
             .entries
             .iter()
             .filter(|e| !e.candidates.is_empty() || !e.errors.is_empty() || e.deleted)
@@ -279,21 +333,29 @@ impl Store {
                 let current = e.current.clone();
                 let shadowed_sources = e.candidates.values().skip(1).map(|s| s.source.to_string()).collect();
                 let last_error = e.errors.values().next().map(|(src, why)| format!("{src}: {why}"));
-                SecretStatus {
-                    name: e.key().clone(),
+                let status = SecretStatus {
+                    name: e.key().to_string(),
                     kind: current.as_ref().map(|c| c.kind),
                     version: current.as_ref().map(|c| c.version.to_string()),
                     source: current.as_ref().map(|c| c.source.to_string()),
-                    meta: current.as_ref().map(|c| c.meta.clone()).unwrap_or_default(),
+                    identity: CertIdentity::default(),
+                    meta: current.as_ref().map(|c| c.meta).unwrap_or_default(),
                     deleted: e.deleted,
                     subscribers: e.subscribers(),
                     updated_unix_ms: current.as_ref().map(|c| unix_ms(c.updated)),
                     detected_unix_us: current.as_ref().map(|c| unix_us(c.detected)),
                     last_error,
                     shadowed_sources,
-                }
+                };
+                (status, current)
             })
             .collect();
+        for (status, current) in &mut rows {
+            if let Some(current) = current {
+                status.identity = pki::identity(current.resource.as_slice());
+            }
+        }
+        let mut out: Vec<SecretStatus> = rows.into_iter().map(|(status, _)| status).collect();
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
@@ -321,6 +383,7 @@ mod tests {
             kind: SecretKind::GenericSecret,
             resource: KeyBytes::new(content.to_vec()),
             meta: SecretMeta::default(),
+            identity: CertIdentity::default(),
         }
     }
 

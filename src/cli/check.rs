@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::pki::{self, CheckOptions, KeyBytes, Material, SecretMeta};
+use crate::pki::{self, CertIdentity, CheckOptions, KeyBytes, Material, SecretMeta};
 
 #[derive(Debug, clap::Args)]
 pub struct CheckArgs {
@@ -35,7 +35,7 @@ pub fn run(args: &CheckArgs) -> ExitCode {
     let mut failed = 0;
     for (name, material) in items {
         match pki::check(&name, &material, &opts) {
-            Ok(checked) => print_ok(&name, checked.kind.as_str(), &checked.meta),
+            Ok(checked) => print_ok(&name, checked.kind.as_str(), &checked.meta, &checked.identity),
             Err(err) => {
                 failed += 1;
                 println!("FAIL {name}\n  reason: {} ({err})\n", err.reason());
@@ -92,15 +92,15 @@ fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
     std::fs::read(path).map_err(|e| anyhow::anyhow!("reading {}: {e}", path.display()))
 }
 
-fn print_ok(name: &str, kind: &str, meta: &SecretMeta) {
+fn print_ok(name: &str, kind: &str, meta: &SecretMeta, identity: &CertIdentity) {
     println!("OK   {name} ({kind})");
-    if let Some(s) = &meta.subject {
+    if let Some(s) = &identity.subject {
         println!("  subject:     {s}");
     }
-    if !meta.sans.is_empty() {
-        println!("  SANs:        {}", meta.sans.join(", "));
+    if !identity.sans.is_empty() {
+        println!("  SANs:        {}", identity.sans.join(", "));
     }
-    if let Some(s) = &meta.serial {
+    if let Some(s) = &identity.serial {
         println!("  serial:      {s}");
     }
     println!(
@@ -112,7 +112,7 @@ fn print_ok(name: &str, kind: &str, meta: &SecretMeta) {
         let left = t - time::OffsetDateTime::now_utc().unix_timestamp();
         println!("  expires:     {} ({})", super::rfc3339(t), human_left(left));
     }
-    if let Some(f) = &meta.fingerprint_sha256 {
+    if let Some(f) = &identity.fingerprint_sha256 {
         println!("  sha256:      {f}");
     }
     println!();

@@ -12,13 +12,20 @@ use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::{parse_x509_certificate, parse_x509_crl};
 
 use super::key::{KeyPublic, describe_pem_error};
-use super::{CheckOptions, PkiError, SecretMeta};
+use super::{CertIdentity, CheckOptions, PkiError, SecretMeta};
 
 /// Certificates re-encoded as PEM in serving order, with their public facts.
 #[derive(Debug)]
 pub(super) struct Bundle {
     pub pem: Vec<u8>,
     pub meta: SecretMeta,
+    pub identity: CertIdentity,
+}
+
+impl Bundle {
+    fn new(pem: Vec<u8>, certs: &[&X509Certificate<'_>]) -> Result<Self, PkiError> {
+        Ok(Self { pem, meta: meta(certs), identity: identity(certs[0])? })
+    }
 }
 
 /// Checks a TLS chain against its key and returns it leaf first.
@@ -37,7 +44,7 @@ pub(super) fn tls(chain_pem: &[u8], key: &KeyPublic, opts: &CheckOptions) -> Res
     let path = order(&certs, leaf)?;
     let ordered: Vec<&X509Certificate<'_>> = path.iter().map(|&i| &certs[i]).collect();
     check_validity(&ordered, opts)?;
-    Ok(Bundle { pem: to_pem("CERTIFICATE", path.iter().map(|&i| ders[i].as_ref())), meta: meta(&ordered)? })
+    Bundle::new(to_pem("CERTIFICATE", path.iter().map(|&i| ders[i].as_ref())), &ordered)
 }
 
 /// Checks a CA bundle: at least one certificate, each inside its validity window.
@@ -47,7 +54,7 @@ pub(super) fn ca_bundle(ca_pem: &[u8], opts: &CheckOptions) -> Result<Bundle, Pk
     let certs = decode(&ders)?;
     let all: Vec<&X509Certificate<'_>> = certs.iter().collect();
     check_validity(&all, opts)?;
-    Ok(Bundle { pem: to_pem("CERTIFICATE", ders.iter().map(|d| d.as_ref())), meta: meta(&all)? })
+    Bundle::new(to_pem("CERTIFICATE", ders.iter().map(|d| d.as_ref())), &all)
 }
 
 /// Parses every CRL of `crl_pem` and returns them re-encoded as PEM.
@@ -162,18 +169,29 @@ fn check_validity(certs: &[&X509Certificate<'_>], opts: &CheckOptions) -> Result
     Ok(())
 }
 
-/// Facts of the first certificate, with the earliest expiry of all.
-fn meta(certs: &[&X509Certificate<'_>]) -> Result<SecretMeta, PkiError> {
-    let first = certs[0];
-    Ok(SecretMeta {
-        fingerprint_sha256: Some(hex::encode(digest(&SHA256, first.as_raw()))),
-        subject: Some(subject(first)),
-        serial: Some(serial_hex(first.raw_serial())),
-        sans: sans(first)?,
-        not_before_unix: Some(first.validity().not_before.timestamp()),
+/// Validity of the first certificate, with the earliest expiry of all.
+fn meta(certs: &[&X509Certificate<'_>]) -> SecretMeta {
+    SecretMeta {
+        not_before_unix: Some(certs[0].validity().not_before.timestamp()),
         not_after_unix: certs.iter().map(|c| c.validity().not_after.timestamp()).min(),
         certificates: certs.len(),
+    }
+}
+
+fn identity(cert: &X509Certificate<'_>) -> Result<CertIdentity, PkiError> {
+    Ok(CertIdentity {
+        fingerprint_sha256: Some(hex::encode(digest(&SHA256, cert.as_raw()))),
+        subject: Some(subject(cert)),
+        serial: Some(serial_hex(cert.raw_serial())),
+        sans: sans(cert)?,
     })
+}
+
+/// The identity of the first certificate of `pem`, a chain or bundle this module wrote.
+pub(super) fn first_identity(pem: &[u8]) -> Option<CertIdentity> {
+    let der = CertificateDer::pem_slice_iter(pem).next()?.ok()?;
+    let (_, cert) = parse_x509_certificate(&der).ok()?;
+    identity(&cert).ok()
 }
 
 fn sans(cert: &X509Certificate<'_>) -> Result<Vec<String>, PkiError> {
@@ -445,8 +463,8 @@ mod tests {
         let bundle = tls(&given, &key(&p.leaf), &CheckOptions::default()).unwrap();
         assert_eq!(bundle.pem, given, "re-encoding matches the usual PEM layout byte for byte");
 
-        let m = bundle.meta;
-        assert_eq!(m.certificates, 3);
+        assert_eq!(bundle.meta.certificates, 3);
+        let m = bundle.identity;
         assert_eq!(m.subject.as_deref(), Some("CN=leaf.example.com"));
         assert_eq!(m.serial.as_deref(), Some("8f01"));
         assert_eq!(
@@ -456,8 +474,9 @@ mod tests {
         let fp = hex::encode(digest(&SHA256, p.leaf.cert.der()));
         assert_eq!(m.fingerprint_sha256, Some(fp));
         let (_, leaf) = parse_x509_certificate(p.leaf.cert.der()).unwrap();
-        assert_eq!(m.not_before_unix, Some(leaf.validity().not_before.timestamp()));
-        assert_eq!(m.not_after_unix, Some(leaf.validity().not_after.timestamp()), "the leaf expires first");
+        assert_eq!(bundle.meta.not_before_unix, Some(leaf.validity().not_before.timestamp()));
+        assert_eq!(bundle.meta.not_after_unix, Some(leaf.validity().not_after.timestamp()), "the leaf expires first");
+        assert_eq!(first_identity(&bundle.pem), Some(m), "read back from the served PEM");
     }
 
     #[test]
@@ -562,7 +581,7 @@ mod tests {
         let given = pem(&[&p.root.cert, &p.inter.cert]);
         let bundle = ca_bundle(&given, &CheckOptions::default()).unwrap();
         assert_eq!(bundle.pem, given);
-        assert_eq!(bundle.meta.subject.as_deref(), Some("CN=Test Root"));
+        assert_eq!(bundle.identity.subject.as_deref(), Some("CN=Test Root"));
         assert_eq!(bundle.meta.certificates, 2);
         let (_, inter) = parse_x509_certificate(p.inter.cert.der()).unwrap();
         assert_eq!(bundle.meta.not_after_unix, Some(inter.validity().not_after.timestamp()));

@@ -8,7 +8,7 @@ mod material;
 mod resource;
 
 pub use material::{KeyBytes, Material};
-pub use resource::SECRET_TYPE_URL;
+pub use resource::{SECRET_TYPE_URL, identity};
 
 use std::time::SystemTime;
 
@@ -46,19 +46,27 @@ impl SecretKind {
     }
 }
 
-/// Public facts about a checked secret, safe to log and show. Never key material.
-#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+/// Public facts about a checked secret that the store keeps with every version: its
+/// validity and size. Never key material.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
 pub struct SecretMeta {
-    /// SHA-256 of the leaf (or first CA) certificate DER, lowercase hex.
-    pub fingerprint_sha256: Option<String>,
-    pub subject: Option<String>,
-    pub serial: Option<String>,
-    pub sans: Vec<String>,
     pub not_before_unix: Option<i64>,
     /// Earliest expiry over the chain (or CA bundle): the moment something breaks.
     pub not_after_unix: Option<i64>,
     /// Number of certificates in the served chain or bundle.
     pub certificates: usize,
+}
+
+/// Who the leaf (or first CA) certificate is, for people reading status or logs. The
+/// store does not keep it: [`identity`] reads it again from the served bytes, which
+/// costs a parse per status request instead of memory per stored secret.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct CertIdentity {
+    /// SHA-256 of the certificate DER, lowercase hex.
+    pub fingerprint_sha256: Option<String>,
+    pub subject: Option<String>,
+    pub serial: Option<String>,
+    pub sans: Vec<String>,
 }
 
 /// A checked secret: the encoded `google.protobuf.Any` holding the Envoy `Secret`
@@ -68,11 +76,16 @@ pub struct Checked {
     /// Encoded `Any` (type_url + Secret bytes). Holds the private key, hence zeroized.
     pub resource: KeyBytes,
     pub meta: SecretMeta,
+    pub identity: CertIdentity,
 }
 
 impl std::fmt::Debug for Checked {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Checked").field("kind", &self.kind).field("meta", &self.meta).finish_non_exhaustive()
+        f.debug_struct("Checked")
+            .field("kind", &self.kind)
+            .field("meta", &self.meta)
+            .field("identity", &self.identity)
+            .finish_non_exhaustive()
     }
 }
 

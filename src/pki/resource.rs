@@ -10,7 +10,7 @@ use prost::Message;
 use zeroize::Zeroize;
 
 use super::material::{KeyBytes, Material};
-use super::{CheckOptions, Checked, PkiError, SecretKind, SecretMeta, chain, key};
+use super::{CertIdentity, CheckOptions, Checked, PkiError, SecretKind, SecretMeta, chain, key};
 
 pub const SECRET_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
 
@@ -19,7 +19,7 @@ const TICKET_KEY_LEN: usize = 80;
 
 pub(super) fn build(name: &str, material: &Material, opts: &CheckOptions) -> Result<Checked, PkiError> {
     // Key bytes are copied only after every check passed, so a refusal leaves no copy.
-    let (kind, secret_type, meta) = match material {
+    let (kind, secret_type, meta, identity) = match material {
         Material::Tls { cert_chain_pem, key_pem } => {
             let public = key::parse(key_pem)?;
             let chain = chain::tls(cert_chain_pem, &public, opts)?;
@@ -28,7 +28,7 @@ pub(super) fn build(name: &str, material: &Material, opts: &CheckOptions) -> Res
                 private_key: Some(inline(key_pem.as_slice().to_vec())),
                 ..Default::default()
             };
-            (SecretKind::TlsCertificate, Type::TlsCertificate(tls), chain.meta)
+            (SecretKind::TlsCertificate, Type::TlsCertificate(tls), chain.meta, chain.identity)
         }
         Material::Validation { ca_pem, crl_pem } => {
             let bundle = chain::ca_bundle(ca_pem, opts)?;
@@ -38,19 +38,70 @@ pub(super) fn build(name: &str, material: &Material, opts: &CheckOptions) -> Res
                 crl: crl.map(inline),
                 ..Default::default()
             };
-            (SecretKind::ValidationContext, Type::ValidationContext(validation), bundle.meta)
+            (SecretKind::ValidationContext, Type::ValidationContext(validation), bundle.meta, bundle.identity)
         }
         Material::SessionTicketKeys(keys) => {
             check_ticket_keys(keys)?;
             let keys = TlsSessionTicketKeys { keys: keys.iter().map(|k| inline(k.as_slice().to_vec())).collect() };
-            (SecretKind::SessionTicketKeys, Type::SessionTicketKeys(keys), SecretMeta::default())
+            (
+                SecretKind::SessionTicketKeys,
+                Type::SessionTicketKeys(keys),
+                SecretMeta::default(),
+                CertIdentity::default(),
+            )
         }
         Material::Generic(secret) => {
             let generic = GenericSecret { secret: Some(inline(secret.as_slice().to_vec())), ..Default::default() };
-            (SecretKind::GenericSecret, Type::GenericSecret(generic), SecretMeta::default())
+            (SecretKind::GenericSecret, Type::GenericSecret(generic), SecretMeta::default(), CertIdentity::default())
         }
     };
-    Ok(Checked { kind, resource: encode(name, secret_type), meta })
+    Ok(Checked { kind, resource: encode(name, secret_type), meta, identity })
+}
+
+/// The identity of the first certificate of a resource [`build`] encoded, read from the
+/// bytes in place: the walk borrows the certificate PEM and skips every other field, so
+/// the private key is never copied. Secrets without certificates have none.
+pub fn identity(resource: &[u8]) -> CertIdentity {
+    certificates_pem(resource).and_then(chain::first_identity).unwrap_or_default()
+}
+
+/// Field numbers on the path to the certificates: `Any.value`, then the `Secret` type,
+/// then `certificate_chain` / `trusted_ca` (both 1), then `DataSource.inline_bytes`.
+const ANY_VALUE: u32 = 2;
+const SECRET_TLS_CERTIFICATE: u32 = 2;
+const SECRET_VALIDATION_CONTEXT: u32 = 4;
+const CERTIFICATES: u32 = 1;
+const INLINE_BYTES: u32 = 2;
+
+fn certificates_pem(resource: &[u8]) -> Option<&[u8]> {
+    let secret = field(resource, |tag| tag == ANY_VALUE)?;
+    let certs = field(secret, |tag| tag == SECRET_TLS_CERTIFICATE || tag == SECRET_VALIDATION_CONTEXT)?;
+    let source = field(certs, |tag| tag == CERTIFICATES)?;
+    field(source, |tag| tag == INLINE_BYTES)
+}
+
+/// The first length-delimited field of `message` whose tag `wanted` accepts, borrowed.
+fn field(mut message: &[u8], wanted: impl Fn(u32) -> bool) -> Option<&[u8]> {
+    use prost::encoding::{WireType, decode_key, decode_varint};
+    while !message.is_empty() {
+        let (tag, wire_type) = decode_key(&mut message).ok()?;
+        let len = match wire_type {
+            WireType::Varint => {
+                decode_varint(&mut message).ok()?;
+                continue;
+            }
+            WireType::SixtyFourBit => 8,
+            WireType::ThirtyTwoBit => 4,
+            WireType::LengthDelimited => usize::try_from(decode_varint(&mut message).ok()?).ok()?,
+            WireType::StartGroup | WireType::EndGroup => return None,
+        };
+        let (value, rest) = message.split_at_checked(len)?;
+        if wire_type == WireType::LengthDelimited && wanted(tag) {
+            return Some(value);
+        }
+        message = rest;
+    }
+    None
 }
 
 fn check_ticket_keys(keys: &[KeyBytes]) -> Result<(), PkiError> {
@@ -133,6 +184,8 @@ mod tests {
         let checked = check("kubernetes://default/web", &material, &CheckOptions::default()).unwrap();
         assert_eq!(checked.kind, SecretKind::TlsCertificate);
         assert_eq!(checked.meta.certificates, 2);
+        assert_eq!(checked.identity.subject.as_deref(), Some("CN=leaf.example.com"));
+        assert_eq!(identity(checked.resource.as_slice()), checked.identity, "read back from the served bytes");
         let secret = decode(&checked);
         assert_eq!(secret.name, "kubernetes://default/web");
         let Some(Type::TlsCertificate(tls)) = secret.r#type else { panic!("{:?}", secret.r#type) };
@@ -166,7 +219,8 @@ mod tests {
             Material::Validation { ca_pem: root.cert.pem().into_bytes(), crl_pem: Some(crl.clone().into_bytes()) };
         let checked = check("web-cacert", &material, &CheckOptions::default()).unwrap();
         assert_eq!(checked.kind, SecretKind::ValidationContext);
-        assert_eq!(checked.meta.subject.as_deref(), Some("CN=Test Root"));
+        assert_eq!(checked.identity.subject.as_deref(), Some("CN=Test Root"));
+        assert_eq!(identity(checked.resource.as_slice()), checked.identity, "read back from the served bytes");
         let secret = decode(&checked);
         assert_eq!(secret.name, "web-cacert");
         let Some(Type::ValidationContext(v)) = secret.r#type else { panic!("{:?}", secret.r#type) };
@@ -209,6 +263,8 @@ mod tests {
         let checked = checked.unwrap();
         assert_eq!(checked.kind, SecretKind::GenericSecret);
         assert_eq!(checked.meta, SecretMeta::default());
+        assert_eq!(checked.identity, CertIdentity::default());
+        assert_eq!(identity(checked.resource.as_slice()), CertIdentity::default());
         let secret = decode(&checked);
         assert_eq!(secret.name, "token");
         let Some(Type::GenericSecret(g)) = secret.r#type else { panic!() };

@@ -603,8 +603,8 @@ mod tests {
         tempfile::tempdir().unwrap()
     }
 
-    fn fingerprint(current: &Current) -> Option<&str> {
-        current.as_ref()?.meta.fingerprint_sha256.as_deref()
+    fn fingerprint(current: &Current) -> Option<String> {
+        pki::identity(current.as_ref()?.resource.as_slice()).fingerprint_sha256
     }
 
     async fn wait_for(rx: &mut watch::Receiver<Current>, what: &str, ok: impl FnMut(&Current) -> bool) {
@@ -628,7 +628,7 @@ mod tests {
 
         let served = h.store.get("web").expect("web served right after start");
         assert_eq!(served.kind, SecretKind::TlsCertificate);
-        assert_eq!(served.meta.fingerprint_sha256.as_deref(), Some(web.fingerprint.as_str()));
+        assert_eq!(fingerprint(&Some(served)).as_deref(), Some(web.fingerprint.as_str()));
         assert_eq!(h.store.get("web-cacert").expect("web-cacert served").kind, SecretKind::ValidationContext);
         assert!(h.store.get("bundle").is_none(), "a directory with only ca.crt serves no pair");
         assert!(h.store.get("bundle-cacert").is_some());
@@ -642,11 +642,11 @@ mod tests {
         kubelet_write(&root.path().join("rotate"), &pair_files(&old));
         let h = Harness::start(root, Options::default()).await;
         let mut rx = h.store.subscribe("rotate");
-        assert_eq!(fingerprint(&rx.borrow_and_update()), Some(old.fingerprint.as_str()));
+        assert_eq!(fingerprint(&rx.borrow_and_update()).as_deref(), Some(old.fingerprint.as_str()));
 
         kubelet_write(&h.dir("rotate"), &pair_files(&new));
 
-        wait_for(&mut rx, "the rotated pair", |c| fingerprint(c) == Some(new.fingerprint.as_str())).await;
+        wait_for(&mut rx, "the rotated pair", |c| fingerprint(c).as_deref() == Some(new.fingerprint.as_str())).await;
     }
 
     #[tokio::test]
@@ -664,11 +664,11 @@ mod tests {
 
         std::fs::write(dir.join("tls.crt"), &new.cert).unwrap();
         h.barrier().await;
-        assert_eq!(fingerprint(&h.store.get("inplace")), Some(old.fingerprint.as_str()), "old pair kept");
+        assert_eq!(fingerprint(&h.store.get("inplace")).as_deref(), Some(old.fingerprint.as_str()), "old pair kept");
         assert!(!rx.has_changed().unwrap());
 
         std::fs::write(dir.join("tls.key"), &new.key).unwrap();
-        wait_for(&mut rx, "the new pair", |c| fingerprint(c) == Some(new.fingerprint.as_str())).await;
+        wait_for(&mut rx, "the new pair", |c| fingerprint(c).as_deref() == Some(new.fingerprint.as_str())).await;
         assert_eq!(h.key_mismatches(), 0, "the half-written pair was not reported as a rejection");
     }
 
@@ -690,11 +690,11 @@ mod tests {
             assert!(Instant::now() < deadline, "mismatch never reported");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert_eq!(fingerprint(&h.store.get("stuck")), Some(old.fingerprint.as_str()), "last good kept");
+        assert_eq!(fingerprint(&h.store.get("stuck")).as_deref(), Some(old.fingerprint.as_str()), "last good kept");
         assert!(!rx.has_changed().unwrap());
 
         std::fs::write(dir.join("tls.key"), &new.key).unwrap();
-        wait_for(&mut rx, "the repaired pair", |c| fingerprint(c) == Some(new.fingerprint.as_str())).await;
+        wait_for(&mut rx, "the repaired pair", |c| fingerprint(c).as_deref() == Some(new.fingerprint.as_str())).await;
     }
 
     #[tokio::test]
@@ -747,7 +747,8 @@ mod tests {
         std::fs::write(h.dir("plain").join("tls.key"), &plain.key).unwrap();
 
         wait_for(&mut atomic_rx, "late served", |c| c.is_some()).await;
-        wait_for(&mut plain_rx, "plain served", |c| fingerprint(c) == Some(plain.fingerprint.as_str())).await;
+        wait_for(&mut plain_rx, "plain served", |c| fingerprint(c).as_deref() == Some(plain.fingerprint.as_str()))
+            .await;
     }
 
     #[tokio::test]
@@ -757,11 +758,11 @@ mod tests {
         let mut rx = h.store.subscribe("later");
         let (first, second) = (pair("later.test"), pair("later.test"));
         kubelet_write(&h.dir("later"), &pair_files(&first));
-        wait_for(&mut rx, "first pair", |c| fingerprint(c) == Some(first.fingerprint.as_str())).await;
+        wait_for(&mut rx, "first pair", |c| fingerprint(c).as_deref() == Some(first.fingerprint.as_str())).await;
 
         kubelet_write(&h.dir("later"), &pair_files(&second));
 
-        wait_for(&mut rx, "the swapped pair", |c| fingerprint(c) == Some(second.fingerprint.as_str())).await;
+        wait_for(&mut rx, "the swapped pair", |c| fingerprint(c).as_deref() == Some(second.fingerprint.as_str())).await;
     }
 
     #[tokio::test]
@@ -776,10 +777,10 @@ mod tests {
         wait_for(&mut rx, "again removed", |c| c.is_none()).await;
         let (first, second) = (pair("again.test"), pair("again.test"));
         kubelet_write(&h.dir("again"), &pair_files(&first));
-        wait_for(&mut rx, "again back", |c| fingerprint(c) == Some(first.fingerprint.as_str())).await;
+        wait_for(&mut rx, "again back", |c| fingerprint(c).as_deref() == Some(first.fingerprint.as_str())).await;
         kubelet_write(&h.dir("again"), &pair_files(&second));
 
-        wait_for(&mut rx, "the swapped pair", |c| fingerprint(c) == Some(second.fingerprint.as_str())).await;
+        wait_for(&mut rx, "the swapped pair", |c| fingerprint(c).as_deref() == Some(second.fingerprint.as_str())).await;
     }
 
     #[tokio::test]

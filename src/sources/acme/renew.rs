@@ -507,7 +507,7 @@ impl Task {
         let material = Material::Tls { cert_chain_pem: chain_pem.to_vec(), key_pem: key_pem.clone() };
         let opts = CheckOptions { allow_expired: false, now: SystemTime::now() };
         let checked = pki::check(&self.spec.name, &material, &opts).map_err(|e| fail(Step::Check, e))?;
-        let meta = checked.meta;
+        let (meta, identity) = (checked.meta, checked.identity);
         let (Some(nb), Some(na)) = (meta.not_before_unix, meta.not_after_unix) else {
             return Err(fail(Step::Check, "certificate has no validity window"));
         };
@@ -516,12 +516,12 @@ impl Task {
             .and_then(Result::ok)
             .map(|c| c.to_vec())
             .ok_or_else(|| fail(Step::Check, "no certificate in the chain"))?;
-        let sans: Vec<String> = meta.sans.iter().map(|s| normalize_domain(s)).collect();
+        let sans: Vec<String> = identity.sans.iter().map(|s| normalize_domain(s)).collect();
         let covers_config = self.spec.domains.iter().all(|d| sans.contains(&normalize_domain(d)));
         Ok(Current {
             validity: Validity::from_unix(nb, na),
             leaf_der,
-            serial: meta.serial.unwrap_or_default(),
+            serial: identity.serial.unwrap_or_default(),
             covers_config,
         })
     }
