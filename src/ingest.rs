@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use crate::metrics::{Metrics, RejectLabel, SecretLabel, SourceLabel};
+use crate::metrics::{Metrics, RejectLabel, SourceLabel};
 use crate::pki::{self, CheckOptions, Material, PkiError};
 use crate::store::{Outcome, Rank, Store};
 
@@ -65,15 +65,11 @@ impl Sink {
     }
 
     fn store_checked(&self, name: &str, checked: pki::Checked, detected_at: Instant) -> Outcome {
-        let not_after = checked.meta.not_after_unix;
         let fingerprint = checked.identity.fingerprint_sha256.clone();
         let outcome = self.store.upsert(self.rank, &self.source, name, checked, detected_at);
         match &outcome {
             Outcome::Changed => {
                 self.metrics.updates_applied.get_or_create(&SourceLabel { source: self.source.to_string() }).inc();
-                if let Some(t) = not_after {
-                    self.metrics.secret_expiry.get_or_create(&SecretLabel { secret: name.to_owned() }).set(t as f64);
-                }
                 self.metrics.secrets_served.set(self.store.served_count() as i64);
                 tracing::info!(secret = name, source = %self.source, fingerprint = fingerprint.as_deref().unwrap_or("-"), "secret updated");
             }
@@ -113,9 +109,6 @@ impl Sink {
     pub fn remove(&self, name: &str) {
         if self.store.remove(self.rank, name) {
             tracing::info!(secret = name, source = %self.source, "secret removed");
-            if self.store.get(name).is_none() {
-                self.metrics.secret_expiry.remove(&SecretLabel { secret: name.to_owned() });
-            }
             self.metrics.secrets_served.set(self.store.served_count() as i64);
         }
     }

@@ -1,13 +1,18 @@
 //! Prometheus metrics, one registry for the process. Labels never carry key material.
 
+use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
-use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric as _};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+
+use crate::store::Store;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ProtocolLabel {
@@ -27,7 +32,7 @@ pub struct SourceLabel {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SecretLabel {
-    pub secret: String,
+    pub secret: Arc<str>,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -52,7 +57,6 @@ pub struct Metrics {
     pub updates_applied: Family<SourceLabel, Counter>,
     pub updates_rejected: Family<RejectLabel, Counter>,
     pub secrets_served: Gauge,
-    pub secret_expiry: Family<SecretLabel, Gauge<f64, AtomicU64>>,
     pub change_to_push: Histogram,
     pub acme_orders: Family<AcmeOrderLabel, Counter>,
     pub acme_next_renewal: Family<AcmeCertificateLabel, Gauge<f64, AtomicU64>>,
@@ -76,7 +80,6 @@ impl Metrics {
             updates_applied: Family::default(),
             updates_rejected: Family::default(),
             secrets_served: Gauge::default(),
-            secret_expiry: Family::default(),
             // 100 µs .. ~13 s: file watches are sub-millisecond, API servers are not.
             change_to_push: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18)),
             acme_orders: Family::default(),
@@ -100,11 +103,6 @@ impl Metrics {
         );
         registry.register("secrets_served", "Secrets currently served", m.secrets_served.clone());
         registry.register(
-            "secret_expiry_timestamp_seconds",
-            "Unix time at which the served certificate (or CA bundle) expires first",
-            m.secret_expiry.clone(),
-        );
-        registry.register(
             "change_to_push_seconds",
             "Time from a source noticing a change to the response being handed to a stream",
             m.change_to_push.clone(),
@@ -118,9 +116,81 @@ impl Metrics {
         Self { registry, ..m }
     }
 
+    /// Like [`Metrics::new`], with the per-secret metrics read from `store` at each scrape.
+    pub fn with_store(store: Arc<Store>) -> Self {
+        let mut m = Self::new();
+        m.registry.register_collector(Box::new(Expiry(store)));
+        m
+    }
+
     pub fn encode(&self) -> String {
         let mut out = String::new();
         prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String cannot fail");
         out
+    }
+}
+
+/// `secret_expiry_timestamp_seconds`, read from the store when scraped: a gauge per
+/// secret kept up to date by every source would cost a label and a map entry per stored
+/// secret, and could lag behind which source is served.
+struct Expiry(Arc<Store>);
+
+impl std::fmt::Debug for Expiry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Expiry")
+    }
+}
+
+impl Collector for Expiry {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let expiries = self.0.expiries();
+        if expiries.is_empty() {
+            return Ok(());
+        }
+        let mut family = encoder.encode_descriptor(
+            "secret_expiry_timestamp_seconds",
+            "Unix time at which the served certificate (or CA bundle) expires first",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (secret, not_after) in expiries {
+            ConstGauge::new(not_after as f64).encode(family.encode_family(&SecretLabel { secret })?)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use super::*;
+    use crate::pki::{CertIdentity, Checked, KeyBytes, SecretKind, SecretMeta};
+
+    fn expiring(not_after_unix: Option<i64>) -> Checked {
+        Checked {
+            kind: SecretKind::TlsCertificate,
+            resource: KeyBytes::new(format!("{not_after_unix:?}").into_bytes()),
+            meta: SecretMeta { not_after_unix, ..SecretMeta::default() },
+            identity: CertIdentity::default(),
+        }
+    }
+
+    #[test]
+    fn expiry_follows_what_is_served() {
+        let store = Arc::new(Store::new());
+        let metrics = Metrics::with_store(store.clone());
+        assert!(!metrics.encode().contains("secret_expiry"), "no family without secrets");
+
+        let (rank, source) = store.register_source("files:/a");
+        store.upsert(rank, &source, "web", expiring(Some(1_800_000_000)), Instant::now());
+        store.upsert(rank, &source, "token", expiring(None), Instant::now());
+        let text = metrics.encode();
+        assert!(text.contains("# TYPE certwire_secret_expiry_timestamp_seconds gauge"), "{text}");
+        assert!(text.contains("certwire_secret_expiry_timestamp_seconds{secret=\"web\"} 1800000000.0"), "{text}");
+        assert!(!text.contains("secret=\"token\""), "nothing that does not expire: {text}");
+
+        store.remove(rank, "web");
+        assert!(!metrics.encode().contains("secret=\"web\""));
     }
 }

@@ -319,6 +319,17 @@ impl Store {
             .collect()
     }
 
+    /// Served secrets that expire, with the first expiry, by name.
+    pub fn expiries(&self) -> Vec<(Arc<str>, i64)> {
+        let mut out: Vec<(Arc<str>, i64)> = self
+            .entries
+            .iter()
+            .filter_map(|e| Some((e.key().clone(), e.current.as_ref()?.meta.not_after_unix?)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
     pub fn served_count(&self) -> usize {
         self.served.load(Ordering::Relaxed)
     }

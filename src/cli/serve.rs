@@ -22,8 +22,8 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
     let settings = Settings::resolve(&flags, log_format)?;
     logging::init(settings.log_format);
 
-    let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::new());
+    let metrics = Arc::new(Metrics::with_store(store.clone()));
     let health = Arc::new(Health::default());
     let proxies = Arc::new(Proxies::new(metrics.clone()));
     let stop = Shutdown::new();
