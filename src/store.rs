@@ -13,6 +13,7 @@ use std::time::{Instant, SystemTime};
 
 use dashmap::DashMap;
 use ring::digest;
+use smallvec::SmallVec;
 use tokio::sync::{broadcast, watch};
 
 use crate::pki::{self, CertIdentity, Checked, KeyBytes, SecretKind, SecretMeta};
@@ -65,35 +66,33 @@ pub enum Outcome {
 }
 
 struct Entry {
-    /// What is served now.
-    current: Current,
     /// Created on the first subscription and dropped with the last one: most stored
     /// secrets have no subscriber on a given replica, and a channel costs ~0.5 KiB.
     tx: Option<watch::Sender<Current>>,
-    /// Good versions per offering source, by precedence. Almost always one, so a list
-    /// (a map node would cost more than the rest of the entry).
+    /// Good versions per offering source, by precedence; the first is served.
     candidates: ByRank<Arc<Served>>,
-    /// Last rejection per source (source name, reason), cleared by that source's next
-    /// good update.
-    errors: ByRank<(Arc<str>, String)>,
+    /// Last rejection per source, cleared by that source's next good update. Rare, hence
+    /// boxed.
+    errors: Option<Box<ByRank<Rejection>>>,
     /// Set when a served secret disappeared from all sources.
     deleted: bool,
 }
 
 impl Entry {
     fn new() -> Self {
-        Self { current: None, tx: None, candidates: ByRank::default(), errors: ByRank::default(), deleted: false }
+        Self { tx: None, candidates: ByRank::default(), errors: None, deleted: false }
     }
 
-    fn winner(&self) -> Current {
+    /// What is served now.
+    fn current(&self) -> Current {
         self.candidates.values().next().cloned()
     }
 
-    /// Publishes the winner if it differs from what subscribers have. Returns whether it
-    /// did, and how the number of served names changed (-1, 0 or 1).
-    fn publish(&mut self) -> (bool, isize) {
-        let next = self.winner();
-        let (same, delta) = match (&self.current, &next) {
+    /// Publishes the winner if it differs from `before`, what subscribers have. Returns
+    /// whether it did, and how the number of served names changed (-1, 0 or 1).
+    fn publish(&mut self, before: Current) -> (bool, isize) {
+        let next = self.current();
+        let (same, delta) = match (&before, &next) {
             (Some(a), Some(b)) => (a.version == b.version && a.source == b.source, 0),
             (None, None) => (true, 0),
             (None, Some(_)) => (false, 1),
@@ -104,10 +103,31 @@ impl Entry {
         }
         self.deleted = next.is_none();
         if let Some(tx) = &self.tx {
-            tx.send_replace(next.clone());
+            tx.send_replace(next);
         }
-        self.current = next;
         (true, delta)
+    }
+
+    fn set_error(&mut self, rank: Rank, source: Arc<str>, reason: String) {
+        self.errors.get_or_insert_default().insert(rank, (source, reason));
+    }
+
+    fn clear_error(&mut self, rank: Rank) {
+        if let Some(errors) = &mut self.errors {
+            errors.remove(rank);
+            if errors.is_empty() {
+                self.errors = None;
+            }
+        }
+    }
+
+    fn first_error(&self) -> Option<&Rejection> {
+        self.errors.as_ref()?.values().next()
+    }
+
+    /// Nothing served, rejected or deleted: only a subscription keeps the entry.
+    fn is_vacant(&self) -> bool {
+        self.candidates.is_empty() && self.errors.is_none() && !self.deleted
     }
 
     fn subscribers(&self) -> usize {
@@ -115,12 +135,16 @@ impl Entry {
     }
 }
 
-/// One value per source, ordered by precedence.
-struct ByRank<T>(Vec<(Rank, T)>);
+/// Source name and reason.
+type Rejection = (Arc<str>, String);
+
+/// One value per source, ordered by precedence. Almost always one, held inline: a map
+/// node or a vector's buffer would cost more than the rest of the entry.
+struct ByRank<T>(SmallVec<[(Rank, T); 1]>);
 
 impl<T> Default for ByRank<T> {
     fn default() -> Self {
-        Self(Vec::new())
+        Self(SmallVec::new())
     }
 }
 
@@ -132,19 +156,15 @@ impl<T> ByRank<T> {
     fn insert(&mut self, rank: Rank, value: T) {
         match self.0.binary_search_by_key(&rank, |(r, _)| *r) {
             Ok(i) => self.0[i].1 = value,
-            Err(i) => {
-                // A first push would reserve room for four.
-                self.0.reserve_exact(1);
-                self.0.insert(i, (rank, value));
-            }
+            Err(i) => self.0.insert(i, (rank, value)),
         }
     }
 
     fn remove(&mut self, rank: Rank) -> Option<T> {
         let i = self.0.iter().position(|(r, _)| *r == rank)?;
         let (_, value) = self.0.remove(i);
-        if self.0.is_empty() {
-            self.0 = Vec::new();
+        if self.0.spilled() && self.0.len() <= 1 {
+            self.0.shrink_to_fit();
         }
         Some(value)
     }
@@ -214,7 +234,7 @@ impl Store {
     pub fn upsert(&self, rank: Rank, source: &Arc<str>, name: &str, checked: Checked, detected_at: Instant) -> Outcome {
         let version = content_version(checked.resource.as_slice());
         let mut entry = self.entries.entry(Arc::from(name)).or_insert_with(Entry::new);
-        entry.errors.remove(rank);
+        entry.clear_error(rank);
         if let Some(existing) = entry.candidates.get(rank)
             && *existing.version == *version
         {
@@ -231,13 +251,14 @@ impl Store {
             detected_at,
             detected: SystemTime::now() - detected_at.elapsed(),
         });
+        let before = entry.current();
         entry.candidates.insert(rank, served);
-        let (changed, delta) = entry.publish();
+        let (changed, delta) = entry.publish(before);
         self.count(delta);
         if changed {
             Outcome::Changed
         } else {
-            match entry.winner() {
+            match entry.current() {
                 Some(w) if w.source != *source => Outcome::Shadowed { by: w.source.clone() },
                 _ => Outcome::Unchanged,
             }
@@ -247,17 +268,18 @@ impl Store {
     /// Records a rejected update. What is served does not change.
     pub fn reject(&self, rank: Rank, source: &Arc<str>, name: &str, reason: String) {
         let mut entry = self.entries.entry(Arc::from(name)).or_insert_with(Entry::new);
-        entry.errors.insert(rank, (source.clone(), reason));
+        entry.set_error(rank, source.clone(), reason);
     }
 
     /// `source` no longer offers `name`. Returns true when what is served changed.
     pub fn remove(&self, rank: Rank, name: &str) -> bool {
         let Some(mut entry) = self.entries.get_mut(name) else { return false };
-        entry.errors.remove(rank);
+        entry.clear_error(rank);
+        let before = entry.current();
         if entry.candidates.remove(rank).is_none() {
             return false;
         }
-        let (changed, delta) = entry.publish();
+        let (changed, delta) = entry.publish(before);
         self.count(delta);
         changed
     }
@@ -274,7 +296,7 @@ impl Store {
     /// on-demand source can mint them; the subscriber is woken the moment they exist.
     pub fn subscribe(&self, name: &str) -> watch::Receiver<Current> {
         let mut entry = self.entries.entry(Arc::from(name)).or_insert_with(Entry::new);
-        let current = entry.current.clone();
+        let current = entry.current();
         let rx = entry.tx.get_or_insert_with(|| watch::channel(current).0).subscribe();
         let missing = entry.candidates.is_empty();
         drop(entry);
@@ -293,17 +315,15 @@ impl Store {
             return;
         }
         entry.tx = None;
-        let forget = entry.candidates.is_empty() && entry.errors.is_empty() && !entry.deleted;
+        let forget = entry.is_vacant();
         drop(entry);
         if forget {
-            self.entries.remove_if(name, |_, e| {
-                e.candidates.is_empty() && e.errors.is_empty() && !e.deleted && e.subscribers() == 0
-            });
+            self.entries.remove_if(name, |_, e| e.is_vacant() && e.subscribers() == 0);
         }
     }
 
     pub fn get(&self, name: &str) -> Current {
-        self.entries.get(name).and_then(|e| e.current.clone())
+        self.entries.get(name).and_then(|e| e.current())
     }
 
     pub fn demand(&self) -> broadcast::Receiver<String> {
@@ -314,7 +334,7 @@ impl Store {
     pub fn wanted_unserved(&self) -> Vec<String> {
         self.entries
             .iter()
-            .filter(|e| e.current.is_none() && e.subscribers() > 0)
+            .filter(|e| e.candidates.is_empty() && e.subscribers() > 0)
             .map(|e| e.key().to_string())
             .collect()
     }
@@ -324,7 +344,7 @@ impl Store {
         let mut out: Vec<(Arc<str>, i64)> = self
             .entries
             .iter()
-            .filter_map(|e| Some((e.key().clone(), e.current.as_ref()?.meta.not_after_unix?)))
+            .filter_map(|e| Some((e.key().clone(), e.candidates.values().next()?.meta.not_after_unix?)))
             .collect();
         out.sort_unstable();
         out
@@ -339,11 +359,11 @@ impl Store {
         let mut rows: Vec<(SecretStatus, Current)> = self
             .entries
             .iter()
-            .filter(|e| !e.candidates.is_empty() || !e.errors.is_empty() || e.deleted)
+            .filter(|e| !e.is_vacant())
             .map(|e| {
-                let current = e.current.clone();
+                let current = e.current();
                 let shadowed_sources = e.candidates.values().skip(1).map(|s| s.source.to_string()).collect();
-                let last_error = e.errors.values().next().map(|(src, why)| format!("{src}: {why}"));
+                let last_error = e.first_error().map(|(src, why)| format!("{src}: {why}"));
                 let status = SecretStatus {
                     name: e.key().to_string(),
                     kind: current.as_ref().map(|c| c.kind),
