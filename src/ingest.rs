@@ -49,24 +49,43 @@ impl Sink {
         material: &Material,
         detected_at: Instant,
     ) -> Result<Outcome, PkiError> {
+        self.update_names(names, material, detected_at)
+    }
+
+    /// Like [`Sink::update`], for a source that keeps `name` itself: the store keys a new
+    /// entry with that same copy instead of making its own.
+    pub fn update_shared(
+        &self,
+        name: &Arc<str>,
+        material: &Material,
+        detected_at: Instant,
+    ) -> Result<Outcome, PkiError> {
+        self.update_names(std::slice::from_ref(name), material, detected_at)
+    }
+
+    fn update_names<N>(&self, names: &[N], material: &Material, detected_at: Instant) -> Result<Outcome, PkiError>
+    where
+        N: AsRef<str> + Clone + Into<Arc<str>>,
+    {
         let opts = CheckOptions { allow_expired: self.allow_expired, now: std::time::SystemTime::now() };
         let mut first = None;
         for name in names {
             // The Envoy Secret carries its name, so each alias is encoded on its own;
             // the checks cannot pass for one name and fail for another.
-            let checked = match pki::check(name, material, &opts) {
+            let checked = match pki::check(name.as_ref(), material, &opts) {
                 Ok(checked) => checked,
                 Err(err) => return Err(self.rejected(names, err)),
             };
-            let outcome = self.store_checked(name, checked, detected_at);
+            let outcome = self.store_checked(name.clone().into(), checked, detected_at);
             first.get_or_insert(outcome);
         }
         Ok(first.unwrap_or(Outcome::Unchanged))
     }
 
-    fn store_checked(&self, name: &str, checked: pki::Checked, detected_at: Instant) -> Outcome {
+    fn store_checked(&self, name: Arc<str>, checked: pki::Checked, detected_at: Instant) -> Outcome {
         let fingerprint = checked.identity.fingerprint_sha256.clone();
-        let outcome = self.store.upsert(self.rank, &self.source, name, checked, detected_at);
+        let outcome = self.store.upsert(self.rank, &self.source, name.clone(), checked, detected_at);
+        let name = &*name;
         match &outcome {
             Outcome::Changed => {
                 self.metrics.updates_applied.get_or_create(&SourceLabel { source: self.source.to_string() }).inc();
@@ -83,12 +102,12 @@ impl Sink {
         outcome
     }
 
-    fn rejected(&self, names: &[&str], err: PkiError) -> PkiError {
+    fn rejected<N: AsRef<str> + Clone + Into<Arc<str>>>(&self, names: &[N], err: PkiError) -> PkiError {
         self.metrics
             .updates_rejected
             .get_or_create(&RejectLabel { source: self.source.to_string(), reason: err.reason() })
             .inc();
-        let name = names.first().copied().unwrap_or_default();
+        let name = names.first().map(AsRef::as_ref).unwrap_or_default();
         let served = self.store.get(name).map(|s| s.version.clone());
         tracing::error!(
             secret = name,
@@ -100,7 +119,7 @@ impl Sink {
             "secret update rejected; last good version kept"
         );
         for name in names {
-            self.store.reject(self.rank, &self.source, name, err.to_string());
+            self.store.reject(self.rank, &self.source, name.clone(), err.to_string());
         }
         err
     }

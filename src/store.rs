@@ -230,10 +230,18 @@ impl Store {
         (Rank(sources.len() - 1), name)
     }
 
-    /// Stores a checked version offered by `source` for `name`.
-    pub fn upsert(&self, rank: Rank, source: &Arc<str>, name: &str, checked: Checked, detected_at: Instant) -> Outcome {
+    /// Stores a checked version offered by `source` for `name`. A new entry keeps `name`
+    /// as it is given, so a caller holding an `Arc<str>` shares it.
+    pub fn upsert(
+        &self,
+        rank: Rank,
+        source: &Arc<str>,
+        name: impl Into<Arc<str>>,
+        checked: Checked,
+        detected_at: Instant,
+    ) -> Outcome {
         let version = content_version(checked.resource.as_slice());
-        let mut entry = self.entries.entry(Arc::from(name)).or_insert_with(Entry::new);
+        let mut entry = self.entries.entry(name.into()).or_insert_with(Entry::new);
         entry.clear_error(rank);
         if let Some(existing) = entry.candidates.get(rank)
             && *existing.version == *version
@@ -266,8 +274,8 @@ impl Store {
     }
 
     /// Records a rejected update. What is served does not change.
-    pub fn reject(&self, rank: Rank, source: &Arc<str>, name: &str, reason: String) {
-        let mut entry = self.entries.entry(Arc::from(name)).or_insert_with(Entry::new);
+    pub fn reject(&self, rank: Rank, source: &Arc<str>, name: impl Into<Arc<str>>, reason: String) {
+        let mut entry = self.entries.entry(name.into()).or_insert_with(Entry::new);
         entry.set_error(rank, source.clone(), reason);
     }
 
@@ -431,6 +439,16 @@ mod tests {
         assert!(!rx.has_changed().unwrap());
         assert_eq!(store.upsert(rank, &src, "s", checked(b"two"), Instant::now()), Outcome::Changed);
         assert_ne!(rx.borrow_and_update().clone().unwrap().version, v1);
+    }
+
+    #[test]
+    fn new_entry_keeps_the_name_it_is_given() {
+        let store = Store::new();
+        let (rank, src) = store.register_source("files:/a");
+        let name: Arc<str> = Arc::from("s");
+        store.upsert(rank, &src, name.clone(), checked(b"one"), Instant::now());
+        store.upsert(rank, &src, "s", checked(b"two"), Instant::now());
+        assert!(Arc::ptr_eq(&store.get("s").unwrap().name, &name), "one copy of the name");
     }
 
     #[test]

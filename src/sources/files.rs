@@ -17,6 +17,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read as _};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use notify::event::{AccessKind, AccessMode, ModifyKind};
@@ -229,7 +230,8 @@ enum Watch {
 #[derive(Default)]
 struct Dir {
     tls: Slot,
-    ca: Slot,
+    /// Boxed, and only while something was reported: most directories have no `ca.crt`.
+    ca: Option<Box<Slot>>,
     watch: Watch,
 }
 
@@ -238,8 +240,9 @@ struct FileSource {
     sink: Sink,
     watcher: RecommendedWatcher,
     settle: Duration,
-    /// Per directory NAME that exists or still has something reported.
-    dirs: HashMap<Box<str>, Dir>,
+    /// Per directory NAME that exists or still has something reported. The name is
+    /// shared with the store's entry for the pair.
+    dirs: HashMap<Arc<str>, Dir>,
     /// Directories to read again once settled: (when, first detection of the change).
     settling: HashMap<String, (Instant, Instant)>,
 }
@@ -386,11 +389,16 @@ impl FileSource {
     fn refresh(&mut self, name: &str, pass: Pass, detected_at: Instant) {
         let path = self.root.join(name);
         let exists = path.is_dir();
-        let dir = match self.dirs.get_mut(name) {
-            Some(dir) => dir,
-            None if exists => self.dirs.entry(name.into()).or_default(),
+        let name = match self.dirs.get_key_value(name) {
+            Some((known, _)) => known.clone(),
+            None if exists => {
+                let name: Arc<str> = Arc::from(name);
+                self.dirs.insert(name.clone(), Dir::default());
+                name
+            }
             None => return,
         };
+        let dir = self.dirs.get_mut(&name).expect("found or inserted above");
         // The watch comes before the read: a write after it raises an event, one before it
         // is in what we read.
         match (exists, dir.watch) {
@@ -405,13 +413,16 @@ impl FileSource {
             _ => {}
         }
         let (pair, ca) = read_secret_dir(&path);
-        let pair_waits = report(&self.sink, name, &mut dir.tls, pair, pass, detected_at);
-        let ca_waits = report(&self.sink, &format!("{name}-cacert"), &mut dir.ca, ca, pass, detected_at);
-        if !exists && dir.tls.last.is_none() && dir.ca.last.is_none() {
-            self.dirs.remove(name);
+        let pair_waits = report(&self.sink, &name, &mut dir.tls, pair, pass, detected_at);
+        let mut ca_slot = dir.ca.take().map(|slot| *slot).unwrap_or_default();
+        let ca_name = format!("{name}-cacert").into();
+        let ca_waits = report(&self.sink, &ca_name, &mut ca_slot, ca, pass, detected_at);
+        dir.ca = ca_slot.last.is_some().then(|| Box::new(ca_slot));
+        if !exists && dir.tls.last.is_none() && dir.ca.is_none() {
+            self.dirs.remove(&name);
         }
         if pair_waits || ca_waits {
-            self.settling.entry(name.to_owned()).or_insert((Instant::now() + self.settle, detected_at));
+            self.settling.entry(name.to_string()).or_insert((Instant::now() + self.settle, detected_at));
         }
     }
 }
@@ -433,7 +444,7 @@ fn watch_dir(watcher: &mut RecommendedWatcher, path: &Path, before: Watch, sink:
 /// when the read looks like a write in progress and is worth another look once settled.
 fn report(
     sink: &Sink,
-    secret: &str,
+    secret: &Arc<str>,
     slot: &mut Slot,
     read: Result<Option<Material>, FilesError>,
     pass: Pass,
@@ -441,7 +452,7 @@ fn report(
 ) -> bool {
     match read {
         Err(err) => {
-            tracing::warn!(secret, source = sink.source(), error = %err, "cannot read secret file; last good version kept");
+            tracing::warn!(secret = &**secret, source = sink.source(), error = %err, "cannot read secret file; last good version kept");
             false
         }
         Ok(None) if slot.last.is_none() => false,
@@ -467,13 +478,13 @@ fn report(
             if pass.settles() && !unchanged && !swapped_whole && pki::check(secret, &material, &quiet_check()).is_err()
             {
                 tracing::debug!(
-                    secret,
+                    secret = &**secret,
                     source = sink.source(),
                     "secret files inconsistent; waiting for the write to finish"
                 );
                 return true;
             }
-            let result = sink.update(secret, &material, detected_at);
+            let result = sink.update_shared(secret, &material, detected_at);
             slot.retry = matches!(result, Err(PkiError::NotYetValid { .. } | PkiError::Expired { .. }));
             slot.last = Some(digests);
             false
