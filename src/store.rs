@@ -24,7 +24,7 @@ pub struct Served {
     /// Content hash: stable across restarts, so a reconnecting proxy's claim is meaningful.
     pub version: Arc<str>,
     pub kind: SecretKind,
-    /// Encoded `google.protobuf.Any` with the Envoy `Secret`.
+    /// Encoded Envoy `Secret`; the SDS codec wraps it in a `google.protobuf.Any`.
     pub resource: KeyBytes,
     /// The rest of what status shows is read from `resource` on demand
     /// ([`pki::identity`]): kept here, it would cost more than the PEM it describes.

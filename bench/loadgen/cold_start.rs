@@ -5,7 +5,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::Options;
-use crate::secrets::SecretSet;
+use crate::pki::Ca;
+use crate::secrets::{self, SecretSet};
 use crate::server::{Launcher, Server};
 use crate::stats::median;
 
@@ -25,24 +26,37 @@ pub struct Row {
     pub runs: usize,
     pub rss_kib: u64,
     pub rss_empty_kib: u64,
+    /// RSS with a tenth of the secrets: the code and tables that loading any secret
+    /// brings in are then resident too, so the difference is what each secret adds.
+    pub small_secrets: usize,
+    pub rss_small_kib: u64,
     pub pem_bytes_per_secret: f64,
 }
 
 impl Row {
+    /// Against certwire with no secret at all: includes once-only costs (code paged in
+    /// by the first load) spread over the secrets.
     pub fn rss_per_secret_kib(&self) -> f64 {
         self.rss_kib.saturating_sub(self.rss_empty_kib) as f64 / self.secrets.max(1) as f64
     }
+
+    /// What one more stored secret costs: the slope between a tenth of the secrets and
+    /// all of them.
+    pub fn marginal_per_secret_kib(&self) -> f64 {
+        let added = self.secrets.saturating_sub(self.small_secrets).max(1);
+        self.rss_kib.saturating_sub(self.rss_small_kib) as f64 / added as f64
+    }
 }
 
-pub async fn run(launcher: &Launcher, opts: &Options, root: &Path, set: &SecretSet) -> anyhow::Result<Row> {
+pub async fn run(launcher: &Launcher, opts: &Options, root: &Path, set: &SecretSet, ca: &Ca) -> anyhow::Result<Row> {
     let n = set.names.len();
     eprintln!("== cold start: {n} secrets");
     let empty = crate::util::tempdir();
-    let mut server = launcher.certwire(empty.path())?;
-    server.poll_admin("/readyz", START_LIMIT, READY_POLL).await?;
-    tokio::time::sleep(SETTLE).await;
-    let rss_empty_kib = server.rss_kib();
-    server.stop().await;
+    let rss_empty_kib = settled_rss(launcher, empty.path()).await?;
+    let small_secrets = n / 10;
+    let small = crate::util::tempdir();
+    secrets::create_set(small.path(), ca, "t", small_secrets);
+    let rss_small_kib = settled_rss(launcher, small.path()).await?;
 
     let mut ready = Vec::new();
     let mut listed = Vec::new();
@@ -82,8 +96,20 @@ pub async fn run(launcher: &Launcher, opts: &Options, root: &Path, set: &SecretS
         runs: ready.len(),
         rss_kib,
         rss_empty_kib,
+        small_secrets,
+        rss_small_kib,
         pem_bytes_per_secret: set.pem_bytes as f64 / n.max(1) as f64,
     })
+}
+
+/// RSS of certwire serving `root`, once ready and settled.
+async fn settled_rss(launcher: &Launcher, root: &Path) -> anyhow::Result<u64> {
+    let mut server = launcher.certwire(root)?;
+    server.poll_admin("/readyz", START_LIMIT, READY_POLL).await?;
+    tokio::time::sleep(SETTLE).await;
+    let rss = server.rss_kib();
+    server.stop().await;
+    Ok(rss)
 }
 
 /// Polls `/status/secrets` until `n` secrets have a version; returns when one answer

@@ -147,7 +147,7 @@ async fn run(launcher: &Launcher, opts: &Options) -> String {
         let ca = Ca::new("loadgen many-secrets CA");
         let set = secrets::create_set(&root, &ca, "s", opts.secrets);
         if opts.wants("cold") {
-            match cold_start::run(launcher, opts, &root, &set).await {
+            match cold_start::run(launcher, opts, &root, &set, &ca).await {
                 Ok(row) => out.push_str(&cold_table(&row)),
                 Err(err) => {
                     eprintln!("cold start failed: {err:#}");
@@ -292,26 +292,34 @@ fn cold_table(r: &cold_start::Row) -> String {
         t,
         "From spawning `certwire serve --files ROOT` ({} kubelet-layout secret directories, page cache warm) \
          until /readyz answers 200, and until /status/secrets lists every secret with a version (polled every \
-         20 ms, so up to that much late); medians of {} runs. RSS on a separate run, 1 s after ready, minus \
-         certwire with an empty files directory.\n",
-        r.secrets, r.runs
+         20 ms, so up to that much late); medians of {} runs. RSS on separate runs, 1 s after ready. \
+         \"Per secret, marginal\" is the slope between {} and {} secrets (what one more secret costs); \
+         \"vs none\" divides the difference to certwire with an empty files directory, so it also spreads \
+         once-only costs (code paged in by the first load) over the secrets.\n",
+        r.secrets, r.runs, r.small_secrets, r.secrets
     );
     t.push_str(
-        "| secrets | spawn → /readyz 200 (ms) | spawn → all listed (ms) | RSS (MiB) | RSS, no secrets (MiB) | RSS \
-         per secret (KiB) | PEM per secret (KiB) | RSS / PEM |\n",
+        "| secrets | spawn → /readyz 200 (ms) | spawn → all listed (ms) | RSS (MiB) | RSS, {small} secrets (MiB) | \
+         RSS, no secrets (MiB) | per secret, marginal (KiB) | per secret vs none (KiB) | PEM per secret (KiB) | \
+         marginal / PEM | vs none / PEM |\n"
+            .replace("{small}", &r.small_secrets.to_string())
+            .as_str(),
     );
-    t.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    t.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let pem_kib = r.pem_bytes_per_secret / 1024.0;
     let _ = writeln!(
         t,
-        "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
         r.secrets,
         num(r.ready_ms, 0),
         num(r.all_listed_ms, 0),
         num(r.rss_kib as f64 / 1024.0, 1),
+        num(r.rss_small_kib as f64 / 1024.0, 1),
         num(r.rss_empty_kib as f64 / 1024.0, 1),
+        num(r.marginal_per_secret_kib(), 2),
         num(r.rss_per_secret_kib(), 2),
         num(pem_kib, 2),
+        ratio(r.marginal_per_secret_kib(), pem_kib),
         ratio(r.rss_per_secret_kib(), pem_kib)
     );
     t

@@ -69,11 +69,12 @@ pub struct CertIdentity {
     pub sans: Vec<String>,
 }
 
-/// A checked secret: the encoded `google.protobuf.Any` holding the Envoy `Secret`
-/// (shared by every stream) and its public metadata.
+/// A checked secret: the encoded Envoy `Secret` (shared by every stream) and its public
+/// metadata.
 pub struct Checked {
     pub kind: SecretKind,
-    /// Encoded `Any` (type_url + Secret bytes). Holds the private key, hence zeroized.
+    /// Encoded `Secret` (the SDS codec wraps it in an `Any`). Holds the private key,
+    /// hence zeroized.
     pub resource: KeyBytes,
     pub meta: SecretMeta,
     pub identity: CertIdentity,

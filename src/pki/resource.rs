@@ -1,11 +1,12 @@
 //! The Envoy `Secret` resource: run the checks for each kind of material, then encode the
-//! `Any` once so every stream shares the same bytes.
+//! `Secret` once so every stream shares the same bytes. The `Any` around it is written
+//! by the SDS codec as it sends: its type URL is the same for every secret, and stored
+//! per secret it would cost some 70 bytes each.
 
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, GenericSecret, Secret, TlsCertificate, TlsSessionTicketKeys, secret::Type,
 };
-use envoy_types::pb::google::protobuf::Any;
 use prost::Message;
 use zeroize::Zeroize;
 
@@ -65,16 +66,14 @@ pub fn identity(resource: &[u8]) -> CertIdentity {
     certificates_pem(resource).and_then(chain::first_identity).unwrap_or_default()
 }
 
-/// Field numbers on the path to the certificates: `Any.value`, then the `Secret` type,
-/// then `certificate_chain` / `trusted_ca` (both 1), then `DataSource.inline_bytes`.
-const ANY_VALUE: u32 = 2;
+/// Field numbers on the path to the certificates: the `Secret` type, then
+/// `certificate_chain` / `trusted_ca` (both 1), then `DataSource.inline_bytes`.
 const SECRET_TLS_CERTIFICATE: u32 = 2;
 const SECRET_VALIDATION_CONTEXT: u32 = 4;
 const CERTIFICATES: u32 = 1;
 const INLINE_BYTES: u32 = 2;
 
-fn certificates_pem(resource: &[u8]) -> Option<&[u8]> {
-    let secret = field(resource, |tag| tag == ANY_VALUE)?;
+fn certificates_pem(secret: &[u8]) -> Option<&[u8]> {
     let certs = field(secret, |tag| tag == SECRET_TLS_CERTIFICATE || tag == SECRET_VALIDATION_CONTEXT)?;
     let source = field(certs, |tag| tag == CERTIFICATES)?;
     field(source, |tag| tag == INLINE_BYTES)
@@ -120,14 +119,12 @@ fn inline(bytes: Vec<u8>) -> DataSource {
     DataSource { specifier: Some(Specifier::InlineBytes(bytes)), ..Default::default() }
 }
 
-/// Encodes the `Any`, wiping the intermediate copies of secret bytes. `encode_to_vec`
+/// Encodes the `Secret`, wiping the intermediate copies of secret bytes. `encode_to_vec`
 /// allocates the exact length up front, so no reallocation leaves a copy behind.
 fn encode(name: &str, secret_type: Type) -> KeyBytes {
     let mut secret = Secret { name: name.to_owned(), r#type: Some(secret_type) };
-    let mut any = Any { type_url: SECRET_TYPE_URL.to_owned(), value: secret.encode_to_vec() };
+    let out = secret.encode_to_vec();
     wipe(&mut secret);
-    let out = any.encode_to_vec();
-    any.value.zeroize();
     KeyBytes::new(out)
 }
 
@@ -152,9 +149,7 @@ mod tests {
     use crate::pki::check;
 
     fn decode(checked: &Checked) -> Secret {
-        let any = Any::decode(checked.resource.as_slice()).unwrap();
-        assert_eq!(any.type_url, SECRET_TYPE_URL);
-        Secret::decode(any.value.as_slice()).unwrap()
+        Secret::decode(checked.resource.as_slice()).unwrap()
     }
 
     fn inline_bytes(source: Option<DataSource>) -> Vec<u8> {

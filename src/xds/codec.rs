@@ -43,7 +43,7 @@ impl Outgoing {
             Outgoing::Sotw { version_info, nonce, resources } => {
                 string(1, version_info, buf);
                 for r in resources {
-                    bytes_field(2, r.resource.as_slice(), buf);
+                    any(2, r.resource.as_slice(), buf);
                 }
                 string(4, SECRET_TYPE_URL, buf);
                 nonce_field(*nonce, buf);
@@ -51,12 +51,12 @@ impl Outgoing {
             Outgoing::Delta { nonce, resources, removed } => {
                 for r in resources {
                     // Resource { version = 1, resource (Any) = 2, name = 3 }
-                    let any = r.resource.as_slice();
-                    let len = string_len(1, &r.version) + bytes_len(2, any) + string_len(3, &r.name);
+                    let secret = r.resource.as_slice();
+                    let len = string_len(1, &r.version) + any_len(2, secret) + string_len(3, &r.name);
                     encode_key(2, WireType::LengthDelimited, buf);
                     encode_varint(len as u64, buf);
                     string(1, &r.version, buf);
-                    bytes_field(2, any, buf);
+                    any(2, secret, buf);
                     string(3, &r.name, buf);
                 }
                 string(4, SECRET_TYPE_URL, buf);
@@ -83,6 +83,19 @@ fn nonce_field(nonce: u64, buf: &mut impl BufMut) {
         n /= 10;
     }
     bytes_field(5, &digits[at..], buf);
+}
+
+/// Field `tag` holding `Any { type_url = 1, value = 2 }` around an encoded `Secret`.
+fn any(tag: u32, secret: &[u8], buf: &mut impl BufMut) {
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint((bytes_len(1, SECRET_TYPE_URL.as_bytes()) + bytes_len(2, secret)) as u64, buf);
+    bytes_field(1, SECRET_TYPE_URL.as_bytes(), buf);
+    bytes_field(2, secret, buf);
+}
+
+fn any_len(tag: u32, secret: &[u8]) -> usize {
+    let inner = bytes_len(1, SECRET_TYPE_URL.as_bytes()) + bytes_len(2, secret);
+    key_len(tag) + encoded_len_varint(inner as u64) + inner
 }
 
 fn string(tag: u32, value: &str, buf: &mut impl BufMut) {
@@ -118,12 +131,11 @@ mod tests {
     use crate::pki::{KeyBytes, SecretKind, SecretMeta};
 
     fn served(name: &str, value: &[u8]) -> Arc<Served> {
-        let any = Any { type_url: SECRET_TYPE_URL.into(), value: value.to_vec() };
         Arc::new(Served {
             name: name.into(),
             version: format!("v-{name}").into(),
             kind: SecretKind::GenericSecret,
-            resource: KeyBytes::new(any.encode_to_vec()),
+            resource: KeyBytes::new(value.to_vec()),
             meta: SecretMeta::default(),
             source: Arc::from("test"),
             updated: SystemTime::now(),
