@@ -93,11 +93,17 @@ impl SecretDir {
         self.swap(&tls_files(leaf, ca_pem));
     }
 
-    /// Overwrites one file of the current generation in place (truncate and write,
-    /// through the user-visible symlink), the way a careless tool would. No swap
-    /// happens, so watchers see a plain modification.
+    /// Writes one user-visible file directly, non-atomically (the symlink, if any, is
+    /// replaced by a regular file), the way a tool that knows nothing of `..data` would.
+    /// No swap happens: until its partner is written too, the pair on disk is torn.
+    /// (Writing *through* the symlink into the generation directory is what no writer of
+    /// this layout does; certwire sees that only at its periodic rescan.)
     pub fn write_in_place(&self, file: &str, contents: &[u8]) {
-        write(&self.dir.join(&self.current).join(file), contents);
+        let path = self.dir.join(file);
+        if path.symlink_metadata().is_ok_and(|m| m.file_type().is_symlink()) {
+            std::fs::remove_file(&path).unwrap_or_else(|e| panic!("remove {}: {e}", path.display()));
+        }
+        write(&path, contents);
     }
 
     /// The classic torn rotation: the new certificate lands, and only after `pause`
