@@ -1,10 +1,13 @@
 //! The process-wide stop signal (SIGTERM): a cancellation token for async waits, and a
 //! flag that the per-stream hot path reads without taking the token's lock.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Waker};
 
-use tokio_util::sync::CancellationToken;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 #[derive(Clone, Default)]
 pub struct Shutdown {
@@ -32,6 +35,32 @@ impl Shutdown {
     }
 }
 
+/// The stop signal for a hand-written future polled on every rotation (a connection, a
+/// stream). Polling the token takes its lock, one lock for the whole process; here it is
+/// polled only to register a new waker, and every other poll reads the flag.
+pub struct StopWatch {
+    shutdown: Shutdown,
+    wait: Pin<Box<WaitForCancellationFutureOwned>>,
+    registered: Option<Waker>,
+}
+
+impl StopWatch {
+    pub fn new(shutdown: &Shutdown) -> Self {
+        Self { shutdown: shutdown.clone(), wait: Box::pin(shutdown.token().cancelled_owned()), registered: None }
+    }
+
+    /// Whether the signal was given; if not, the task of `cx` is woken when it is.
+    pub fn stopped(&mut self, cx: &mut Context<'_>) -> bool {
+        if !self.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            self.registered = Some(cx.waker().clone());
+            if self.wait.as_mut().poll(cx).is_ready() {
+                return true;
+            }
+        }
+        self.shutdown.is_triggered()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -44,5 +73,20 @@ mod tests {
         s.clone().trigger();
         assert!(s.is_triggered());
         waiter.cancelled().await;
+    }
+
+    #[tokio::test]
+    async fn stop_watch_wakes_its_task_once_triggered() {
+        let s = Shutdown::new();
+        let mut watch = StopWatch::new(&s);
+        let waiting =
+            std::future::poll_fn(
+                move |cx| if watch.stopped(cx) { std::task::Poll::Ready(()) } else { std::task::Poll::Pending },
+            );
+        let task = tokio::spawn(waiting);
+        tokio::task::yield_now().await;
+        assert!(!task.is_finished());
+        s.trigger();
+        tokio::time::timeout(std::time::Duration::from_secs(10), task).await.expect("woken").unwrap();
     }
 }

@@ -13,10 +13,10 @@ use futures_util::stream::FuturesUnordered;
 use h2::server::{Connection, Handshake};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 
 use super::Shared;
 use super::service::{self, Call};
+use crate::shutdown::StopWatch;
 
 /// Bytes a call may have waiting in h2 for a slow proxy before it stops taking new
 /// responses (the latest version then waits in the store, not in memory per stream).
@@ -41,7 +41,7 @@ pub fn serve<IO>(io: IO, shared: Shared, peer: String) -> ConnTask<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let stopping = Box::pin(shared.shutdown.token().cancelled_owned());
+    let stopping = StopWatch::new(&shared.shutdown);
     ConnTask {
         phase: Phase::Handshake(builder().handshake(io), Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT))),
         calls: FuturesUnordered::new(),
@@ -60,7 +60,7 @@ pub struct ConnTask<IO> {
     calls: FuturesUnordered<Call>,
     shared: Shared,
     peer: String,
-    stopping: Pin<Box<WaitForCancellationFutureOwned>>,
+    stopping: StopWatch,
     draining: bool,
 }
 
@@ -95,7 +95,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
                 }
             },
         };
-        if !this.draining && this.stopping.as_mut().poll(cx).is_ready() {
+        if !this.draining && this.stopping.stopped(cx) {
             // GOAWAY: no new calls; the open ones end themselves on the same signal.
             conn.graceful_shutdown();
             this.draining = true;

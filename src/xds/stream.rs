@@ -6,19 +6,18 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use prost::Message;
-use tokio_util::sync::WaitForCancellationFutureOwned;
 use tonic::Status;
 
 use super::Shared;
 use super::codec::Outgoing;
 use super::grpc::{self, Inbound};
 use super::session::{Change, Session};
-use crate::shutdown::Shutdown;
+use crate::shutdown::StopWatch;
 
 pub trait Protocol: Send + 'static {
     type Request: Message + Default + Send + 'static;
@@ -32,18 +31,9 @@ pub trait Protocol: Send + 'static {
 
 /// The future of one StreamSecrets or DeltaSecrets call whose response headers are sent.
 pub fn run<P: Protocol>(shared: Shared, peer: String, body: RecvStream, send: SendStream<Bytes>) -> StreamTask<P> {
-    let stopping = shared.shutdown.clone();
-    let wake_on_stop = Box::pin(stopping.token().cancelled_owned());
+    let stopping = StopWatch::new(&shared.shutdown);
     let session = Session::open(shared, P::NAME, peer);
-    StreamTask {
-        session,
-        inbound: Inbound::new(body),
-        send,
-        stopping,
-        wake_on_stop,
-        registered: None,
-        _protocol: std::marker::PhantomData,
-    }
+    StreamTask { session, inbound: Inbound::new(body), send, stopping, _protocol: std::marker::PhantomData }
 }
 
 pub struct StreamTask<P: Protocol> {
@@ -51,11 +41,7 @@ pub struct StreamTask<P: Protocol> {
     inbound: Inbound,
     send: SendStream<Bytes>,
     /// SIGTERM: the stream ends cleanly so the proxy reconnects to another replica.
-    stopping: Shutdown,
-    /// Polled only to register the waker that SIGTERM wakes (again when the waker
-    /// changes); the flag in `stopping` is what is checked on every poll, lock-free.
-    wake_on_stop: Pin<Box<WaitForCancellationFutureOwned>>,
-    registered: Option<Waker>,
+    stopping: StopWatch,
     _protocol: std::marker::PhantomData<fn() -> P>,
 }
 
@@ -91,13 +77,7 @@ impl<P: Protocol> Future for StreamTask<P> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
         // Every field is Unpin.
         let this = self.get_mut();
-        if !this.registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
-            this.registered = Some(cx.waker().clone());
-            if this.wake_on_stop.as_mut().poll(cx).is_ready() {
-                return this.end("shutting down", Status::ok(""));
-            }
-        }
-        if this.stopping.is_triggered() {
+        if this.stopping.stopped(cx) {
             return this.end("shutting down", Status::ok(""));
         }
         // Requests first: an ACK or a new subscription changes what is due.
