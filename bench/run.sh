@@ -27,7 +27,7 @@ cargo bench --bench loadgen -- --pin
     echo
     echo "Written by \`bash bench/run.sh\` on $(date -u '+%Y-%m-%d %H:%M UTC'): $(nproc) cores" \
         "($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')), commit" \
-        "\`$(git rev-parse --short HEAD)\`$(git diff --quiet HEAD -- src bench || echo ' + uncommitted changes')."
+        "\`$(git rev-parse --short HEAD)\`$(git diff --quiet HEAD -- src bench ':!bench/RESULTS.md' || echo ' + uncommitted changes')."
     echo "Targets, what was tried and what limits the figures: [README.md](README.md)."
     echo
     echo "Commands: \`ROTATIONS=30 cargo bench --bench rotation\`, \`cargo bench --bench loadgen\`," \
