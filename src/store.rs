@@ -16,7 +16,7 @@ use ring::digest;
 use smallvec::SmallVec;
 use tokio::sync::{broadcast, watch};
 
-use crate::pki::{self, CertIdentity, Checked, KeyBytes, SecretKind, SecretMeta};
+use crate::pki::{self, CertIdentity, Checked, SecretKind, SecretMeta, SharedKeyBytes};
 
 /// One good version of a secret, as served. Cheap to clone through `Arc`.
 pub struct Served {
@@ -25,7 +25,7 @@ pub struct Served {
     pub version: Arc<str>,
     pub kind: SecretKind,
     /// Encoded Envoy `Secret`; the SDS codec wraps it in a `google.protobuf.Any`.
-    pub resource: KeyBytes,
+    pub resource: SharedKeyBytes,
     /// The rest of what status shows is read from `resource` on demand
     /// ([`pki::identity`]): kept here, it would cost more than the PEM it describes.
     pub meta: SecretMeta,
@@ -252,7 +252,7 @@ impl Store {
             name: entry.key().clone(),
             version: Arc::from(version),
             kind: checked.kind,
-            resource: checked.resource,
+            resource: checked.resource.into(),
             meta: checked.meta,
             source: source.clone(),
             updated: SystemTime::now(),
@@ -420,7 +420,7 @@ mod tests {
     fn checked(content: &[u8]) -> Checked {
         Checked {
             kind: SecretKind::GenericSecret,
-            resource: KeyBytes::new(content.to_vec()),
+            resource: crate::pki::KeyBytes::new(content.to_vec()),
             meta: SecretMeta::default(),
             identity: CertIdentity::default(),
         }

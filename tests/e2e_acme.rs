@@ -560,9 +560,14 @@ async fn kubernetes_secret_store_holds_the_certificate_and_a_restart_loads_it() 
 
     let serial = wait_serial(&certwire, "stored", None, ISSUE_WAIT).await;
     wait_serial(&certwire, "foreign", None, ISSUE_WAIT).await;
-    let status = certwire.secret_status("foreign").await.unwrap();
-    let error = status["last_error"].as_str().unwrap_or_default();
-    assert!(error.contains("certificate-store") && error.contains("not written by certwire"), "{status}");
+    // Served first, then stored: the refusal to write the foreign Secret comes after.
+    let error = util::wait_for("the certificate-store error of \"foreign\"", WAIT, || async {
+        let status = certwire.secret_status("foreign").await?;
+        let error = status["last_error"].as_str()?.to_owned();
+        error.contains("certificate-store").then_some(error)
+    })
+    .await;
+    assert!(error.contains("not written by certwire"), "{error}");
     let foreign = get_secret(&api, "foreign").unwrap();
     assert_eq!(foreign["metadata"]["resourceVersion"], foreign_rv, "left alone: {foreign}");
     assert_eq!(wait_secret_serial(&api, "stored", None, WAIT).await, serial, "the served certificate is in the Secret");

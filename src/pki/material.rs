@@ -1,5 +1,6 @@
 //! Raw secret material as sources hand it over, before any check.
 
+use bytes::Bytes;
 use zeroize::Zeroizing;
 
 /// Bytes that may hold a private key: zeroized on drop and never printed.
@@ -18,6 +19,45 @@ impl KeyBytes {
     }
     pub fn is_empty(&self) -> bool {
         self.0.is_empty()
+    }
+}
+
+impl AsRef<[u8]> for KeyBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+/// [`KeyBytes`] behind a shared, immutable [`Bytes`] handle: what is served is handed to
+/// every stream's send queue without a copy, and zeroized when the last handle drops.
+#[derive(Clone)]
+pub struct SharedKeyBytes(Bytes);
+
+impl SharedKeyBytes {
+    pub fn as_slice(&self) -> &[u8] {
+        &self.0
+    }
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+    /// Another handle on the same bytes (no copy).
+    pub fn handle(&self) -> Bytes {
+        self.0.clone()
+    }
+}
+
+impl From<KeyBytes> for SharedKeyBytes {
+    fn from(k: KeyBytes) -> Self {
+        Self(Bytes::from_owner(k))
+    }
+}
+
+impl std::fmt::Debug for SharedKeyBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SharedKeyBytes(<{} bytes redacted>)", self.0.len())
     }
 }
 
@@ -69,5 +109,19 @@ struct Size<'a>(&'a [u8]);
 impl std::fmt::Debug for Size<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "<{} bytes>", self.0.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_handles_point_at_the_same_bytes_and_hide_them() {
+        let shared = SharedKeyBytes::from(KeyBytes::new(b"-----BEGIN TEST-----".to_vec()));
+        let (a, b) = (shared.handle(), shared.handle());
+        assert_eq!(a.as_ptr(), b.as_ptr(), "no copy per handle");
+        assert_eq!(a.as_ptr(), shared.as_slice().as_ptr());
+        assert!(!format!("{shared:?}").contains("BEGIN"));
     }
 }

@@ -7,7 +7,7 @@ mod key;
 mod material;
 mod resource;
 
-pub use material::{KeyBytes, Material};
+pub use material::{KeyBytes, Material, SharedKeyBytes};
 pub use resource::{SECRET_TYPE_URL, identity};
 
 use std::time::SystemTime;

@@ -1,19 +1,15 @@
 //! SDS responses, written field by field around the secret bytes the store encoded
-//! once: a push to ten thousand streams copies those bytes into each frame and encodes
-//! nothing again. (Requests are decoded with prost where they are read.)
+//! once: a push to ten thousand streams encodes nothing again, and hands each stream a
+//! handle on the secret, not a copy. (Requests are decoded with prost where they are read.)
 
 use std::sync::Arc;
 
-use bytes::{BufMut, Bytes};
+use bytes::{BufMut, BytesMut};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
-use super::grpc;
-use crate::pki::SECRET_TYPE_URL;
+use super::grpc::{Frame, FrameBuilder};
+use crate::pki::{SECRET_TYPE_URL, SharedKeyBytes};
 use crate::store::Served;
-
-/// Room for the fields around the secrets: version, type URL, nonce, and per Delta
-/// resource its name and version. A response larger than the hint grows once.
-const FIELDS: usize = 160;
 
 /// A response, as references to shared secrets plus the few per-stream fields.
 #[derive(Debug)]
@@ -25,40 +21,71 @@ pub enum Outgoing {
     Delta { nonce: u64, resources: Vec<Arc<Served>>, removed: Vec<String> },
 }
 
+/// Where an encoding goes: a plain buffer, or a frame that shares the secrets.
+pub trait Out {
+    type Buf: BufMut;
+    fn buf(&mut self) -> &mut Self::Buf;
+    fn secret(&mut self, secret: &SharedKeyBytes);
+}
+
+impl Out for Vec<u8> {
+    type Buf = Vec<u8>;
+    fn buf(&mut self) -> &mut Vec<u8> {
+        self
+    }
+    fn secret(&mut self, secret: &SharedKeyBytes) {
+        self.put_slice(secret.as_slice());
+    }
+}
+
+impl Out for FrameBuilder {
+    type Buf = BytesMut;
+    fn buf(&mut self) -> &mut BytesMut {
+        FrameBuilder::buf(self)
+    }
+    fn secret(&mut self, secret: &SharedKeyBytes) {
+        self.put_shared(secret.handle());
+    }
+}
+
 impl Outgoing {
-    /// The response as one gRPC message, ready for a DATA frame.
-    pub fn frame(&self) -> Bytes {
-        let (resources, removed) = match self {
-            Outgoing::Sotw { resources, .. } => (resources, 0),
-            Outgoing::Delta { resources, removed, .. } => (resources, removed.iter().map(|n| n.len() + 4).sum()),
-        };
-        let hint: usize = resources.iter().map(|r| r.resource.len() + r.name.len() + FIELDS).sum::<usize>() + removed;
-        grpc::frame(hint + FIELDS, |buf| self.encode(buf))
+    /// The response as one gRPC message, ready for DATA frames.
+    pub fn frame(&self) -> Frame {
+        let shared = self.resources().iter().map(|r| r.resource.len()).sum();
+        let mut frame = FrameBuilder::new(self.encoded_len(), shared);
+        self.encode(&mut frame);
+        frame.finish()
+    }
+
+    fn resources(&self) -> &[Arc<Served>] {
+        match self {
+            Outgoing::Sotw { resources, .. } | Outgoing::Delta { resources, .. } => resources,
+        }
     }
 
     /// Writes the protobuf encoding of the response. Field numbers are those of
     /// envoy.service.discovery.v3 (checked against prost in the tests below).
-    pub fn encode(&self, buf: &mut impl BufMut) {
+    pub fn encode(&self, out: &mut impl Out) {
         match self {
             Outgoing::Sotw { version_info, nonce, resources } => {
-                string(1, version_info, buf);
+                string(1, version_info, out.buf());
                 for r in resources {
-                    any(2, r.resource.as_slice(), buf);
+                    any(2, &r.resource, out);
                 }
-                string(4, SECRET_TYPE_URL, buf);
-                nonce_field(*nonce, buf);
+                string(4, SECRET_TYPE_URL, out.buf());
+                nonce_field(*nonce, out.buf());
             }
             Outgoing::Delta { nonce, resources, removed } => {
                 for r in resources {
                     // Resource { version = 1, resource (Any) = 2, name = 3 }
-                    let secret = r.resource.as_slice();
-                    let len = string_len(1, &r.version) + any_len(2, secret) + string_len(3, &r.name);
+                    let buf = out.buf();
                     encode_key(2, WireType::LengthDelimited, buf);
-                    encode_varint(len as u64, buf);
+                    encode_varint(delta_resource_len(r) as u64, buf);
                     string(1, &r.version, buf);
-                    any(2, secret, buf);
-                    string(3, &r.name, buf);
+                    any(2, &r.resource, out);
+                    string(3, &r.name, out.buf());
                 }
+                let buf = out.buf();
                 string(4, SECRET_TYPE_URL, buf);
                 nonce_field(*nonce, buf);
                 for name in removed {
@@ -67,6 +94,63 @@ impl Outgoing {
             }
         }
     }
+
+    /// The length [`Outgoing::encode`] writes.
+    fn encoded_len(&self) -> usize {
+        let tail = string_len(4, SECRET_TYPE_URL) + nonce_len(self.nonce());
+        match self {
+            Outgoing::Sotw { version_info, resources, .. } => {
+                string_len(1, version_info)
+                    + resources.iter().map(|r| any_len(2, r.resource.len())).sum::<usize>()
+                    + tail
+            }
+            Outgoing::Delta { resources, removed, .. } => {
+                let resources: usize = resources.iter().map(|r| nested_len(2, delta_resource_len(r))).sum();
+                resources + tail + removed.iter().map(|n| string_len(6, n)).sum::<usize>()
+            }
+        }
+    }
+
+    fn nonce(&self) -> u64 {
+        match self {
+            Outgoing::Sotw { nonce, .. } | Outgoing::Delta { nonce, .. } => *nonce,
+        }
+    }
+}
+
+fn delta_resource_len(r: &Served) -> usize {
+    string_len(1, &r.version) + any_len(2, r.resource.len()) + string_len(3, &r.name)
+}
+
+/// Field `tag` holding `Any { type_url = 1, value = 2 }` around an encoded `Secret`.
+fn any(tag: u32, secret: &SharedKeyBytes, out: &mut impl Out) {
+    let buf = out.buf();
+    encode_key(tag, WireType::LengthDelimited, buf);
+    encode_varint(any_body_len(secret.len()) as u64, buf);
+    bytes_field(1, SECRET_TYPE_URL.as_bytes(), buf);
+    encode_key(2, WireType::LengthDelimited, buf);
+    encode_varint(secret.len() as u64, buf);
+    out.secret(secret);
+}
+
+fn any_body_len(secret: usize) -> usize {
+    bytes_len(1, SECRET_TYPE_URL.as_bytes()) + key_len(2) + encoded_len_varint(secret as u64) + secret
+}
+
+fn any_len(tag: u32, secret: usize) -> usize {
+    nested_len(tag, any_body_len(secret))
+}
+
+fn nested_len(tag: u32, body: usize) -> usize {
+    key_len(tag) + encoded_len_varint(body as u64) + body
+}
+
+fn nonce_len(nonce: u64) -> usize {
+    if nonce == 0 {
+        return 0;
+    }
+    let digits = nonce.ilog10() as usize + 1;
+    key_len(5) + encoded_len_varint(digits as u64) + digits
 }
 
 /// Field 5 (`nonce`) of both responses, as decimal text, without allocating.
@@ -83,19 +167,6 @@ fn nonce_field(nonce: u64, buf: &mut impl BufMut) {
         n /= 10;
     }
     bytes_field(5, &digits[at..], buf);
-}
-
-/// Field `tag` holding `Any { type_url = 1, value = 2 }` around an encoded `Secret`.
-fn any(tag: u32, secret: &[u8], buf: &mut impl BufMut) {
-    encode_key(tag, WireType::LengthDelimited, buf);
-    encode_varint((bytes_len(1, SECRET_TYPE_URL.as_bytes()) + bytes_len(2, secret)) as u64, buf);
-    bytes_field(1, SECRET_TYPE_URL.as_bytes(), buf);
-    bytes_field(2, secret, buf);
-}
-
-fn any_len(tag: u32, secret: &[u8]) -> usize {
-    let inner = bytes_len(1, SECRET_TYPE_URL.as_bytes()) + bytes_len(2, secret);
-    key_len(tag) + encoded_len_varint(inner as u64) + inner
 }
 
 fn string(tag: u32, value: &str, buf: &mut impl BufMut) {
@@ -135,7 +206,7 @@ mod tests {
             name: name.into(),
             version: format!("v-{name}").into(),
             kind: SecretKind::GenericSecret,
-            resource: KeyBytes::new(value.to_vec()),
+            resource: KeyBytes::new(value.to_vec()).into(),
             meta: SecretMeta::default(),
             source: Arc::from("test"),
             updated: SystemTime::now(),
@@ -162,6 +233,7 @@ mod tests {
         };
         assert_eq!(DiscoveryResponse::decode(buf.as_slice()).unwrap(), expected);
         assert_eq!(buf, expected.encode_to_vec(), "byte-identical to prost");
+        assert_eq!(out.encoded_len(), buf.len());
     }
 
     #[test]
@@ -183,16 +255,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(DeltaDiscoveryResponse::decode(buf.as_slice()).unwrap(), expected);
+        assert_eq!(out.encoded_len(), buf.len());
     }
 
     #[test]
-    fn frame_is_the_encoding_behind_a_grpc_prefix() {
-        let out = Outgoing::Sotw { version_info: "v1".into(), nonce: 9, resources: vec![served("a", &[3u8; 5000])] };
-        let mut body = Vec::new();
-        out.encode(&mut body);
-        let frame = out.frame();
-        assert_eq!(frame[0], 0, "uncompressed");
-        assert_eq!(u32::from_be_bytes(frame[1..5].try_into().unwrap()) as usize, body.len());
-        assert_eq!(&frame[5..], &body[..]);
+    fn frames_are_the_encoding_behind_a_grpc_prefix_sharing_the_secrets() {
+        use bytes::Buf;
+        let (a, b) = (served("a", &[3u8; 5000]), served("b", b"x"));
+        let responses = [
+            Outgoing::Sotw { version_info: "v1".into(), nonce: 9, resources: vec![a.clone(), b.clone()] },
+            Outgoing::Sotw { version_info: "v1".into(), nonce: 0, resources: vec![] },
+            Outgoing::Delta { nonce: 1234567, resources: vec![a.clone(), b], removed: vec!["c".into()] },
+        ];
+        for out in responses {
+            let mut body = Vec::new();
+            out.encode(&mut body);
+            let mut frame = out.frame();
+            let mut slices = [std::io::IoSlice::new(&[]); 16];
+            let n = frame.chunks_vectored(&mut slices);
+            let shares = slices[..n].iter().any(|s| s.as_ptr() == a.resource.as_slice().as_ptr());
+            assert_eq!(shares, out.resources().iter().any(|r| r.name.as_ref() == "a"), "secret bytes are not copied");
+            let bytes = frame.copy_to_bytes(frame.remaining());
+            assert_eq!(bytes[0], 0, "uncompressed");
+            assert_eq!(u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize, body.len());
+            assert_eq!(&bytes[5..], &body[..]);
+        }
     }
 }

@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use bytes::Bytes;
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
 use h2::server::{Connection, Handshake};
@@ -15,6 +14,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
 use super::Shared;
+use super::grpc::Frame;
 use super::service::{self, Call};
 use crate::shutdown::StopWatch;
 
@@ -65,8 +65,8 @@ pub struct ConnTask<IO> {
 }
 
 enum Phase<IO> {
-    Handshake(Handshake<IO, Bytes>, Pin<Box<Sleep>>),
-    Serving(Connection<IO, Bytes>),
+    Handshake(Handshake<IO, Frame>, Pin<Box<Sleep>>),
+    Serving(Connection<IO, Frame>),
 }
 
 impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
@@ -162,7 +162,7 @@ mod tests {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let io = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let task = super::serve(io, shared(), String::new());
-        let h2 = std::mem::size_of::<h2::server::Connection<TcpStream, bytes::Bytes>>();
+        let h2 = std::mem::size_of::<h2::server::Connection<TcpStream, super::super::grpc::Frame>>();
         assert!(std::mem::size_of_val(&task) <= h2 + 160, "{} bytes for {h2} of h2", std::mem::size_of_val(&task));
     }
 }

@@ -6,9 +6,12 @@
 
 use std::task::{Context, Poll};
 
+use std::io::IoSlice;
+
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::RecvStream;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
+use smallvec::SmallVec;
 use tonic::Status;
 
 /// Largest request accepted, as tonic's default: Envoy's requests are a few hundred
@@ -65,15 +68,93 @@ fn add_status(status: &Status, map: &mut HeaderMap) {
     }
 }
 
-/// One message framed for a DATA frame: the 5-byte prefix (uncompressed, length) and
-/// the body `write` produces, in a single allocation of `size_hint` bytes or more.
-pub fn frame(size_hint: usize, write: impl FnOnce(&mut BytesMut)) -> Bytes {
-    let mut buf = BytesMut::with_capacity(PREFIX + size_hint);
-    buf.put_bytes(0, PREFIX);
-    write(&mut buf);
-    let len = u32::try_from(buf.len() - PREFIX).expect("an SDS response is far below 4 GiB");
-    buf[1..PREFIX].copy_from_slice(&len.to_be_bytes());
-    buf.freeze()
+/// One gRPC message for DATA frames: the 5-byte prefix (uncompressed, length) and the
+/// body, as parts. The parts a response shares with every other stream (the encoded
+/// secrets) are handles, not copies: h2 hands them to the kernel as they are (`writev`),
+/// so a push to ten thousand streams copies no secret in user space, and no copy of a
+/// key is left behind in a send buffer.
+#[derive(Debug, Default)]
+pub struct Frame {
+    parts: SmallVec<[Bytes; 4]>,
+    /// Index of the first part not yet consumed.
+    at: usize,
+    remaining: usize,
+}
+
+impl Buf for Frame {
+    fn remaining(&self) -> usize {
+        self.remaining
+    }
+
+    fn chunk(&self) -> &[u8] {
+        self.parts.get(self.at).map_or(&[], |p| &p[..])
+    }
+
+    fn advance(&mut self, mut cnt: usize) {
+        assert!(cnt <= self.remaining, "advance past the end of a frame");
+        self.remaining -= cnt;
+        while cnt > 0 {
+            let part = &mut self.parts[self.at];
+            let n = cnt.min(part.len());
+            part.advance(n);
+            cnt -= n;
+            if part.is_empty() {
+                self.at += 1;
+            }
+        }
+    }
+
+    fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
+        let mut n = 0;
+        for (slot, part) in dst.iter_mut().zip(&self.parts[self.at..]) {
+            *slot = IoSlice::new(part);
+            n += 1;
+        }
+        n
+    }
+}
+
+/// Writes one gRPC message whose body length is known up front: small fields go into
+/// one buffer, shared bytes are appended as handles between them.
+pub struct FrameBuilder {
+    head: BytesMut,
+    frame: Frame,
+}
+
+impl FrameBuilder {
+    /// For a body of exactly `len` bytes, of which `shared` come as handles.
+    pub fn new(len: usize, shared: usize) -> Self {
+        let len32 = u32::try_from(len).expect("an SDS response is far below 4 GiB");
+        let mut head = BytesMut::with_capacity(PREFIX + len - shared);
+        head.put_u8(0);
+        head.put_u32(len32);
+        Self { head, frame: Frame { remaining: PREFIX + len, ..Frame::default() } }
+    }
+
+    /// Where the small fields go.
+    pub fn buf(&mut self) -> &mut BytesMut {
+        &mut self.head
+    }
+
+    pub fn put_shared(&mut self, bytes: Bytes) {
+        self.flush();
+        if !bytes.is_empty() {
+            self.frame.parts.push(bytes);
+        }
+    }
+
+    pub fn finish(mut self) -> Frame {
+        self.flush();
+        debug_assert_eq!(self.frame.parts.iter().map(Bytes::len).sum::<usize>(), self.frame.remaining);
+        self.frame
+    }
+
+    fn flush(&mut self) {
+        if !self.head.is_empty() {
+            // Splits off what was written; the rest of the allocation stays for what follows.
+            self.frame.parts.push(self.head.split().freeze());
+        }
+    }
 }
 
 /// Reassembles messages from the DATA frames of a request stream, returning window
@@ -168,10 +249,43 @@ fn whole(chunk: &[u8]) -> Option<usize> {
 mod tests {
     use super::*;
 
+    fn collect(mut f: Frame) -> Vec<u8> {
+        let mut out = Vec::new();
+        while f.has_remaining() {
+            let n = f.chunk().len();
+            out.extend_from_slice(f.chunk());
+            f.advance(n);
+        }
+        out
+    }
+
     #[test]
-    fn frames_carry_the_length() {
-        let f = frame(3, |b| b.put_slice(b"abc"));
-        assert_eq!(&f[..], &[0, 0, 0, 0, 3, b'a', b'b', b'c']);
+    fn frames_carry_the_length_and_share_what_is_shared() {
+        let shared = Bytes::from_static(b"SECRET");
+        let mut b = FrameBuilder::new(10, shared.len());
+        b.buf().put_slice(b"ab");
+        b.put_shared(shared.clone());
+        b.buf().put_slice(b"cd");
+        let f = b.finish();
+        assert_eq!(f.remaining(), 15);
+        let mut slices = [IoSlice::new(&[]); 8];
+        assert_eq!(f.chunks_vectored(&mut slices), 3);
+        assert_eq!(slices[1].as_ptr(), shared.as_ptr(), "the shared part is not copied");
+        assert_eq!(collect(f), b"\0\0\0\0\x0aabSECRETcd");
+    }
+
+    #[test]
+    fn frames_advance_across_parts() {
+        let mut b = FrameBuilder::new(4, 2);
+        b.buf().put_slice(b"a");
+        b.put_shared(Bytes::from_static(b"bc"));
+        b.buf().put_slice(b"d");
+        let mut f = b.finish();
+        f.advance(7);
+        assert_eq!(f.remaining(), 2);
+        assert_eq!(f.chunk(), b"c", "the prefix, `a` and half the shared part are consumed");
+        f.advance(1);
+        assert_eq!(collect(f), b"d");
     }
 
     #[test]

@@ -4,7 +4,6 @@
 use std::future::Future;
 use std::pin::Pin;
 
-use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use futures_util::future::poll_fn;
 use h2::server::SendResponse;
@@ -14,7 +13,7 @@ use prost::Message;
 use tonic::Status;
 
 use super::delta::Delta;
-use super::grpc::{self, Inbound};
+use super::grpc::{self, Frame, Inbound};
 use super::sotw::Sotw;
 use super::stream::{self, Protocol};
 use super::{Shared, fetch};
@@ -27,7 +26,7 @@ pub type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The call for `req`, or `None` when it was answered at once (not gRPC, unknown method,
 /// or the peer went away).
-pub fn route(shared: &Shared, peer: &str, req: Request<RecvStream>, mut respond: SendResponse<Bytes>) -> Option<Call> {
+pub fn route(shared: &Shared, peer: &str, req: Request<RecvStream>, mut respond: SendResponse<Frame>) -> Option<Call> {
     if let Some(refusal) = grpc::refuse(&req) {
         let _ = respond.send_response(refusal, true);
         return None;
@@ -49,14 +48,14 @@ fn open<P: Protocol>(
     shared: Shared,
     peer: &str,
     req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
+    mut respond: SendResponse<Frame>,
 ) -> Option<Call> {
-    let send: SendStream<Bytes> = respond.send_response(grpc::response_headers(), false).ok()?;
+    let send: SendStream<Frame> = respond.send_response(grpc::response_headers(), false).ok()?;
     Some(Box::pin(stream::run::<P>(shared, peer.to_owned(), req.into_body(), send)))
 }
 
 /// FetchSecrets: one request message, one response (or a status).
-async fn unary(shared: Shared, body: RecvStream, mut respond: SendResponse<Bytes>) {
+async fn unary(shared: Shared, body: RecvStream, mut respond: SendResponse<Frame>) {
     let mut inbound = Inbound::new(body);
     let outcome = match poll_fn(|cx| inbound.poll_message(cx)).await {
         Some(Ok(message)) => DiscoveryRequest::decode(message)

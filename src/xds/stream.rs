@@ -8,14 +8,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use prost::Message;
 use tonic::Status;
 
 use super::Shared;
 use super::codec::Outgoing;
-use super::grpc::{self, Inbound};
+use super::grpc::{self, Frame, Inbound};
 use super::session::{Change, Session};
 use crate::shutdown::StopWatch;
 
@@ -30,7 +29,7 @@ pub trait Protocol: Send + 'static {
 }
 
 /// The future of one StreamSecrets or DeltaSecrets call whose response headers are sent.
-pub fn run<P: Protocol>(shared: Shared, peer: String, body: RecvStream, send: SendStream<Bytes>) -> StreamTask<P> {
+pub fn run<P: Protocol>(shared: Shared, peer: String, body: RecvStream, send: SendStream<Frame>) -> StreamTask<P> {
     let stopping = StopWatch::new(&shared.shutdown);
     let session = Session::open(shared, P::NAME, peer);
     StreamTask { session, inbound: Inbound::new(body), send, stopping, _protocol: std::marker::PhantomData }
@@ -39,7 +38,7 @@ pub fn run<P: Protocol>(shared: Shared, peer: String, body: RecvStream, send: Se
 pub struct StreamTask<P: Protocol> {
     session: Session,
     inbound: Inbound,
-    send: SendStream<Bytes>,
+    send: SendStream<Frame>,
     /// SIGTERM: the stream ends cleanly so the proxy reconnects to another replica.
     stopping: StopWatch,
     _protocol: std::marker::PhantomData<fn() -> P>,
