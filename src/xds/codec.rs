@@ -52,7 +52,7 @@ impl Outgoing {
     /// The response as one gRPC message, ready for DATA frames.
     pub fn frame(&self) -> Frame {
         let shared = self.resources().iter().map(|r| r.resource.len()).sum();
-        let mut frame = FrameBuilder::new(self.encoded_len(), shared);
+        let mut frame = FrameBuilder::new(self.encoded_len(), shared, self.resources().len());
         self.encode(&mut frame);
         frame.finish()
     }

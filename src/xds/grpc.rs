@@ -11,7 +11,6 @@ use std::io::IoSlice;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use h2::RecvStream;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
-use smallvec::SmallVec;
 use tonic::Status;
 
 /// Largest request accepted, as tonic's default: Envoy's requests are a few hundred
@@ -73,9 +72,11 @@ fn add_status(status: &Status, map: &mut HeaderMap) {
 /// secrets) are handles, not copies: h2 hands them to the kernel as they are (`writev`),
 /// so a push to ten thousand streams copies no secret in user space, and no copy of a
 /// key is left behind in a send buffer.
+/// The parts are a plain `Vec`: h2 keeps a queue slot of this type per stream, so an
+/// inline array would make every idle stream bigger.
 #[derive(Debug, Default)]
 pub struct Frame {
-    parts: SmallVec<[Bytes; 4]>,
+    parts: Vec<Bytes>,
     /// Index of the first part not yet consumed.
     at: usize,
     remaining: usize,
@@ -122,13 +123,14 @@ pub struct FrameBuilder {
 }
 
 impl FrameBuilder {
-    /// For a body of exactly `len` bytes, of which `shared` come as handles.
-    pub fn new(len: usize, shared: usize) -> Self {
+    /// For a body of exactly `len` bytes, of which `shared` come as `handles` handles.
+    pub fn new(len: usize, shared: usize, handles: usize) -> Self {
         let len32 = u32::try_from(len).expect("an SDS response is far below 4 GiB");
         let mut head = BytesMut::with_capacity(PREFIX + len - shared);
         head.put_u8(0);
         head.put_u32(len32);
-        Self { head, frame: Frame { remaining: PREFIX + len, ..Frame::default() } }
+        let parts = Vec::with_capacity(2 * handles + 1);
+        Self { head, frame: Frame { parts, at: 0, remaining: PREFIX + len } }
     }
 
     /// Where the small fields go.
@@ -262,7 +264,7 @@ mod tests {
     #[test]
     fn frames_carry_the_length_and_share_what_is_shared() {
         let shared = Bytes::from_static(b"SECRET");
-        let mut b = FrameBuilder::new(10, shared.len());
+        let mut b = FrameBuilder::new(10, shared.len(), 1);
         b.buf().put_slice(b"ab");
         b.put_shared(shared.clone());
         b.buf().put_slice(b"cd");
@@ -276,7 +278,7 @@ mod tests {
 
     #[test]
     fn frames_advance_across_parts() {
-        let mut b = FrameBuilder::new(4, 2);
+        let mut b = FrameBuilder::new(4, 2, 1);
         b.buf().put_slice(b"a");
         b.put_shared(Bytes::from_static(b"bc"));
         b.buf().put_slice(b"d");
