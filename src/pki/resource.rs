@@ -173,7 +173,11 @@ mod tests {
         let leaf = inter.leaf(Alg::Rsa, "leaf.example.com", days(-1, 30));
         // The PKCS#1 form, as `openssl genrsa -traditional` and many secrets carry it.
         let (_, pkcs1) = fixtures::other_encodings(&leaf.key_pem, Alg::Rsa).pop().unwrap();
-        assert!(pkcs1.starts_with("-----BEGIN RSA PRIVATE KEY-----"));
+        use rustls_pki_types::pem::PemObject;
+        assert!(matches!(
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(pkcs1.as_bytes()),
+            Ok(rustls_pki_types::PrivateKeyDer::Pkcs1(_))
+        ));
         let material = tls_material(inter.cert.pem() + &leaf.cert.pem(), &pkcs1);
 
         let checked = check("kubernetes://default/web", &material, &CheckOptions::default()).unwrap();

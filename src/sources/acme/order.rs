@@ -267,6 +267,14 @@ mod tests {
     use super::*;
     use x509_parser::prelude::FromDer;
 
+    fn is_pkcs8_pem(key: &KeyBytes) -> bool {
+        use rustls_pki_types::pem::PemObject;
+        matches!(
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_slice()),
+            Ok(rustls_pki_types::PrivateKeyDer::Pkcs8(_))
+        )
+    }
+
     #[test]
     fn csr_names_every_domain_with_the_key_type() {
         let domains = vec!["example.com".to_string(), "*.example.com".to_string()];
@@ -287,7 +295,7 @@ mod tests {
                 .flat_map(|san| san.general_names.iter().map(|n| n.to_string()))
                 .collect();
             assert_eq!(names, ["DNSName(example.com)", "DNSName(*.example.com)"]);
-            assert!(std::str::from_utf8(key.as_slice()).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
+            assert!(is_pkcs8_pem(&key));
         }
         let (der, key) = csr(&domains, KeyType::Rsa2048).unwrap();
         let (_, req) = x509_parser::certification_request::X509CertificationRequest::from_der(&der).unwrap();
@@ -295,6 +303,6 @@ mod tests {
         assert_eq!(spki.algorithm.algorithm.to_id_string(), "1.2.840.113549.1.1.1", "rsaEncryption");
         let x509_parser::public_key::PublicKey::RSA(rsa) = spki.parsed().unwrap() else { panic!("RSA key") };
         assert_eq!(rsa.key_size(), 2048);
-        assert!(std::str::from_utf8(key.as_slice()).unwrap().starts_with("-----BEGIN PRIVATE KEY-----"));
+        assert!(is_pkcs8_pem(&key));
     }
 }
