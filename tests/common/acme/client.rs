@@ -116,7 +116,8 @@ impl RefClient {
             .env("NO_PROXY", "*")
             .env("PYTHONDONTWRITEBYTECODE", "1");
         if let Some(eab) = &self.eab {
-            command.args(["--eab-kid", &eab.kid, "--eab-hmac", &eab.hmac_key]);
+            // `=`: a base64url key may start with `-`, which argparse would take for an option.
+            command.arg(format!("--eab-kid={}", eab.kid)).arg(format!("--eab-hmac={}", eab.hmac_key));
         }
         let _ = std::fs::remove_file(self.out.join("result.json"));
         let output = command.output().await.expect("run acme_client.py");
