@@ -391,7 +391,7 @@ impl Store {
             .collect();
         for (status, current) in &mut rows {
             if let Some(current) = current {
-                status.identity = pki::identity(current.resource.as_slice());
+                status.identity = pki::identity(&current.resource);
             }
         }
         let mut out: Vec<SecretStatus> = rows.into_iter().map(|(status, _)| status).collect();

@@ -34,18 +34,16 @@ impl AsRef<[u8]> for KeyBytes {
 pub struct SharedKeyBytes(Bytes);
 
 impl SharedKeyBytes {
-    pub fn as_slice(&self) -> &[u8] {
-        &self.0
-    }
-    pub fn len(&self) -> usize {
-        self.0.len()
-    }
-    pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
     /// Another handle on the same bytes (no copy).
     pub fn handle(&self) -> Bytes {
         self.0.clone()
+    }
+}
+
+impl std::ops::Deref for SharedKeyBytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.0
     }
 }
 
@@ -121,7 +119,7 @@ mod tests {
         let shared = SharedKeyBytes::from(KeyBytes::new(b"-----BEGIN TEST-----".to_vec()));
         let (a, b) = (shared.handle(), shared.handle());
         assert_eq!(a.as_ptr(), b.as_ptr(), "no copy per handle");
-        assert_eq!(a.as_ptr(), shared.as_slice().as_ptr());
+        assert_eq!(a.as_ptr(), shared.as_ptr());
         assert!(!format!("{shared:?}").contains("BEGIN"));
     }
 }

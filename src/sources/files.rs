@@ -615,7 +615,7 @@ mod tests {
     }
 
     fn fingerprint(current: &Current) -> Option<String> {
-        pki::identity(current.as_ref()?.resource.as_slice()).fingerprint_sha256
+        pki::identity(&current.as_ref()?.resource).fingerprint_sha256
     }
 
     async fn wait_for(rx: &mut watch::Receiver<Current>, what: &str, ok: impl FnMut(&Current) -> bool) {

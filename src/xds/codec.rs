@@ -28,13 +28,15 @@ pub trait Out {
     fn secret(&mut self, secret: &SharedKeyBytes);
 }
 
+/// For comparing with prost in tests.
+#[cfg(test)]
 impl Out for Vec<u8> {
     type Buf = Vec<u8>;
     fn buf(&mut self) -> &mut Vec<u8> {
         self
     }
     fn secret(&mut self, secret: &SharedKeyBytes) {
-        self.put_slice(secret.as_slice());
+        self.put_slice(secret);
     }
 }
 
@@ -273,7 +275,7 @@ mod tests {
             let mut frame = out.frame();
             let mut slices = [std::io::IoSlice::new(&[]); 16];
             let n = frame.chunks_vectored(&mut slices);
-            let shares = slices[..n].iter().any(|s| s.as_ptr() == a.resource.as_slice().as_ptr());
+            let shares = slices[..n].iter().any(|s| s.as_ptr() == a.resource.as_ptr());
             assert_eq!(shares, out.resources().iter().any(|r| r.name.as_ref() == "a"), "secret bytes are not copied");
             let bytes = frame.copy_to_bytes(frame.remaining());
             assert_eq!(bytes[0], 0, "uncompressed");

@@ -3,7 +3,6 @@
 
 use tonic::Status;
 
-use super::check_type_url;
 use super::codec::Outgoing;
 use super::requests::DeltaRequest;
 use super::session::{Change, Session};
@@ -16,9 +15,7 @@ impl Protocol for Delta {
     const NAME: &'static str = "delta";
 
     fn on_request(session: &mut Session, req: DeltaRequest) -> Result<(), Status> {
-        check_type_url(&req.type_url)?;
-        session.identify(&req.node);
-        session.acknowledge(&req.response_nonce, req.error_detail.as_ref());
+        session.receive(&req.type_url, &req.node, &req.response_nonce, req.error_detail.as_ref())?;
         // `initial_resource_versions` is deliberately ignored: a new stream always gets the
         // current content, so a proxy that claims a version we never served still converges.
         for name in &req.resource_names_unsubscribe {

@@ -80,8 +80,23 @@ impl Session {
         }
     }
 
+    /// The part of a request both protocols handle alike: its type, the proxy's identity
+    /// and the ACK or NACK it carries.
+    pub fn receive(
+        &mut self,
+        type_url: &[u8],
+        node: &Bytes,
+        nonce: &[u8],
+        error: Option<&RpcStatus>,
+    ) -> Result<(), tonic::Status> {
+        super::check_type_url(type_url)?;
+        self.identify(node);
+        self.acknowledge(nonce, error);
+        Ok(())
+    }
+
     /// Records the proxy's node the first time a request carries one (decoded then only).
-    pub fn identify(&mut self, raw_node: &Bytes) {
+    fn identify(&mut self, raw_node: &Bytes) {
         if self.identified {
             return;
         }
@@ -174,7 +189,7 @@ impl Session {
     }
 
     /// Handles the ACK or NACK part of a request. Unknown or stale nonces are ignored.
-    pub fn acknowledge(&mut self, nonce: &[u8], error: Option<&RpcStatus>) {
+    fn acknowledge(&mut self, nonce: &[u8], error: Option<&RpcStatus>) {
         let Some(nonce) = requests::nonce(nonce) else { return };
         let Some(pos) = self.pending.iter().position(|(n, _)| *n == nonce) else { return };
         // Envoy answers in order: older outstanding nonces are superseded.

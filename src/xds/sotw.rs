@@ -5,7 +5,6 @@ use std::collections::HashSet;
 
 use tonic::Status;
 
-use super::check_type_url;
 use super::codec::Outgoing;
 use super::fetch::sotw_version;
 use super::requests::SotwRequest;
@@ -19,9 +18,7 @@ impl Protocol for Sotw {
     const NAME: &'static str = "sotw";
 
     fn on_request(session: &mut Session, req: SotwRequest) -> Result<(), Status> {
-        check_type_url(&req.type_url)?;
-        session.identify(&req.node);
-        session.acknowledge(&req.response_nonce, req.error_detail.as_ref());
+        session.receive(&req.type_url, &req.node, &req.response_nonce, req.error_detail.as_ref())?;
         // An ACK repeats the names already watched: the common case, worth no set.
         if req.resource_names.len() == session.watched() && req.resource_names.iter().all(|n| session.watches(n)) {
             return Ok(());
