@@ -44,7 +44,7 @@ where
     let stopping = StopWatch::new(&shared.shutdown);
     ConnTask {
         phase: Phase::Handshake(builder().handshake(io), Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT))),
-        calls: FuturesUnordered::new(),
+        calls: Calls::default(),
         shared,
         peer,
         stopping,
@@ -57,7 +57,7 @@ where
 /// once per proxy, and every byte of it is touched.
 pub struct ConnTask<IO> {
     phase: Phase<IO>,
-    calls: FuturesUnordered<Call>,
+    calls: Calls,
     shared: Shared,
     peer: String,
     stopping: StopWatch,
@@ -102,7 +102,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
         }
         loop {
             // Calls first, so that what they write is flushed by the connection below.
-            while let Poll::Ready(Some(())) = this.calls.poll_next_unpin(cx) {}
+            this.calls.poll(cx);
             if this.draining {
                 return match conn.poll_closed(cx) {
                     Poll::Ready(Err(e)) => {
@@ -125,6 +125,42 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
                 // The peer closed the connection (or sent GOAWAY): finish what runs.
                 Poll::Ready(None) => this.draining = true,
                 Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
+/// The calls of a connection. Envoy opens one stream per secret, each on its own
+/// connection unless it shares one for several: most connections carry a single call.
+/// That one is polled directly with the connection's waker (every wake-up of the
+/// connection is then about it anyway); only further calls get a waker each, through
+/// `FuturesUnordered`, whose queue and per-call nodes cost memory and a few percent of a
+/// fan-out's CPU.
+#[derive(Default)]
+struct Calls {
+    first: Option<Call>,
+    more: Option<FuturesUnordered<Call>>,
+}
+
+impl Calls {
+    fn push(&mut self, call: Call) {
+        match &mut self.first {
+            None => self.first = Some(call),
+            Some(_) => self.more.get_or_insert_with(FuturesUnordered::new).push(call),
+        }
+    }
+
+    /// Polls every call that may progress; finished calls are dropped.
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        if let Some(call) = &mut self.first
+            && call.as_mut().poll(cx).is_ready()
+        {
+            self.first = None;
+        }
+        if let Some(more) = &mut self.more {
+            while let Poll::Ready(Some(())) = more.poll_next_unpin(cx) {}
+            if more.is_empty() {
+                self.more = None;
             }
         }
     }

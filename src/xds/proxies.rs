@@ -105,7 +105,8 @@ impl Proxies {
             cluster: String::new(),
             address,
             connected: SystemTime::now(),
-            secrets: Vec::new(),
+            // Envoy asks for one name per stream; a Vec grows to four at once otherwise.
+            secrets: Vec::with_capacity(1),
         };
         let handle = Arc::new(StreamHandle { id, protocol, state: Mutex::new(state) });
         self.streams.insert(id, handle.clone());

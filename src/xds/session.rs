@@ -5,14 +5,15 @@
 //! names and versions are shared `Arc<str>`, nonces are integers, and metric handles are
 //! looked up once per stream.
 
-use std::collections::{HashMap, VecDeque};
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 use bytes::Bytes;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use prometheus_client::metrics::counter::Counter;
+use smallvec::SmallVec;
 use tokio_stream::StreamMap;
 use tokio_stream::wrappers::WatchStream;
 
@@ -46,12 +47,10 @@ pub struct Session {
     counters: Counters,
     /// Keyed by the stream's own copy of each name: the map hands out a key clone per
     /// change, and a name shared with other streams would be a contended refcount.
-    watches: StreamMap<Arc<str>, WatchStream<Current>>,
-    /// Version sent, per name.
-    sent: HashMap<Arc<str>, Arc<str>>,
-    /// Version the proxy refused, per name.
-    nacked: HashMap<Arc<str>, Arc<str>>,
-    pending: VecDeque<(u64, Vec<Arc<Served>>)>,
+    watches: StreamMap<Arc<str>, Watched>,
+    /// Responses awaiting an ACK, oldest first. Envoy acks each before the next push, so
+    /// one is held inline: no allocation per stream or per push.
+    pending: SmallVec<[(u64, Resources); 1]>,
     next_nonce: u64,
     identified: bool,
 }
@@ -71,10 +70,9 @@ impl Session {
             shared,
             status,
             counters,
-            watches: StreamMap::new(),
-            sent: HashMap::new(),
-            nacked: HashMap::new(),
-            pending: VecDeque::new(),
+            // Envoy asks for one name per stream.
+            watches: StreamMap::with_capacity(1),
+            pending: SmallVec::new(),
             next_nonce: 0,
             identified: false,
         }
@@ -125,7 +123,7 @@ impl Session {
             return;
         }
         let rx = self.shared.store.subscribe(name);
-        self.watches.insert(Arc::from(name), WatchStream::new(rx));
+        self.watches.insert(Arc::from(name), Watched { changes: WatchStream::new(rx), sent: None, nacked: None });
         self.status.with_name(name, |_| {});
         tracing::debug!(stream = self.id, secret = name, "subscribed");
     }
@@ -134,8 +132,6 @@ impl Session {
         if self.watches.remove(name).is_none() {
             return;
         }
-        self.sent.remove(name);
-        self.nacked.remove(name);
         self.status.forget(name);
         self.shared.store.release(name);
         tracing::debug!(stream = self.id, secret = name, "unsubscribed");
@@ -144,25 +140,16 @@ impl Session {
     /// The next watched name whose content must be sent or announced gone. Pending
     /// when nothing is due (also when nothing is watched: a new subscription comes with
     /// a request, which wakes the stream).
+    /// The next watched name whose content must be sent or announced gone; the caller
+    /// sends it (the name counts as sent from here). Pending when nothing is due (also
+    /// when nothing is watched: a new subscription comes with a request, which wakes the
+    /// stream).
     pub fn poll_change(&mut self, cx: &mut Context<'_>) -> Poll<Change> {
-        loop {
-            let Poll::Ready(Some((name, current))) = self.watches.poll_next_unpin(cx) else {
-                return Poll::Pending;
-            };
-            match current {
-                Some(served) => {
-                    let already = self.sent.get(&name) == Some(&served.version);
-                    let refused = self.nacked.get(&name) == Some(&served.version);
-                    if !already && !refused {
-                        return Poll::Ready(Change::Send(served));
-                    }
-                }
-                None => {
-                    if self.sent.remove(&name).is_some() {
-                        return Poll::Ready(Change::Gone(name));
-                    }
-                }
-            }
+        match ready!(self.watches.poll_next_unpin(cx)) {
+            Some((_, Due::Send(served))) => Poll::Ready(Change::Send(served)),
+            Some((name, Due::Gone)) => Poll::Ready(Change::Gone(name)),
+            // Nothing watched.
+            None => Poll::Pending,
         }
     }
 
@@ -170,15 +157,14 @@ impl Session {
     pub fn record_sent(&mut self, resources: &[Arc<Served>]) -> u64 {
         let nonce = self.next_nonce();
         for served in resources {
-            self.sent.insert(served.name.clone(), served.version.clone());
             self.status.with_name(&served.name, |n| n.sent_version = Some(served.version.clone()));
             self.shared.metrics.change_to_push.observe(served.detected_at.elapsed().as_secs_f64());
         }
         self.counters.pushes.inc();
         if self.pending.len() == PENDING_NONCES {
-            self.pending.pop_front();
+            self.pending.remove(0);
         }
-        self.pending.push_back((self.next_nonce, resources.to_vec()));
+        self.pending.push((nonce, resources.iter().cloned().collect()));
         nonce
     }
 
@@ -211,7 +197,9 @@ impl Session {
                         error = %err.message,
                         "proxy rejected secret (NACK); not resending this version"
                     );
-                    self.nacked.insert(served.name.clone(), served.version.clone());
+                    if let Some((_, watched)) = self.watches.iter_mut().find(|(name, _)| *name == served.name) {
+                        watched.nacked = Some(served.version.clone());
+                    }
                     self.status.with_name(&served.name, |n| {
                         n.last_nack = Some(err.message.clone());
                         n.nacked_version = Some(served.version.clone());
@@ -229,6 +217,48 @@ impl Drop for Session {
         self.watches = StreamMap::new();
         for name in names {
             self.shared.store.release(&name);
+        }
+    }
+}
+
+/// The resources of one response: one, for both protocols as they stand.
+type Resources = SmallVec<[Arc<Served>; 1]>;
+
+/// What a watched name needs on this stream.
+enum Due {
+    Send(Arc<Served>),
+    Gone,
+}
+
+/// One watched name: the store's changes to it, less those this stream needs not send,
+/// a version it already sent or that the proxy refused (NACK), which is never resent.
+struct Watched {
+    changes: WatchStream<Current>,
+    sent: Option<Arc<str>>,
+    nacked: Option<Arc<str>>,
+}
+
+impl Stream for Watched {
+    type Item = Due;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Due>> {
+        let this = &mut *self;
+        loop {
+            match ready!(this.changes.poll_next_unpin(cx)) {
+                Some(Some(served)) => {
+                    let version = Some(&served.version);
+                    if this.sent.as_ref() != version && this.nacked.as_ref() != version {
+                        this.sent = Some(served.version.clone());
+                        return Poll::Ready(Some(Due::Send(served)));
+                    }
+                }
+                Some(None) => {
+                    if this.sent.take().is_some() {
+                        return Poll::Ready(Some(Due::Gone));
+                    }
+                }
+                None => return Poll::Ready(None),
+            }
         }
     }
 }

@@ -177,7 +177,12 @@ async fn sotw_nack_is_recorded_and_not_resent() {
     assert_eq!(n.acked_version, None);
     // A new version is sent.
     h.put("a", "fixed");
-    assert_eq!(next(&mut rx).await.version_info, h.version("a"));
+    let r = next(&mut rx).await;
+    assert_eq!(r.version_info, h.version("a"));
+    tx.send(request(&["a"], &r.version_info, &r.nonce)).await.unwrap();
+    // Going back to the refused content does not send it again.
+    h.put("a", "bad-for-envoy");
+    silent(&mut rx).await;
 }
 
 #[tokio::test]
@@ -392,4 +397,33 @@ async fn hundreds_of_streams_on_one_connection() {
     assert_eq!(r.version_info, h.version("s7"));
     let (_, _, other) = &mut streams[8];
     silent(other).await;
+}
+
+/// A connection's first call is run apart from the others: calls that end and start in
+/// any order on one connection must all keep being served.
+#[tokio::test]
+async fn calls_on_one_connection_come_and_go() {
+    let mut h = harness().await;
+    for n in ["a", "b", "c"] {
+        h.put(n, n);
+    }
+    let (tx_a, mut rx_a) = h.sotw().await;
+    tx_a.send(request(&["a"], "", "")).await.unwrap();
+    next(&mut rx_a).await;
+    let (tx_b, mut rx_b) = h.sotw().await;
+    tx_b.send(request(&["b"], "", "")).await.unwrap();
+    next(&mut rx_b).await;
+    // The first call ends; the next one takes its place.
+    drop((tx_a, rx_a));
+    wait_until(|| h.shared.proxies.status().len() == 1).await;
+    let (tx_c, mut rx_c) = h.sotw().await;
+    tx_c.send(request(&["c"], "", "")).await.unwrap();
+    next(&mut rx_c).await;
+    let r = h.client.fetch_secrets(request(&["a"], "", "")).await.unwrap().into_inner();
+    assert_eq!(r.version_info, h.version("a"));
+    h.put("b", "b2");
+    assert_eq!(next(&mut rx_b).await.version_info, h.version("b"));
+    h.put("c", "c2");
+    assert_eq!(next(&mut rx_c).await.version_info, h.version("c"));
+    silent(&mut rx_b).await;
 }
