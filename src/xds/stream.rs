@@ -57,6 +57,11 @@ impl<P: Protocol> StreamTask<P> {
     /// left its buffer, so a proxy that stops reading holds at most one response here;
     /// changes meanwhile wait in the watches, where only the latest is kept.
     fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
+        // Polled on every wake-up of the connection: asking h2 to reserve again when the
+        // window still holds a byte for this stream costs a lock, a lookup and a span.
+        if self.send.capacity() > 0 {
+            return Poll::Ready(Ok(()));
+        }
         self.send.reserve_capacity(1);
         while self.send.capacity() == 0 {
             match self.send.poll_capacity(cx) {

@@ -427,3 +427,54 @@ async fn calls_on_one_connection_come_and_go() {
     assert_eq!(next(&mut rx_c).await.version_info, h.version("c"));
     silent(&mut rx_b).await;
 }
+
+/// A proxy that stops reading gets one response held for it, then the latest version
+/// when it reads again: not every version it missed, buffered per stream meanwhile.
+#[tokio::test]
+async fn a_proxy_that_stops_reading_gets_the_latest_version_not_a_backlog() {
+    use prost::Message;
+    const ROTATIONS: usize = 20;
+    let h = harness().await;
+    h.put("a", "v0");
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    // A window smaller than one response: the first one stays stuck until it reads.
+    let (mut client, conn) =
+        h2::client::Builder::new().initial_window_size(64).handshake::<_, bytes::Bytes>(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::builder()
+        .method("POST")
+        .uri(format!("http://{}/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets", h.addr))
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let (response, mut send) = client.send_request(req, false).unwrap();
+    let message = request(&["a"], "", "").encode_to_vec();
+    let mut framed = vec![0];
+    framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
+    framed.extend_from_slice(&message);
+    send.send_data(framed.into(), false).unwrap();
+    let mut body = tokio::time::timeout(ARRIVE, response).await.unwrap().unwrap().into_body();
+    wait_until(|| h.shared.proxies.status().first().is_some_and(|s| s.secrets[0].sent_version.is_some())).await;
+    for i in 1..=ROTATIONS {
+        h.put("a", &format!("v{i}"));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let latest = h.version("a");
+    let mut buf = bytes::BytesMut::new();
+    let mut versions = Vec::new();
+    while versions.last() != Some(&latest) {
+        let chunk = tokio::time::timeout(ARRIVE, body.data()).await.expect("data in time").unwrap().unwrap();
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        buf.extend_from_slice(&chunk);
+        while buf.len() >= 5 {
+            let len = u32::from_be_bytes(buf[1..5].try_into().unwrap()) as usize;
+            if buf.len() < 5 + len {
+                break;
+            }
+            let msg = buf.split_to(5 + len);
+            versions.push(DiscoveryResponse::decode(&msg[5..]).unwrap().version_info);
+        }
+    }
+    assert!(versions.len() <= 3, "{} responses for {ROTATIONS} rotations while not reading", versions.len());
+    drop(send);
+}
