@@ -1,6 +1,7 @@
 //! Settings for `certwire serve`: a TOML file (`--config`) with flags on top.
 
 use std::net::SocketAddr;
+use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ pub struct FileConfig {
     pub drain_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     pub files_rescan_every: Option<Duration>,
+    pub workers: Option<NonZeroUsize>,
     pub kubernetes: Option<KubeConfig>,
     /// `[acme]`: certificates certwire orders and renews itself.
     pub acme: Option<crate::sources::acme::AcmeConfig>,
@@ -99,6 +101,9 @@ pub struct ServeFlags {
     /// How long SIGTERM waits for streams to close [default: 5s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub drain_timeout: Option<Duration>,
+    /// Threads serving proxies and sources [default: one per CPU the process may use]
+    #[arg(long, value_name = "N", env = "CERTWIRE_WORKERS")]
+    pub workers: Option<NonZeroUsize>,
 }
 
 /// Resolved settings.
@@ -113,6 +118,8 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
     pub files_rescan_every: Duration,
+    /// Runtime worker threads; `None`: one per CPU.
+    pub workers: Option<NonZeroUsize>,
     /// `None` when the Kubernetes source is off.
     pub kubernetes: Option<crate::sources::kubernetes::Options>,
     /// `None` when the ACME source is off (no `[acme]` table).
@@ -157,6 +164,7 @@ impl Settings {
             log_format: log_format.or(file.log_format).unwrap_or_default(),
             drain_timeout: flags.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(5)),
             files_rescan_every: file.files_rescan_every.unwrap_or(Duration::from_secs(30)),
+            workers: flags.workers.or(file.workers),
             kubernetes,
             acme,
         })
@@ -233,6 +241,22 @@ mod tests {
         assert_eq!(s.listen, vec!["127.0.0.1:2".parse().unwrap()]);
         assert!(s.dev);
         assert_eq!(s.log_format, LogFormat::Text);
+    }
+
+    #[test]
+    fn workers_from_file_or_flag_and_never_zero() {
+        assert_eq!(Settings::resolve(&ServeFlags::default(), None).unwrap().workers, None, "one per CPU");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "workers = 3\n").unwrap();
+        let flags = ServeFlags { config: Some(path.clone()), ..Default::default() };
+        assert_eq!(Settings::resolve(&flags, None).unwrap().workers, NonZeroUsize::new(3));
+        let flags = ServeFlags { config: Some(path.clone()), workers: NonZeroUsize::new(1), ..Default::default() };
+        assert_eq!(Settings::resolve(&flags, None).unwrap().workers, NonZeroUsize::new(1));
+        std::fs::write(&path, "workers = 0\n").unwrap();
+        let flags = ServeFlags { config: Some(path.clone()), ..Default::default() };
+        let err = format!("{:#}", Settings::resolve(&flags, None).unwrap_err());
+        assert!(err.contains("c.toml") && err.contains("workers") && err.contains("nonzero"), "{err}");
     }
 
     #[test]

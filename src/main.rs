@@ -1,9 +1,8 @@
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = certwire::cli::Cli::parse();
-    match certwire::cli::run(cli).await {
+    match certwire::cli::run(cli) {
         Ok(code) => code,
         Err(err) => {
             eprintln!("certwire: {err:#}");

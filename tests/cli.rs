@@ -70,10 +70,11 @@ fn check_fails_on_a_mismatched_key_and_on_an_expired_certificate() {
 }
 
 /// certwire on the dev CA with one Envoy asking for `localhost`.
-async fn dev_stack() -> (Certwire, Envoy, SocketAddr) {
+async fn dev_stack(extra: &[&str]) -> (Certwire, Envoy, SocketAddr) {
     let sds = util::free_addr();
-    let certwire =
-        Certwire::serve(["--listen".to_string(), sds.to_string(), "--drain-timeout".into(), "3s".into()]).await;
+    let mut args = vec!["--listen".to_string(), sds.to_string(), "--drain-timeout".into(), "3s".into()];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let certwire = Certwire::serve(args).await;
     let port = util::free_port();
     let bootstrap = SdsBootstrap::new("localhost", SdsTarget::Tcp(sds), port).node("cli-envoy", "edge");
     let envoy = Envoy::start(&bootstrap.to_yaml()).await;
@@ -87,7 +88,7 @@ async fn dev_stack() -> (Certwire, Envoy, SocketAddr) {
 
 #[tokio::test]
 async fn status_shows_secrets_and_what_each_proxy_acked() {
-    let (certwire, _envoy, _tls) = dev_stack().await;
+    let (certwire, _envoy, _tls) = dev_stack(&[]).await;
     let admin = certwire.admin_addr().to_string();
     let out = util::wait_for("certwire status shows the acked current version", WAIT, || {
         let admin = admin.clone();
@@ -115,12 +116,20 @@ async fn certwire_status(args: &[&str]) -> (bool, String) {
 
 #[tokio::test]
 async fn sigterm_drains_and_envoy_keeps_serving() {
-    let (mut certwire, _envoy, tls) = dev_stack().await;
+    // On a single worker thread: sources, admin and streams then share it.
+    let (mut certwire, _envoy, tls) = dev_stack(&["--workers", "1"]).await;
     let serving = handshake(tls, "localhost", None).await.expect("served before SIGTERM");
     let status = certwire.terminate(Duration::from_secs(20)).await.expect("certwire exits after SIGTERM");
     assert!(status.success(), "a drained shutdown exits 0, got {status}");
     let log = std::fs::read_to_string(certwire.log_path()).unwrap();
     assert!(log.contains("SIGTERM received") && log.contains("stopped"), "{log}");
+    assert!(log.contains("workers=1"), "--workers sizes the runtime: {log}");
     // Envoy keeps the last secret it had.
     wait_served_serial(tls, "localhost", &serving.serial_hex, WAIT).await;
+}
+
+#[test]
+fn zero_workers_is_refused_with_the_reason() {
+    let (ok, out) = certwire(&["serve", "--workers", "0"]);
+    assert!(!ok && out.contains("--workers") && out.contains("zero"), "{out}");
 }

@@ -5,6 +5,7 @@ mod check;
 mod serve;
 mod status;
 
+use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 use crate::config::ServeFlags;
@@ -33,13 +34,26 @@ pub enum Command {
 }
 
 /// Runs the command; the process exit code comes from the result.
-pub async fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
+pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
     match cli.command {
-        Command::Serve(flags) => serve::run(flags, cli.log_format).await,
+        Command::Serve(flags) => {
+            // Settings first: they size the runtime.
+            let settings = crate::config::Settings::resolve(&flags, cli.log_format)?;
+            runtime(settings.workers)?.block_on(serve::run(settings))
+        }
         Command::Check(args) => Ok(check::run(&args)),
         Command::Bootstrap(args) => bootstrap::run(&args),
-        Command::Status(args) => status::run(&args).await,
+        Command::Status(args) => runtime(None)?.block_on(status::run(&args)),
     }
+}
+
+/// The multi-threaded runtime, with `workers` threads or one per CPU.
+fn runtime(workers: Option<std::num::NonZeroUsize>) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = workers {
+        builder.worker_threads(n.get());
+    }
+    builder.enable_all().build().context("starting the async runtime")
 }
 
 /// Unix seconds as RFC 3339, for humans.

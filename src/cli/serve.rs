@@ -7,10 +7,10 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 
 use crate::admin::Admin;
-use crate::config::{ServeFlags, Settings};
+use crate::config::Settings;
 use crate::health::Health;
 use crate::ingest::Sink;
-use crate::logging::{self, LogFormat};
+use crate::logging;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::sources;
@@ -18,8 +18,7 @@ use crate::store::Store;
 use crate::xds::proxies::Proxies;
 use crate::xds::{Shared, listen};
 
-pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Result<ExitCode> {
-    let settings = Settings::resolve(&flags, log_format)?;
+pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     logging::init(settings.log_format);
 
     let store = Arc::new(Store::new());
@@ -88,7 +87,8 @@ pub async fn run(flags: ServeFlags, log_format: Option<LogFormat>) -> anyhow::Re
         tasks.spawn(async move { listen::serve(b, shared, token).await.with_context(|| format!("SDS on {addr}")) });
     }
 
-    tracing::info!(secrets = store.served_count(), "certwire ready");
+    let workers = tokio::runtime::Handle::current().metrics().num_workers();
+    tracing::info!(secrets = store.served_count(), workers, "certwire ready");
     let failed = tokio::select! {
         _ = terminated() => None,
         Some(res) = tasks.join_next() => Some(res),
