@@ -243,6 +243,24 @@ mod tests {
         assert_eq!(s.log_format, LogFormat::Text);
     }
 
+    /// The config examples in README.md are what users copy: each whole one must parse
+    /// (fragments say "as above").
+    #[test]
+    fn readme_config_examples_parse() {
+        let readme = include_str!("../README.md");
+        let blocks: Vec<&str> = readme
+            .split("```toml\n")
+            .skip(1)
+            .map(|rest| rest.split("```").next().unwrap_or_default())
+            .filter(|block| !block.contains("as above"))
+            .collect();
+        assert!(blocks.len() >= 2, "README has its config examples");
+        for block in blocks {
+            let parsed: Result<FileConfig, _> = toml::from_str(block);
+            assert!(parsed.is_ok(), "README example does not parse: {parsed:?}\n{block}");
+        }
+    }
+
     #[test]
     fn workers_from_file_or_flag_and_never_zero() {
         assert_eq!(Settings::resolve(&ServeFlags::default(), None).unwrap().workers, None, "one per CPU");
