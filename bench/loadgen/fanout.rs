@@ -56,8 +56,8 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, protocol: Prot
     let leaves: Vec<Issued> = (0..WARMUP + opts.rotations).map(|_| leaf(&ca, SECRET)).collect();
 
     let mut server = match kind {
-        Kind::Certwire => {
-            let mut s = launcher.certwire(&root)?;
+        Kind::Certwire | Kind::CertwireOneWorker => {
+            let mut s = launcher.certwire_as(kind, &root)?;
             s.wait_healthy().await?;
             s.poll_admin("/readyz", Duration::from_secs(30), Duration::from_millis(10)).await?;
             s
@@ -158,7 +158,7 @@ async fn rotate(
     swap.cleanup();
     let reloaded = match server.kind {
         Kind::Naive => Some(server.reload().await?),
-        Kind::Certwire => None,
+        Kind::Certwire | Kind::CertwireOneWorker => None,
     };
     let got = fleet.collect(round).await?;
     tokio::time::sleep(SETTLE).await;

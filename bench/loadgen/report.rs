@@ -120,6 +120,12 @@ async fn run(launcher: &Launcher, opts: &Options) -> String {
                 fanout::run(launcher, opts, Kind::Certwire, Protocol::Sotw, n).await,
             );
         }
+        if opts.wants("workers1") {
+            record(
+                format!("fan-out certwire --workers 1 SotW N={n}"),
+                fanout::run(launcher, opts, Kind::CertwireOneWorker, Protocol::Sotw, n).await,
+            );
+        }
         if opts.wants("baseline") {
             record(
                 format!("fan-out baseline SotW N={n}"),
@@ -219,7 +225,7 @@ fn fanout_table(rows: &[fanout::Row], rotations: usize) -> String {
 fn ratio_table(rows: &[fanout::Row]) -> String {
     let pairs: Vec<(&fanout::Row, &fanout::Row)> = rows
         .iter()
-        .filter(|r| r.kind == Kind::Certwire && r.protocol == Protocol::Sotw)
+        .filter(|r| r.kind.is_certwire() && r.protocol == Protocol::Sotw)
         .filter_map(|c| {
             rows.iter()
                 .find(|b| b.kind == Kind::Naive && b.protocol == Protocol::Sotw && b.streams == c.streams)
@@ -230,12 +236,15 @@ fn ratio_table(rows: &[fanout::Row]) -> String {
         return String::new();
     }
     let mut t = String::from("## certwire / plain tonic server (same run, SotW; below 1 means certwire is better)\n\n");
-    t.push_str("| streams | last stream, from rename | p99, from detected | CPU per stream | RSS per idle stream |\n");
-    t.push_str("|---:|---:|---:|---:|---:|\n");
+    t.push_str(
+        "| server | streams | last stream, from rename | p99, from detected | CPU per stream | RSS per idle stream |\n",
+    );
+    t.push_str("|---|---:|---:|---:|---:|---:|\n");
     for (c, b) in pairs {
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} |",
+            c.kind.label(),
             c.streams,
             ratio(c.last_from_change, b.last_from_change),
             ratio(c.p99, b.p99),

@@ -18,6 +18,8 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
     Certwire,
+    /// certwire with `--workers 1`: one runtime thread instead of one per CPU.
+    CertwireOneWorker,
     Naive,
 }
 
@@ -25,8 +27,13 @@ impl Kind {
     pub fn label(self) -> &'static str {
         match self {
             Kind::Certwire => "certwire",
+            Kind::CertwireOneWorker => "certwire --workers 1",
             Kind::Naive => "plain tonic",
         }
+    }
+
+    pub fn is_certwire(self) -> bool {
+        self != Kind::Naive
     }
 }
 
@@ -69,6 +76,11 @@ impl Launcher {
 
     /// `certwire serve --listen 127.0.0.1:P --admin 127.0.0.1:A --files ROOT`, not waited for.
     pub fn certwire(&self, files: &Path) -> anyhow::Result<Server> {
+        self.certwire_as(Kind::Certwire, files)
+    }
+
+    /// certwire run as `kind` (a certwire kind).
+    pub fn certwire_as(&self, kind: Kind, files: &Path) -> anyhow::Result<Server> {
         let [sds, admin] = free_addrs()?;
         let (log, file) = self.log_file("certwire")?;
         let mut command = self.command(&self.certwire);
@@ -80,8 +92,10 @@ impl Launcher {
             .arg(admin.to_string())
             .arg("--files")
             .arg(files)
+            .args(if kind == Kind::CertwireOneWorker { &["--workers", "1"][..] } else { &[] })
             .env("NO_COLOR", "1")
             .env_remove("CERTWIRE_CONFIG")
+            .env_remove("CERTWIRE_WORKERS")
             .stdin(Stdio::null())
             .stdout(file.try_clone()?)
             .stderr(file)
@@ -93,7 +107,7 @@ impl Launcher {
         let spawned = Instant::now();
         let child = command.spawn().with_context(|| format!("spawning {}", self.certwire.display()))?;
         let pid = child.id().context("certwire pid")?;
-        Ok(Server { kind: Kind::Certwire, child, pid, sds, admin: Some(admin), spawned, stdin: None, lines: None, log })
+        Ok(Server { kind, child, pid, sds, admin: Some(admin), spawned, stdin: None, lines: None, log })
     }
 
     /// The baseline on the secrets of `files`, waited for until it listens.
@@ -137,7 +151,7 @@ fn free_addrs<const N: usize>() -> anyhow::Result<[SocketAddr; N]> {
 impl Server {
     /// Waits for `/healthz` (certwire) or nothing (the baseline listens when spawned).
     pub async fn wait_healthy(&mut self) -> anyhow::Result<()> {
-        if self.kind == Kind::Certwire {
+        if self.kind.is_certwire() {
             self.poll_admin("/healthz", START_TIMEOUT, Duration::from_millis(10)).await?;
         }
         Ok(())
