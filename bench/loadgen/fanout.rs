@@ -39,8 +39,10 @@ pub struct Row {
     pub cpu_per_stream: f64,
     /// Every client worker together, µs per stream per rotation.
     pub client_cpu_per_stream: f64,
-    /// KiB.
+    /// KiB, idle streams before the first rotation.
     pub rss_per_stream: f64,
+    /// KiB, idle streams again after the rotations: buffers touched by traffic count.
+    pub rss_after_per_stream: f64,
     pub connect_s: f64,
     pub missing: usize,
 }
@@ -113,6 +115,8 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, protocol: Prot
     if let Some(perf) = perf {
         perf.stop().await;
     }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_after = server.rss_kib();
     let connect_s = fleet.connect_time.as_secs_f64();
     fleet.shutdown().await;
     server.stop().await;
@@ -128,6 +132,7 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, protocol: Prot
         cpu_per_stream: median(samples.iter().map(|s| s.cpu_us / n as f64)),
         client_cpu_per_stream: median(samples.iter().map(|s| s.client_cpu_us / n as f64)),
         rss_per_stream: rss_idle.saturating_sub(rss_before) as f64 / n as f64,
+        rss_after_per_stream: rss_after.saturating_sub(rss_before) as f64 / n as f64,
         connect_s,
         missing: samples.iter().map(|s| s.missing).sum(),
     })

@@ -192,18 +192,19 @@ fn fanout_table(rows: &[fanout::Row], rotations: usize) -> String {
          to the client decoding the response; \"from rename\" starts right before the `..data` rename. \
          CPU: server user+system time from before the swap to 100 ms after the last stream has it, divided \
          by N (the clients' CPU: all worker processes, same window). RSS: VmRSS with N idle streams minus \
-         before connecting, divided by N.\n"
+         before connecting, divided by N, once connected and again 1 s after the last rotation (buffers \
+         that traffic touched then count too).\n"
     );
     t.push_str(
         "| server | protocol | streams | last, from detected (ms) | last, from rename (ms) | p50 (ms) | p99 (ms) \
          | server CPU per stream per rotation (µs) | clients' CPU per stream (µs) | server RSS per idle stream (KiB) \
-         | connect (s) | missing |\n",
+         | same, after the rotations (KiB) | connect (s) | missing |\n",
     );
-    t.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    t.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     for r in rows {
         let _ = writeln!(
             t,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.kind.label(),
             r.protocol.label(),
             r.streams,
@@ -214,6 +215,7 @@ fn fanout_table(rows: &[fanout::Row], rotations: usize) -> String {
             num(r.cpu_per_stream, 1),
             num(r.client_cpu_per_stream, 1),
             num(r.rss_per_stream, 1),
+            num(r.rss_after_per_stream, 1),
             num(r.connect_s, 1),
             r.missing
         );
