@@ -108,7 +108,7 @@ impl Sink {
             .get_or_create(&RejectLabel { source: self.source.to_string(), reason: err.reason() })
             .inc();
         let name = names.first().map(AsRef::as_ref).unwrap_or_default();
-        let served = self.store.get(name).map(|s| s.version.clone());
+        let served = self.store.get(name).map(|s| s.version.to_string());
         tracing::error!(
             secret = name,
             aliases = names.len(),

@@ -14,6 +14,7 @@ pub mod pki;
 pub mod shutdown;
 pub mod sources;
 pub mod store;
+pub mod version;
 pub mod xds;
 
 /// certwire's own status API, generated from proto/.

@@ -12,17 +12,16 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Instant, SystemTime};
 
 use dashmap::DashMap;
-use ring::digest;
 use smallvec::SmallVec;
 use tokio::sync::{broadcast, watch};
 
 use crate::pki::{self, CertIdentity, Checked, SecretKind, SecretMeta, SharedKeyBytes};
+use crate::version::Version;
 
 /// One good version of a secret, as served. Cheap to clone through `Arc`.
 pub struct Served {
     pub name: Arc<str>,
-    /// Content hash: stable across restarts, so a reconnecting proxy's claim is meaningful.
-    pub version: Arc<str>,
+    pub version: Version,
     pub kind: SecretKind,
     /// Encoded Envoy `Secret`; the SDS codec wraps it in a `google.protobuf.Any`.
     pub resource: SharedKeyBytes,
@@ -31,10 +30,9 @@ pub struct Served {
     pub meta: SecretMeta,
     pub source: Arc<str>,
     pub updated: SystemTime,
-    /// When the source noticed the change; start of the change-to-push latency.
+    /// When the source noticed the change; start of the change-to-push latency. Status
+    /// shows it on the wall clock, for benchmarks in other processes.
     pub detected_at: Instant,
-    /// The same moment on the wall clock, for status and benchmarks in other processes.
-    pub detected: SystemTime,
 }
 
 impl std::fmt::Debug for Served {
@@ -240,24 +238,23 @@ impl Store {
         checked: Checked,
         detected_at: Instant,
     ) -> Outcome {
-        let version = content_version(checked.resource.as_slice());
+        let version = Version::of(checked.resource.as_slice());
         let mut entry = self.entries.entry(name.into()).or_insert_with(Entry::new);
         entry.clear_error(rank);
         if let Some(existing) = entry.candidates.get(rank)
-            && *existing.version == *version
+            && existing.version == version
         {
             return Outcome::Unchanged;
         }
         let served = Arc::new(Served {
             name: entry.key().clone(),
-            version: Arc::from(version),
+            version,
             kind: checked.kind,
             resource: checked.resource.into(),
             meta: checked.meta,
             source: source.clone(),
             updated: SystemTime::now(),
             detected_at,
-            detected: SystemTime::now() - detected_at.elapsed(),
         });
         let before = entry.current();
         entry.candidates.insert(rank, served);
@@ -382,7 +379,7 @@ impl Store {
                     deleted: e.deleted,
                     subscribers: e.subscribers(),
                     updated_unix_ms: current.as_ref().map(|c| unix_ms(c.updated)),
-                    detected_unix_us: current.as_ref().map(|c| unix_us(c.detected)),
+                    detected_unix_us: current.as_ref().map(|c| unix_us(SystemTime::now() - c.detected_at.elapsed())),
                     last_error,
                     shadowed_sources,
                 };
@@ -398,11 +395,6 @@ impl Store {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
-}
-
-/// Version string: the first 16 bytes of the SHA-256 of the encoded resource, in hex.
-pub fn content_version(bytes: &[u8]) -> String {
-    hex::encode(&digest::digest(&digest::SHA256, bytes).as_ref()[..16])
 }
 
 pub fn unix_us(t: SystemTime) -> i64 {
@@ -434,7 +426,7 @@ mod tests {
         assert!(rx.borrow_and_update().is_none());
         assert_eq!(store.upsert(rank, &src, "s", checked(b"one"), Instant::now()), Outcome::Changed);
         assert!(rx.has_changed().unwrap());
-        let v1 = rx.borrow_and_update().clone().unwrap().version.clone();
+        let v1 = rx.borrow_and_update().clone().unwrap().version;
         assert_eq!(store.upsert(rank, &src, "s", checked(b"one"), Instant::now()), Outcome::Unchanged);
         assert!(!rx.has_changed().unwrap());
         assert_eq!(store.upsert(rank, &src, "s", checked(b"two"), Instant::now()), Outcome::Changed);
@@ -460,7 +452,7 @@ mod tests {
             store.upsert(rank, &src, "s", checked(&[i]), Instant::now());
         }
         // One pending wake-up, and it shows only the last version.
-        assert_eq!(&*rx.borrow_and_update().clone().unwrap().version, content_version(&[99]));
+        assert_eq!(rx.borrow_and_update().clone().unwrap().version, Version::of(&[99]));
         assert!(!rx.has_changed().unwrap());
     }
 
@@ -489,7 +481,7 @@ mod tests {
         store.upsert(rank, &src, "s", checked(b"good"), Instant::now());
         store.upsert(rank, &src, "other", checked(b"fine"), Instant::now());
         store.reject(rank, &src, "s", "key mismatch".into());
-        assert_eq!(&*store.get("s").unwrap().version, content_version(b"good"));
+        assert_eq!(store.get("s").unwrap().version, Version::of(b"good"));
         let st = store.status();
         assert_eq!(st[1].last_error.as_deref(), Some("files:/a: key mismatch"));
         assert!(st[0].last_error.is_none(), "other secret untouched");
@@ -525,9 +517,9 @@ mod tests {
         assert!(store.get("s").is_some(), "content stays when the channel goes");
         // A later subscriber gets the current content at once.
         let rx = store.subscribe("s");
-        assert_eq!(&*rx.borrow().clone().unwrap().version, content_version(b"x"));
+        assert_eq!(rx.borrow().clone().unwrap().version, Version::of(b"x"));
         store.upsert(rank, &src, "s", checked(b"y"), Instant::now());
-        assert_eq!(&*rx.borrow().clone().unwrap().version, content_version(b"y"));
+        assert_eq!(rx.borrow().clone().unwrap().version, Version::of(b"y"));
     }
 
     #[tokio::test]

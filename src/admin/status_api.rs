@@ -56,8 +56,8 @@ impl StatusService for Admin {
                     .into_iter()
                     .map(|n| ProxySecretStatus {
                         name: n.name.to_string(),
-                        sent_version: n.sent_version.as_deref().unwrap_or_default().to_owned(),
-                        acked_version: n.acked_version.as_deref().unwrap_or_default().to_owned(),
+                        sent_version: n.sent_version.map(|v| v.to_string()).unwrap_or_default(),
+                        acked_version: n.acked_version.map(|v| v.to_string()).unwrap_or_default(),
                         last_nack: n.last_nack.unwrap_or_default(),
                     })
                     .collect(),
@@ -79,11 +79,11 @@ impl StatusService for Admin {
             let mut secret = admin.store.subscribe(&name);
             let mut last = None;
             'watch: loop {
-                let version = secret.borrow_and_update().as_ref().map(|s| s.version.to_string());
-                let (subscribed, acked, nacked) = admin.proxies.rollout(&name, version.as_deref());
+                let version = secret.borrow_and_update().as_ref().map(|s| s.version);
+                let (subscribed, acked, nacked) = admin.proxies.rollout(&name, version);
                 let progress = RolloutProgress {
                     name: name.clone(),
-                    version: version.unwrap_or_default(),
+                    version: version.map(|v| v.to_string()).unwrap_or_default(),
                     streams_subscribed: subscribed,
                     streams_acked: acked,
                     streams_nacked: nacked,

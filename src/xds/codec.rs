@@ -10,13 +10,14 @@ use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, k
 use super::grpc::{Frame, FrameBuilder};
 use crate::pki::{SECRET_TYPE_URL, SharedKeyBytes};
 use crate::store::Served;
+use crate::version::Version;
 
 /// A response, as references to shared secrets plus the few per-stream fields.
 #[derive(Debug)]
 pub enum Outgoing {
     /// `DiscoveryResponse` (StreamSecrets, FetchSecrets).
     /// A nonce of 0 is not written (FetchSecrets has none).
-    Sotw { version_info: Arc<str>, nonce: u64, resources: Vec<Arc<Served>> },
+    Sotw { version_info: Version, nonce: u64, resources: Vec<Arc<Served>> },
     /// `DeltaDiscoveryResponse`.
     Delta { nonce: u64, resources: Vec<Arc<Served>>, removed: Vec<String> },
 }
@@ -70,7 +71,7 @@ impl Outgoing {
     pub fn encode(&self, out: &mut impl Out) {
         match self {
             Outgoing::Sotw { version_info, nonce, resources } => {
-                string(1, version_info, out.buf());
+                string(1, &version_info.text(), out.buf());
                 for r in resources {
                     any(2, &r.resource, out);
                 }
@@ -83,7 +84,7 @@ impl Outgoing {
                     let buf = out.buf();
                     encode_key(2, WireType::LengthDelimited, buf);
                     encode_varint(delta_resource_len(r) as u64, buf);
-                    string(1, &r.version, buf);
+                    string(1, &r.version.text(), buf);
                     any(2, &r.resource, out);
                     string(3, &r.name, out.buf());
                 }
@@ -102,7 +103,7 @@ impl Outgoing {
         let tail = string_len(4, SECRET_TYPE_URL) + nonce_len(self.nonce());
         match self {
             Outgoing::Sotw { version_info, resources, .. } => {
-                string_len(1, version_info)
+                string_len(1, &version_info.text())
                     + resources.iter().map(|r| any_len(2, r.resource.len())).sum::<usize>()
                     + tail
             }
@@ -121,7 +122,7 @@ impl Outgoing {
 }
 
 fn delta_resource_len(r: &Served) -> usize {
-    string_len(1, &r.version) + any_len(2, r.resource.len()) + string_len(3, &r.name)
+    string_len(1, &r.version.text()) + any_len(2, r.resource.len()) + string_len(3, &r.name)
 }
 
 /// Field `tag` holding `Any { type_url = 1, value = 2 }` around an encoded `Secret`.
@@ -206,25 +207,25 @@ mod tests {
     fn served(name: &str, value: &[u8]) -> Arc<Served> {
         Arc::new(Served {
             name: name.into(),
-            version: format!("v-{name}").into(),
+            version: Version::of(name.as_bytes()),
             kind: SecretKind::GenericSecret,
             resource: KeyBytes::new(value.to_vec()).into(),
             meta: SecretMeta::default(),
             source: Arc::from("test"),
             updated: SystemTime::now(),
             detected_at: Instant::now(),
-            detected: SystemTime::now(),
         })
     }
 
     #[test]
     fn sotw_encoding_matches_prost() {
         let (a, b) = (served("a", b"secret-a"), served("b", &[7u8; 300]));
-        let out = Outgoing::Sotw { version_info: "v1".into(), nonce: 42, resources: vec![a, b] };
+        let v1 = Version::of(b"v1");
+        let out = Outgoing::Sotw { version_info: v1, nonce: 42, resources: vec![a, b] };
         let mut buf = Vec::new();
         out.encode(&mut buf);
         let expected = DiscoveryResponse {
-            version_info: "v1".into(),
+            version_info: v1.to_string(),
             resources: vec![
                 Any { type_url: SECRET_TYPE_URL.into(), value: b"secret-a".to_vec() },
                 Any { type_url: SECRET_TYPE_URL.into(), value: vec![7u8; 300] },
@@ -247,7 +248,7 @@ mod tests {
         let expected = DeltaDiscoveryResponse {
             resources: vec![Resource {
                 name: "a".into(),
-                version: "v-a".into(),
+                version: Version::of(b"a").to_string(),
                 resource: Some(Any { type_url: SECRET_TYPE_URL.into(), value: vec![1u8; 200] }),
                 ..Default::default()
             }],
@@ -265,8 +266,8 @@ mod tests {
         use bytes::Buf;
         let (a, b) = (served("a", &[3u8; 5000]), served("b", b"x"));
         let responses = [
-            Outgoing::Sotw { version_info: "v1".into(), nonce: 9, resources: vec![a.clone(), b.clone()] },
-            Outgoing::Sotw { version_info: "v1".into(), nonce: 0, resources: vec![] },
+            Outgoing::Sotw { version_info: Version::of(b"v1"), nonce: 9, resources: vec![a.clone(), b.clone()] },
+            Outgoing::Sotw { version_info: Version::of(b"v1"), nonce: 0, resources: vec![] },
             Outgoing::Delta { nonce: 1234567, resources: vec![a.clone(), b], removed: vec!["c".into()] },
         ];
         for out in responses {

@@ -9,6 +9,7 @@ use super::codec::Outgoing;
 use super::{Shared, check_type_url};
 use crate::metrics::ProtocolLabel;
 use crate::store::Served;
+use crate::version::Version;
 
 pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status> {
     check_type_url(req.type_url.as_bytes())?;
@@ -17,7 +18,7 @@ pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status>
         return Err(Status::not_found(format!("no secret named {:?}", req.resource_names)));
     }
     let version = sotw_version(&found);
-    if !req.version_info.is_empty() && *req.version_info == *version {
+    if !req.version_info.is_empty() && version == *req.version_info {
         // Same contract as other xDS servers: nothing new for a caller that is current.
         return Err(Status::already_exists(format!("version {version} is current")));
     }
@@ -27,12 +28,12 @@ pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status>
 
 /// Version of a SotW response: the secret's own content hash when it carries one
 /// resource (what Envoy does: one stream per secret), else a hash of the versions.
-pub fn sotw_version(resources: &[Arc<Served>]) -> Arc<str> {
+pub fn sotw_version(resources: &[Arc<Served>]) -> Version {
     match resources {
-        [one] => one.version.clone(),
+        [one] => one.version,
         many => {
-            let joined: Vec<&str> = many.iter().map(|s| &*s.version).collect();
-            crate::store::content_version(joined.join(",").as_bytes()).into()
+            let joined: Vec<String> = many.iter().map(|s| s.version.to_string()).collect();
+            Version::of(joined.join(",").as_bytes())
         }
     }
 }

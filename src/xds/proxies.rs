@@ -13,15 +13,16 @@ use dashmap::DashMap;
 
 use crate::metrics::{Metrics, ProtocolLabel};
 use crate::store::unix_ms;
+use crate::version::Version;
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct NameStatus {
     pub name: Arc<str>,
-    pub sent_version: Option<Arc<str>>,
-    pub acked_version: Option<Arc<str>>,
+    pub sent_version: Option<Version>,
+    pub acked_version: Option<Version>,
     pub last_nack: Option<String>,
     /// The version the last NACK refused; it is never sent again on this stream.
-    pub nacked_version: Option<Arc<str>>,
+    pub nacked_version: Option<Version>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -152,17 +153,17 @@ impl Proxies {
     }
 
     /// (subscribed, acked `version`, nacked `version`) over all streams for `name`.
-    pub fn rollout(&self, name: &str, version: Option<&str>) -> (u32, u32, u32) {
+    pub fn rollout(&self, name: &str, version: Option<Version>) -> (u32, u32, u32) {
         let (mut subscribed, mut acked, mut nacked) = (0, 0, 0);
         let handles: Vec<Arc<StreamHandle>> = self.streams.iter().map(|s| s.value().clone()).collect();
         for h in handles {
             let s = h.state.lock().expect("stream status lock");
             if let Some(n) = s.secrets.iter().find(|n| &*n.name == name) {
                 subscribed += 1;
-                if version.is_some() && n.acked_version.as_deref() == version {
+                if version.is_some() && n.acked_version == version {
                     acked += 1;
                 }
-                if version.is_some() && n.nacked_version.as_deref() == version {
+                if version.is_some() && n.nacked_version == version {
                     nacked += 1;
                 }
             }

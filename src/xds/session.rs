@@ -22,6 +22,7 @@ use super::proxies::StreamHandle;
 use super::requests;
 use crate::metrics::ProtocolLabel;
 use crate::store::{Current, Served};
+use crate::version::Version;
 
 /// Responses kept for ACK matching; Envoy answers in order, so a few suffice.
 const PENDING_NONCES: usize = 16;
@@ -157,7 +158,7 @@ impl Session {
     pub fn record_sent(&mut self, resources: &[Arc<Served>]) -> u64 {
         let nonce = self.next_nonce();
         for served in resources {
-            self.status.with_name(&served.name, |n| n.sent_version = Some(served.version.clone()));
+            self.status.with_name(&served.name, |n| n.sent_version = Some(served.version));
             self.shared.metrics.change_to_push.observe(served.detected_at.elapsed().as_secs_f64());
         }
         self.counters.pushes.inc();
@@ -184,7 +185,7 @@ impl Session {
             None => {
                 self.counters.acks.inc();
                 for served in resources {
-                    self.status.with_name(&served.name, |n| n.acked_version = Some(served.version.clone()));
+                    self.status.with_name(&served.name, |n| n.acked_version = Some(served.version));
                 }
             }
             Some(err) => {
@@ -198,11 +199,11 @@ impl Session {
                         "proxy rejected secret (NACK); not resending this version"
                     );
                     if let Some((_, watched)) = self.watches.iter_mut().find(|(name, _)| *name == served.name) {
-                        watched.nacked = Some(served.version.clone());
+                        watched.nacked = Some(served.version);
                     }
                     self.status.with_name(&served.name, |n| {
                         n.last_nack = Some(err.message.clone());
-                        n.nacked_version = Some(served.version.clone());
+                        n.nacked_version = Some(served.version);
                     });
                 }
             }
@@ -234,8 +235,8 @@ enum Due {
 /// a version it already sent or that the proxy refused (NACK), which is never resent.
 struct Watched {
     changes: WatchStream<Current>,
-    sent: Option<Arc<str>>,
-    nacked: Option<Arc<str>>,
+    sent: Option<Version>,
+    nacked: Option<Version>,
 }
 
 impl Stream for Watched {
@@ -246,9 +247,9 @@ impl Stream for Watched {
         loop {
             match ready!(this.changes.poll_next_unpin(cx)) {
                 Some(Some(served)) => {
-                    let version = Some(&served.version);
-                    if this.sent.as_ref() != version && this.nacked.as_ref() != version {
-                        this.sent = Some(served.version.clone());
+                    let version = Some(served.version);
+                    if this.sent != version && this.nacked != version {
+                        this.sent = version;
                         return Poll::Ready(Some(Due::Send(served)));
                     }
                 }

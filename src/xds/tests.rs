@@ -81,7 +81,7 @@ impl Harness {
     fn acked(&self, name: &str) -> Option<String> {
         let status = self.shared.proxies.status();
         let n = status.iter().flat_map(|p| p.secrets.iter()).find(|n| &*n.name == name)?;
-        n.acked_version.as_deref().map(str::to_owned)
+        n.acked_version.map(|v| v.to_string())
     }
 }
 

@@ -1,0 +1,79 @@
+//! Content versions. A secret's version is a hash of what is served, so it is the same
+//! across restarts and replicas, and a reconnecting proxy's claim means something.
+
+use std::fmt;
+use std::ops::Deref;
+
+use ring::digest;
+
+/// The first 16 bytes of the SHA-256 of the encoded resource, shown as 32 hex digits.
+/// Held as bytes: every stored secret, and every stream for what it sent, acked or
+/// refused, carries one; bytes are copied and compared without a shared refcount or an
+/// allocation.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Version([u8; 16]);
+
+impl Version {
+    pub fn of(content: &[u8]) -> Self {
+        let mut bytes = [0; 16];
+        bytes.copy_from_slice(&digest::digest(&digest::SHA256, content).as_ref()[..16]);
+        Self(bytes)
+    }
+
+    /// The 32 hex digits, without allocating.
+    pub fn text(&self) -> VersionText {
+        let mut hex = [0; 32];
+        hex::encode_to_slice(self.0, &mut hex).expect("32 hex digits for 16 bytes");
+        VersionText(hex)
+    }
+}
+
+/// The hex form of a [`Version`], as a `&str`.
+pub struct VersionText([u8; 32]);
+
+impl Deref for VersionText {
+    type Target = str;
+    fn deref(&self) -> &str {
+        std::str::from_utf8(&self.0).expect("hex digits are ASCII")
+    }
+}
+
+impl PartialEq<str> for Version {
+    fn eq(&self, other: &str) -> bool {
+        *self.text() == *other
+    }
+}
+
+impl fmt::Display for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.text())
+    }
+}
+
+impl fmt::Debug for Version {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+impl serde::Serialize for Version {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.text())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shown_as_the_hex_of_the_truncated_sha256() {
+        let v = Version::of(b"abc");
+        // SHA-256("abc") = ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad
+        assert_eq!(v.to_string(), "ba7816bf8f01cfea414140de5dae2223");
+        assert!(v == *"ba7816bf8f01cfea414140de5dae2223");
+        assert!(v != *"ba7816bf8f01cfea414140de5dae2224");
+        assert_eq!(serde_json::to_string(&v).unwrap(), "\"ba7816bf8f01cfea414140de5dae2223\"");
+        assert_ne!(Version::of(b"abd"), v);
+    }
+}
