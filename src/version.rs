@@ -14,6 +14,9 @@ use ring::digest;
 pub struct Version([u8; 16]);
 
 impl Version {
+    /// Length of [`Version::text`].
+    pub const TEXT_LEN: usize = 32;
+
     pub fn of(content: &[u8]) -> Self {
         let mut bytes = [0; 16];
         bytes.copy_from_slice(&digest::digest(&digest::SHA256, content).as_ref()[..16]);
@@ -22,14 +25,20 @@ impl Version {
 
     /// The 32 hex digits, without allocating.
     pub fn text(&self) -> VersionText {
-        let mut hex = [0; 32];
+        let mut hex = [0; Self::TEXT_LEN];
         hex::encode_to_slice(self.0, &mut hex).expect("32 hex digits for 16 bytes");
         VersionText(hex)
     }
 }
 
-/// The hex form of a [`Version`], as a `&str`.
-pub struct VersionText([u8; 32]);
+/// The hex form of a [`Version`], as a `&str` or as bytes.
+pub struct VersionText([u8; Version::TEXT_LEN]);
+
+impl VersionText {
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 impl Deref for VersionText {
     type Target = str;

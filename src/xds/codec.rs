@@ -2,7 +2,7 @@
 //! once: a push to ten thousand streams encodes nothing again, and hands each stream a
 //! handle on the secret, not a copy. (Requests are decoded with prost where they are read.)
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 
 use bytes::{BufMut, BytesMut};
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
@@ -27,6 +27,7 @@ pub trait Out {
     type Buf: BufMut;
     fn buf(&mut self) -> &mut Self::Buf;
     fn secret(&mut self, secret: &SharedKeyBytes);
+    fn put_static(&mut self, bytes: &'static [u8]);
 }
 
 /// For comparing with prost in tests.
@@ -39,6 +40,9 @@ impl Out for Vec<u8> {
     fn secret(&mut self, secret: &SharedKeyBytes) {
         self.put_slice(secret);
     }
+    fn put_static(&mut self, bytes: &'static [u8]) {
+        self.put_slice(bytes);
+    }
 }
 
 impl Out for FrameBuilder {
@@ -49,13 +53,24 @@ impl Out for FrameBuilder {
     fn secret(&mut self, secret: &SharedKeyBytes) {
         self.put_shared(secret.handle());
     }
+    fn put_static(&mut self, bytes: &'static [u8]) {
+        FrameBuilder::put_static(self, bytes);
+    }
 }
+
+/// Field 4 of both responses, `type_url`: the same for every response, so it goes out
+/// as a static part, last.
+static TYPE_URL_FIELD: LazyLock<Vec<u8>> = LazyLock::new(|| {
+    let mut field = Vec::new();
+    bytes_field(4, SECRET_TYPE_URL.as_bytes(), &mut field);
+    field
+});
 
 impl Outgoing {
     /// The response as one gRPC message, ready for DATA frames.
     pub fn frame(&self) -> Frame {
-        let shared = self.resources().iter().map(|r| r.resource.len()).sum();
-        let mut frame = FrameBuilder::new(self.encoded_len(), shared, self.resources().len());
+        let shared = self.resources().iter().map(|r| r.resource.len()).sum::<usize>() + TYPE_URL_FIELD.len();
+        let mut frame = FrameBuilder::new(self.encoded_len(), shared, self.resources().len() + 1);
         self.encode(&mut frame);
         frame.finish()
     }
@@ -67,45 +82,45 @@ impl Outgoing {
     }
 
     /// Writes the protobuf encoding of the response. Field numbers are those of
-    /// envoy.service.discovery.v3 (checked against prost in the tests below).
+    /// envoy.service.discovery.v3 (checked against prost in the tests below). Fields
+    /// are not in number order, which protobuf parsers accept by definition: the small
+    /// ones come first and each secret's bytes last in its message, so that a response
+    /// with one secret is one buffer, the shared secret and the static type URL.
     pub fn encode(&self, out: &mut impl Out) {
         match self {
             Outgoing::Sotw { version_info, nonce, resources } => {
-                string(1, &version_info.text(), out.buf());
+                bytes_field(1, version_info.text().as_bytes(), out.buf());
+                nonce_field(*nonce, out.buf());
                 for r in resources {
                     any(2, &r.resource, out);
                 }
-                string(4, SECRET_TYPE_URL, out.buf());
-                nonce_field(*nonce, out.buf());
             }
             Outgoing::Delta { nonce, resources, removed } => {
-                for r in resources {
-                    // Resource { version = 1, resource (Any) = 2, name = 3 }
-                    let buf = out.buf();
-                    encode_key(2, WireType::LengthDelimited, buf);
-                    encode_varint(delta_resource_len(r) as u64, buf);
-                    string(1, &r.version.text(), buf);
-                    any(2, &r.resource, out);
-                    string(3, &r.name, out.buf());
-                }
                 let buf = out.buf();
-                string(4, SECRET_TYPE_URL, buf);
                 nonce_field(*nonce, buf);
                 for name in removed {
                     string(6, name, buf);
                 }
+                for r in resources {
+                    // Resource { name = 3, version = 1, resource (Any) = 2 }
+                    let buf = out.buf();
+                    encode_key(2, WireType::LengthDelimited, buf);
+                    encode_varint(delta_resource_len(r) as u64, buf);
+                    string(3, &r.name, buf);
+                    bytes_field(1, r.version.text().as_bytes(), buf);
+                    any(2, &r.resource, out);
+                }
             }
         }
+        out.put_static(&TYPE_URL_FIELD);
     }
 
     /// The length [`Outgoing::encode`] writes.
     fn encoded_len(&self) -> usize {
         let tail = string_len(4, SECRET_TYPE_URL) + nonce_len(self.nonce());
         match self {
-            Outgoing::Sotw { version_info, resources, .. } => {
-                string_len(1, &version_info.text())
-                    + resources.iter().map(|r| any_len(2, r.resource.len())).sum::<usize>()
-                    + tail
+            Outgoing::Sotw { resources, .. } => {
+                version_len(1) + resources.iter().map(|r| any_len(2, r.resource.len())).sum::<usize>() + tail
             }
             Outgoing::Delta { resources, removed, .. } => {
                 let resources: usize = resources.iter().map(|r| nested_len(2, delta_resource_len(r))).sum();
@@ -122,7 +137,7 @@ impl Outgoing {
 }
 
 fn delta_resource_len(r: &Served) -> usize {
-    string_len(1, &r.version.text()) + any_len(2, r.resource.len()) + string_len(3, &r.name)
+    version_len(1) + any_len(2, r.resource.len()) + string_len(3, &r.name)
 }
 
 /// Field `tag` holding `Any { type_url = 1, value = 2 }` around an encoded `Secret`.
@@ -189,6 +204,11 @@ fn bytes_field(tag: u32, value: &[u8], buf: &mut impl BufMut) {
     buf.put_slice(value);
 }
 
+/// A version field: its text has a fixed length, so it is not formatted to be measured.
+fn version_len(tag: u32) -> usize {
+    key_len(tag) + encoded_len_varint(Version::TEXT_LEN as u64) + Version::TEXT_LEN
+}
+
 fn bytes_len(tag: u32, value: &[u8]) -> usize {
     key_len(tag) + encoded_len_varint(value.len() as u64) + value.len()
 }
@@ -235,7 +255,8 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(DiscoveryResponse::decode(buf.as_slice()).unwrap(), expected);
-        assert_eq!(buf, expected.encode_to_vec(), "byte-identical to prost");
+        // The same fields, in another order (see `encode`).
+        assert_eq!(buf.len(), expected.encoded_len());
         assert_eq!(out.encoded_len(), buf.len());
     }
 
@@ -282,6 +303,22 @@ mod tests {
             assert_eq!(bytes[0], 0, "uncompressed");
             assert_eq!(u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize, body.len());
             assert_eq!(&bytes[5..], &body[..]);
+        }
+    }
+
+    /// The usual push: the small fields, the shared secret, the static type URL.
+    #[test]
+    fn a_response_with_one_secret_is_three_parts() {
+        let a = served("a", &[3u8; 500]);
+        for out in [
+            Outgoing::Sotw { version_info: a.version, nonce: 3, resources: vec![a.clone()] },
+            Outgoing::Delta { nonce: 3, resources: vec![a.clone()], removed: vec![] },
+        ] {
+            let frame = out.frame();
+            let mut slices = [std::io::IoSlice::new(&[]); 8];
+            assert_eq!(bytes::Buf::chunks_vectored(&frame, &mut slices), 3);
+            assert_eq!(slices[1].as_ptr(), a.resource.as_ptr());
+            assert_eq!(&*slices[2], TYPE_URL_FIELD.as_slice());
         }
     }
 }

@@ -116,14 +116,15 @@ impl Buf for Frame {
 }
 
 /// Writes one gRPC message whose body length is known up front: small fields go into
-/// one buffer, shared bytes are appended as handles between them.
+/// one buffer, shared and static bytes are appended as handles between them.
 pub struct FrameBuilder {
     head: BytesMut,
     frame: Frame,
 }
 
 impl FrameBuilder {
-    /// For a body of exactly `len` bytes, of which `shared` come as `handles` handles.
+    /// For a body of exactly `len` bytes, of which `shared` come as `handles` handles
+    /// (shared or static).
     pub fn new(len: usize, shared: usize, handles: usize) -> Self {
         let len32 = u32::try_from(len).expect("an SDS response is far below 4 GiB");
         let mut head = BytesMut::with_capacity(PREFIX + len - shared);
@@ -145,6 +146,10 @@ impl FrameBuilder {
         }
     }
 
+    pub fn put_static(&mut self, bytes: &'static [u8]) {
+        self.put_shared(Bytes::from_static(bytes));
+    }
+
     pub fn finish(mut self) -> Frame {
         self.flush();
         debug_assert_eq!(self.frame.parts.iter().map(Bytes::len).sum::<usize>(), self.frame.remaining);
@@ -152,10 +157,18 @@ impl FrameBuilder {
     }
 
     fn flush(&mut self) {
-        if !self.head.is_empty() {
-            // Splits off what was written; the rest of the allocation stays for what follows.
-            self.frame.parts.push(self.head.split().freeze());
+        if self.head.is_empty() {
+            return;
         }
+        let part = if self.head.len() == self.head.capacity() {
+            // All the small fields are written (the usual response, one secret): the
+            // buffer becomes the part as it is, with no shared header to allocate.
+            std::mem::take(&mut self.head).freeze()
+        } else {
+            // Splits off what was written; the rest of the allocation stays for what follows.
+            self.head.split().freeze()
+        };
+        self.frame.parts.push(part);
     }
 }
 

@@ -16,14 +16,28 @@ pub struct SotwRequest {
     /// A `Node` message, undecoded.
     #[prost(bytes = "bytes", tag = "2")]
     pub node: Bytes,
-    #[prost(string, repeated, tag = "3")]
-    pub resource_names: Vec<String>,
+    /// Borrowed from the message: every ACK repeats them. See [`SotwRequest::names`].
+    #[prost(bytes = "bytes", repeated, tag = "3")]
+    pub resource_names: Vec<Bytes>,
     #[prost(bytes = "bytes", tag = "4")]
     pub type_url: Bytes,
     #[prost(bytes = "bytes", tag = "5")]
     pub response_nonce: Bytes,
     #[prost(message, optional, tag = "6")]
     pub error_detail: Option<RpcStatus>,
+}
+
+impl SotwRequest {
+    /// The resource names as text; a name that is not UTF-8 is an error, as it is for
+    /// the generated type.
+    pub fn names(&self) -> Result<Vec<&str>, tonic::Status> {
+        self.resource_names
+            .iter()
+            .map(|n| {
+                std::str::from_utf8(n).map_err(|_| tonic::Status::invalid_argument("a resource name is not UTF-8"))
+            })
+            .collect()
+    }
 }
 
 /// `DeltaDiscoveryRequest`, as DeltaSecrets reads it. `initial_resource_versions` is
@@ -84,7 +98,7 @@ mod tests {
         };
         let lean = SotwRequest::decode(full.encode_to_vec().as_slice()).unwrap();
         assert_eq!(node(&lean.node), full.node);
-        assert_eq!(lean.resource_names, full.resource_names);
+        assert_eq!(lean.names().unwrap(), full.resource_names);
         assert_eq!(&lean.type_url[..], full.type_url.as_bytes());
         assert_eq!(nonce(&lean.response_nonce), Some(17));
         assert_eq!(lean.error_detail, full.error_detail);
@@ -109,6 +123,16 @@ mod tests {
         assert_eq!(lean.resource_names_unsubscribe, full.resource_names_unsubscribe);
         assert_eq!(nonce(&lean.response_nonce), Some(9));
         assert_eq!(lean.error_detail, full.error_detail);
+    }
+
+    #[test]
+    fn a_name_that_is_not_utf8_is_refused() {
+        let mut raw = Vec::new();
+        prost::encoding::bytes::encode(3, &vec![0xff, 0xfe], &mut raw);
+        let lean = SotwRequest::decode(raw.as_slice()).unwrap();
+        let err = lean.names().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(err.message().contains("UTF-8"), "{}", err.message());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 use std::collections::HashSet;
 
+use bytes::Bytes;
 use tonic::Status;
 
 use super::codec::Outgoing;
@@ -19,17 +20,20 @@ impl Protocol for Sotw {
 
     fn on_request(session: &mut Session, req: SotwRequest) -> Result<(), Status> {
         session.receive(&req.type_url, &req.node, &req.response_nonce, req.error_detail.as_ref())?;
-        // An ACK repeats the names already watched: the common case, worth no set.
-        if req.resource_names.len() == session.watched() && req.resource_names.iter().all(|n| session.watches(n)) {
+        // An ACK repeats the names already watched: the common case, worth no set and no
+        // string.
+        let watched = |n: &Bytes| std::str::from_utf8(n).is_ok_and(|n| session.watches(n));
+        if req.resource_names.len() == session.watched() && req.resource_names.iter().all(watched) {
             return Ok(());
         }
         // The list is the full desired set: add new names, drop the ones no longer asked for.
-        let wanted: HashSet<&str> = req.resource_names.iter().map(String::as_str).collect();
+        let names = req.names()?;
+        let wanted: HashSet<&str> = names.iter().copied().collect();
         let dropped: Vec<_> = session.subscribed().filter(|n| !wanted.contains(&n[..])).cloned().collect();
         for name in dropped {
             session.unsubscribe(&name);
         }
-        for name in &req.resource_names {
+        for name in names {
             session.subscribe(name);
         }
         Ok(())
