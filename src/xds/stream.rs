@@ -53,9 +53,10 @@ impl<P: Protocol> StreamTask<P> {
         Poll::Ready(())
     }
 
-    /// Whether another response may be handed to h2 now. The previous one must have
-    /// left its buffer, so a proxy that stops reading holds at most one response here;
-    /// changes meanwhile wait in the watches, where only the latest is kept.
+    /// Whether another response may be handed to h2 now: h2 must have room for this
+    /// stream within the proxy's flow-control window and the stream's send buffer
+    /// (`SEND_BUFFER` in conn.rs). A proxy that stops reading so holds at most that much
+    /// here; changes meanwhile wait in the watches, where only the latest is kept.
     fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
         // Polled on every wake-up of the connection: asking h2 to reserve again when the
         // window still holds a byte for this stream costs a lock, a lookup and a span.

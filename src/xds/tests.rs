@@ -428,8 +428,10 @@ async fn calls_on_one_connection_come_and_go() {
     silent(&mut rx_b).await;
 }
 
-/// A proxy that stops reading gets one response held for it, then the latest version
-/// when it reads again: not every version it missed, buffered per stream meanwhile.
+/// A proxy that stops reading, its flow-control window full, gets the response already
+/// under way, then the latest version when it reads again: not every version it missed,
+/// buffered per stream meanwhile. (With a window larger than the stream's send buffer,
+/// up to that buffer's 64 KiB of responses may wait before changes are held back.)
 #[tokio::test]
 async fn a_proxy_that_stops_reading_gets_the_latest_version_not_a_backlog() {
     use prost::Message;
