@@ -4,11 +4,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
+use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
 use h2::server::{Connection, Handshake};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
@@ -132,30 +135,56 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
 
 /// The calls of a connection. Envoy opens one stream per secret, each on its own
 /// connection unless it shares one for several: most connections carry a single call.
-/// That one is polled directly with the connection's waker (every wake-up of the
-/// connection is then about it anyway); only further calls get a waker each, through
-/// `FuturesUnordered`, whose queue and per-call nodes cost memory and a few percent of a
-/// fan-out's CPU.
+/// That one gets a waker of its own that only marks it due and wakes the connection,
+/// and is polled when due: a wake-up for the connection alone (an ACK being read, h2's
+/// own frames) does not poll it. Further calls go through `FuturesUnordered`, whose
+/// queue and per-call nodes cost memory and a few percent of a fan-out's CPU.
 #[derive(Default)]
 struct Calls {
-    first: Option<Call>,
+    first: Option<First>,
     more: Option<FuturesUnordered<Call>>,
+}
+
+struct First {
+    call: Call,
+    wake: Arc<FirstWake>,
+}
+
+/// The first call's waker.
+struct FirstWake {
+    due: AtomicBool,
+    connection: AtomicWaker,
+}
+
+impl ArcWake for FirstWake {
+    fn wake_by_ref(this: &Arc<Self>) {
+        this.due.store(true, Ordering::Release);
+        this.connection.wake();
+    }
 }
 
 impl Calls {
     fn push(&mut self, call: Call) {
         match &mut self.first {
-            None => self.first = Some(call),
+            None => {
+                // Due at once: a call is polled first when it starts.
+                let wake = Arc::new(FirstWake { due: AtomicBool::new(true), connection: AtomicWaker::new() });
+                self.first = Some(First { call, wake });
+            }
             Some(_) => self.more.get_or_insert_with(FuturesUnordered::new).push(call),
         }
     }
 
     /// Polls every call that may progress; finished calls are dropped.
     fn poll(&mut self, cx: &mut Context<'_>) {
-        if let Some(call) = &mut self.first
-            && call.as_mut().poll(cx).is_ready()
-        {
-            self.first = None;
+        if let Some(first) = &mut self.first {
+            // Registered before the check: a wake-up in between is seen by one or the other.
+            first.wake.connection.register(cx.waker());
+            if first.wake.due.swap(false, Ordering::AcqRel)
+                && first.call.as_mut().poll(&mut Context::from_waker(&waker_ref(&first.wake))).is_ready()
+            {
+                self.first = None;
+            }
         }
         if let Some(more) = &mut self.more {
             while let Poll::Ready(Some(())) = more.poll_next_unpin(cx) {}
@@ -189,6 +218,42 @@ mod tests {
         tokio::time::sleep(super::HANDSHAKE_TIMEOUT / 2).await;
         assert!(!task.is_finished(), "still waiting for the preface");
         tokio::time::timeout(super::HANDSHAKE_TIMEOUT, task).await.expect("dropped after the timeout").unwrap();
+    }
+
+    /// A wake-up of the connection alone (an ACK read, h2's own frames) does not poll the
+    /// first call; its own wake-up does, and wakes the connection.
+    #[test]
+    fn the_first_call_is_polled_only_when_due() {
+        use std::sync::Mutex;
+        use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+        use std::task::{Context, Poll, Waker};
+
+        struct Count(AtomicUsize);
+        impl futures_util::task::ArcWake for Count {
+            fn wake_by_ref(this: &Arc<Self>) {
+                this.0.fetch_add(1, SeqCst);
+            }
+        }
+        let polls = Arc::new(AtomicUsize::new(0));
+        let its_waker: Arc<Mutex<Option<Waker>>> = Arc::default();
+        let (p, w) = (polls.clone(), its_waker.clone());
+        let call: super::Call = Box::pin(std::future::poll_fn(move |cx| {
+            p.fetch_add(1, SeqCst);
+            *w.lock().unwrap() = Some(cx.waker().clone());
+            Poll::<()>::Pending
+        }));
+        let connection = Arc::new(Count(AtomicUsize::new(0)));
+        let waker = futures_util::task::waker(connection.clone());
+        let mut cx = Context::from_waker(&waker);
+        let mut calls = super::Calls::default();
+        calls.push(call);
+        calls.poll(&mut cx);
+        calls.poll(&mut cx);
+        assert_eq!(polls.load(SeqCst), 1, "polled when it started, not on the connection's wake-ups");
+        its_waker.lock().unwrap().take().unwrap().wake();
+        assert_eq!(connection.0.load(SeqCst), 1, "its wake-up wakes the connection");
+        calls.poll(&mut cx);
+        assert_eq!(polls.load(SeqCst), 2, "polled again once it woke");
     }
 
     /// Every connection allocates its task once; an `async fn` here laid the handshake
