@@ -21,9 +21,6 @@ use super::grpc::Frame;
 use super::service::{self, Call};
 use crate::shutdown::StopWatch;
 
-/// Bytes a call may have waiting in h2 for a slow proxy before it stops taking new
-/// responses (the latest version then waits in the store, not in memory per stream).
-const SEND_BUFFER: usize = 64 * 1024;
 /// A client that connects and never speaks HTTP/2 is dropped after this: otherwise idle
 /// sockets would pile up until the process runs out of file descriptors.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -35,7 +32,9 @@ const MAX_STREAMS: u32 = 16 * 1024;
 
 fn builder() -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
-    b.max_concurrent_streams(MAX_STREAMS).max_send_buffer_size(SEND_BUFFER).max_header_list_size(MAX_HEADERS);
+    // No send buffer limit is set: a stream hands h2 one response at a time (see
+    // `grpc::Departed`), whatever the proxy's flow-control window.
+    b.max_concurrent_streams(MAX_STREAMS).max_header_list_size(MAX_HEADERS);
     b
 }
 

@@ -4,11 +4,13 @@
 //! pushed to ten thousand proxies wakes ten thousand tasks, not twice that, and an idle
 //! proxy holds no per-stream task, body adapter or codec buffer.
 
+use std::io::IoSlice;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 
-use std::io::IoSlice;
-
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::task::AtomicWaker;
 use h2::RecvStream;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use tonic::Status;
@@ -80,6 +82,53 @@ pub struct Frame {
     /// Index of the first part not yet consumed.
     at: usize,
     remaining: usize,
+    /// Told when h2 drops the frame, see [`Frame::departing`].
+    departed: Option<Arc<Departed>>,
+}
+
+impl Frame {
+    /// Makes `departed` report this frame gone when h2 drops it: once it is written out
+    /// (for the socket), or its stream is gone.
+    pub fn departing(mut self, departed: &Arc<Departed>) -> Self {
+        departed.gone.store(false, Ordering::Release);
+        self.departed = Some(departed.clone());
+        self
+    }
+}
+
+impl Drop for Frame {
+    fn drop(&mut self) {
+        if let Some(departed) = self.departed.take() {
+            departed.gone.store(true, Ordering::Release);
+            departed.waker.wake();
+        }
+    }
+}
+
+/// Whether the last frame a stream handed to h2 has left it. A stream hands over its
+/// next response only then, so a proxy that does not read holds one response in
+/// certwire, whatever its flow-control window; later changes wait in the store, where
+/// only the latest is kept.
+#[derive(Debug)]
+pub struct Departed {
+    gone: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Departed {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self { gone: AtomicBool::new(true), waker: AtomicWaker::new() })
+    }
+
+    /// Whether the last frame is gone; if not, the task of `cx` is woken when it is.
+    pub fn poll_gone(&self, cx: &mut Context<'_>) -> bool {
+        if self.gone.load(Ordering::Acquire) {
+            return true;
+        }
+        // Registered before the second look: a drop in between is seen by one or the other.
+        self.waker.register(cx.waker());
+        self.gone.load(Ordering::Acquire)
+    }
 }
 
 impl Buf for Frame {
@@ -131,7 +180,7 @@ impl FrameBuilder {
         head.put_u8(0);
         head.put_u32(len32);
         let parts = Vec::with_capacity(2 * handles + 1);
-        Self { head, frame: Frame { parts, at: 0, remaining: PREFIX + len } }
+        Self { head, frame: Frame { parts, at: 0, remaining: PREFIX + len, departed: None } }
     }
 
     /// Where the small fields go.

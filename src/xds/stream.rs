@@ -6,6 +6,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use h2::{RecvStream, SendStream};
@@ -14,7 +15,7 @@ use tonic::Status;
 
 use super::Shared;
 use super::codec::Outgoing;
-use super::grpc::{self, Frame, Inbound};
+use super::grpc::{self, Departed, Frame, Inbound};
 use super::session::{Change, Session};
 use crate::shutdown::StopWatch;
 
@@ -32,13 +33,26 @@ pub trait Protocol: Send + 'static {
 pub fn run<P: Protocol>(shared: Shared, peer: String, body: RecvStream, send: SendStream<Frame>) -> StreamTask<P> {
     let stopping = StopWatch::new(&shared.shutdown);
     let session = Session::open(shared, P::NAME, peer);
-    StreamTask { session, inbound: Inbound::new(body), send, stopping, _protocol: std::marker::PhantomData }
+    StreamTask {
+        session,
+        inbound: Inbound::new(body),
+        send,
+        departed: Departed::new(),
+        held: None,
+        stopping,
+        _protocol: std::marker::PhantomData,
+    }
 }
 
 pub struct StreamTask<P: Protocol> {
     session: Session,
     inbound: Inbound,
     send: SendStream<Frame>,
+    /// Whether the last response has left h2: the next one is handed over only then.
+    departed: Arc<Departed>,
+    /// A change that came while the last response was still in h2. Later changes wait
+    /// in the watches, where only the latest is kept.
+    held: Option<Change>,
     /// SIGTERM: the stream ends cleanly so the proxy reconnects to another replica.
     stopping: StopWatch,
     _protocol: std::marker::PhantomData<fn() -> P>,
@@ -51,28 +65,6 @@ impl<P: Protocol> StreamTask<P> {
         // Fails only when the peer is already gone.
         let _ = self.send.send_trailers(grpc::trailers(&status));
         Poll::Ready(())
-    }
-
-    /// Whether another response may be handed to h2 now: h2 must have room for this
-    /// stream within the proxy's flow-control window and the stream's send buffer
-    /// (`SEND_BUFFER` in conn.rs). A proxy that stops reading so holds at most that much
-    /// here; changes meanwhile wait in the watches, where only the latest is kept.
-    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), h2::Error>> {
-        // Polled on every wake-up of the connection: asking h2 to reserve again when the
-        // window still holds a byte for this stream costs a lock, a lookup and a span.
-        if self.send.capacity() > 0 {
-            return Poll::Ready(Ok(()));
-        }
-        self.send.reserve_capacity(1);
-        while self.send.capacity() == 0 {
-            match self.send.poll_capacity(cx) {
-                Poll::Ready(Some(Ok(_))) => {}
-                Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
-                Poll::Ready(None) => return Poll::Ready(Err(h2::Error::from(h2::Reason::CANCEL))),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-        Poll::Ready(Ok(()))
     }
 }
 
@@ -102,17 +94,21 @@ impl<P: Protocol> Future for StreamTask<P> {
             }
         }
         loop {
-            match this.poll_room(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => {
-                    tracing::debug!(stream = this.session.id, error = %e, "stream broken");
-                    return Poll::Ready(());
-                }
-                Poll::Pending => return Poll::Pending,
+            let change = match this.held.take() {
+                Some(change) => change,
+                None => match this.session.poll_change(cx) {
+                    Poll::Ready(change) => change,
+                    Poll::Pending => return Poll::Pending,
+                },
+            };
+            // Only a due change waits for the last response to leave: checking on every
+            // poll would wake the connection again each time a response is written.
+            if !this.departed.poll_gone(cx) {
+                this.held = Some(change);
+                return Poll::Pending;
             }
-            let Poll::Ready(change) = this.session.poll_change(cx) else { return Poll::Pending };
             if let Some(response) = P::response(&mut this.session, change)
-                && let Err(e) = this.send.send_data(response.frame(), false)
+                && let Err(e) = this.send.send_data(response.frame().departing(&this.departed), false)
             {
                 tracing::debug!(stream = this.session.id, error = %e, "stream broken");
                 return Poll::Ready(());
