@@ -21,9 +21,11 @@ impl Protocol for Sotw {
     fn on_request(session: &mut Session, req: SotwRequest) -> Result<(), Status> {
         session.receive(&req.type_url, &req.node, &req.response_nonce, req.error_detail.as_ref())?;
         // An ACK repeats the names already watched: the common case, worth no set and no
-        // string.
+        // string. (As many names as watched, all watched and none twice: the same set.)
+        let names = &req.resource_names;
         let watched = |n: &Bytes| std::str::from_utf8(n).is_ok_and(|n| session.watches(n));
-        if req.resource_names.len() == session.watched() && req.resource_names.iter().all(watched) {
+        let distinct = || names.iter().enumerate().all(|(i, n)| !names[..i].contains(n));
+        if names.len() == session.watched() && names.iter().all(watched) && (names.len() < 2 || distinct()) {
             return Ok(());
         }
         // The list is the full desired set: add new names, drop the ones no longer asked for.

@@ -217,6 +217,23 @@ async fn sotw_new_names_on_a_live_stream_are_sent_and_dropped_names_are_not() {
     silent(&mut rx).await;
 }
 
+/// A list naming one secret twice, as long as the watched set, is not that set.
+#[tokio::test]
+async fn sotw_a_name_repeated_drops_the_one_left_out() {
+    let mut h = harness().await;
+    h.put("a", "1");
+    h.put("b", "1");
+    let (tx, mut rx) = h.sotw().await;
+    tx.send(request(&["a", "b"], "", "")).await.unwrap();
+    next(&mut rx).await;
+    let r2 = next(&mut rx).await;
+    tx.send(request(&["a", "a"], &r2.version_info, &r2.nonce)).await.unwrap();
+    let names = || h.shared.proxies.status()[0].secrets.iter().map(|n| n.name.to_string()).collect::<Vec<_>>();
+    wait_until(|| names() == ["a"]).await;
+    h.put("b", "2");
+    silent(&mut rx).await;
+}
+
 #[tokio::test]
 async fn delta_subscribe_unsubscribe_and_removal() {
     let mut h = harness().await;
