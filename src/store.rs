@@ -346,11 +346,8 @@ impl Store {
 
     /// Served secrets that expire, with the first expiry, by name.
     pub fn expiries(&self) -> Vec<(Arc<str>, i64)> {
-        let mut out: Vec<(Arc<str>, i64)> = self
-            .entries
-            .iter()
-            .filter_map(|e| Some((e.key().clone(), e.candidates.values().next()?.meta.not_after_unix?)))
-            .collect();
+        let mut out: Vec<(Arc<str>, i64)> =
+            self.entries.iter().filter_map(|e| Some((e.key().clone(), e.current()?.meta.not_after_unix?))).collect();
         out.sort_unstable();
         out
     }

@@ -39,20 +39,25 @@ pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         Command::Serve(flags) => {
             // Settings first: they size the runtime.
             let settings = crate::config::Settings::resolve(&flags, cli.log_format)?;
-            runtime(settings.workers)?.block_on(serve::run(settings))
+            serve_runtime(settings.workers)?.block_on(serve::run(settings))
         }
         Command::Check(args) => Ok(check::run(&args)),
         Command::Bootstrap(args) => bootstrap::run(&args),
-        Command::Status(args) => runtime(None)?.block_on(status::run(&args)),
+        // One client call at a time: no thread per CPU for it.
+        Command::Status(args) => runtime(tokio::runtime::Builder::new_current_thread())?.block_on(status::run(&args)),
     }
 }
 
-/// The multi-threaded runtime, with `workers` threads or one per CPU.
-fn runtime(workers: Option<std::num::NonZeroUsize>) -> anyhow::Result<tokio::runtime::Runtime> {
+/// The server's runtime: `workers` threads, or one per CPU.
+fn serve_runtime(workers: Option<std::num::NonZeroUsize>) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut builder = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = workers {
         builder.worker_threads(n.get());
     }
+    runtime(builder)
+}
+
+fn runtime(mut builder: tokio::runtime::Builder) -> anyhow::Result<tokio::runtime::Runtime> {
     builder.enable_all().build().context("starting the async runtime")
 }
 

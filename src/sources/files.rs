@@ -22,7 +22,6 @@ use std::time::{Duration, Instant, SystemTime};
 
 use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
-use ring::digest;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -30,6 +29,7 @@ use zeroize::Zeroizing;
 
 use crate::ingest::Sink;
 use crate::pki::{self, CheckOptions, KeyBytes, Material, PkiError};
+use crate::version::Version;
 
 /// Tuning of the file source. `Options::default()` is meant for production.
 #[derive(Debug, Clone, Copy)]
@@ -184,7 +184,7 @@ impl Pass {
 /// SHA-256 of each file of a secret, truncated to 128 bits (plenty to tell a change):
 /// tells what changed without keeping a second copy of every key in memory.
 #[derive(Clone, Copy, PartialEq, Eq)]
-struct Digests([[u8; 16]; 2]);
+struct Digests([Version; 2]);
 
 impl Digests {
     fn of(material: &Material) -> Self {
@@ -193,12 +193,7 @@ impl Digests {
             Material::Validation { ca_pem, crl_pem } => (ca_pem, crl_pem.as_deref().unwrap_or_default()),
             Material::SessionTicketKeys(_) | Material::Generic(_) => (&[], &[]),
         };
-        let sha = |b: &[u8]| {
-            let mut out = [0u8; 16];
-            out.copy_from_slice(&digest::digest(&digest::SHA256, b).as_ref()[..16]);
-            out
-        };
-        Self([sha(a), sha(b)])
+        Self([Version::of(a), Version::of(b)])
     }
 
     /// Every file changed at once: an atomic swap, not a write in progress.
@@ -523,7 +518,7 @@ mod tests {
         Pair {
             cert: ck.cert.pem(),
             key: ck.signing_key.serialize_pem(),
-            fingerprint: hex::encode(digest::digest(&digest::SHA256, ck.cert.der())),
+            fingerprint: hex::encode(ring::digest::digest(&ring::digest::SHA256, ck.cert.der())),
         }
     }
 

@@ -17,10 +17,14 @@ use crate::version::Version;
 pub enum Outgoing {
     /// `DiscoveryResponse` (StreamSecrets, FetchSecrets).
     /// A nonce of 0 is not written (FetchSecrets has none).
-    Sotw { version_info: Version, nonce: u64, resources: Vec<Arc<Served>> },
+    Sotw { version_info: Version, nonce: u64, resources: Resources },
     /// `DeltaDiscoveryResponse`.
-    Delta { nonce: u64, resources: Vec<Arc<Served>>, removed: Vec<String> },
+    Delta { nonce: u64, resources: Resources, removed: Vec<String> },
 }
+
+/// The secrets of one response: one for a push (held inline, no allocation per proxy),
+/// several for a FetchSecrets naming several.
+pub type Resources = smallvec::SmallVec<[Arc<Served>; 1]>;
 
 /// Where an encoding goes: a plain buffer, or a frame that shares the secrets.
 pub trait Out {
@@ -241,7 +245,7 @@ mod tests {
     fn sotw_encoding_matches_prost() {
         let (a, b) = (served("a", b"secret-a"), served("b", &[7u8; 300]));
         let v1 = Version::of(b"v1");
-        let out = Outgoing::Sotw { version_info: v1, nonce: 42, resources: vec![a, b] };
+        let out = Outgoing::Sotw { version_info: v1, nonce: 42, resources: smallvec::smallvec![a, b] };
         let mut buf = Vec::new();
         out.encode(&mut buf);
         let expected = DiscoveryResponse {
@@ -263,7 +267,7 @@ mod tests {
     #[test]
     fn delta_encoding_matches_prost() {
         let a = served("a", &[1u8; 200]);
-        let out = Outgoing::Delta { nonce: 7, resources: vec![a], removed: vec!["gone".into()] };
+        let out = Outgoing::Delta { nonce: 7, resources: smallvec::smallvec![a], removed: vec!["gone".into()] };
         let mut buf = Vec::new();
         out.encode(&mut buf);
         let expected = DeltaDiscoveryResponse {
@@ -287,9 +291,13 @@ mod tests {
         use bytes::Buf;
         let (a, b) = (served("a", &[3u8; 5000]), served("b", b"x"));
         let responses = [
-            Outgoing::Sotw { version_info: Version::of(b"v1"), nonce: 9, resources: vec![a.clone(), b.clone()] },
-            Outgoing::Sotw { version_info: Version::of(b"v1"), nonce: 0, resources: vec![] },
-            Outgoing::Delta { nonce: 1234567, resources: vec![a.clone(), b], removed: vec!["c".into()] },
+            Outgoing::Sotw {
+                version_info: Version::of(b"v1"),
+                nonce: 9,
+                resources: smallvec::smallvec![a.clone(), b.clone()],
+            },
+            Outgoing::Sotw { version_info: Version::of(b"v1"), nonce: 0, resources: smallvec::smallvec![] },
+            Outgoing::Delta { nonce: 1234567, resources: smallvec::smallvec![a.clone(), b], removed: vec!["c".into()] },
         ];
         for out in responses {
             let mut body = Vec::new();
@@ -311,8 +319,8 @@ mod tests {
     fn a_response_with_one_secret_is_three_parts() {
         let a = served("a", &[3u8; 500]);
         for out in [
-            Outgoing::Sotw { version_info: a.version, nonce: 3, resources: vec![a.clone()] },
-            Outgoing::Delta { nonce: 3, resources: vec![a.clone()], removed: vec![] },
+            Outgoing::Sotw { version_info: a.version, nonce: 3, resources: smallvec::smallvec![a.clone()] },
+            Outgoing::Delta { nonce: 3, resources: smallvec::smallvec![a.clone()], removed: vec![] },
         ] {
             let frame = out.frame();
             let mut slices = [std::io::IoSlice::new(&[]); 8];

@@ -30,13 +30,15 @@ impl Protocol for Delta {
     fn response(session: &mut Session, change: Change) -> Option<Outgoing> {
         Some(match change {
             Change::Send(served) => {
-                let resources = vec![served];
+                let resources = smallvec::smallvec![served];
                 let nonce = session.record_sent(&resources);
                 Outgoing::Delta { nonce, resources, removed: Vec::new() }
             }
-            Change::Gone(name) => {
-                Outgoing::Delta { nonce: session.next_nonce(), resources: Vec::new(), removed: vec![name.to_string()] }
-            }
+            Change::Gone(name) => Outgoing::Delta {
+                nonce: session.next_nonce(),
+                resources: Default::default(),
+                removed: vec![name.to_string()],
+            },
         })
     }
 }

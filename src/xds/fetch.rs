@@ -13,7 +13,7 @@ use crate::version::Version;
 
 pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status> {
     check_type_url(req.type_url.as_bytes())?;
-    let found: Vec<_> = req.resource_names.iter().filter_map(|n| shared.store.get(n)).collect();
+    let found: super::codec::Resources = req.resource_names.iter().filter_map(|n| shared.store.get(n)).collect();
     if found.is_empty() {
         return Err(Status::not_found(format!("no secret named {:?}", req.resource_names)));
     }

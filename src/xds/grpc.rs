@@ -17,7 +17,7 @@ use tonic::Status;
 
 /// Largest request accepted, as tonic's default: Envoy's requests are a few hundred
 /// bytes, its node metadata at most some kilobytes.
-pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
+const MAX_REQUEST: usize = 4 * 1024 * 1024;
 const PREFIX: usize = 5;
 
 /// Why a request is not a gRPC call this server takes; answered without a stream.
@@ -76,7 +76,6 @@ fn add_status(status: &Status, map: &mut HeaderMap) {
 /// key is left behind in a send buffer.
 /// The parts are a plain `Vec`: h2 keeps a queue slot of this type per stream, so an
 /// inline array would make every idle stream bigger.
-#[derive(Debug, Default)]
 pub struct Frame {
     parts: Vec<Bytes>,
     /// Index of the first part not yet consumed.
@@ -84,6 +83,13 @@ pub struct Frame {
     remaining: usize,
     /// Told when h2 drops the frame, see [`Frame::departing`].
     departed: Option<Arc<Departed>>,
+}
+
+/// Lengths only: the parts are secrets.
+impl std::fmt::Debug for Frame {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Frame").field("parts", &self.parts.len()).field("remaining", &self.remaining).finish()
+    }
 }
 
 impl Frame {
@@ -276,7 +282,8 @@ impl Inbound {
         check_prefix(&self.buf)?;
         let len = message_len(&self.buf);
         if self.buf.len() < PREFIX + len {
-            self.buf.reserve(PREFIX + len - self.buf.len());
+            // The buffer grows as data comes, not by the length a peer declares: a prefix
+            // alone reserves nothing.
             return Ok(None);
         }
         let mut message = self.buf.split_to(PREFIX + len);

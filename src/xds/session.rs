@@ -2,8 +2,8 @@
 //! awaiting an ACK, and NACK bookkeeping. Protocol files only shape messages.
 //!
 //! This runs once per stream per rotation, ten thousand times for one secret change:
-//! names and versions are shared `Arc<str>`, nonces are integers, and metric handles are
-//! looked up once per stream.
+//! names are shared `Arc<str>`, versions 16 bytes copied inline, nonces integers, and
+//! metric handles are looked up once per stream.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use tokio_stream::StreamMap;
 use tokio_stream::wrappers::WatchStream;
 
 use super::Shared;
+use super::codec::Resources;
 use super::proxies::StreamHandle;
 use super::requests;
 use crate::metrics::ProtocolLabel;
@@ -138,9 +139,6 @@ impl Session {
         tracing::debug!(stream = self.id, secret = name, "unsubscribed");
     }
 
-    /// The next watched name whose content must be sent or announced gone. Pending
-    /// when nothing is due (also when nothing is watched: a new subscription comes with
-    /// a request, which wakes the stream).
     /// The next watched name whose content must be sent or announced gone; the caller
     /// sends it (the name counts as sent from here). Pending when nothing is due (also
     /// when nothing is watched: a new subscription comes with a request, which wakes the
@@ -221,9 +219,6 @@ impl Drop for Session {
         }
     }
 }
-
-/// The resources of one response: one, for both protocols as they stand.
-type Resources = SmallVec<[Arc<Served>; 1]>;
 
 /// What a watched name needs on this stream.
 enum Due {

@@ -44,7 +44,7 @@ impl Protocol for Sotw {
     fn response(session: &mut Session, change: Change) -> Option<Outgoing> {
         // SotW cannot announce the removal of a named secret; Envoy keeps what it has.
         let Change::Send(served) = change else { return None };
-        let resources = vec![served];
+        let resources = smallvec::smallvec![served];
         let nonce = session.record_sent(&resources);
         let version_info = sotw_version(&resources);
         Some(Outgoing::Sotw { version_info, nonce, resources })
