@@ -19,8 +19,8 @@ pub fn server(admin: Admin) -> StatusServer<Admin> {
 impl StatusService for Admin {
     async fn list_secrets(&self, _: Request<ListSecretsRequest>) -> Result<Response<ListSecretsResponse>, Status> {
         let secrets = self
-            .store
-            .status()
+            .secrets_status()
+            .await
             .into_iter()
             .map(|s| SecretStatus {
                 name: s.name,

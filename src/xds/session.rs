@@ -110,10 +110,6 @@ impl Session {
         self.watches.keys()
     }
 
-    pub fn watched(&self) -> usize {
-        self.watches.len()
-    }
-
     pub fn watches(&self, name: &str) -> bool {
         self.watches.contains_key(name)
     }

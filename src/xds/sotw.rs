@@ -2,6 +2,7 @@
 //! names; a response carries the secrets that changed.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use tonic::Status;
@@ -21,11 +22,11 @@ impl Protocol for Sotw {
     fn on_request(session: &mut Session, req: SotwRequest) -> Result<(), Status> {
         session.receive(&req.type_url, &req.node, &req.response_nonce, req.error_detail.as_ref())?;
         // An ACK repeats the names already watched: the common case, worth no set and no
-        // string. (As many names as watched, all watched and none twice: the same set.)
+        // string. The same set: every name asked for is watched, every watched one asked for.
         let names = &req.resource_names;
         let watched = |n: &Bytes| std::str::from_utf8(n).is_ok_and(|n| session.watches(n));
-        let distinct = || names.iter().enumerate().all(|(i, n)| !names[..i].contains(n));
-        if names.len() == session.watched() && names.iter().all(watched) && (names.len() < 2 || distinct()) {
+        let asked = |w: &Arc<str>| names.iter().any(|n| n[..] == *w.as_bytes());
+        if names.iter().all(watched) && session.subscribed().all(asked) {
             return Ok(());
         }
         // The list is the full desired set: add new names, drop the ones no longer asked for.
