@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, LazyLock};
 
-use bytes::{BufMut, BytesMut};
+use bytes::BufMut;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
 use super::grpc::{Frame, FrameBuilder};
@@ -25,42 +25,6 @@ pub enum Outgoing {
 /// The secrets of one response: one for a push (held inline, no allocation per proxy),
 /// several for a FetchSecrets naming several.
 pub type Resources = smallvec::SmallVec<[Arc<Served>; 1]>;
-
-/// Where an encoding goes: a plain buffer, or a frame that shares the secrets.
-pub trait Out {
-    type Buf: BufMut;
-    fn buf(&mut self) -> &mut Self::Buf;
-    fn secret(&mut self, secret: &SharedKeyBytes);
-    fn put_static(&mut self, bytes: &'static [u8]);
-}
-
-/// For comparing with prost in tests.
-#[cfg(test)]
-impl Out for Vec<u8> {
-    type Buf = Vec<u8>;
-    fn buf(&mut self) -> &mut Vec<u8> {
-        self
-    }
-    fn secret(&mut self, secret: &SharedKeyBytes) {
-        self.put_slice(secret);
-    }
-    fn put_static(&mut self, bytes: &'static [u8]) {
-        self.put_slice(bytes);
-    }
-}
-
-impl Out for FrameBuilder {
-    type Buf = BytesMut;
-    fn buf(&mut self) -> &mut BytesMut {
-        FrameBuilder::buf(self)
-    }
-    fn secret(&mut self, secret: &SharedKeyBytes) {
-        self.put_shared(secret.handle());
-    }
-    fn put_static(&mut self, bytes: &'static [u8]) {
-        FrameBuilder::put_static(self, bytes);
-    }
-}
 
 /// Field 4 of both responses, `type_url`: the same for every response, so it goes out
 /// as a static part, last.
@@ -90,7 +54,7 @@ impl Outgoing {
     /// are not in number order, which protobuf parsers accept by definition: the small
     /// ones come first and each secret's bytes last in its message, so that a response
     /// with one secret is one buffer, the shared secret and the static type URL.
-    pub fn encode(&self, out: &mut impl Out) {
+    fn encode(&self, out: &mut FrameBuilder) {
         match self {
             Outgoing::Sotw { version_info, nonce, resources } => {
                 bytes_field(1, version_info.text().as_bytes(), out.buf());
@@ -145,14 +109,14 @@ fn delta_resource_len(r: &Served) -> usize {
 }
 
 /// Field `tag` holding `Any { type_url = 1, value = 2 }` around an encoded `Secret`.
-fn any(tag: u32, secret: &SharedKeyBytes, out: &mut impl Out) {
+fn any(tag: u32, secret: &SharedKeyBytes, out: &mut FrameBuilder) {
     let buf = out.buf();
     encode_key(tag, WireType::LengthDelimited, buf);
     encode_varint(any_body_len(secret.len()) as u64, buf);
     bytes_field(1, SECRET_TYPE_URL.as_bytes(), buf);
     encode_key(2, WireType::LengthDelimited, buf);
     encode_varint(secret.len() as u64, buf);
-    out.secret(secret);
+    out.put_shared(secret.handle());
 }
 
 fn any_body_len(secret: usize) -> usize {
@@ -228,6 +192,17 @@ mod tests {
     use super::*;
     use crate::pki::{KeyBytes, SecretKind, SecretMeta};
 
+    /// The message a response frames, without its gRPC prefix.
+    fn body(out: &Outgoing) -> bytes::Bytes {
+        use bytes::Buf;
+        let mut frame = out.frame();
+        let mut bytes = frame.copy_to_bytes(frame.remaining());
+        assert_eq!(bytes[0], 0, "uncompressed");
+        assert_eq!(u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize, bytes.len() - 5, "prefix length");
+        bytes.advance(5);
+        bytes
+    }
+
     fn served(name: &str, value: &[u8]) -> Arc<Served> {
         Arc::new(Served {
             name: name.into(),
@@ -246,8 +221,7 @@ mod tests {
         let (a, b) = (served("a", b"secret-a"), served("b", &[7u8; 300]));
         let v1 = Version::of(b"v1");
         let out = Outgoing::Sotw { version_info: v1, nonce: 42, resources: smallvec::smallvec![a, b] };
-        let mut buf = Vec::new();
-        out.encode(&mut buf);
+        let buf = body(&out);
         let expected = DiscoveryResponse {
             version_info: v1.to_string(),
             resources: vec![
@@ -258,7 +232,7 @@ mod tests {
             nonce: "42".into(),
             ..Default::default()
         };
-        assert_eq!(DiscoveryResponse::decode(buf.as_slice()).unwrap(), expected);
+        assert_eq!(DiscoveryResponse::decode(buf.clone()).unwrap(), expected);
         // The same fields, in another order (see `encode`).
         assert_eq!(buf.len(), expected.encoded_len());
         assert_eq!(out.encoded_len(), buf.len());
@@ -268,8 +242,7 @@ mod tests {
     fn delta_encoding_matches_prost() {
         let a = served("a", &[1u8; 200]);
         let out = Outgoing::Delta { nonce: 7, resources: smallvec::smallvec![a], removed: vec!["gone".into()] };
-        let mut buf = Vec::new();
-        out.encode(&mut buf);
+        let buf = body(&out);
         let expected = DeltaDiscoveryResponse {
             resources: vec![Resource {
                 name: "a".into(),
@@ -282,13 +255,12 @@ mod tests {
             nonce: "7".into(),
             ..Default::default()
         };
-        assert_eq!(DeltaDiscoveryResponse::decode(buf.as_slice()).unwrap(), expected);
+        assert_eq!(DeltaDiscoveryResponse::decode(buf.clone()).unwrap(), expected);
         assert_eq!(out.encoded_len(), buf.len());
     }
 
     #[test]
-    fn frames_are_the_encoding_behind_a_grpc_prefix_sharing_the_secrets() {
-        use bytes::Buf;
+    fn frames_share_the_secrets() {
         let (a, b) = (served("a", &[3u8; 5000]), served("b", b"x"));
         let responses = [
             Outgoing::Sotw {
@@ -300,17 +272,12 @@ mod tests {
             Outgoing::Delta { nonce: 1234567, resources: smallvec::smallvec![a.clone(), b], removed: vec!["c".into()] },
         ];
         for out in responses {
-            let mut body = Vec::new();
-            out.encode(&mut body);
-            let mut frame = out.frame();
+            let frame = out.frame();
             let mut slices = [std::io::IoSlice::new(&[]); 16];
-            let n = frame.chunks_vectored(&mut slices);
+            let n = bytes::Buf::chunks_vectored(&frame, &mut slices);
             let shares = slices[..n].iter().any(|s| s.as_ptr() == a.resource.as_ptr());
             assert_eq!(shares, out.resources().iter().any(|r| r.name.as_ref() == "a"), "secret bytes are not copied");
-            let bytes = frame.copy_to_bytes(frame.remaining());
-            assert_eq!(bytes[0], 0, "uncompressed");
-            assert_eq!(u32::from_be_bytes(bytes[1..5].try_into().unwrap()) as usize, body.len());
-            assert_eq!(&bytes[5..], &body[..]);
+            assert_eq!(body(&out).len(), out.encoded_len());
         }
     }
 

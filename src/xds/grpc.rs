@@ -239,6 +239,19 @@ impl Inbound {
         Self { body, buf: BytesMut::new() }
     }
 
+    /// The next request, decoded; a message that does not decode is an INVALID_ARGUMENT
+    /// for the peer.
+    pub fn poll_request<M: prost::Message + Default>(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<M, Status>>> {
+        self.poll_message(cx).map(|next| {
+            next.map(|message| {
+                M::decode(message?).map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
+            })
+        })
+    }
+
     /// The next whole message; `Ready(None)` when the peer has ended the stream.
     /// `Err` carries what the peer should be told; a reset or broken connection comes
     /// back as `Ready(None)` too, since nobody is left to tell.

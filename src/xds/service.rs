@@ -9,7 +9,6 @@ use futures_util::future::poll_fn;
 use h2::server::SendResponse;
 use h2::{RecvStream, SendStream};
 use http::Request;
-use prost::Message;
 use tonic::Status;
 
 use super::delta::Delta;
@@ -57,10 +56,8 @@ fn open<P: Protocol>(
 /// FetchSecrets: one request message, one response (or a status).
 async fn unary(shared: Shared, body: RecvStream, mut respond: SendResponse<Frame>) {
     let mut inbound = Inbound::new(body);
-    let outcome = match poll_fn(|cx| inbound.poll_message(cx)).await {
-        Some(Ok(message)) => DiscoveryRequest::decode(message)
-            .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
-            .and_then(|req| fetch::fetch(&shared, req)),
+    let outcome = match poll_fn(|cx| inbound.poll_request::<DiscoveryRequest>(cx)).await {
+        Some(Ok(req)) => fetch::fetch(&shared, req),
         Some(Err(status)) => Err(status),
         None => Err(Status::invalid_argument("FetchSecrets needs a request message")),
     };

@@ -79,12 +79,9 @@ impl<P: Protocol> Future for StreamTask<P> {
         }
         // Requests first: an ACK or a new subscription changes what is due.
         loop {
-            match this.inbound.poll_message(cx) {
-                Poll::Ready(Some(Ok(message))) => {
-                    let applied = P::Request::decode(message)
-                        .map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
-                        .and_then(|req| P::on_request(&mut this.session, req));
-                    if let Err(status) = applied {
+            match this.inbound.poll_request::<P::Request>(cx) {
+                Poll::Ready(Some(Ok(req))) => {
+                    if let Err(status) = P::on_request(&mut this.session, req) {
                         return this.end("bad request", status);
                     }
                 }

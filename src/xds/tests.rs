@@ -377,14 +377,38 @@ async fn requests_that_are_not_sds_calls_get_a_clear_answer() {
 async fn compressed_request_is_refused_with_the_reason() {
     let h = harness().await;
     let path = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
-    let (head, mut body) = raw(h.addr, "POST", path, "application/grpc", &[1, 0, 0, 0, 1, 0]).await;
+    let (head, body) = raw(h.addr, "POST", path, "application/grpc", &[1, 0, 0, 0, 1, 0]).await;
     assert_eq!(head.status, http::StatusCode::OK);
-    while let Some(chunk) = body.data().await {
-        chunk.unwrap();
-    }
-    let trailers = body.trailers().await.unwrap().expect("trailers");
+    let trailers = trailers_after(body).await;
     assert_eq!(trailers["grpc-status"], "12");
     assert!(trailers["grpc-message"].to_str().unwrap().contains("compressed"));
+}
+
+/// A message that is not a DiscoveryRequest ends the call with INVALID_ARGUMENT, on
+/// both the stream and the unary method.
+#[tokio::test]
+async fn a_request_that_does_not_decode_is_an_invalid_argument() {
+    let h = harness().await;
+    // Field 1 (version_info) announces five bytes and carries none.
+    let garbage = [0, 0, 0, 0, 2, 0x0a, 0x05];
+    for method in ["StreamSecrets", "FetchSecrets"] {
+        let path = format!("/envoy.service.secret.v3.SecretDiscoveryService/{method}");
+        let (head, body) = raw(h.addr, "POST", &path, "application/grpc", &garbage).await;
+        // The stream answers in trailers, FetchSecrets in a trailers-only response.
+        let trailers = if head.headers.contains_key("grpc-status") { head.headers } else { trailers_after(body).await };
+        assert_eq!(trailers["grpc-status"], "3", "{method}: INVALID_ARGUMENT");
+        // grpc-message is percent-encoded.
+        let message = trailers["grpc-message"].to_str().unwrap().replace("%20", " ");
+        assert!(message.contains("malformed request"), "{method}: {message}");
+    }
+}
+
+/// Reads `body` to its end and returns the trailers.
+async fn trailers_after(mut body: h2::RecvStream) -> http::HeaderMap {
+    while let Some(chunk) = tokio::time::timeout(ARRIVE, body.data()).await.expect("data in time") {
+        chunk.unwrap();
+    }
+    body.trailers().await.unwrap().expect("trailers")
 }
 
 /// Envoy opens one stream per secret, all on one connection: a gateway with hundreds of
