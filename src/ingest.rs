@@ -35,35 +35,20 @@ impl Sink {
     }
 
     /// Checks and stores `material` for `name`, noticed by the source at `detected_at`.
-    pub fn update(&self, name: &str, material: &Material, detected_at: Instant) -> Result<Outcome, PkiError> {
-        self.update_aliases(&[name], material, detected_at)
+    /// A source that keeps the name as an `Arc<str>` passes that: a new store entry is
+    /// keyed by the same copy.
+    pub fn update<N>(&self, name: N, material: &Material, detected_at: Instant) -> Result<Outcome, PkiError>
+    where
+        N: AsRef<str> + Clone + Into<Arc<str>>,
+    {
+        self.update_aliases(std::slice::from_ref(&name), material, detected_at)
     }
 
     /// Like [`Sink::update`] for one piece of material served under several names (a
     /// Kubernetes Secret is `kubernetes://ns/name`, `kubernetes://name` and `name`): a
     /// rejection is logged and counted once, and recorded for every name. The outcome is
     /// that of the first name.
-    pub fn update_aliases(
-        &self,
-        names: &[&str],
-        material: &Material,
-        detected_at: Instant,
-    ) -> Result<Outcome, PkiError> {
-        self.update_names(names, material, detected_at)
-    }
-
-    /// Like [`Sink::update`], for a source that keeps `name` itself: the store keys a new
-    /// entry with that same copy instead of making its own.
-    pub fn update_shared(
-        &self,
-        name: &Arc<str>,
-        material: &Material,
-        detected_at: Instant,
-    ) -> Result<Outcome, PkiError> {
-        self.update_names(std::slice::from_ref(name), material, detected_at)
-    }
-
-    fn update_names<N>(&self, names: &[N], material: &Material, detected_at: Instant) -> Result<Outcome, PkiError>
+    pub fn update_aliases<N>(&self, names: &[N], material: &Material, detected_at: Instant) -> Result<Outcome, PkiError>
     where
         N: AsRef<str> + Clone + Into<Arc<str>>,
     {
@@ -89,7 +74,6 @@ impl Sink {
         match &outcome {
             Outcome::Changed => {
                 self.metrics.updates_applied.get_or_create(&SourceLabel { source: self.source.to_string() }).inc();
-                self.metrics.secrets_served.set(self.store.served_count() as i64);
                 tracing::info!(secret = name, source = %self.source, fingerprint = fingerprint.as_deref().unwrap_or("-"), "secret updated");
             }
             Outcome::Shadowed { by } => {
@@ -128,7 +112,6 @@ impl Sink {
     pub fn remove(&self, name: &str) {
         if self.store.remove(self.rank, name) {
             tracing::info!(secret = name, source = %self.source, "secret removed");
-            self.metrics.secrets_served.set(self.store.served_count() as i64);
         }
     }
 }

@@ -56,7 +56,6 @@ pub struct Metrics {
     pub nacks: Family<ProtocolLabel, Counter>,
     pub updates_applied: Family<SourceLabel, Counter>,
     pub updates_rejected: Family<RejectLabel, Counter>,
-    pub secrets_served: Gauge,
     pub change_to_push: Histogram,
     pub acme_orders: Family<AcmeOrderLabel, Counter>,
     pub acme_next_renewal: Family<AcmeCertificateLabel, Gauge<f64, AtomicU64>>,
@@ -79,7 +78,6 @@ impl Metrics {
             nacks: Family::default(),
             updates_applied: Family::default(),
             updates_rejected: Family::default(),
-            secrets_served: Gauge::default(),
             // 100 µs .. ~13 s: file watches are sub-millisecond, API servers are not.
             change_to_push: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18)),
             acme_orders: Family::default(),
@@ -101,7 +99,6 @@ impl Metrics {
             "Secret updates rejected by checks, by reason",
             m.updates_rejected.clone(),
         );
-        registry.register("secrets_served", "Secrets currently served", m.secrets_served.clone());
         registry.register(
             "change_to_push_seconds",
             "Time from a source noticing a change to the response being handed to a stream",
@@ -116,10 +113,10 @@ impl Metrics {
         Self { registry, ..m }
     }
 
-    /// Like [`Metrics::new`], with the per-secret metrics read from `store` at each scrape.
+    /// Like [`Metrics::new`], with what the store holds read from it at each scrape.
     pub fn with_store(store: Arc<Store>) -> Self {
         let mut m = Self::new();
-        m.registry.register_collector(Box::new(Expiry(store)));
+        m.registry.register_collector(Box::new(FromStore(store)));
         m
     }
 
@@ -130,19 +127,23 @@ impl Metrics {
     }
 }
 
-/// `secret_expiry_timestamp_seconds`, read from the store when scraped: a gauge per
-/// secret kept up to date by every source would cost a label and a map entry per stored
-/// secret, and could lag behind which source is served.
-struct Expiry(Arc<Store>);
+/// `secrets_served` and `secret_expiry_timestamp_seconds`, read from the store when
+/// scraped: they cannot drift from what is served, whichever path changed it, and a gauge
+/// per secret kept up to date by every source would cost a label and a map entry per
+/// stored secret.
+struct FromStore(Arc<Store>);
 
-impl std::fmt::Debug for Expiry {
+impl std::fmt::Debug for FromStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Expiry")
+        f.write_str("FromStore")
     }
 }
 
-impl Collector for Expiry {
+impl Collector for FromStore {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let served =
+            encoder.encode_descriptor("secrets_served", "Secrets currently served", None, MetricType::Gauge)?;
+        ConstGauge::new(self.0.served_count() as i64).encode(served)?;
         let expiries = self.0.expiries();
         if expiries.is_empty() {
             return Ok(());
@@ -177,10 +178,12 @@ mod tests {
     }
 
     #[test]
-    fn expiry_follows_what_is_served() {
+    fn served_and_expiry_follow_the_store() {
         let store = Arc::new(Store::new());
         let metrics = Metrics::with_store(store.clone());
-        assert!(!metrics.encode().contains("secret_expiry"), "no family without secrets");
+        let text = metrics.encode();
+        assert!(!text.contains("secret_expiry"), "no family without secrets");
+        assert!(text.contains("certwire_secrets_served 0\n"), "{text}");
 
         let (rank, source) = store.register_source("files:/a");
         store.upsert(rank, &source, "web", expiring(Some(1_800_000_000)), Instant::now());
@@ -189,8 +192,11 @@ mod tests {
         assert!(text.contains("# TYPE certwire_secret_expiry_timestamp_seconds gauge"), "{text}");
         assert!(text.contains("certwire_secret_expiry_timestamp_seconds{secret=\"web\"} 1800000000.0"), "{text}");
         assert!(!text.contains("secret=\"token\""), "nothing that does not expire: {text}");
+        assert!(text.contains("certwire_secrets_served 2\n"), "{text}");
 
         store.remove(rank, "web");
-        assert!(!metrics.encode().contains("secret=\"web\""));
+        let text = metrics.encode();
+        assert!(!text.contains("secret=\"web\""));
+        assert!(text.contains("certwire_secrets_served 1\n"), "{text}");
     }
 }

@@ -479,7 +479,7 @@ fn report(
                 );
                 return true;
             }
-            let result = sink.update_shared(secret, &material, detected_at);
+            let result = sink.update(secret.clone(), &material, detected_at);
             slot.retry = matches!(result, Err(PkiError::NotYetValid { .. } | PkiError::Expired { .. }));
             slot.last = Some(digests);
             false

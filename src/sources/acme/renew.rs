@@ -531,10 +531,10 @@ impl Task {
         let name = &self.spec.name;
         let tls = Material::Tls { cert_chain_pem: stored.chain_pem.clone(), key_pem: stored.key_pem.clone() };
         // A rejection is logged and counted by the sink.
-        self.shared.sink.update(name, &tls, detected).map_err(|e| fail(Step::Check, e))?;
+        self.shared.sink.update(name.as_str(), &tls, detected).map_err(|e| fail(Step::Check, e))?;
         if !stored.ca_pem.is_empty() {
             let ca = Material::Validation { ca_pem: stored.ca_pem.clone(), crl_pem: None };
-            let _ = self.shared.sink.update(&format!("{name}-cacert"), &ca, detected);
+            let _ = self.shared.sink.update(format!("{name}-cacert"), &ca, detected);
         }
         Ok(())
     }
