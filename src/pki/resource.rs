@@ -59,48 +59,41 @@ pub(super) fn build(name: &str, material: &Material, opts: &CheckOptions) -> Res
     Ok(Checked { kind, resource: encode(name, secret_type), meta, identity })
 }
 
-/// The identity of the first certificate of a resource [`build`] encoded, read from the
-/// bytes in place: the walk borrows the certificate PEM and skips every other field, so
-/// the private key is never copied. Secrets without certificates have none.
+/// The identity of the first certificate of a resource [`build`] encoded. Secrets
+/// without certificates have none.
 pub fn identity(resource: &[u8]) -> CertIdentity {
-    certificates_pem(resource).and_then(chain::first_identity).unwrap_or_default()
+    let Ok(secret) = SecretCertificates::decode(resource) else { return CertIdentity::default() };
+    secret
+        .tls_certificate
+        .or(secret.validation_context)
+        .and_then(|certs| certs.pem)
+        .and_then(|pem| chain::first_identity(&pem.inline_bytes))
+        .unwrap_or_default()
 }
 
-/// Field numbers on the path to the certificates: the `Secret` type, then
-/// `certificate_chain` / `trusted_ca` (both 1), then `DataSource.inline_bytes`.
-const SECRET_TLS_CERTIFICATE: u32 = 2;
-const SECRET_VALIDATION_CONTEXT: u32 = 4;
-const CERTIFICATES: u32 = 1;
-const INLINE_BYTES: u32 = 2;
-
-fn certificates_pem(secret: &[u8]) -> Option<&[u8]> {
-    let certs = field(secret, |tag| tag == SECRET_TLS_CERTIFICATE || tag == SECRET_VALIDATION_CONTEXT)?;
-    let source = field(certs, |tag| tag == CERTIFICATES)?;
-    field(source, |tag| tag == INLINE_BYTES)
+/// `Secret`, decoded down to its certificates only: prost skips every field not named
+/// here, so the private key is never copied. Field numbers are those of the generated
+/// types (checked by the identity tests below).
+#[derive(Clone, PartialEq, Message)]
+struct SecretCertificates {
+    #[prost(message, optional, tag = "2")]
+    tls_certificate: Option<Certificates>,
+    #[prost(message, optional, tag = "4")]
+    validation_context: Option<Certificates>,
 }
 
-/// The first length-delimited field of `message` whose tag `wanted` accepts, borrowed.
-fn field(mut message: &[u8], wanted: impl Fn(u32) -> bool) -> Option<&[u8]> {
-    use prost::encoding::{WireType, decode_key, decode_varint};
-    while !message.is_empty() {
-        let (tag, wire_type) = decode_key(&mut message).ok()?;
-        let len = match wire_type {
-            WireType::Varint => {
-                decode_varint(&mut message).ok()?;
-                continue;
-            }
-            WireType::SixtyFourBit => 8,
-            WireType::ThirtyTwoBit => 4,
-            WireType::LengthDelimited => usize::try_from(decode_varint(&mut message).ok()?).ok()?,
-            WireType::StartGroup | WireType::EndGroup => return None,
-        };
-        let (value, rest) = message.split_at_checked(len)?;
-        if wire_type == WireType::LengthDelimited && wanted(tag) {
-            return Some(value);
-        }
-        message = rest;
-    }
-    None
+/// `TlsCertificate.certificate_chain` or `CertificateValidationContext.trusted_ca`.
+#[derive(Clone, PartialEq, Message)]
+struct Certificates {
+    #[prost(message, optional, tag = "1")]
+    pem: Option<InlineBytes>,
+}
+
+/// `DataSource.inline_bytes`.
+#[derive(Clone, PartialEq, Message)]
+struct InlineBytes {
+    #[prost(bytes = "vec", tag = "2")]
+    inline_bytes: Vec<u8>,
 }
 
 fn check_ticket_keys(keys: &[KeyBytes]) -> Result<(), PkiError> {
