@@ -58,8 +58,8 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, protocol: Prot
     let leaves: Vec<Issued> = (0..WARMUP + opts.rotations).map(|_| leaf(&ca, SECRET)).collect();
 
     let mut server = match kind {
-        Kind::Certwire | Kind::CertwireOneWorker => {
-            let mut s = launcher.certwire_as(kind, &root)?;
+        Kind::Certwire { workers } => {
+            let mut s = launcher.certwire_with(workers, &root)?;
             s.wait_healthy().await?;
             s.poll_admin("/readyz", Duration::from_secs(30), Duration::from_millis(10)).await?;
             s
@@ -87,7 +87,7 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, protocol: Prot
     let rss_idle = server.rss_kib();
 
     let perf = match opts.perf_at {
-        Some(at) if at == n && kind == Kind::Certwire && protocol == Protocol::Sotw => {
+        Some(at) if at == n && kind == Kind::CERTWIRE && protocol == Protocol::Sotw => {
             Some(Perf::start(server.pid, &format!("fanout-{n}")).await?)
         }
         _ => None,
@@ -163,7 +163,7 @@ async fn rotate(
     swap.cleanup();
     let reloaded = match server.kind {
         Kind::Naive => Some(server.reload().await?),
-        Kind::Certwire | Kind::CertwireOneWorker => None,
+        Kind::Certwire { .. } => None,
     };
     let got = fleet.collect(round).await?;
     tokio::time::sleep(SETTLE).await;

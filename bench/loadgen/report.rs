@@ -117,13 +117,13 @@ async fn run(launcher: &Launcher, opts: &Options) -> String {
         if opts.wants("fanout") {
             record(
                 format!("fan-out certwire SotW N={n}"),
-                fanout::run(launcher, opts, Kind::Certwire, Protocol::Sotw, n).await,
+                fanout::run(launcher, opts, Kind::CERTWIRE, Protocol::Sotw, n).await,
             );
         }
         if opts.wants("workers1") {
             record(
                 format!("fan-out certwire --workers 1 SotW N={n}"),
-                fanout::run(launcher, opts, Kind::CertwireOneWorker, Protocol::Sotw, n).await,
+                fanout::run(launcher, opts, Kind::Certwire { workers: Some(1) }, Protocol::Sotw, n).await,
             );
         }
         if opts.wants("baseline") {
@@ -137,7 +137,7 @@ async fn run(launcher: &Launcher, opts: &Options) -> String {
         for &n in &opts.delta_sizes {
             record(
                 format!("fan-out certwire Delta N={n}"),
-                fanout::run(launcher, opts, Kind::Certwire, Protocol::Delta, n).await,
+                fanout::run(launcher, opts, Kind::CERTWIRE, Protocol::Delta, n).await,
             );
         }
     }

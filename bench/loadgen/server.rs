@@ -17,18 +17,22 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
-    Certwire,
-    /// certwire with `--workers 1`: one runtime thread instead of one per CPU.
-    CertwireOneWorker,
+    /// certwire, with `--workers N` when set (one runtime thread per CPU otherwise).
+    Certwire {
+        workers: Option<u16>,
+    },
     Naive,
 }
 
 impl Kind {
-    pub fn label(self) -> &'static str {
+    /// certwire as it runs by default.
+    pub const CERTWIRE: Kind = Kind::Certwire { workers: None };
+
+    pub fn label(self) -> String {
         match self {
-            Kind::Certwire => "certwire",
-            Kind::CertwireOneWorker => "certwire --workers 1",
-            Kind::Naive => "plain tonic",
+            Kind::Certwire { workers: None } => "certwire".into(),
+            Kind::Certwire { workers: Some(n) } => format!("certwire --workers {n}"),
+            Kind::Naive => "plain tonic".into(),
         }
     }
 
@@ -76,11 +80,11 @@ impl Launcher {
 
     /// `certwire serve --listen 127.0.0.1:P --admin 127.0.0.1:A --files ROOT`, not waited for.
     pub fn certwire(&self, files: &Path) -> anyhow::Result<Server> {
-        self.certwire_as(Kind::Certwire, files)
+        self.certwire_with(None, files)
     }
 
-    /// certwire run as `kind` (a certwire kind).
-    pub fn certwire_as(&self, kind: Kind, files: &Path) -> anyhow::Result<Server> {
+    /// Like [`Launcher::certwire`], with `--workers` when `workers` is set.
+    pub fn certwire_with(&self, workers: Option<u16>, files: &Path) -> anyhow::Result<Server> {
         let [sds, admin] = free_addrs()?;
         let (log, file) = self.log_file("certwire")?;
         let mut command = self.command(&self.certwire);
@@ -92,7 +96,7 @@ impl Launcher {
             .arg(admin.to_string())
             .arg("--files")
             .arg(files)
-            .args(if kind == Kind::CertwireOneWorker { &["--workers", "1"][..] } else { &[] })
+            .args(workers.map(|n| ["--workers".to_owned(), n.to_string()]).into_iter().flatten())
             .env("NO_COLOR", "1")
             .env_remove("CERTWIRE_CONFIG")
             .env_remove("CERTWIRE_WORKERS")
@@ -107,6 +111,7 @@ impl Launcher {
         let spawned = Instant::now();
         let child = command.spawn().with_context(|| format!("spawning {}", self.certwire.display()))?;
         let pid = child.id().context("certwire pid")?;
+        let kind = Kind::Certwire { workers };
         Ok(Server { kind, child, pid, sds, admin: Some(admin), spawned, stdin: None, lines: None, log })
     }
 
