@@ -325,8 +325,9 @@ async fn shutdown_ends_streams() {
     assert!(matches!(end, Ok(None) | Err(_)));
 }
 
-/// A raw HTTP/2 request to the SDS port; returns the response head and the stream to
-/// read the rest from. For what a gRPC client would never send.
+/// A raw HTTP/2 request to the SDS port on a connection of its own; returns the
+/// response head and the stream to read the rest from. For what a gRPC client would
+/// never send.
 async fn raw(
     addr: std::net::SocketAddr,
     method: &str,
@@ -337,19 +338,34 @@ async fn raw(
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
     let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
     tokio::spawn(conn);
+    let (head, _, body) = send_raw(&mut client, addr, method, path, content_type, body, true).await;
+    (head, body)
+}
+
+/// Sends a request on `client`, its body in one DATA frame, ending the request stream
+/// when `end`.
+async fn send_raw(
+    client: &mut h2::client::SendRequest<bytes::Bytes>,
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    content_type: &str,
+    body: &[u8],
+    end: bool,
+) -> (http::response::Parts, h2::SendStream<bytes::Bytes>, h2::RecvStream) {
     let req = http::Request::builder()
         .method(method)
         .uri(format!("http://{addr}{path}"))
         .header("content-type", content_type)
         .body(())
         .unwrap();
-    let (response, mut send) = client.send_request(req, body.is_empty()).unwrap();
+    let (response, mut send) = client.send_request(req, end && body.is_empty()).unwrap();
     if !body.is_empty() {
-        send.send_data(bytes::Bytes::copy_from_slice(body), true).unwrap();
+        send.send_data(bytes::Bytes::copy_from_slice(body), end).unwrap();
     }
     let response = tokio::time::timeout(ARRIVE, response).await.expect("a response in time").unwrap();
-    let (parts, body) = response.into_parts();
-    (parts, body)
+    let (head, body) = response.into_parts();
+    (head, send, body)
 }
 
 #[tokio::test]
@@ -498,19 +514,12 @@ async fn raw_sotw(
     name: &str,
 ) -> (h2::SendStream<bytes::Bytes>, h2::RecvStream) {
     use prost::Message;
-    let req = http::Request::builder()
-        .method("POST")
-        .uri(format!("http://{addr}/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets"))
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
-    let (response, mut send) = client.send_request(req, false).unwrap();
     let message = request(&[name], "", "").encode_to_vec();
     let mut framed = vec![0];
     framed.extend_from_slice(&(message.len() as u32).to_be_bytes());
     framed.extend_from_slice(&message);
-    send.send_data(framed.into(), false).unwrap();
-    let body = tokio::time::timeout(ARRIVE, response).await.unwrap().unwrap().into_body();
+    let path = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+    let (_, send, body) = send_raw(client, addr, "POST", path, "application/grpc", &framed, false).await;
     (send, body)
 }
 
