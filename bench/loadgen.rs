@@ -41,6 +41,8 @@ mod fleet;
 mod many_secrets;
 #[path = "loadgen/naive_server.rs"]
 mod naive_server;
+#[path = "loadgen/node.rs"]
+mod node;
 #[path = "loadgen/perf.rs"]
 mod perf;
 #[path = "loadgen/proc.rs"]

@@ -8,17 +8,15 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
-use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
-};
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, DiscoveryResponse};
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpSocket;
 use tokio::sync::{Notify, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint, Uri};
 
+use crate::node::{DeltaRequest, SotwRequest};
 use crate::proc::unix_us;
 
 pub const SECRET_TYPE_URL: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
@@ -153,57 +151,73 @@ pub async fn connect(source: IpAddr, target: SocketAddr) -> anyhow::Result<Chann
         .with_context(|| format!("connect {source} -> {target}"))
 }
 
+/// What a proxy sends about itself: its encoded node, and whether every request carries
+/// it (Envoy's default) or only the first (`set_node_on_first_message_only`).
+#[derive(Clone)]
+pub struct Identity {
+    pub node: Bytes,
+    pub every_request: bool,
+}
+
+impl Identity {
+    /// The node for a request after the first.
+    fn again(&self) -> Bytes {
+        if self.every_request { self.node.clone() } else { Bytes::new() }
+    }
+}
+
+const STREAM_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+const DELTA_SECRETS: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
+
 /// Opens the stream of `slot` on `channel` and spawns the task that ACKs its responses.
 pub async fn open_stream(
     channel: Channel,
     protocol: Protocol,
-    node: Node,
+    identity: Identity,
     tracker: Arc<Tracker>,
     slot: usize,
 ) -> anyhow::Result<()> {
     let name = tracker.slots[slot].name.clone();
-    let mut client = SecretDiscoveryServiceClient::new(channel);
     match protocol {
         Protocol::Sotw => {
             let (tx, rx) = mpsc::channel(4);
-            let first = DiscoveryRequest {
-                node: Some(node.clone()),
+            let first = SotwRequest {
+                node: identity.node.clone(),
                 resource_names: vec![name.clone()],
                 type_url: SECRET_TYPE_URL.to_owned(),
                 ..Default::default()
             };
             tx.send(first).await.ok().context("request channel closed")?;
-            let inbound = client.stream_secrets(ReceiverStream::new(rx)).await?.into_inner();
+            let inbound = call::<SotwRequest, DiscoveryResponse>(channel, STREAM_SECRETS, rx).await?;
             tokio::spawn(ack_loop(inbound, tx, tracker, name.clone(), move |tracker, resp: DiscoveryResponse| {
                 tracker.record(slot, &resp.version_info);
-                // ACK: the version and nonce just received, same names, node again.
-                DiscoveryRequest {
+                // ACK: the version and nonce just received, same names.
+                SotwRequest {
                     version_info: resp.version_info,
-                    node: Some(node.clone()),
+                    node: identity.again(),
                     resource_names: vec![name.clone()],
                     type_url: SECRET_TYPE_URL.to_owned(),
                     response_nonce: resp.nonce,
-                    ..Default::default()
                 }
             }));
         }
         Protocol::Delta => {
             let (tx, rx) = mpsc::channel(4);
-            let first = DeltaDiscoveryRequest {
-                node: Some(node.clone()),
+            let first = DeltaRequest {
+                node: identity.node.clone(),
                 type_url: SECRET_TYPE_URL.to_owned(),
                 resource_names_subscribe: vec![name.clone()],
                 ..Default::default()
             };
             tx.send(first).await.ok().context("request channel closed")?;
-            let inbound = client.delta_secrets(ReceiverStream::new(rx)).await?.into_inner();
+            let inbound = call::<DeltaRequest, DeltaDiscoveryResponse>(channel, DELTA_SECRETS, rx).await?;
             let watched = name.clone();
             tokio::spawn(ack_loop(inbound, tx, tracker, name, move |tracker, resp: DeltaDiscoveryResponse| {
                 if let Some(resource) = resp.resources.iter().find(|r| r.name == watched) {
                     tracker.record(slot, &resource.version);
                 }
-                DeltaDiscoveryRequest {
-                    node: Some(node.clone()),
+                DeltaRequest {
+                    node: identity.again(),
                     type_url: SECRET_TYPE_URL.to_owned(),
                     response_nonce: resp.nonce,
                     ..Default::default()
@@ -212,6 +226,24 @@ pub async fn open_stream(
         }
     }
     Ok(())
+}
+
+/// Opens a bidirectional streaming call of `path`, sending what comes on `requests`.
+async fn call<Req, Resp>(
+    channel: Channel,
+    path: &'static str,
+    requests: mpsc::Receiver<Req>,
+) -> anyhow::Result<tonic::Streaming<Resp>>
+where
+    Req: prost::Message + Send + Sync + 'static,
+    Resp: prost::Message + Default + Send + Sync + 'static,
+{
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.context("channel not ready")?;
+    let codec = tonic_prost::ProstCodec::<Req, Resp>::default();
+    let request = tonic::Request::new(ReceiverStream::new(requests));
+    let path = http::uri::PathAndQuery::from_static(path);
+    Ok(grpc.streaming(request, path, codec).await?.into_inner())
 }
 
 /// Reads responses until the stream ends, answering each with the request `ack` builds

@@ -30,6 +30,8 @@ const PAUSE: Duration = Duration::from_millis(300);
 pub struct Row {
     pub kind: Kind,
     pub protocol: Protocol,
+    /// The clients sent the node with every request (Envoy's default), else with the first.
+    pub node_every_request: bool,
     pub streams: usize,
     /// Medians over rotations, µs.
     pub last_from_detect: f64,
@@ -47,8 +49,28 @@ pub struct Row {
     pub missing: usize,
 }
 
-pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, protocol: Protocol, n: usize) -> anyhow::Result<Row> {
-    eprintln!("== fan-out: {} {} N={n}", kind.label(), protocol.label());
+/// The clients: their protocol, and whether each request carries the node.
+#[derive(Debug, Clone, Copy)]
+pub struct Clients {
+    pub protocol: Protocol,
+    pub node_every_request: bool,
+}
+
+impl Clients {
+    /// As Envoy does by default.
+    pub const fn envoy(protocol: Protocol) -> Self {
+        Self { protocol, node_every_request: true }
+    }
+
+    pub fn label(self) -> String {
+        let node = if self.node_every_request { "" } else { ", node once" };
+        format!("{}{node}", self.protocol.label())
+    }
+}
+
+pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, clients: Clients, n: usize) -> anyhow::Result<Row> {
+    let Clients { protocol, node_every_request } = clients;
+    eprintln!("== fan-out: {} {} N={n}", kind.label(), clients.label());
     let dir = crate::util::tempdir();
     let root = dir.path().join("secrets");
     std::fs::create_dir_all(&root)?;
@@ -72,6 +94,7 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, protocol: Prot
         target: server.sds,
         protocol,
         conns: vec![vec![SECRET.to_owned()]; n],
+        node_every_request,
         per_worker: opts.per_worker,
         min_workers: 2,
         pin: launcher.pin,
@@ -87,7 +110,7 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, protocol: Prot
     let rss_idle = server.rss_kib();
 
     let perf = match opts.perf_at {
-        Some(at) if at == n && kind == Kind::CERTWIRE && protocol == Protocol::Sotw => {
+        Some(at) if at == n && kind == Kind::CERTWIRE && protocol == Protocol::Sotw && node_every_request => {
             Some(Perf::start(server.pid, &format!("fanout-{n}")).await?)
         }
         _ => None,
@@ -124,6 +147,7 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, protocol: Prot
     Ok(Row {
         kind,
         protocol,
+        node_every_request,
         streams: n,
         last_from_detect: median(samples.iter().map(|s| s.spread.max)),
         last_from_change: median(samples.iter().map(|s| s.last_from_change)),

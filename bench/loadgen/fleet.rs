@@ -37,6 +37,9 @@ pub struct FleetSpec {
     pub protocol: Protocol,
     /// Per proxy, the secret names it streams.
     pub conns: Vec<Vec<String>>,
+    /// The node with every request (Envoy's default) or the first only
+    /// (`set_node_on_first_message_only`, as `certwire bootstrap` writes).
+    pub node_every_request: bool,
     pub per_worker: usize,
     /// At least this many workers (2 lets the clients use both cores when not pinned).
     pub min_workers: usize,
@@ -89,6 +92,7 @@ impl Fleet {
                 protocol: spec.protocol,
                 first_proxy: i * per,
                 conns: chunk.to_vec(),
+                node_every_request: spec.node_every_request,
                 connect_concurrency: CONNECT_CONCURRENCY,
                 ready_timeout_ms: READY_TIMEOUT.as_millis() as u64,
                 done_timeout_ms: DONE_TIMEOUT.as_millis() as u64,

@@ -59,6 +59,7 @@ pub async fn run(launcher: &Launcher, opts: &Options, root: &Path, set: &SecretS
         target: server.sds,
         protocol: Protocol::Sotw,
         conns,
+        node_every_request: true,
         per_worker: opts.per_worker,
         min_workers: 2,
         pin: launcher.pin,

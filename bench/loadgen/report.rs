@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::Options;
 use crate::client::Protocol;
+use crate::fanout::Clients;
 use crate::pki::Ca;
 use crate::server::{Kind, Launcher};
 use crate::stats::{ms, num, ratio};
@@ -117,19 +118,27 @@ async fn run(launcher: &Launcher, opts: &Options) -> String {
         if opts.wants("fanout") {
             record(
                 format!("fan-out certwire SotW N={n}"),
-                fanout::run(launcher, opts, Kind::CERTWIRE, Protocol::Sotw, n).await,
+                fanout::run(launcher, opts, Kind::CERTWIRE, Clients::envoy(Protocol::Sotw), n).await,
             );
         }
         if opts.wants("workers1") {
             record(
                 format!("fan-out certwire --workers 1 SotW N={n}"),
-                fanout::run(launcher, opts, Kind::Certwire { workers: Some(1) }, Protocol::Sotw, n).await,
+                fanout::run(launcher, opts, Kind::Certwire { workers: Some(1) }, Clients::envoy(Protocol::Sotw), n)
+                    .await,
+            );
+        }
+        if opts.wants("nodeonce") {
+            let clients = Clients { protocol: Protocol::Sotw, node_every_request: false };
+            record(
+                format!("fan-out certwire SotW node once N={n}"),
+                fanout::run(launcher, opts, Kind::CERTWIRE, clients, n).await,
             );
         }
         if opts.wants("baseline") {
             record(
                 format!("fan-out baseline SotW N={n}"),
-                fanout::run(launcher, opts, Kind::Naive, Protocol::Sotw, n).await,
+                fanout::run(launcher, opts, Kind::Naive, Clients::envoy(Protocol::Sotw), n).await,
             );
         }
     }
@@ -137,7 +146,7 @@ async fn run(launcher: &Launcher, opts: &Options) -> String {
         for &n in &opts.delta_sizes {
             record(
                 format!("fan-out certwire Delta N={n}"),
-                fanout::run(launcher, opts, Kind::CERTWIRE, Protocol::Delta, n).await,
+                fanout::run(launcher, opts, Kind::CERTWIRE, Clients::envoy(Protocol::Delta), n).await,
             );
         }
     }
@@ -206,7 +215,7 @@ fn fanout_table(rows: &[fanout::Row], rotations: usize) -> String {
             t,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             r.kind.label(),
-            r.protocol.label(),
+            Clients { protocol: r.protocol, node_every_request: r.node_every_request }.label(),
             r.streams,
             ms(r.last_from_detect),
             ms(r.last_from_change),
@@ -227,10 +236,15 @@ fn fanout_table(rows: &[fanout::Row], rotations: usize) -> String {
 fn ratio_table(rows: &[fanout::Row]) -> String {
     let pairs: Vec<(&fanout::Row, &fanout::Row)> = rows
         .iter()
-        .filter(|r| r.kind.is_certwire() && r.protocol == Protocol::Sotw)
+        .filter(|r| r.kind.is_certwire() && r.protocol == Protocol::Sotw && r.node_every_request)
         .filter_map(|c| {
             rows.iter()
-                .find(|b| b.kind == Kind::Naive && b.protocol == Protocol::Sotw && b.streams == c.streams)
+                .find(|b| {
+                    b.kind == Kind::Naive
+                        && b.protocol == Protocol::Sotw
+                        && b.node_every_request
+                        && b.streams == c.streams
+                })
                 .map(|b| (c, b))
         })
         .collect();

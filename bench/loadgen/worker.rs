@@ -20,11 +20,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
-use envoy_types::pb::envoy::config::core::v3::Node;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 use crate::client::{self, Protocol, Tracker};
+use crate::node;
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WorkerConfig {
@@ -36,6 +36,8 @@ pub struct WorkerConfig {
     pub first_proxy: usize,
     /// Per connection (proxy), the secret names it streams, one stream each.
     pub conns: Vec<Vec<String>>,
+    /// The node with every request, as Envoy by default; else with the first only.
+    pub node_every_request: bool,
     pub connect_concurrency: usize,
     pub ready_timeout_ms: u64,
     pub done_timeout_ms: u64,
@@ -120,10 +122,12 @@ async fn connect_all(config: &WorkerConfig, tracker: &Arc<Tracker>) -> anyhow::R
             let tracker = tracker.clone();
             async move {
                 let channel = connect_retry(config.source, config.target).await?;
-                let node =
-                    Node { id: format!("loadgen-proxy-{proxy}"), cluster: "loadgen".to_owned(), ..Default::default() };
+                let identity = client::Identity {
+                    node: node::envoy_like(&format!("loadgen-proxy-{proxy}")),
+                    every_request: config.node_every_request,
+                };
                 for slot in first_slot..first_slot + streams {
-                    client::open_stream(channel.clone(), config.protocol, node.clone(), tracker.clone(), slot)
+                    client::open_stream(channel.clone(), config.protocol, identity.clone(), tracker.clone(), slot)
                         .await
                         .with_context(|| format!("opening stream {slot} of proxy {proxy}"))?;
                 }
