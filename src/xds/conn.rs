@@ -30,11 +30,21 @@ const MAX_HEADERS: u32 = 64 * 1024;
 /// with thousands of certificates stays well below this.
 const MAX_STREAMS: u32 = 16 * 1024;
 
+/// Flow-control windows for what proxies send. Envoy's node (61 KB for Envoy 1.40) comes
+/// with every ACK: with HTTP/2's default 64 KiB windows nearly every ACK would cost a
+/// WINDOW_UPDATE back on its stream and on its connection. h2 holds no memory for a
+/// window, only for data received and not yet read, and calls read theirs at once.
+const STREAM_WINDOW: u32 = 1024 * 1024;
+const CONNECTION_WINDOW: u32 = 1024 * 1024;
+
 fn builder() -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     // No send buffer limit is set: a stream hands h2 one response at a time (see
     // `grpc::Departed`), whatever the proxy's flow-control window.
-    b.max_concurrent_streams(MAX_STREAMS).max_header_list_size(MAX_HEADERS);
+    b.max_concurrent_streams(MAX_STREAMS)
+        .max_header_list_size(MAX_HEADERS)
+        .initial_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW);
     b
 }
 

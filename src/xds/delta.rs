@@ -4,7 +4,7 @@
 use tonic::Status;
 
 use super::codec::Outgoing;
-use super::requests::DeltaRequest;
+use super::requests::{DeltaNode, DeltaRequest};
 use super::session::{Change, Session};
 use super::stream::Protocol;
 
@@ -12,10 +12,11 @@ pub struct Delta;
 
 impl Protocol for Delta {
     type Request = DeltaRequest;
+    type Node = DeltaNode;
     const NAME: &'static str = "delta";
 
     fn on_request(session: &mut Session, req: DeltaRequest) -> Result<(), Status> {
-        session.receive(&req.type_url, &req.node, &req.response_nonce, req.error_detail.as_ref())?;
+        session.receive(&req.type_url, &req.response_nonce, req.error_detail.as_ref())?;
         // `initial_resource_versions` is deliberately ignored: a new stream always gets the
         // current content, so a proxy that claims a version we never served still converges.
         for name in &req.resource_names_unsubscribe {

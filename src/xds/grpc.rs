@@ -2,23 +2,23 @@
 //! frames, `grpc-status` in trailers. Served on `h2` directly rather than through
 //! hyper and tonic so that a connection and all its streams are one task: a rotation
 //! pushed to ten thousand proxies wakes ten thousand tasks, not twice that, and an idle
-//! proxy holds no per-stream task, body adapter or codec buffer.
+//! proxy holds no per-stream task, body adapter or codec buffer. Requests are cut into
+//! messages in [`super::inbound`].
 
 use std::io::IoSlice;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll};
+use std::task::Context;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
-use h2::RecvStream;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use tonic::Status;
 
 /// Largest request accepted, as tonic's default: Envoy's requests are a few hundred
 /// bytes, its node metadata at most some kilobytes.
 const MAX_REQUEST: usize = 4 * 1024 * 1024;
-const PREFIX: usize = 5;
+pub(super) const PREFIX: usize = 5;
 
 /// Why a request is not a gRPC call this server takes; answered without a stream.
 pub fn refuse<T>(req: &Request<T>) -> Option<Response<()>> {
@@ -227,106 +227,11 @@ impl FrameBuilder {
     }
 }
 
-/// Reassembles messages from the DATA frames of a request stream, returning window
-/// capacity to the peer as bytes are read.
-pub struct Inbound {
-    body: RecvStream,
-    /// A message that came in several DATA frames, gathered. Envoy's requests do: its
-    /// node lists every extension it was built with (61 KB for Envoy 1.40) and comes with
-    /// every ACK. Released once the message is whole, so an idle stream holds none.
-    buf: BytesMut,
-}
-
-/// Most a gathering buffer reserves up front, from the length a message declares; larger
-/// messages grow it as their bytes come. A peer's five-byte prefix alone thus reserves
-/// at most this, and Envoy's node fits in one allocation with no regrowth.
-const GATHER_RESERVE: usize = 256 * 1024;
-
-impl Inbound {
-    pub fn new(body: RecvStream) -> Self {
-        Self { body, buf: BytesMut::new() }
-    }
-
-    /// The next request, decoded; a message that does not decode is an INVALID_ARGUMENT
-    /// for the peer.
-    pub fn poll_request<M: prost::Message + Default>(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<M, Status>>> {
-        self.poll_message(cx).map(|next| {
-            next.map(|message| {
-                M::decode(message?).map_err(|e| Status::invalid_argument(format!("malformed request: {e}")))
-            })
-        })
-    }
-
-    /// The next whole message; `Ready(None)` when the peer has ended the stream.
-    /// `Err` carries what the peer should be told; a reset or broken connection comes
-    /// back as `Ready(None)` too, since nobody is left to tell.
-    pub fn poll_message(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Bytes, Status>>> {
-        loop {
-            match self.take_message() {
-                Ok(Some(message)) => return Poll::Ready(Some(Ok(message))),
-                Ok(None) => {}
-                Err(status) => return Poll::Ready(Some(Err(status))),
-            }
-            match self.body.poll_data(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
-                    let _ = self.body.flow_control().release_capacity(chunk.len());
-                    if self.buf.is_empty() && chunk.len() >= PREFIX && whole(&chunk) == Some(chunk.len()) {
-                        // The usual case, one message per frame: no copy.
-                        let mut chunk = chunk;
-                        chunk.advance(PREFIX);
-                        return Poll::Ready(Some(Ok(chunk)));
-                    }
-                    if self.buf.is_empty()
-                        && let Some(total) = whole(&chunk)
-                    {
-                        self.buf.reserve(total.min(GATHER_RESERVE));
-                    }
-                    self.buf.extend_from_slice(&chunk);
-                }
-                Poll::Ready(Some(Err(e))) => {
-                    tracing::debug!(error = %e, "request stream broken");
-                    return Poll::Ready(None);
-                }
-                Poll::Ready(None) => {
-                    if !self.buf.is_empty() {
-                        return Poll::Ready(Some(Err(Status::internal("request ended inside a message"))));
-                    }
-                    return Poll::Ready(None);
-                }
-                Poll::Pending => return Poll::Pending,
-            }
-        }
-    }
-
-    fn take_message(&mut self) -> Result<Option<Bytes>, Status> {
-        if self.buf.len() < PREFIX {
-            return Ok(None);
-        }
-        check_prefix(&self.buf)?;
-        let len = message_len(&self.buf);
-        if self.buf.len() < PREFIX + len {
-            // The buffer grows as data comes, not by the length a peer declares: a prefix
-            // alone reserves nothing.
-            return Ok(None);
-        }
-        let mut message = self.buf.split_to(PREFIX + len);
-        message.advance(PREFIX);
-        if self.buf.is_empty() {
-            // Whatever capacity is left goes with the message, freed once it is decoded.
-            self.buf = BytesMut::new();
-        }
-        Ok(Some(message.freeze()))
-    }
-}
-
-fn message_len(buf: &[u8]) -> usize {
+pub(super) fn message_len(buf: &[u8]) -> usize {
     u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
 }
 
-fn check_prefix(buf: &[u8]) -> Result<(), Status> {
+pub(super) fn check_prefix(buf: &[u8]) -> Result<(), Status> {
     match buf[0] {
         0 => {}
         1 => return Err(Status::unimplemented("compressed messages are not supported: send them uncompressed")),
@@ -339,11 +244,6 @@ fn check_prefix(buf: &[u8]) -> Result<(), Status> {
         )));
     }
     Ok(())
-}
-
-/// `Some(total)` when `chunk` starts with a valid prefix: the frame's full length.
-fn whole(chunk: &[u8]) -> Option<usize> {
-    check_prefix(chunk).ok().map(|()| PREFIX + message_len(chunk))
 }
 
 #[cfg(test)]
@@ -398,63 +298,6 @@ mod tests {
         let too_big = check_prefix(&[0, big[0], big[1], big[2], big[3]]).unwrap_err();
         assert_eq!(too_big.code(), tonic::Code::ResourceExhausted);
         assert!(too_big.message().contains("limit"));
-    }
-
-    /// An `Inbound` on a real h2 stream, the client side that feeds it, and the
-    /// server's response handle (dropping it would reset the stream).
-    async fn inbound() -> (h2::SendStream<Bytes>, Inbound, h2::server::SendResponse<Bytes>) {
-        let (client_io, server_io) = tokio::io::duplex(1 << 20);
-        let server = tokio::spawn(async move {
-            let mut conn = h2::server::handshake(server_io).await.unwrap();
-            let (req, respond) = conn.accept().await.unwrap().unwrap();
-            tokio::spawn(async move { while conn.accept().await.is_some() {} });
-            (req.into_body(), respond)
-        });
-        let (mut client, conn) = h2::client::handshake(client_io).await.unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::post("http://x/m").body(()).unwrap();
-        let (_response, send) = client.send_request(req, false).unwrap();
-        let (body, respond) = server.await.unwrap();
-        (send, Inbound::new(body), respond)
-    }
-
-    fn message(len: usize, fill: u8) -> Vec<u8> {
-        let mut m = vec![0];
-        m.extend_from_slice(&(len as u32).to_be_bytes());
-        m.extend(std::iter::repeat_n(fill, len));
-        m
-    }
-
-    async fn next(inbound: &mut Inbound) -> Bytes {
-        std::future::poll_fn(|cx| inbound.poll_message(cx)).await.unwrap().unwrap()
-    }
-
-    /// Envoy's requests come in several DATA frames (its node is 61 KB): they are
-    /// gathered, and the buffer goes once the message is whole, so an idle stream
-    /// holds none.
-    #[tokio::test]
-    async fn a_message_in_several_frames_is_gathered_then_its_buffer_released() {
-        let (mut send, mut inbound, _respond) = inbound().await;
-        let whole = message(40_000, 7);
-        for part in whole.chunks(10_000) {
-            send.reserve_capacity(part.len());
-            send.send_data(Bytes::copy_from_slice(part), false).unwrap();
-        }
-        let got = next(&mut inbound).await;
-        assert_eq!(got.len(), 40_000);
-        assert!(got.iter().all(|&b| b == 7));
-        assert_eq!(inbound.buf.capacity(), 0, "no buffer kept between messages");
-
-        // A frame ending one message and starting the next: the rest is kept.
-        let (a, b) = (message(3, 1), message(20_000, 2));
-        let mut first = a.clone();
-        first.extend_from_slice(&b[..100]);
-        send.send_data(first.into(), false).unwrap();
-        assert_eq!(&next(&mut inbound).await[..], &[1, 1, 1]);
-        send.send_data(Bytes::copy_from_slice(&b[100..]), false).unwrap();
-        let got = next(&mut inbound).await;
-        assert_eq!((got.len(), got[0], got[19_999]), (20_000, 2, 2));
-        assert_eq!(inbound.buf.capacity(), 0);
     }
 
     #[test]

@@ -6,6 +6,7 @@ mod conn;
 mod delta;
 mod fetch;
 mod grpc;
+mod inbound;
 pub mod listen;
 pub mod proxies;
 mod requests;

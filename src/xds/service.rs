@@ -12,7 +12,8 @@ use http::Request;
 use tonic::Status;
 
 use super::delta::Delta;
-use super::grpc::{self, Frame, Inbound};
+use super::grpc::{self, Frame};
+use super::inbound::Inbound;
 use super::sotw::Sotw;
 use super::stream::{self, Protocol};
 use super::{Shared, fetch};

@@ -9,7 +9,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
 
-use bytes::Bytes;
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use futures_util::{Stream, StreamExt};
 use prometheus_client::metrics::counter::Counter;
@@ -20,7 +19,7 @@ use tokio_stream::wrappers::WatchStream;
 use super::Shared;
 use super::codec::Resources;
 use super::proxies::StreamHandle;
-use super::requests;
+use super::requests::{self, NodeIdentity};
 use crate::metrics::ProtocolLabel;
 use crate::store::{Current, Served};
 use crate::version::Version;
@@ -80,27 +79,22 @@ impl Session {
         }
     }
 
-    /// The part of a request both protocols handle alike: its type, the proxy's identity
-    /// and the ACK or NACK it carries.
-    pub fn receive(
-        &mut self,
-        type_url: &[u8],
-        node: &Bytes,
-        nonce: &[u8],
-        error: Option<&RpcStatus>,
-    ) -> Result<(), tonic::Status> {
+    /// The part of a request both protocols handle alike: its type and the ACK or NACK
+    /// it carries.
+    pub fn receive(&mut self, type_url: &[u8], nonce: &[u8], error: Option<&RpcStatus>) -> Result<(), tonic::Status> {
         super::check_type_url(type_url)?;
-        self.identify(node);
         self.acknowledge(nonce, error);
         Ok(())
     }
 
-    /// Records the proxy's node the first time a request carries one (decoded then only).
-    fn identify(&mut self, raw_node: &Bytes) {
-        if self.identified {
-            return;
-        }
-        if let Some(node) = requests::node(raw_node) {
+    /// Whether the proxy's node is known: only until then are requests read for it.
+    pub fn identified(&self) -> bool {
+        self.identified
+    }
+
+    /// Records the proxy's node, from the first request that carries one.
+    pub fn identify(&mut self, node: Option<NodeIdentity>) {
+        if let Some(node) = node {
             self.shared.proxies.identify(&self.status, &node.id, &node.cluster);
             self.identified = true;
         }

@@ -9,7 +9,7 @@ use tonic::Status;
 
 use super::codec::Outgoing;
 use super::fetch::sotw_version;
-use super::requests::SotwRequest;
+use super::requests::{SotwNode, SotwRequest};
 use super::session::{Change, Session};
 use super::stream::Protocol;
 
@@ -17,10 +17,11 @@ pub struct Sotw;
 
 impl Protocol for Sotw {
     type Request = SotwRequest;
+    type Node = SotwNode;
     const NAME: &'static str = "sotw";
 
     fn on_request(session: &mut Session, req: SotwRequest) -> Result<(), Status> {
-        session.receive(&req.type_url, &req.node, &req.response_nonce, req.error_detail.as_ref())?;
+        session.receive(&req.type_url, &req.response_nonce, req.error_detail.as_ref())?;
         // An ACK repeats the names already watched: the common case, worth no set and no
         // string. The same set: every name asked for is watched, every watched one asked for.
         let names = &req.resource_names;

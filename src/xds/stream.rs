@@ -15,12 +15,16 @@ use tonic::Status;
 
 use super::Shared;
 use super::codec::Outgoing;
-use super::grpc::{self, Departed, Frame, Inbound};
+use super::grpc::{self, Departed, Frame};
+use super::inbound::{self, Inbound};
+use super::requests::NodeOf;
 use super::session::{Change, Session};
 use crate::shutdown::StopWatch;
 
 pub trait Protocol: Send + 'static {
     type Request: Message + Default + Send + 'static;
+    /// The request read for its node alone, until the stream knows its proxy.
+    type Node: NodeOf;
     /// Label in metrics and status.
     const NAME: &'static str;
     /// Applies a request (subscriptions, ACK/NACK) to the session.
@@ -79,9 +83,16 @@ impl<P: Protocol> Future for StreamTask<P> {
         }
         // Requests first: an ACK or a new subscription changes what is due.
         loop {
-            match this.inbound.poll_request::<P::Request>(cx) {
-                Poll::Ready(Some(Ok(req))) => {
-                    if let Err(status) = P::on_request(&mut this.session, req) {
+            match this.inbound.poll_message(cx) {
+                Poll::Ready(Some(Ok(message))) => {
+                    if !this.session.identified() {
+                        // A node that does not decode is reported by the request below.
+                        let node = inbound::decode::<P::Node>(message.clone()).ok().and_then(NodeOf::node);
+                        this.session.identify(node);
+                    }
+                    let applied =
+                        inbound::decode::<P::Request>(message).and_then(|req| P::on_request(&mut this.session, req));
+                    if let Err(status) = applied {
                         return this.end("bad request", status);
                     }
                 }

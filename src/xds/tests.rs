@@ -185,6 +185,33 @@ async fn sotw_nack_is_recorded_and_not_resent() {
     silent(&mut rx).await;
 }
 
+/// The node is read from the first request that carries one, and only then: later
+/// requests (Envoy repeats its 61 KB node with every ACK by default) skip it.
+#[tokio::test]
+async fn the_proxy_is_known_from_the_first_request_with_a_node() {
+    let mut h = harness().await;
+    h.put("a", "1");
+    let (tx, mut rx) = h.sotw().await;
+    let mut first = request(&["a"], "", "");
+    first.node = None;
+    tx.send(first).await.unwrap();
+    let r = next(&mut rx).await;
+    assert_eq!(h.shared.proxies.status()[0].node_id, "", "no node yet");
+    let mut ack = request(&["a"], &r.version_info, &r.nonce);
+    let extensions = vec![envoy_types::pb::envoy::config::core::v3::Extension::default(); 600];
+    ack.node = Some(Node { extensions, ..node().unwrap() });
+    tx.send(ack).await.unwrap();
+    wait_until(|| h.shared.proxies.status()[0].node_id == "envoy-1").await;
+    assert_eq!(h.shared.proxies.status()[0].cluster, "edge");
+    h.put("a", "2");
+    let r = next(&mut rx).await;
+    let mut ack = request(&["a"], &r.version_info, &r.nonce);
+    ack.node = Some(Node { id: "someone-else".into(), ..Default::default() });
+    tx.send(ack).await.unwrap();
+    wait_until(|| h.shared.proxies.status()[0].secrets[0].acked_version.is_some_and(|v| v == *h.version("a"))).await;
+    assert_eq!(h.shared.proxies.status()[0].node_id, "envoy-1", "read once");
+}
+
 #[tokio::test]
 async fn sotw_reconnect_with_stale_or_unknown_version_gets_current() {
     let mut h = harness().await;
