@@ -297,7 +297,7 @@ async fn dev_source_serves_and_rotates() {
 #[tokio::test]
 async fn printed_bootstrap_runs_in_envoy() {
     let sds = util::free_addr();
-    let _certwire = Certwire::serve(["--listen", sds.to_string().as_str(), "--dev"]).await;
+    let server = Certwire::serve(["--listen", sds.to_string().as_str(), "--dev"]).await;
     let tls_port = util::free_port();
     let admin_port = util::free_port();
     let yaml = certwire::run(&[
@@ -313,10 +313,18 @@ async fn printed_bootstrap_runs_in_envoy() {
         "--admin-port",
         &admin_port.to_string(),
     ]);
+    assert!(yaml.contains("set_node_on_first_message_only: true"));
     let envoy = Envoy::start(&yaml).await;
     let served = wait_served(SocketAddr::from(([127, 0, 0, 1], tls_port)), SNI, None).await;
     assert_eq!(served.http_status, 200);
     assert!(envoy.served_serials().await.contains(&served.serial_hex));
+    // The node comes with the first request only, and the proxy is still known by it.
+    let server = &server;
+    util::wait_for("/status/proxies to name the Envoy of the bootstrap", WAIT, move || async move {
+        let proxies = server.get_json("/status/proxies").await;
+        proxies.as_array()?.iter().any(|p| p["node_id"].as_str() == Some("edge-envoy")).then_some(())
+    })
+    .await;
 }
 
 #[test]
