@@ -88,13 +88,14 @@ enum Role {
 /// What to run and how big. Every option also reads an environment variable.
 #[derive(clap::Args, Debug, Clone)]
 pub struct Options {
-    /// Scenarios, comma separated: fanout (certwire SotW), workers1 (certwire --workers 1
-    /// SotW), baseline (naive server SotW), delta (certwire Delta), many, cold.
+    /// Scenarios, comma separated: fanout (certwire SotW), nodeonce (the same, the node
+    /// with the first request only), workers1 (certwire --workers 1 SotW), baseline (naive
+    /// server SotW), delta (certwire Delta), many, cold.
     #[arg(
         long,
         env = "LOADGEN_SCENARIOS",
         value_delimiter = ',',
-        default_value = "fanout,workers1,baseline,delta,many,cold"
+        default_value = "fanout,nodeonce,workers1,baseline,delta,many,cold"
     )]
     pub scenarios: Vec<String>,
     /// Stream counts of the SotW fan-out (certwire and baseline).
