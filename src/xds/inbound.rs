@@ -52,8 +52,19 @@ impl Inbound {
                 Err(status) => return Poll::Ready(Some(Err(status))),
             }
             match self.body.poll_data(cx) {
-                Poll::Ready(Some(Ok(frame))) => {
+                Poll::Ready(Some(Ok(mut frame))) => {
                     let _ = self.body.flow_control().release_capacity(frame.len());
+                    if self.frames.is_empty()
+                        && let Some(total) = whole(&frame)
+                    {
+                        // The usual case, a message in one frame: nothing queued.
+                        let message = Message::new(smallvec::smallvec![frame.split_to(total)], total);
+                        if !frame.is_empty() {
+                            self.buffered = frame.len();
+                            self.frames.push_back(frame);
+                        }
+                        return Poll::Ready(Some(Ok(message)));
+                    }
                     if !frame.is_empty() {
                         self.buffered += frame.len();
                         self.frames.push_back(frame);
@@ -110,10 +121,16 @@ impl Inbound {
             // Its capacity would stay with an idle stream.
             self.frames = VecDeque::new();
         }
-        let mut message = Message { parts, at: 0, remaining: total };
-        message.advance(PREFIX);
-        Ok(Some(message))
+        Ok(Some(Message::new(parts, total)))
     }
+}
+
+/// The length of the message `frame` starts with, prefix included, when it is all there.
+fn whole(frame: &[u8]) -> Option<usize> {
+    let prefix = frame.get(..PREFIX)?;
+    check_prefix(prefix).ok()?;
+    let total = PREFIX + message_len(prefix);
+    (total <= frame.len()).then_some(total)
 }
 
 /// Decodes a request; what does not decode is an INVALID_ARGUMENT for the peer.
@@ -130,6 +147,15 @@ pub struct Message {
     /// Index of the first part not yet consumed.
     at: usize,
     remaining: usize,
+}
+
+impl Message {
+    /// The message framed by `parts` (`total` bytes, prefix included).
+    fn new(parts: SmallVec<[Bytes; 1]>, total: usize) -> Self {
+        let mut message = Message { parts, at: 0, remaining: total };
+        message.advance(PREFIX);
+        message
+    }
 }
 
 impl Buf for Message {
