@@ -101,6 +101,10 @@ pub struct Options {
     /// Stream counts of the SotW fan-out (certwire and baseline).
     #[arg(long, env = "LOADGEN_SIZES", value_delimiter = ',', default_value = "1000,5000,10000,19000")]
     pub sizes: Vec<usize>,
+    /// Of those, the stream counts at which the variants (workers1, nodeonce) run too:
+    /// all four sizes for each would take the whole run past ten minutes.
+    #[arg(long, env = "LOADGEN_VARIANT_SIZES", value_delimiter = ',', default_value = "1000,10000")]
+    pub variant_sizes: Vec<usize>,
     /// Stream counts of the Delta fan-out.
     #[arg(long, env = "LOADGEN_DELTA_SIZES", value_delimiter = ',', default_value = "10000")]
     pub delta_sizes: Vec<usize>,

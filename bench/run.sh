@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark in one command, about 8.5 minutes on the project's 2-core machine:
+# Every benchmark in one command, about 7 minutes on the project's 2-core machine:
 #   bash bench/run.sh
 # rotation to served (a real Envoy; certwire vs Envoy's own file watch), then fan-out,
 # many secrets and cold start (certwire vs a plain tonic SDS server), then the same

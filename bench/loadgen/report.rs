@@ -121,14 +121,15 @@ async fn run(launcher: &Launcher, opts: &Options) -> String {
                 fanout::run(launcher, opts, Kind::CERTWIRE, Clients::envoy(Protocol::Sotw), n).await,
             );
         }
-        if opts.wants("workers1") {
+        let variant = opts.variant_sizes.contains(&n);
+        if variant && opts.wants("workers1") {
             record(
                 format!("fan-out certwire --workers 1 SotW N={n}"),
                 fanout::run(launcher, opts, Kind::Certwire { workers: Some(1) }, Clients::envoy(Protocol::Sotw), n)
                     .await,
             );
         }
-        if opts.wants("nodeonce") {
+        if variant && opts.wants("nodeonce") {
             let clients = Clients { protocol: Protocol::Sotw, node_every_request: false };
             record(
                 format!("fan-out certwire SotW node once N={n}"),
