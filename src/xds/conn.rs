@@ -34,6 +34,8 @@ const MAX_STREAMS: u32 = 16 * 1024;
 /// with every ACK: with HTTP/2's default 64 KiB windows nearly every ACK would cost a
 /// WINDOW_UPDATE back on its stream and on its connection. h2 holds no memory for a
 /// window, only for data received and not yet read, and calls read theirs at once.
+/// Capacity is given back as data is read, so what bounds a stream's memory is the
+/// largest request (`grpc::MAX_REQUEST`), not the window.
 const STREAM_WINDOW: u32 = 1024 * 1024;
 const CONNECTION_WINDOW: u32 = 1024 * 1024;
 

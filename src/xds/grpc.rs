@@ -15,8 +15,8 @@ use futures_util::task::AtomicWaker;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use tonic::Status;
 
-/// Largest request accepted, as tonic's default: Envoy's requests are a few hundred
-/// bytes, its node metadata at most some kilobytes.
+/// Largest request accepted, as tonic's default. Envoy's requests carry its node, 61 KB
+/// for Envoy 1.40 (every extension it was built with), more with large metadata.
 const MAX_REQUEST: usize = 4 * 1024 * 1024;
 pub(super) const PREFIX: usize = 5;
 

@@ -5,8 +5,9 @@
 //! four DATA frames, for Envoy 1.40) and comes with every ACK unless the bootstrap sets
 //! `set_node_on_first_message_only`. A message here is the frames it came in, read as
 //! one buffer; fields decoded from it are slices of those frames, and a field skipped
-//! (the node, once the stream knows it) costs nothing. Between messages a stream holds
-//! no buffer.
+//! (the node, once the stream knows it) costs nothing. Small frames, and what is left
+//! of a frame after a message, are copied (see [`HOLD_MIN`]). Between messages a
+//! stream holds no buffer.
 
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
@@ -18,18 +19,28 @@ use tonic::Status;
 
 use super::grpc::{PREFIX, check_prefix, message_len};
 
+/// Frames at least this big are held as h2 handed them over; smaller ones are copied.
+/// A held frame keeps h2's whole read buffer alive (16 KiB and more) until its message
+/// is whole: holding small ones would let a peer pin that with a few bytes per stream,
+/// and a flood of tiny frames would cost a handle each.
+const HOLD_MIN: usize = 8 * 1024;
+
 /// Reassembles messages from the DATA frames of a request stream, returning window
 /// capacity to the peer as bytes are read.
 pub struct Inbound {
     body: RecvStream,
-    /// Frames (or their ends) not yet part of a whole message, as h2 handed them over.
-    frames: VecDeque<Bytes>,
+    /// What is not yet part of a whole message, in order: `held`, then `copied`.
+    /// Frames of at least [`HOLD_MIN`] bytes, as h2 handed them over (and the small
+    /// frames copied before them, frozen).
+    held: VecDeque<Bytes>,
+    /// Smaller frames, copied.
+    copied: BytesMut,
     buffered: usize,
 }
 
 impl Inbound {
     pub fn new(body: RecvStream) -> Self {
-        Self { body, frames: VecDeque::new(), buffered: 0 }
+        Self { body, held: VecDeque::new(), copied: BytesMut::new(), buffered: 0 }
     }
 
     /// The next request, decoded; a message that does not decode is an INVALID_ARGUMENT
@@ -54,21 +65,15 @@ impl Inbound {
             match self.body.poll_data(cx) {
                 Poll::Ready(Some(Ok(mut frame))) => {
                     let _ = self.body.flow_control().release_capacity(frame.len());
-                    if self.frames.is_empty()
+                    if self.buffered == 0
                         && let Some(total) = whole(&frame)
                     {
                         // The usual case, a message in one frame: nothing queued.
                         let message = Message::new(smallvec::smallvec![frame.split_to(total)], total);
-                        if !frame.is_empty() {
-                            self.buffered = frame.len();
-                            self.frames.push_back(frame);
-                        }
+                        self.push(frame);
                         return Poll::Ready(Some(Ok(message)));
                     }
-                    if !frame.is_empty() {
-                        self.buffered += frame.len();
-                        self.frames.push_back(frame);
-                    }
+                    self.push(frame);
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::debug!(error = %e, "request stream broken");
@@ -85,15 +90,27 @@ impl Inbound {
         }
     }
 
+    fn push(&mut self, frame: Bytes) {
+        self.buffered += frame.len();
+        if frame.len() >= HOLD_MIN {
+            if !self.copied.is_empty() {
+                self.held.push_back(self.copied.split().freeze());
+            }
+            self.held.push_back(frame);
+        } else {
+            self.copied.extend_from_slice(&frame);
+        }
+    }
+
     fn take_message(&mut self) -> Result<Option<Message>, Status> {
         if self.buffered < PREFIX {
             return Ok(None);
         }
         let mut prefix = [0u8; PREFIX];
         let mut at = 0;
-        for frame in &self.frames {
-            let n = frame.len().min(PREFIX - at);
-            prefix[at..at + n].copy_from_slice(&frame[..n]);
+        for piece in self.held.iter().map(|b| &b[..]).chain([&self.copied[..]]) {
+            let n = piece.len().min(PREFIX - at);
+            prefix[at..at + n].copy_from_slice(&piece[..n]);
             at += n;
             if at == PREFIX {
                 break;
@@ -107,19 +124,34 @@ impl Inbound {
         let mut parts = SmallVec::new();
         let mut need = total;
         while need > 0 {
-            let front = self.frames.front_mut().expect("buffered counts these bytes");
+            let Some(front) = self.held.front_mut() else {
+                parts.push(self.copied.split_to(need).freeze());
+                break;
+            };
             if front.len() <= need {
                 need -= front.len();
-                parts.push(self.frames.pop_front().expect("just seen"));
+                parts.push(self.held.pop_front().expect("just seen"));
             } else {
                 parts.push(front.split_to(need));
                 need = 0;
             }
         }
         self.buffered -= total;
-        if self.frames.is_empty() {
-            // Its capacity would stay with an idle stream.
-            self.frames = VecDeque::new();
+        if self.held.len() == 1 && self.held[0].len() < HOLD_MIN {
+            // What is left of a held frame, the start of the next message: copied, so
+            // that it does not keep h2's read buffer alive.
+            let rest = self.held.pop_front().expect("just seen");
+            let mut copied = BytesMut::with_capacity(rest.len() + self.copied.len());
+            copied.extend_from_slice(&rest);
+            copied.extend_from_slice(&self.copied);
+            self.copied = copied;
+        }
+        // Their capacity would otherwise stay with an idle stream.
+        if self.held.is_empty() {
+            self.held = VecDeque::new();
+        }
+        if self.copied.is_empty() {
+            self.copied = BytesMut::new();
         }
         Ok(Some(Message::new(parts, total)))
     }
@@ -150,8 +182,9 @@ pub struct Message {
 }
 
 impl Message {
-    /// The message framed by `parts` (`total` bytes, prefix included).
+    /// The message framed by `parts` (`total` bytes, prefix included, none empty).
     fn new(parts: SmallVec<[Bytes; 1]>, total: usize) -> Self {
+        debug_assert!(parts.iter().all(|p| !p.is_empty()), "an empty part would end `chunk` early");
         let mut message = Message { parts, at: 0, remaining: total };
         message.advance(PREFIX);
         message
@@ -194,6 +227,7 @@ impl Buf for Message {
             }
             return bytes;
         }
+        // What `Buf`'s own copy_to_bytes does.
         assert!(len <= self.remaining, "copy past the end of a message");
         let mut out = BytesMut::with_capacity(len);
         out.put((&mut *self).take(len));
@@ -252,7 +286,7 @@ mod tests {
         let message = next(&mut inbound).await;
         assert!(message.parts.len() > 1, "several frames, not copied into one");
         assert_eq!(bytes_of(message), body);
-        assert_eq!((inbound.frames.len(), inbound.frames.capacity(), inbound.buffered), (0, 0, 0));
+        assert_eq!((inbound.held.capacity(), inbound.copied.capacity(), inbound.buffered), (0, 0, 0));
 
         // A frame ending one message and starting the next: the rest waits.
         let (a, b) = (framed(&[1, 1, 1]), framed(&[2; 20_000]));
@@ -261,6 +295,30 @@ mod tests {
         send.send_data(Bytes::copy_from_slice(&b[100..]), false).unwrap();
         assert_eq!(bytes_of(next(&mut inbound).await), [2; 20_000]);
         assert_eq!(inbound.buffered, 0);
+    }
+
+    /// Small frames are copied, so that neither a handle per frame nor h2's read buffer
+    /// behind each is kept; so is what is left of a held frame once its message is out.
+    #[tokio::test]
+    async fn small_frames_and_leftovers_are_copied() {
+        let (mut send, mut inbound, _respond) = inbound().await;
+        let whole = framed(&[5; 1000]);
+        for byte in whole.chunks(10) {
+            send.send_data(Bytes::copy_from_slice(byte), false).unwrap();
+        }
+        let message = next(&mut inbound).await;
+        assert_eq!(message.parts.len(), 1, "copied into one buffer");
+        assert_eq!(bytes_of(message), [5; 1000]);
+
+        // A message over two held frames, the second with the start of the next one.
+        let (a, b) = (framed(&[6; 20_000]), framed(&[7; 100]));
+        send.send_data(Bytes::copy_from_slice(&a[..10_000]), false).unwrap();
+        send.send_data([&a[10_000..], &b[..50]].concat().into(), false).unwrap();
+        assert_eq!(bytes_of(next(&mut inbound).await), [6; 20_000]);
+        assert!(inbound.held.is_empty(), "the 50 bytes left are not held in h2's buffer");
+        assert_eq!(inbound.copied.len(), 50);
+        send.send_data(Bytes::copy_from_slice(&b[50..]), false).unwrap();
+        assert_eq!(bytes_of(next(&mut inbound).await), [7; 100]);
     }
 
     fn message(parts: &[&'static [u8]]) -> Message {

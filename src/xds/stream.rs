@@ -86,9 +86,12 @@ impl<P: Protocol> Future for StreamTask<P> {
             match this.inbound.poll_message(cx) {
                 Poll::Ready(Some(Ok(message))) => {
                     if !this.session.identified() {
-                        // A node that does not decode is reported by the request below.
-                        let node = inbound::decode::<P::Node>(message.clone()).ok().and_then(NodeOf::node);
-                        this.session.identify(node);
+                        // Until a request names the proxy; a node that does not decode
+                        // ends the stream, as any malformed request.
+                        match inbound::decode::<P::Node>(message.clone()) {
+                            Ok(node) => this.session.identify(node.node()),
+                            Err(status) => return this.end("bad request", status),
+                        }
                     }
                     let applied =
                         inbound::decode::<P::Request>(message).and_then(|req| P::on_request(&mut this.session, req));

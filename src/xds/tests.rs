@@ -432,11 +432,18 @@ async fn compressed_request_is_refused_with_the_reason() {
 #[tokio::test]
 async fn a_request_that_does_not_decode_is_an_invalid_argument() {
     let h = harness().await;
-    // Field 1 (version_info) announces five bytes and carries none.
-    let garbage = [0, 0, 0, 0, 2, 0x0a, 0x05];
-    for method in ["StreamSecrets", "FetchSecrets"] {
+    // Field 1 (version_info) announces five bytes and carries none; a node (field 2)
+    // whose id is not UTF-8.
+    let truncated: &[u8] = &[0, 0, 0, 0, 2, 0x0a, 0x05];
+    let bad_node: &[u8] = &[0, 0, 0, 0, 5, 0x12, 0x03, 0x0a, 0x01, 0xff];
+    for (method, garbage) in [
+        ("StreamSecrets", truncated),
+        ("FetchSecrets", truncated),
+        ("StreamSecrets", bad_node),
+        ("FetchSecrets", bad_node),
+    ] {
         let path = format!("/envoy.service.secret.v3.SecretDiscoveryService/{method}");
-        let (head, body) = raw(h.addr, "POST", &path, "application/grpc", &garbage).await;
+        let (head, body) = raw(h.addr, "POST", &path, "application/grpc", garbage).await;
         // The stream answers in trailers, FetchSecrets in a trailers-only response.
         let trailers = if head.headers.contains_key("grpc-status") { head.headers } else { trailers_after(body).await };
         assert_eq!(trailers["grpc-status"], "3", "{method}: INVALID_ARGUMENT");
