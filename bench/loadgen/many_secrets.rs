@@ -39,6 +39,8 @@ pub struct Row {
     /// The last of the rotated secrets noticed by certwire, from the first rename.
     pub last_detected: f64,
     pub cpu_ms_per_round: f64,
+    /// KiB per idle stream, streams sharing connections as an Envoy's do.
+    pub rss_per_stream: f64,
     pub rounds: usize,
     pub missing: usize,
 }
@@ -55,6 +57,8 @@ pub async fn run(launcher: &Launcher, opts: &Options, root: &Path, set: &SecretS
     let conns: Vec<Vec<String>> = (0..opts.proxies)
         .map(|p| (0..opts.per_proxy).map(|k| set.names[(p + k * opts.proxies) % total].clone()).collect())
         .collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let rss_before = server.rss_kib();
     let spec = FleetSpec {
         target: server.sds,
         protocol: Protocol::Sotw,
@@ -66,6 +70,8 @@ pub async fn run(launcher: &Launcher, opts: &Options, root: &Path, set: &SecretS
     };
     let mut fleet = Fleet::start(spec).await?;
     eprintln!("   {} streams ready in {:.1} s", fleet.streams, fleet.connect_time.as_secs_f64());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_per_stream = server.rss_kib().saturating_sub(rss_before) as f64 / fleet.streams.max(1) as f64;
 
     let perf = if opts.perf_many { Some(Perf::start(server.pid, "many").await?) } else { None };
     let mut samples = Vec::new();
@@ -145,6 +151,7 @@ pub async fn run(launcher: &Launcher, opts: &Options, root: &Path, set: &SecretS
         p99_from_detect: median(samples.iter().map(|s| s.2.p99)),
         last_detected: median(samples.iter().map(|s| s.3)),
         cpu_ms_per_round: median(samples.iter().map(|s| s.4 / 1e3)),
+        rss_per_stream,
         rounds: samples.len(),
         missing: samples.iter().map(|s| s.5).sum(),
     })

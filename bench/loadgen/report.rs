@@ -288,7 +288,8 @@ fn many_table(r: &many_secrets::Row) -> String {
         "certwire with {} file secrets; {} proxies (connections) × {} streams, one secret each; {} secrets \
          swapped back to back (`..data` renames, new generations written just before). Medians over {} rounds. \
          Latency per affected stream from the first rename, and from certwire noticing that stream's own \
-         secret.\n",
+         secret. RSS per idle stream as in the fan-out, here with the streams of a proxy on one connection, as \
+         an Envoy opens them.\n",
         r.secrets,
         r.proxies,
         r.streams / r.proxies.max(1),
@@ -298,12 +299,12 @@ fn many_table(r: &many_secrets::Row) -> String {
     t.push_str(
         "| secrets | streams | rotated | affected streams | last, from first rename (ms) | p50 / p99 from first \
          rename (ms) | p50 / p99 from own detected (ms) | last change noticed, from first rename (ms) | server CPU \
-         per round (ms) | missing |\n",
+         per round (ms) | server RSS per idle stream (KiB) | missing |\n",
     );
-    t.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+    t.push_str("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
     let _ = writeln!(
         t,
-        "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} |\n",
+        "| {} | {} | {} | {} | {} | {} / {} | {} / {} | {} | {} | {} | {} |\n",
         r.secrets,
         r.streams,
         r.rotated,
@@ -315,6 +316,7 @@ fn many_table(r: &many_secrets::Row) -> String {
         ms(r.p99_from_detect),
         ms(r.last_detected),
         num(r.cpu_ms_per_round, 1),
+        num(r.rss_per_stream, 1),
         r.missing
     );
     t
