@@ -12,6 +12,8 @@ use std::task::Context;
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::task::AtomicWaker;
+
+use super::parts::Parts;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use tonic::Status;
 
@@ -74,22 +76,11 @@ fn add_status(status: &Status, map: &mut HeaderMap) {
 /// secrets) are handles, not copies: h2 hands them to the kernel as they are (`writev`),
 /// so a push to ten thousand streams copies no secret in user space, and no copy of a
 /// key is left behind in a send buffer.
-/// The parts are a plain `Vec`: h2 keeps a queue slot of this type per stream, so an
-/// inline array would make every idle stream bigger.
+#[derive(Debug)]
 pub struct Frame {
-    parts: Vec<Bytes>,
-    /// Index of the first part not yet consumed.
-    at: usize,
-    remaining: usize,
+    parts: Parts<Vec<Bytes>>,
     /// Told when h2 drops the frame, see [`Frame::departing`].
     departed: Option<Arc<Departed>>,
-}
-
-/// Lengths only: the parts are secrets.
-impl std::fmt::Debug for Frame {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Frame").field("parts", &self.parts.len()).field("remaining", &self.remaining).finish()
-    }
 }
 
 impl Frame {
@@ -139,34 +130,19 @@ impl Departed {
 
 impl Buf for Frame {
     fn remaining(&self) -> usize {
-        self.remaining
+        self.parts.remaining()
     }
 
     fn chunk(&self) -> &[u8] {
-        self.parts.get(self.at).map_or(&[], |p| &p[..])
+        self.parts.chunk()
     }
 
-    fn advance(&mut self, mut cnt: usize) {
-        assert!(cnt <= self.remaining, "advance past the end of a frame");
-        self.remaining -= cnt;
-        while cnt > 0 {
-            let part = &mut self.parts[self.at];
-            let n = cnt.min(part.len());
-            part.advance(n);
-            cnt -= n;
-            if part.is_empty() {
-                self.at += 1;
-            }
-        }
+    fn advance(&mut self, cnt: usize) {
+        self.parts.advance(cnt);
     }
 
     fn chunks_vectored<'a>(&'a self, dst: &mut [IoSlice<'a>]) -> usize {
-        let mut n = 0;
-        for (slot, part) in dst.iter_mut().zip(&self.parts[self.at..]) {
-            *slot = IoSlice::new(part);
-            n += 1;
-        }
-        n
+        self.parts.chunks_vectored(dst)
     }
 }
 
@@ -174,7 +150,9 @@ impl Buf for Frame {
 /// one buffer, shared and static bytes are appended as handles between them.
 pub struct FrameBuilder {
     head: BytesMut,
-    frame: Frame,
+    parts: Vec<Bytes>,
+    /// The whole message, prefix included.
+    total: usize,
 }
 
 impl FrameBuilder {
@@ -185,8 +163,7 @@ impl FrameBuilder {
         let mut head = BytesMut::with_capacity(PREFIX + len - shared);
         head.put_u8(0);
         head.put_u32(len32);
-        let parts = Vec::with_capacity(2 * handles + 1);
-        Self { head, frame: Frame { parts, at: 0, remaining: PREFIX + len, departed: None } }
+        Self { head, parts: Vec::with_capacity(2 * handles + 1), total: PREFIX + len }
     }
 
     /// Where the small fields go.
@@ -197,7 +174,7 @@ impl FrameBuilder {
     pub fn put_shared(&mut self, bytes: Bytes) {
         self.flush();
         if !bytes.is_empty() {
-            self.frame.parts.push(bytes);
+            self.parts.push(bytes);
         }
     }
 
@@ -207,8 +184,7 @@ impl FrameBuilder {
 
     pub fn finish(mut self) -> Frame {
         self.flush();
-        debug_assert_eq!(self.frame.parts.iter().map(Bytes::len).sum::<usize>(), self.frame.remaining);
-        self.frame
+        Frame { parts: Parts::new(self.parts, self.total), departed: None }
     }
 
     fn flush(&mut self) {
@@ -223,7 +199,7 @@ impl FrameBuilder {
             // Splits off what was written; the rest of the allocation stays for what follows.
             self.head.split().freeze()
         };
-        self.frame.parts.push(part);
+        self.parts.push(part);
     }
 }
 

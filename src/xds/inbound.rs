@@ -12,12 +12,13 @@
 use std::collections::VecDeque;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use h2::RecvStream;
 use smallvec::SmallVec;
 use tonic::Status;
 
 use super::grpc::{PREFIX, check_prefix, message_len};
+use super::parts::Parts;
 
 /// Frames at least this big are held as h2 handed them over; smaller ones are copied.
 /// A held frame keeps h2's whole read buffer alive (16 KiB and more) until its message
@@ -69,7 +70,7 @@ impl Inbound {
                         && let Some(total) = whole(&frame)
                     {
                         // The usual case, a message in one frame: nothing queued.
-                        let message = Message::new(smallvec::smallvec![frame.split_to(total)], total);
+                        let message = message(smallvec::smallvec![frame.split_to(total)], total);
                         self.push(frame);
                         return Poll::Ready(Some(Ok(message)));
                     }
@@ -153,7 +154,7 @@ impl Inbound {
         if self.copied.is_empty() {
             self.copied = BytesMut::new();
         }
-        Ok(Some(Message::new(parts, total)))
+        Ok(Some(message(parts, total)))
     }
 }
 
@@ -171,68 +172,14 @@ pub fn decode<M: prost::Message + Default>(message: Message) -> Result<M, Status
 }
 
 /// One request message: the frames it came in, read as one buffer. Cloning it clones
-/// handles, not bytes.
-#[derive(Clone, Debug)]
-pub struct Message {
-    /// One for most messages; Envoy's with their node, four.
-    parts: SmallVec<[Bytes; 1]>,
-    /// Index of the first part not yet consumed.
-    at: usize,
-    remaining: usize,
-}
+/// handles, not bytes. One piece for most messages; Envoy's with their node, four.
+pub type Message = Parts<SmallVec<[Bytes; 1]>>;
 
-impl Message {
-    /// The message framed by `parts` (`total` bytes, prefix included, none empty).
-    fn new(parts: SmallVec<[Bytes; 1]>, total: usize) -> Self {
-        debug_assert!(parts.iter().all(|p| !p.is_empty()), "an empty part would end `chunk` early");
-        let mut message = Message { parts, at: 0, remaining: total };
-        message.advance(PREFIX);
-        message
-    }
-}
-
-impl Buf for Message {
-    fn remaining(&self) -> usize {
-        self.remaining
-    }
-
-    fn chunk(&self) -> &[u8] {
-        self.parts.get(self.at).map_or(&[], |p| &p[..])
-    }
-
-    fn advance(&mut self, mut cnt: usize) {
-        assert!(cnt <= self.remaining, "advance past the end of a message");
-        self.remaining -= cnt;
-        while cnt > 0 {
-            let part = &mut self.parts[self.at];
-            let n = cnt.min(part.len());
-            part.advance(n);
-            cnt -= n;
-            if part.is_empty() {
-                self.at += 1;
-            }
-        }
-    }
-
-    /// A slice of the frame when the bytes are all in one (prost reads `bytes` fields
-    /// this way); copied only when they straddle two.
-    fn copy_to_bytes(&mut self, len: usize) -> Bytes {
-        if let Some(part) = self.parts.get_mut(self.at)
-            && len <= part.len()
-        {
-            let bytes = part.split_to(len);
-            self.remaining -= len;
-            if part.is_empty() {
-                self.at += 1;
-            }
-            return bytes;
-        }
-        // What `Buf`'s own copy_to_bytes does.
-        assert!(len <= self.remaining, "copy past the end of a message");
-        let mut out = BytesMut::with_capacity(len);
-        out.put((&mut *self).take(len));
-        out.freeze()
-    }
+/// The message framed by `parts` (`total` bytes, prefix included).
+fn message(parts: SmallVec<[Bytes; 1]>, total: usize) -> Message {
+    let mut message = Parts::new(parts, total);
+    message.advance(PREFIX);
+    message
 }
 
 #[cfg(test)]
@@ -284,7 +231,7 @@ mod tests {
             send.send_data(Bytes::copy_from_slice(part), false).unwrap();
         }
         let message = next(&mut inbound).await;
-        assert!(message.parts.len() > 1, "several frames, not copied into one");
+        assert!(message.pieces() > 1, "several frames, not copied into one");
         assert_eq!(bytes_of(message), body);
         assert_eq!((inbound.held.capacity(), inbound.copied.capacity(), inbound.buffered), (0, 0, 0));
 
@@ -307,7 +254,7 @@ mod tests {
             send.send_data(Bytes::copy_from_slice(byte), false).unwrap();
         }
         let message = next(&mut inbound).await;
-        assert_eq!(message.parts.len(), 1, "copied into one buffer");
+        assert_eq!(message.pieces(), 1, "copied into one buffer");
         assert_eq!(bytes_of(message), [5; 1000]);
 
         // A message over two held frames, the second with the start of the next one.
@@ -321,23 +268,10 @@ mod tests {
         assert_eq!(bytes_of(next(&mut inbound).await), [7; 100]);
     }
 
-    fn message(parts: &[&'static [u8]]) -> Message {
-        let parts: SmallVec<[Bytes; 1]> = parts.iter().map(|p| Bytes::from_static(p)).collect();
-        let remaining = parts.iter().map(Bytes::len).sum();
-        Message { parts, at: 0, remaining }
-    }
-
-    #[test]
-    fn bytes_within_a_frame_are_sliced_and_across_frames_copied() {
-        let mut m = message(&[b"abcd", b"efgh"]);
-        let first = m.parts[0].clone();
-        let ab = m.copy_to_bytes(2);
-        assert_eq!(ab.as_ptr(), first.as_ptr(), "a slice of the frame");
-        assert_eq!(&m.copy_to_bytes(4)[..], b"cdef");
-        assert_eq!(m.remaining(), 2);
-        assert_eq!(m.chunk(), b"gh");
-        m.advance(2);
-        assert_eq!((m.remaining(), m.chunk()), (0, &b""[..]));
+    fn pieces(pieces: &[&'static [u8]]) -> Message {
+        let pieces: SmallVec<[Bytes; 1]> = pieces.iter().map(|p| Bytes::from_static(p)).collect();
+        let remaining = pieces.iter().map(Bytes::len).sum();
+        Parts::new(pieces, remaining)
     }
 
     /// prost reads a message spread over frames, skipping fields without copying them.
@@ -354,7 +288,7 @@ mod tests {
         let encoded: &'static [u8] = full.encode_to_vec().leak();
         for cut in [1, 3, 10, encoded.len() / 2, encoded.len() - 1] {
             let (a, b) = encoded.split_at(cut);
-            assert_eq!(decode::<DiscoveryRequest>(message(&[a, b])).unwrap(), full, "cut at {cut}");
+            assert_eq!(decode::<DiscoveryRequest>(pieces(&[a, b])).unwrap(), full, "cut at {cut}");
         }
     }
 }

@@ -8,6 +8,7 @@ mod fetch;
 mod grpc;
 mod inbound;
 pub mod listen;
+mod parts;
 pub mod proxies;
 mod requests;
 mod service;
