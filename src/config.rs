@@ -34,6 +34,54 @@ pub struct FileConfig {
     pub kubernetes: Option<KubeConfig>,
     /// `[acme]`: certificates certwire orders and renews itself.
     pub acme: Option<crate::sources::acme::AcmeConfig>,
+    /// `[sds]`: the SDS listeners' transport (`[sds.tls]`).
+    pub sds: Option<SdsConfig>,
+    /// `[authz]`: who may read which secret.
+    pub authz: Option<AuthzConfig>,
+    /// Serve every secret to anyone who reaches a non-loopback listener. Logged as a
+    /// warning at start and every hour.
+    pub insecure_open_sds: Option<bool>,
+    /// Serve `/status/*` and the status gRPC API on this address instead of `admin`.
+    pub status_addr: Option<SocketAddr>,
+}
+
+/// `[sds]` table.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SdsConfig {
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[sds.tls]`: TLS on the TCP SDS listeners; client certificates are required when a
+/// client CA is set.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    /// certwire's certificate from its own store, by secret name.
+    pub cert_secret: Option<String>,
+    pub client_ca: Option<PathBuf>,
+    pub client_crl: Option<PathBuf>,
+    /// The client CA from the store, by secret name (a `validation_context`).
+    pub client_ca_secret: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub reload_every: Option<Duration>,
+}
+
+/// `[authz]` table.
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthzConfig {
+    pub mode: Option<crate::authz::Mode>,
+    /// `kubernetes` mode: the SubjectAccessReview verb, `list` (istiod's) or `get`.
+    pub verb: Option<String>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub allow_ttl: Option<Duration>,
+    #[serde(default, with = "humantime_serde_opt")]
+    pub deny_ttl: Option<Duration>,
+    #[serde(default)]
+    pub rules: Vec<crate::authz::policy::Rule>,
 }
 
 /// `[kubernetes]` table of the config file.
@@ -104,6 +152,32 @@ pub struct ServeFlags {
     /// Threads serving proxies and sources [default: one per CPU the process may use]
     #[arg(long, value_name = "N", env = "CERTWIRE_WORKERS")]
     pub workers: Option<NonZeroUsize>,
+    /// TLS certificate chain (PEM) of the SDS listener, hot-reloaded
+    #[arg(long, value_name = "FILE")]
+    pub tls_cert: Option<PathBuf>,
+    /// TLS private key (PEM) of the SDS listener, hot-reloaded
+    #[arg(long, value_name = "FILE")]
+    pub tls_key: Option<PathBuf>,
+    /// The SDS listener's certificate from certwire's own store, by secret name
+    #[arg(long, value_name = "SECRET", conflicts_with_all = ["tls_cert", "tls_key"])]
+    pub tls_cert_secret: Option<String>,
+    /// CA bundle (PEM) that proxies' client certificates must chain to; required when set
+    #[arg(long, value_name = "FILE")]
+    pub tls_client_ca: Option<PathBuf>,
+    /// The client CA from certwire's own store, by secret name (e.g. NAME-cacert)
+    #[arg(long, value_name = "SECRET", conflicts_with = "tls_client_ca")]
+    pub tls_client_ca_secret: Option<String>,
+    /// Who may read which secret: open, policy or kubernetes [default: open on loopback
+    /// and Unix sockets; required otherwise]
+    #[arg(long, value_name = "MODE")]
+    pub authz: Option<crate::authz::Mode>,
+    /// Allow plaintext or open SDS on a non-loopback address (anyone who reaches the
+    /// port gets every private key); warned about at start and every hour
+    #[arg(long)]
+    pub insecure_open_sds: bool,
+    /// Serve /status/* and the status gRPC API on this address instead of --admin
+    #[arg(long, value_name = "ADDR")]
+    pub status_addr: Option<SocketAddr>,
 }
 
 /// Resolved settings.
@@ -124,6 +198,21 @@ pub struct Settings {
     pub kubernetes: Option<crate::sources::kubernetes::Options>,
     /// `None` when the ACME source is off (no `[acme]` table).
     pub acme: Option<crate::sources::acme::AcmeConfig>,
+    /// `None`: the TCP SDS listeners are plaintext.
+    pub tls: Option<crate::tls::Settings>,
+    pub authz: AuthzSettings,
+    pub insecure_open_sds: bool,
+    pub status_addr: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthzSettings {
+    pub mode: crate::authz::Mode,
+    pub verb: String,
+    pub ttls: crate::authz::review::Ttls,
+    pub rules: Vec<crate::authz::policy::Rule>,
+    /// Credentials for SubjectAccessReviews (`kubernetes` mode).
+    pub kubeconfig: Option<PathBuf>,
 }
 
 impl Settings {
@@ -147,13 +236,32 @@ impl Settings {
         if let Some(acme) = acme.as_mut()
             && acme.kubeconfig.is_none()
         {
-            acme.kubeconfig = flags.kubeconfig.clone().or(file_kubeconfig);
+            acme.kubeconfig = flags.kubeconfig.clone().or(file_kubeconfig.clone());
         }
         if let Some(acme) = &acme {
             acme.validate()?;
         }
         // The embedded default: with no source configured, the dev CA serves.
         let dev = flags.dev || file.dev.unwrap_or(files.is_empty() && kubernetes.is_none() && acme.is_none());
+        let tls = tls_settings(flags, file.sds.and_then(|s| s.tls))?;
+        let insecure_open_sds = flags.insecure_open_sds || file.insecure_open_sds.unwrap_or(false);
+        let authz_file = file.authz.unwrap_or_default();
+        let mode = flags.authz.or(authz_file.mode).unwrap_or(crate::authz::Mode::Open);
+        let authz = AuthzSettings {
+            mode,
+            verb: authz_file.verb.unwrap_or_else(|| "list".into()),
+            ttls: crate::authz::review::Ttls {
+                allow: authz_file.allow_ttl.unwrap_or(Duration::from_secs(300)),
+                deny: authz_file.deny_ttl.unwrap_or(Duration::from_secs(60)),
+            },
+            rules: authz_file.rules,
+            kubeconfig: flags.kubeconfig.clone().or(file_kubeconfig.clone()),
+        };
+        if !["list", "get"].contains(&authz.verb.as_str()) {
+            anyhow::bail!("[authz] verb = {:?}: expected \"list\" (istiod's) or \"get\"", authz.verb);
+        }
+        crate::authz::policy::validate(&authz.rules).map_err(anyhow::Error::msg)?;
+        secure_by_default(&listen, tls.as_ref(), mode, insecure_open_sds)?;
         Ok(Self {
             listen,
             admin: flags.admin.or(file.admin).unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("default admin address")),
@@ -167,8 +275,83 @@ impl Settings {
             workers: flags.workers.or(file.workers),
             kubernetes,
             acme,
+            tls,
+            authz,
+            insecure_open_sds,
+            status_addr: flags.status_addr.or(file.status_addr),
         })
     }
+}
+
+/// `[sds.tls]` with the flags on top, checked for a whole certificate source.
+fn tls_settings(flags: &ServeFlags, file: Option<TlsConfig>) -> anyhow::Result<Option<crate::tls::Settings>> {
+    use crate::tls::{CaFrom, CertFrom};
+    let file = file.unwrap_or_default();
+    let cert_path = flags.tls_cert.clone().or(file.cert);
+    let key_path = flags.tls_key.clone().or(file.key);
+    let cert_secret = flags.tls_cert_secret.clone().or(file.cert_secret);
+    let ca_path = flags.tls_client_ca.clone().or(file.client_ca);
+    let ca_secret = flags.tls_client_ca_secret.clone().or(file.client_ca_secret);
+    let cert = match (cert_path, key_path, cert_secret) {
+        (None, None, None) => {
+            if ca_path.is_some() || ca_secret.is_some() {
+                anyhow::bail!(
+                    "a TLS client CA is set but no server certificate: set --tls-cert and --tls-key (or --tls-cert-secret)"
+                );
+            }
+            return Ok(None);
+        }
+        (Some(cert), Some(key), None) => CertFrom::Files { cert, key },
+        (None, None, Some(name)) => CertFrom::Secret(name),
+        (Some(_), None, None) | (None, Some(_), None) => {
+            anyhow::bail!("TLS needs both a certificate and its key: set --tls-cert and --tls-key together")
+        }
+        _ => anyhow::bail!("TLS certificate from files and from a secret: choose one (tls cert/key or cert_secret)"),
+    };
+    let client_ca = match (ca_path, ca_secret) {
+        (Some(ca), None) => Some(CaFrom::File { ca, crl: file.client_crl }),
+        (None, Some(name)) => Some(CaFrom::Secret(name)),
+        (None, None) => None,
+        (Some(_), Some(_)) => anyhow::bail!("TLS client CA from a file and from a secret: choose one"),
+    };
+    Ok(Some(crate::tls::Settings {
+        cert,
+        client_ca,
+        reload_every: file.reload_every.unwrap_or(Duration::from_secs(5)),
+    }))
+}
+
+/// Anyone who reaches a listener must prove who they are before a key leaves:
+/// a non-loopback TCP listener needs TLS with client certificates and an authorization
+/// mode other than `open`, unless the operator says otherwise in so many words.
+fn secure_by_default(
+    listen: &[ListenAddr],
+    tls: Option<&crate::tls::Settings>,
+    mode: crate::authz::Mode,
+    insecure_open_sds: bool,
+) -> anyhow::Result<()> {
+    let Some(exposed) = listen.iter().find(|l| !l.is_local()) else { return Ok(()) };
+    if insecure_open_sds {
+        return Ok(());
+    }
+    let mtls = tls.is_some_and(|t| t.client_ca.is_some());
+    if !mtls {
+        anyhow::bail!(
+            "refusing to serve SDS on {exposed} without TLS client authentication: anyone who reaches it would get \
+             every private key. Give certwire a certificate and the CA of your proxies' client certificates \
+             (--tls-cert, --tls-key, --tls-client-ca, or [sds.tls]; `certwire certgen` makes all three) and an \
+             authorization mode (--authz kubernetes or policy), listen on 127.0.0.1 or a unix: socket, or pass \
+             --insecure-open-sds to accept the risk"
+        );
+    }
+    if mode == crate::authz::Mode::Open {
+        anyhow::bail!(
+            "refusing to serve SDS on {exposed} with --authz open: every authenticated proxy would get every \
+             private key. Choose --authz kubernetes (Istio's rule: own namespace and a SubjectAccessReview) or \
+             --authz policy ([[authz.rules]]), or pass --insecure-open-sds to accept the risk"
+        );
+    }
+    Ok(())
 }
 
 /// The Kubernetes source is on when asked for by flag or file, or implied by any of
@@ -329,6 +512,61 @@ mod tests {
         assert_eq!(Settings::resolve(&flags, None).unwrap().acme.unwrap().kubeconfig, Some(PathBuf::from("/flag/kc")));
         std::fs::write(&path, acme.replace("state_dir", "kubeconfig = \"/acme/kc\"\nstate_dir")).unwrap();
         assert_eq!(Settings::resolve(&flags, None).unwrap().acme.unwrap().kubeconfig, Some(PathBuf::from("/acme/kc")));
+    }
+
+    #[test]
+    fn exposed_listeners_need_mtls_and_an_authorization_mode() {
+        let exposed = |extra: &[&str]| {
+            let mut args = vec!["serve", "--listen", "0.0.0.0:18000"];
+            args.extend_from_slice(extra);
+            let cli =
+                <crate::cli::Cli as clap::Parser>::try_parse_from(std::iter::once("certwire").chain(args)).unwrap();
+            let crate::cli::Command::Serve(flags) = cli.command else { unreachable!() };
+            Settings::resolve(&flags, None).map_err(|e| format!("{e:#}"))
+        };
+        let err = exposed(&[]).unwrap_err();
+        assert!(
+            err.contains("0.0.0.0:18000") && err.contains("--tls-client-ca") && err.contains("--insecure-open-sds"),
+            "{err}"
+        );
+        let err = exposed(&["--tls-cert", "c", "--tls-key", "k"]).unwrap_err();
+        assert!(err.contains("client authentication"), "TLS without client certificates is not enough: {err}");
+        let err = exposed(&["--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca"]).unwrap_err();
+        assert!(err.contains("--authz open"), "{err}");
+        let ok = exposed(&["--tls-cert", "c", "--tls-key", "k", "--tls-client-ca", "ca", "--authz", "policy"]).unwrap();
+        assert_eq!(ok.authz.mode, crate::authz::Mode::Policy);
+        assert!(ok.tls.unwrap().client_ca.is_some());
+        assert!(exposed(&["--insecure-open-sds"]).unwrap().insecure_open_sds);
+        let local = Settings::resolve(&ServeFlags::default(), None).unwrap();
+        assert_eq!(local.authz.mode, crate::authz::Mode::Open, "the dev default needs no setup");
+        assert!(local.tls.is_none());
+    }
+
+    #[test]
+    fn tls_needs_a_whole_certificate_source() {
+        let flags = ServeFlags { tls_cert: Some("c".into()), ..Default::default() };
+        assert!(format!("{:#}", Settings::resolve(&flags, None).unwrap_err()).contains("--tls-key"));
+        let flags = ServeFlags { tls_client_ca: Some("ca".into()), ..Default::default() };
+        assert!(format!("{:#}", Settings::resolve(&flags, None).unwrap_err()).contains("no server certificate"));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "[sds.tls]\ncert_secret = \"kubernetes://certwire/sds\"\nclient_ca_secret = \"kubernetes://certwire/sds-cacert\"\nreload_every = \"2s\"\n\
+             [authz]\nmode = \"kubernetes\"\nallow_ttl = \"10s\"\n[[authz.rules]]\nidentities = [\"uid:0\"]\nsecrets = [\"*\"]\n",
+        )
+        .unwrap();
+        let s = Settings::resolve(&ServeFlags { config: Some(path.clone()), ..Default::default() }, None).unwrap();
+        let tls = s.tls.unwrap();
+        assert_eq!(tls.cert, crate::tls::CertFrom::Secret("kubernetes://certwire/sds".into()));
+        assert_eq!(tls.reload_every, Duration::from_secs(2));
+        assert_eq!(s.authz.mode, crate::authz::Mode::Kubernetes);
+        assert_eq!(s.authz.ttls.allow, Duration::from_secs(10));
+        assert_eq!(s.authz.ttls.deny, Duration::from_secs(60));
+        assert_eq!(s.authz.rules.len(), 1);
+        std::fs::write(&path, "[authz]\nverb = \"delete\"\n").unwrap();
+        let err = Settings::resolve(&ServeFlags { config: Some(path), ..Default::default() }, None).unwrap_err();
+        assert!(format!("{err:#}").contains("delete"));
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! streams -> Envoy. `admin` reads the store and the streams.
 
 pub mod admin;
+pub mod authz;
 pub mod cli;
 pub mod config;
 pub mod health;
@@ -14,6 +15,7 @@ pub mod pki;
 pub mod shutdown;
 pub mod sources;
 pub mod store;
+pub mod tls;
 pub mod version;
 pub mod xds;
 

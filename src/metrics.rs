@@ -25,6 +25,12 @@ pub struct RejectLabel {
     pub reason: &'static str,
 }
 
+/// Why something was refused (authorization, TLS), as a fixed code.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct SourceLabel {
     pub source: String,
@@ -59,6 +65,9 @@ pub struct Metrics {
     pub change_to_push: Histogram,
     pub acme_orders: Family<AcmeOrderLabel, Counter>,
     pub acme_next_renewal: Family<AcmeCertificateLabel, Gauge<f64, AtomicU64>>,
+    pub authz_denials: Family<ReasonLabel, Counter>,
+    pub tls_handshake_failures: Family<ReasonLabel, Counter>,
+    pub tls_reloads: Family<ReasonLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -82,6 +91,9 @@ impl Metrics {
             change_to_push: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18)),
             acme_orders: Family::default(),
             acme_next_renewal: Family::default(),
+            authz_denials: Family::default(),
+            tls_handshake_failures: Family::default(),
+            tls_reloads: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -109,6 +121,21 @@ impl Metrics {
             "acme_next_renewal_timestamp_seconds",
             "Unix time of the next ACME order (renewal or retry) per certificate",
             m.acme_next_renewal.clone(),
+        );
+        registry.register(
+            "authz_denials",
+            "Secret names refused to a stream by authorization, by reason",
+            m.authz_denials.clone(),
+        );
+        registry.register(
+            "tls_handshake_failures",
+            "SDS connections closed before TLS was established, by reason",
+            m.tls_handshake_failures.clone(),
+        );
+        registry.register(
+            "tls_reloads",
+            "Reloads of the SDS listener's certificate and client CA (reason: loaded or the error)",
+            m.tls_reloads.clone(),
         );
         Self { registry, ..m }
     }

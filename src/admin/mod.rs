@@ -30,27 +30,47 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// Everything on one port.
     pub fn router(self) -> Router {
-        let grpc = tonic::service::Routes::new(status_api::server(self.clone())).into_axum_router();
+        self.clone().probes().merge(self.status())
+    }
+
+    /// What probes and scrapers need: no secret names, SANs or proxy identities.
+    pub fn probes(self) -> Router {
         Router::new()
             .route("/healthz", get(|| async { "ok\n" }))
             .route("/readyz", get(readyz))
             .route("/metrics", get(metrics))
+            .with_state(self)
+    }
+
+    /// Secret names, SANs, proxies and their identities: for operators.
+    pub fn status(self) -> Router {
+        let grpc = tonic::service::Routes::new(status_api::server(self.clone())).into_axum_router();
+        Router::new()
             .route("/status/secrets", get(secrets))
             .route("/status/proxies", get(proxies))
             .with_state(self)
             .merge(grpc)
     }
 
-    pub async fn serve(self, addr: SocketAddr) -> anyhow::Result<()> {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding admin on {addr}"))?;
-        let shutdown = self.shutdown.clone();
-        tracing::info!(%addr, "admin listening");
-        axum::serve(listener, self.router())
-            .with_graceful_shutdown(shutdown.cancelled_owned())
-            .await
-            .context("admin server")
+    /// Serves on `addr`; with `status_addr`, the status endpoints there instead, so the
+    /// probe port can be open to the cluster and the status port kept closer.
+    pub async fn serve(self, addr: SocketAddr, status_addr: Option<SocketAddr>) -> anyhow::Result<()> {
+        let Some(status_addr) = status_addr else { return serve_on(addr, self.clone().router(), &self.shutdown).await };
+        let probes = serve_on(addr, self.clone().probes(), &self.shutdown);
+        let status = serve_on(status_addr, self.clone().status(), &self.shutdown);
+        tokio::try_join!(probes, status).map(|_| ())
     }
+}
+
+async fn serve_on(addr: SocketAddr, router: Router, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding admin on {addr}"))?;
+    tracing::info!(%addr, "admin listening");
+    axum::serve(listener, router)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await
+        .context("admin server")
 }
 
 async fn readyz(State(a): State<Admin>) -> Response {
@@ -112,6 +132,15 @@ mod tests {
             health: Arc::new(Health::default()),
             shutdown: CancellationToken::new(),
         }
+    }
+
+    #[tokio::test]
+    async fn the_probe_router_has_no_status() {
+        let a = admin();
+        assert_eq!(get(a.clone().probes(), "/metrics").await.0, StatusCode::OK);
+        assert_eq!(get(a.clone().probes(), "/status/secrets").await.0, StatusCode::NOT_FOUND);
+        assert_eq!(get(a.clone().probes(), "/status/proxies").await.0, StatusCode::NOT_FOUND);
+        assert_eq!(get(a.status(), "/status/proxies").await.0, StatusCode::OK);
     }
 
     #[tokio::test]

@@ -7,6 +7,8 @@ use anyhow::Context;
 use tokio::task::JoinSet;
 
 use crate::admin::Admin;
+use crate::authz::review::{KubeReviewer, Reviews};
+use crate::authz::{Authorizer, Mode};
 use crate::config::Settings;
 use crate::health::Health;
 use crate::ingest::Sink;
@@ -15,6 +17,7 @@ use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
 use crate::sources;
 use crate::store::Store;
+use crate::xds::listen::ListenAddr;
 use crate::xds::proxies::Proxies;
 use crate::xds::{Shared, listen};
 
@@ -41,8 +44,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         shutdown: shutdown.clone(),
     };
     let mut tasks = JoinSet::new();
-    let admin_addr = settings.admin;
-    tasks.spawn(async move { admin.serve(admin_addr).await });
+    let (admin_addr, status_addr) = (settings.admin, settings.status_addr);
+    tasks.spawn(async move { admin.serve(admin_addr, status_addr).await });
 
     // Sources in precedence order: the first configured wins a name.
     for root in &settings.files {
@@ -78,13 +81,34 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         tracing::warn!(rotate_every = ?settings.dev_rotate_every, "dev CA source enabled: certificates are for testing only");
     }
 
+    let tls = match settings.tls.clone() {
+        Some(tls) => Some(
+            crate::tls::start(tls, store.clone(), metrics.clone(), health.clone(), shutdown.clone())
+                .await
+                .context("SDS TLS")?,
+        ),
+        None => None,
+    };
+    let authz = Arc::new(authorizer(&settings, metrics.clone(), shutdown.clone()).await?);
+    if settings.insecure_open_sds && settings.listen.iter().any(|l| !l.is_local()) {
+        tokio::spawn(warn_insecure(settings.clone(), tls.is_some(), shutdown.clone()));
+    }
+
     release_load_garbage();
-    let shared = Shared { store: store.clone(), proxies, metrics, shutdown: stop.clone() };
+    let shared = Shared { store: store.clone(), proxies, metrics, shutdown: stop.clone(), authz };
     for (addr, b) in bound {
         let shared = shared.clone();
         let token = shutdown.clone();
-        tracing::info!(%addr, "SDS listening");
-        tasks.spawn(async move { listen::serve(b, shared, token).await.with_context(|| format!("SDS on {addr}")) });
+        let tls = tls.clone();
+        let security = match (&addr, &tls) {
+            (ListenAddr::Tcp(_), Some(t)) if t.client_auth => "mtls",
+            (ListenAddr::Tcp(_), Some(_)) => "tls",
+            (ListenAddr::Tcp(_), None) => "plaintext",
+            (ListenAddr::Unix(_), _) => "unix peer credentials",
+        };
+        tracing::info!(%addr, transport = security, authz = settings.authz.mode.as_str(), "SDS listening");
+        tasks
+            .spawn(async move { listen::serve(b, shared, tls, token).await.with_context(|| format!("SDS on {addr}")) });
     }
 
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
@@ -109,6 +133,56 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     drain(&mut tasks, background, settings.drain_timeout).await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+/// The authorizer of `settings.authz`; `kubernetes` mode connects to the API server
+/// (without waiting for it) and runs the grant refresher.
+async fn authorizer(
+    settings: &Settings,
+    metrics: Arc<Metrics>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Authorizer> {
+    let a = &settings.authz;
+    let (reviews, default_namespace) = match a.mode {
+        Mode::Kubernetes => {
+            let config = sources::kubernetes::client_config(a.kubeconfig.as_ref())
+                .await
+                .context("--authz kubernetes needs Kubernetes credentials")?;
+            let default_namespace = settings
+                .kubernetes
+                .as_ref()
+                .and_then(|k| k.default_namespace.clone())
+                .unwrap_or_else(|| config.default_namespace.clone());
+            let client = kube::Client::try_from(config).context("building the Kubernetes client for reviews")?;
+            let reviewer = Arc::new(KubeReviewer { client, verb: a.verb.clone() });
+            let reviews = Reviews::new(reviewer, a.ttls.clone());
+            tokio::spawn(reviews.clone().run(shutdown));
+            (Some(reviews), default_namespace)
+        }
+        _ => (None, String::new()),
+    };
+    if a.mode == Mode::Policy && a.rules.is_empty() {
+        tracing::warn!("--authz policy with no [[authz.rules]]: every name is denied");
+    }
+    Ok(Authorizer::new(a.mode, a.rules.clone(), default_namespace, reviews, metrics))
+}
+
+/// `--insecure-open-sds` on an exposed address: said at start and every hour, so that
+/// nobody runs it by accident for long.
+async fn warn_insecure(settings: Settings, tls: bool, shutdown: tokio_util::sync::CancellationToken) {
+    let exposed: Vec<String> = settings.listen.iter().filter(|l| !l.is_local()).map(|l| l.to_string()).collect();
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => tracing::warn!(
+                listen = ?exposed,
+                tls,
+                authz = settings.authz.mode.as_str(),
+                "--insecure-open-sds: SDS is reachable from the network without the protection certwire requires by default; anyone who reaches it may get private keys"
+            ),
+        }
+    }
 }
 
 /// The initial load parses every secret once; its temporaries would otherwise stay in

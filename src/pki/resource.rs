@@ -71,6 +71,39 @@ pub fn identity(resource: &[u8]) -> CertIdentity {
         .unwrap_or_default()
 }
 
+/// The PEM a served `tls_certificate` resource carries: chain and key, for a consumer
+/// inside certwire (the SDS listener's own certificate from the store).
+pub fn tls_pems(resource: &[u8]) -> Option<(Vec<u8>, KeyBytes)> {
+    let mut secret = SecretTls::decode(resource).ok()?;
+    let tls = secret.tls_certificate.take()?;
+    // Moved, not copied, into zeroizing storage.
+    let key = KeyBytes::new(std::mem::take(&mut tls.private_key?.inline_bytes));
+    Some((tls.certificate_chain?.inline_bytes, key))
+}
+
+/// The CA bundle (and CRL) a served `validation_context` resource carries.
+pub fn ca_pems(resource: &[u8]) -> Option<(Vec<u8>, Option<Vec<u8>>)> {
+    let secret = SecretCertificates::decode(resource).ok()?;
+    let ca = secret.validation_context?;
+    Some((ca.pem?.inline_bytes, ca.crl.map(|c| c.inline_bytes)))
+}
+
+/// `Secret` down to `tls_certificate`'s chain and key.
+#[derive(Clone, PartialEq, Message)]
+struct SecretTls {
+    #[prost(message, optional, tag = "2")]
+    tls_certificate: Option<TlsPair>,
+}
+
+/// `TlsCertificate.certificate_chain` and `private_key`.
+#[derive(Clone, PartialEq, Message)]
+struct TlsPair {
+    #[prost(message, optional, tag = "1")]
+    certificate_chain: Option<InlineBytes>,
+    #[prost(message, optional, tag = "2")]
+    private_key: Option<InlineBytes>,
+}
+
 /// `Secret`, decoded down to its certificates only: prost skips every field not named
 /// here, so the private key is never copied. Field numbers are those of the generated
 /// types (checked by the identity tests below).
@@ -82,11 +115,14 @@ struct SecretCertificates {
     validation_context: Option<Certificates>,
 }
 
-/// `TlsCertificate.certificate_chain` or `CertificateValidationContext.trusted_ca`.
+/// `TlsCertificate.certificate_chain` or `CertificateValidationContext.trusted_ca`
+/// (and the latter's `crl`).
 #[derive(Clone, PartialEq, Message)]
 struct Certificates {
     #[prost(message, optional, tag = "1")]
     pem: Option<InlineBytes>,
+    #[prost(message, optional, tag = "7")]
+    crl: Option<InlineBytes>,
 }
 
 /// `DataSource.inline_bytes`.

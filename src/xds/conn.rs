@@ -16,14 +16,14 @@ use h2::server::{Connection, Handshake};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
-use super::Shared;
 use super::grpc::Frame;
 use super::service::{self, Call};
+use super::{Peer, Shared};
 use crate::shutdown::StopWatch;
 
 /// A client that connects and never speaks HTTP/2 is dropped after this: otherwise idle
 /// sockets would pile up until the process runs out of file descriptors.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Headers of a request, at most: gRPC's own default is 8 KiB.
 const MAX_HEADERS: u32 = 64 * 1024;
 /// Calls per connection. Envoy opens one stream per secret on one connection; a gateway
@@ -51,7 +51,7 @@ fn builder() -> h2::server::Builder {
 }
 
 /// Serves one connection until the peer leaves, or after SIGTERM until its calls ended.
-pub fn serve<IO>(io: IO, shared: Shared, peer: String) -> ConnTask<IO>
+pub fn serve<IO>(io: IO, shared: Shared, peer: Arc<Peer>) -> ConnTask<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
@@ -73,7 +73,7 @@ pub struct ConnTask<IO> {
     phase: Phase<IO>,
     calls: Calls,
     shared: Shared,
-    peer: String,
+    peer: Arc<Peer>,
     stopping: StopWatch,
     draining: bool,
 }
@@ -97,12 +97,12 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
                     conn
                 }
                 Poll::Ready(Err(e)) => {
-                    tracing::debug!(peer = %this.peer, error = %e, "HTTP/2 handshake failed");
+                    tracing::debug!(peer = %this.peer.address, error = %e, "HTTP/2 handshake failed");
                     return Poll::Ready(());
                 }
                 Poll::Pending => {
                     if deadline.as_mut().poll(cx).is_ready() {
-                        tracing::debug!(peer = %this.peer, "no HTTP/2 preface in time; closing");
+                        tracing::debug!(peer = %this.peer.address, "no HTTP/2 preface in time; closing");
                         return Poll::Ready(());
                     }
                     return Poll::Pending;
@@ -120,7 +120,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
             if this.draining {
                 return match conn.poll_closed(cx) {
                     Poll::Ready(Err(e)) => {
-                        tracing::debug!(peer = %this.peer, error = %e, "connection closed");
+                        tracing::debug!(peer = %this.peer.address, error = %e, "connection closed");
                         Poll::Ready(())
                     }
                     other => other.map(|_| ()),
@@ -133,7 +133,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
                     }
                 }
                 Poll::Ready(Some(Err(e))) => {
-                    tracing::debug!(peer = %this.peer, error = %e, "connection failed");
+                    tracing::debug!(peer = %this.peer.address, error = %e, "connection failed");
                     return Poll::Ready(());
                 }
                 // The peer closed the connection (or sent GOAWAY): finish what runs.
@@ -217,15 +217,20 @@ mod tests {
         super::Shared {
             store: Arc::new(crate::store::Store::new()),
             proxies: Arc::new(crate::xds::proxies::Proxies::new(metrics.clone())),
+            authz: Arc::new(crate::authz::Authorizer::open(metrics.clone())),
             metrics,
             shutdown: crate::shutdown::Shutdown::new(),
         }
     }
 
+    fn peer() -> Arc<super::Peer> {
+        Arc::new(super::Peer { address: "test".into(), identity: crate::authz::Identity::Anonymous })
+    }
+
     #[tokio::test(start_paused = true)]
     async fn a_client_that_never_speaks_http2_is_dropped() {
         let (_client, server) = tokio::io::duplex(1024);
-        let task = tokio::spawn(super::serve(server, shared(), "silent".into()));
+        let task = tokio::spawn(super::serve(server, shared(), peer()));
         tokio::time::sleep(super::HANDSHAKE_TIMEOUT / 2).await;
         assert!(!task.is_finished(), "still waiting for the preface");
         tokio::time::timeout(super::HANDSHAKE_TIMEOUT, task).await.expect("dropped after the timeout").unwrap();
@@ -273,7 +278,7 @@ mod tests {
     async fn connection_task_is_little_more_than_the_h2_connection() {
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let io = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
-        let task = super::serve(io, shared(), String::new());
+        let task = super::serve(io, shared(), peer());
         let h2 = std::mem::size_of::<h2::server::Connection<TcpStream, super::super::grpc::Frame>>();
         assert!(std::mem::size_of_val(&task) <= h2 + 160, "{} bytes for {h2} of h2", std::mem::size_of_val(&task));
     }

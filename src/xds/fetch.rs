@@ -6,7 +6,8 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
 use super::codec::Outgoing;
-use super::{Shared, check_type_url};
+use super::{Peer, Shared, check_type_url};
+use crate::authz::{Decision, Verdict};
 use crate::metrics::ProtocolLabel;
 use crate::store::Served;
 use crate::version::Version;
@@ -24,6 +25,35 @@ pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status>
     }
     shared.metrics.pushes.get_or_create(&ProtocolLabel { protocol: "fetch" }).inc();
     Ok(Outgoing::Sotw { version_info: version, nonce: 0, resources: found })
+}
+
+/// How long FetchSecrets waits for a SubjectAccessReview before treating a name as
+/// denied.
+const REVIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Leaves in `req` only the names `peer` may read; the others look absent, as on a
+/// stream.
+pub async fn authorize(shared: &Shared, peer: &Peer, req: &mut DiscoveryRequest) {
+    let mut allowed = Vec::with_capacity(req.resource_names.len());
+    for name in std::mem::take(&mut req.resource_names) {
+        let reason = match shared.authz.decide(&peer.identity, &name) {
+            Verdict::Allow => None,
+            Verdict::Deny(reason) => Some(reason),
+            Verdict::Grant(mut rx) => {
+                let settled = tokio::time::timeout(REVIEW_WAIT, rx.wait_for(|d| *d != Decision::Pending)).await;
+                match settled.ok().and_then(Result::ok).map(|d| d.clone()) {
+                    Some(Decision::Allow) => None,
+                    Some(Decision::Deny(reason)) => Some(reason),
+                    _ => Some(crate::authz::Reason::new("review_timeout", "no SubjectAccessReview answer in time")),
+                }
+            }
+        };
+        match reason {
+            None => allowed.push(name),
+            Some(reason) => shared.authz.denied(&peer.identity, &name, &reason),
+        }
+    }
+    req.resource_names = allowed;
 }
 
 /// Version of a SotW response: the secret's own content hash when it carries one

@@ -3,15 +3,20 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::str::FromStr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
+use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Shared, conn};
+use super::{Peer, Shared, conn};
+use crate::authz::Identity;
+use crate::metrics::ReasonLabel;
+use crate::tls::ServerTls;
 
 /// `127.0.0.1:18000` or `unix:/run/certwire/sds.sock`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -19,6 +24,17 @@ use super::{Shared, conn};
 pub enum ListenAddr {
     Tcp(SocketAddr),
     Unix(PathBuf),
+}
+
+impl ListenAddr {
+    /// Reachable only from this machine: a loopback address or a Unix socket (whose
+    /// file permissions and peer credentials stand in for authentication).
+    pub fn is_local(&self) -> bool {
+        match self {
+            Self::Tcp(a) => a.ip().is_loopback(),
+            Self::Unix(_) => true,
+        }
+    }
 }
 
 impl FromStr for ListenAddr {
@@ -79,8 +95,15 @@ pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Bound> {
     }
 }
 
-/// Serves until `shutdown` is cancelled and the connections have ended.
-pub async fn serve(bound: Bound, shared: Shared, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Serves until `shutdown` is cancelled and the connections have ended. With `tls`,
+/// TCP connections are TLS (and mTLS when it has a client CA); Unix sockets are always
+/// plain, their peer named by the kernel.
+pub async fn serve(
+    bound: Bound,
+    shared: Shared,
+    tls: Option<Arc<ServerTls>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let connections = TaskTracker::new();
     match bound {
         Bound::Tcp(l) => {
@@ -88,12 +111,26 @@ pub async fn serve(bound: Bound, shared: Shared, shutdown: CancellationToken) ->
                 if let Err(e) = tune(&sock) {
                     tracing::debug!(peer = %addr, error = %e, "could not set TCP options");
                 }
-                connections.spawn(conn::serve(sock, shared.clone(), addr.to_string()));
+                let address = addr.to_string();
+                match &tls {
+                    None => {
+                        let peer = Arc::new(Peer { address, identity: Identity::Anonymous });
+                        connections.spawn(conn::serve(sock, shared.clone(), peer));
+                    }
+                    Some(tls) => {
+                        let (tls, shared, shutdown) = (tls.clone(), shared.clone(), shutdown.clone());
+                        connections.spawn(async move {
+                            if let Some((stream, peer)) = handshake(&tls, sock, address, &shared, &shutdown).await {
+                                conn::serve(stream, shared, peer).await;
+                            }
+                        });
+                    }
+                }
             }
         }
         Bound::Unix(l, path) => {
             while let Some((sock, _)) = accept(&shutdown, || l.accept()).await {
-                let peer = unix_peer(&sock);
+                let peer = Arc::new(unix_peer(&sock));
                 connections.spawn(conn::serve(sock, shared.clone(), peer));
             }
             let _ = std::fs::remove_file(&path);
@@ -136,16 +173,69 @@ fn tune(sock: &TcpStream) -> std::io::Result<()> {
     SockRef::from(sock).set_tcp_keepalive(&keepalive)
 }
 
-/// Who is on the other end of a Unix socket, for status: the peer's process
-/// credentials (the kernel vouches for them; the proxy cannot fake them).
-fn unix_peer(sock: &UnixStream) -> String {
-    match sock.peer_cred() {
-        Ok(cred) => match cred.pid() {
-            Some(pid) => format!("unix:pid={pid},uid={}", cred.uid()),
-            None => format!("unix:uid={}", cred.uid()),
+/// The TLS handshake of one connection, bounded in time like the HTTP/2 preface and
+/// abandoned on shutdown. The identity is read from the verified client certificate.
+async fn handshake(
+    tls: &ServerTls,
+    sock: TcpStream,
+    address: String,
+    shared: &Shared,
+    shutdown: &CancellationToken,
+) -> Option<(TlsStream<TcpStream>, Arc<Peer>)> {
+    let failed = |reason: &'static str, detail: &dyn std::fmt::Display| {
+        shared.metrics.tls_handshake_failures.get_or_create(&ReasonLabel { reason }).inc();
+        tracing::debug!(peer = %address, reason, error = %detail, "TLS handshake failed");
+    };
+    let Some(config) = tls.config() else {
+        failed("no_server_certificate", &"the SDS listener's certificate is not loaded yet");
+        return None;
+    };
+    let accept = tokio_rustls::TlsAcceptor::from(config).accept(sock);
+    let stream = tokio::select! {
+        _ = shutdown.cancelled() => return None,
+        r = tokio::time::timeout(conn::HANDSHAKE_TIMEOUT, accept) => match r {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(e)) => {
+                failed(handshake_reason(&e), &e);
+                return None;
+            }
+            Err(_) => {
+                failed("timeout", &"no TLS handshake in time");
+                return None;
+            }
         },
-        Err(_) => "unix".to_owned(),
+    };
+    let identity = match stream.get_ref().1.peer_certificates().and_then(|c| c.first()) {
+        Some(leaf) => Identity::from_certificate(leaf),
+        None => Identity::Anonymous,
+    };
+    tracing::debug!(peer = %address, %identity, "TLS established");
+    Some((stream, Arc::new(Peer { address, identity })))
+}
+
+/// A stable label for why a handshake failed.
+fn handshake_reason(e: &std::io::Error) -> &'static str {
+    use rustls::Error as E;
+    match e.get_ref().and_then(|inner| inner.downcast_ref::<E>()) {
+        Some(E::NoCertificatesPresented) => "no_client_certificate",
+        Some(E::InvalidCertificate(_)) => "bad_client_certificate",
+        Some(E::AlertReceived(_)) => "alert_received",
+        Some(E::InvalidMessage(_) | E::InappropriateMessage { .. } | E::InappropriateHandshakeMessage { .. }) => {
+            "not_tls"
+        }
+        Some(_) => "handshake",
+        None => "io",
     }
+}
+
+/// Who is on the other end of a Unix socket: the peer's process credentials (the
+/// kernel vouches for them; the proxy cannot fake them).
+fn unix_peer(sock: &UnixStream) -> Peer {
+    let identity = match sock.peer_cred() {
+        Ok(cred) => Identity::Unix { uid: cred.uid(), gid: cred.gid(), pid: cred.pid() },
+        Err(e) => Identity::Invalid(format!("no peer credentials: {e}")),
+    };
+    Peer { address: "unix".to_owned(), identity }
 }
 
 #[cfg(test)]
@@ -161,5 +251,10 @@ mod tests {
         assert_eq!("unix:/tmp/x.sock".parse::<ListenAddr>().unwrap(), ListenAddr::Unix("/tmp/x.sock".into()));
         assert!("unix:".parse::<ListenAddr>().is_err());
         assert!("nonsense".parse::<ListenAddr>().unwrap_err().contains("nonsense"));
+        assert!("127.0.0.1:1".parse::<ListenAddr>().unwrap().is_local());
+        assert!("[::1]:1".parse::<ListenAddr>().unwrap().is_local());
+        assert!("unix:/x".parse::<ListenAddr>().unwrap().is_local());
+        assert!(!"0.0.0.0:1".parse::<ListenAddr>().unwrap().is_local());
+        assert!(!"10.1.2.3:1".parse::<ListenAddr>().unwrap().is_local());
     }
 }

@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use tonic::Status;
 
+use crate::authz::{Authorizer, Identity};
 use crate::metrics::Metrics;
 use crate::pki::SECRET_TYPE_URL;
 use crate::shutdown::Shutdown;
@@ -34,6 +35,16 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// SIGTERM: streams end cleanly so proxies reconnect elsewhere.
     pub shutdown: Shutdown,
+    /// Who may read which name; asked when a stream subscribes.
+    pub authz: Arc<Authorizer>,
+}
+
+/// The other end of a connection, as the transport proves it.
+#[derive(Debug)]
+pub struct Peer {
+    /// `IP:PORT`, or `unix` for a Unix socket: for status and logs.
+    pub address: String,
+    pub identity: Identity,
 }
 
 /// Refuses a type URL other than Secret (empty is allowed: only the first request of a

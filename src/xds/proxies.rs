@@ -23,6 +23,8 @@ pub struct NameStatus {
     pub last_nack: Option<String>,
     /// The version the last NACK refused; it is never sent again on this stream.
     pub nacked_version: Option<Version>,
+    /// Why this proxy may not read the name (authorization); nothing is sent while set.
+    pub denied: Option<Arc<str>>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -31,6 +33,9 @@ pub struct StreamStatus {
     pub node_id: String,
     pub cluster: String,
     pub address: String,
+    /// Who the transport proved the proxy is (client certificate, Unix peer); what
+    /// authorization decides on. The node id is what the proxy says of itself.
+    pub identity: String,
     pub protocol: &'static str,
     pub connected_unix_ms: i64,
     pub secrets: Vec<NameStatus>,
@@ -40,6 +45,7 @@ struct StreamState {
     node_id: String,
     cluster: String,
     address: String,
+    identity: String,
     connected: SystemTime,
     /// A stream carries one name (Envoy) or a few: a Vec is smaller than any map, and
     /// this is per connected proxy.
@@ -78,6 +84,7 @@ impl StreamHandle {
             node_id: s.node_id.clone(),
             cluster: s.cluster.clone(),
             address: s.address.clone(),
+            identity: s.identity.clone(),
             protocol: self.protocol,
             connected_unix_ms: unix_ms(s.connected),
             secrets: s.secrets.clone(),
@@ -99,12 +106,13 @@ impl Proxies {
         Self { streams: DashMap::new(), nodes: DashMap::new(), next_id: AtomicU64::new(1), metrics }
     }
 
-    pub fn open(&self, protocol: &'static str, address: String) -> Arc<StreamHandle> {
+    pub fn open(&self, protocol: &'static str, peer: &super::Peer) -> Arc<StreamHandle> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let state = StreamState {
             node_id: String::new(),
             cluster: String::new(),
-            address,
+            address: peer.address.clone(),
+            identity: peer.identity.to_string(),
             connected: SystemTime::now(),
             // Envoy asks for one name per stream; a Vec grows to four at once otherwise.
             secrets: Vec::with_capacity(1),
@@ -117,17 +125,16 @@ impl Proxies {
 
     /// Records the node identity the first time a stream presents it.
     pub fn identify(&self, stream: &StreamHandle, node_id: &str, cluster: &str) {
-        {
-            let mut s = stream.state.lock().expect("stream status lock");
-            if !s.node_id.is_empty() {
-                return;
-            }
-            s.node_id = node_id.to_owned();
-            s.cluster = cluster.to_owned();
+        let mut s = stream.state.lock().expect("stream status lock");
+        if !s.node_id.is_empty() {
+            return;
         }
+        s.node_id = node_id.to_owned();
+        s.cluster = cluster.to_owned();
+        tracing::info!(stream = stream.id, node = node_id, cluster, identity = %s.identity, "proxy connected");
+        drop(s);
         *self.nodes.entry(node_id.to_owned()).or_insert(0) += 1;
         self.metrics.proxies_connected.set(self.nodes.len() as i64);
-        tracing::info!(stream = stream.id, node = node_id, cluster, "proxy connected");
     }
 
     pub fn close(&self, stream: &StreamHandle) {

@@ -16,7 +16,8 @@ use super::grpc::{self, Frame};
 use super::inbound::Inbound;
 use super::sotw::Sotw;
 use super::stream::{self, Protocol};
-use super::{Shared, fetch};
+use super::{Peer, Shared, fetch};
+use std::sync::Arc;
 
 const STREAM: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
 const DELTA: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
@@ -26,7 +27,12 @@ pub type Call = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// The call for `req`, or `None` when it was answered at once (not gRPC, unknown method,
 /// or the peer went away).
-pub fn route(shared: &Shared, peer: &str, req: Request<RecvStream>, mut respond: SendResponse<Frame>) -> Option<Call> {
+pub fn route(
+    shared: &Shared,
+    peer: &Arc<Peer>,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Frame>,
+) -> Option<Call> {
     if let Some(refusal) = grpc::refuse(&req) {
         let _ = respond.send_response(refusal, true);
         return None;
@@ -35,7 +41,7 @@ pub fn route(shared: &Shared, peer: &str, req: Request<RecvStream>, mut respond:
     match req.uri().path() {
         STREAM => open::<Sotw>(shared, peer, req, respond),
         DELTA => open::<Delta>(shared, peer, req, respond),
-        FETCH => Some(Box::pin(unary(shared, req.into_body(), respond))),
+        FETCH => Some(Box::pin(unary(shared, peer.clone(), req.into_body(), respond))),
         other => {
             let status = Status::unimplemented(format!("{other} is not served: certwire serves SDS v3"));
             let _ = respond.send_response(grpc::trailers_only(&status), true);
@@ -46,19 +52,22 @@ pub fn route(shared: &Shared, peer: &str, req: Request<RecvStream>, mut respond:
 
 fn open<P: Protocol>(
     shared: Shared,
-    peer: &str,
+    peer: &Arc<Peer>,
     req: Request<RecvStream>,
     mut respond: SendResponse<Frame>,
 ) -> Option<Call> {
     let send: SendStream<Frame> = respond.send_response(grpc::response_headers(), false).ok()?;
-    Some(Box::pin(stream::run::<P>(shared, peer.to_owned(), req.into_body(), send)))
+    Some(Box::pin(stream::run::<P>(shared, peer.clone(), req.into_body(), send)))
 }
 
 /// FetchSecrets: one request message, one response (or a status).
-async fn unary(shared: Shared, body: RecvStream, mut respond: SendResponse<Frame>) {
+async fn unary(shared: Shared, peer: Arc<Peer>, body: RecvStream, mut respond: SendResponse<Frame>) {
     let mut inbound = Inbound::new(body);
     let outcome = match poll_fn(|cx| inbound.poll_request::<DiscoveryRequest>(cx)).await {
-        Some(Ok(req)) => fetch::fetch(&shared, req),
+        Some(Ok(mut req)) => {
+            fetch::authorize(&shared, &peer, &mut req).await;
+            fetch::fetch(&shared, req)
+        }
         Some(Err(status)) => Err(status),
         None => Err(Status::invalid_argument("FetchSecrets needs a request message")),
     };

@@ -16,10 +16,11 @@ use smallvec::SmallVec;
 use tokio_stream::StreamMap;
 use tokio_stream::wrappers::WatchStream;
 
-use super::Shared;
 use super::codec::Resources;
 use super::proxies::StreamHandle;
 use super::requests::{self, NodeIdentity};
+use super::{Peer, Shared};
+use crate::authz::{Decision, Reason, Verdict};
 use crate::metrics::ProtocolLabel;
 use crate::store::{Current, Served};
 use crate::version::Version;
@@ -44,6 +45,7 @@ struct Counters {
 pub struct Session {
     pub id: u64,
     shared: Shared,
+    peer: Arc<Peer>,
     status: Arc<StreamHandle>,
     counters: Counters,
     /// Keyed by the stream's own copy of each name: the map hands out a key clone per
@@ -57,8 +59,8 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn open(shared: Shared, protocol: &'static str, peer: String) -> Self {
-        let status = shared.proxies.open(protocol, peer);
+    pub fn open(shared: Shared, protocol: &'static str, peer: Arc<Peer>) -> Self {
+        let status = shared.proxies.open(protocol, &peer);
         let label = ProtocolLabel { protocol };
         let m = &shared.metrics;
         let counters = Counters {
@@ -69,6 +71,7 @@ impl Session {
         Self {
             id: status.id,
             shared,
+            peer,
             status,
             counters,
             // Envoy asks for one name per stream.
@@ -110,22 +113,46 @@ impl Session {
 
     /// Watches `name`. The current content (if any) is yielded by `next_change` at once,
     /// whatever version the proxy claims to have: a reconnecting proxy always gets it.
+    ///
+    /// Authorization is asked here, once per name: a denied name is watched but never
+    /// sent (the proxy sees it absent, its other names unaffected), and a name whose
+    /// grant can change follows that grant.
     pub fn subscribe(&mut self, name: &str) {
         if self.watches.contains_key(name) {
             return;
         }
-        let rx = self.shared.store.subscribe(name);
-        self.watches.insert(Arc::from(name), Watched { changes: WatchStream::new(rx), sent: None, nacked: None });
-        self.status.with_name(name, |_| {});
+        let feed = match self.shared.authz.decide(&self.peer.identity, name) {
+            Verdict::Allow => Feed::Open(WatchStream::new(self.shared.store.subscribe(name))),
+            Verdict::Deny(reason) => {
+                self.deny(name, &reason);
+                Feed::Denied
+            }
+            Verdict::Grant(grant) => Feed::Gated(Box::new(Gate {
+                grant: WatchStream::new(grant),
+                store: self.shared.store.subscribe(name),
+                changes: None,
+                denied: false,
+            })),
+        };
+        if !matches!(feed, Feed::Denied) {
+            self.status.with_name(name, |_| {});
+        }
+        self.watches.insert(Arc::from(name), Watched { feed, sent: None, nacked: None });
         tracing::debug!(stream = self.id, secret = name, "subscribed");
     }
 
+    fn deny(&self, name: &str, reason: &Reason) {
+        self.shared.authz.denied(&self.peer.identity, name, reason);
+        self.status.with_name(name, |n| n.denied = Some(reason.detail.clone()));
+    }
+
     pub fn unsubscribe(&mut self, name: &str) {
-        if self.watches.remove(name).is_none() {
-            return;
-        }
+        let Some(watched) = self.watches.remove(name) else { return };
         self.status.forget(name);
-        self.shared.store.release(name);
+        if watched.feed.holds_store() {
+            drop(watched);
+            self.shared.store.release(name);
+        }
         tracing::debug!(stream = self.id, secret = name, "unsubscribed");
     }
 
@@ -134,11 +161,21 @@ impl Session {
     /// when nothing is watched: a new subscription comes with a request, which wakes the
     /// stream).
     pub fn poll_change(&mut self, cx: &mut Context<'_>) -> Poll<Change> {
-        match ready!(self.watches.poll_next_unpin(cx)) {
-            Some((_, Due::Send(served))) => Poll::Ready(Change::Send(served)),
-            Some((name, Due::Gone)) => Poll::Ready(Change::Gone(name)),
-            // Nothing watched.
-            None => Poll::Pending,
+        loop {
+            match ready!(self.watches.poll_next_unpin(cx)) {
+                Some((_, Due::Send(served))) => return Poll::Ready(Change::Send(served)),
+                Some((name, Due::Gone)) => return Poll::Ready(Change::Gone(name)),
+                Some((name, Due::Denied { reason, was_sent })) => {
+                    self.deny(&name, &reason);
+                    tracing::info!(stream = self.id, secret = %name, reason = reason.code, "grant revoked: no longer pushed");
+                    if was_sent {
+                        return Poll::Ready(Change::Gone(name));
+                    }
+                }
+                Some((name, Due::Allowed)) => self.status.with_name(&name, |n| n.denied = None),
+                // Nothing watched.
+                None => return Poll::Pending,
+            }
         }
     }
 
@@ -202,7 +239,8 @@ impl Session {
 impl Drop for Session {
     fn drop(&mut self) {
         self.shared.proxies.close(&self.status);
-        let names: Vec<Arc<str>> = self.watches.keys().cloned().collect();
+        let names: Vec<Arc<str>> =
+            self.watches.iter().filter(|(_, w)| w.feed.holds_store()).map(|(n, _)| n.clone()).collect();
         self.watches = StreamMap::new();
         for name in names {
             self.shared.store.release(&name);
@@ -214,14 +252,49 @@ impl Drop for Session {
 enum Due {
     Send(Arc<Served>),
     Gone,
+    /// The grant was refused or revoked; `was_sent`: the proxy has a version to drop.
+    Denied {
+        reason: Reason,
+        was_sent: bool,
+    },
+    /// The grant was given (again): the current content follows.
+    Allowed,
 }
 
 /// One watched name: the store's changes to it, less those this stream needs not send,
 /// a version it already sent or that the proxy refused (NACK), which is never resent.
 struct Watched {
-    changes: WatchStream<Current>,
+    feed: Feed,
     sent: Option<Version>,
     nacked: Option<Version>,
+}
+
+/// Where a watched name's changes come from, by what authorization said.
+enum Feed {
+    /// Allowed for good (open mode, a rule, a CA bundle): the store's changes alone,
+    /// nothing more per push than without authorization.
+    Open(WatchStream<Current>),
+    /// Refused for good (a rule, another namespace): nothing, ever.
+    Denied,
+    /// Decided by a grant that can change.
+    Gated(Box<Gate>),
+}
+
+impl Feed {
+    /// Whether the name is subscribed in the store (to be released).
+    fn holds_store(&self) -> bool {
+        !matches!(self, Feed::Denied)
+    }
+}
+
+struct Gate {
+    grant: WatchStream<Decision>,
+    /// Kept to start the changes over, with the current content, when allowed again.
+    store: tokio::sync::watch::Receiver<Current>,
+    /// The store's changes while allowed.
+    changes: Option<WatchStream<Current>>,
+    /// A denial was reported: a repeated one is not.
+    denied: bool,
 }
 
 impl Stream for Watched {
@@ -229,8 +302,38 @@ impl Stream for Watched {
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Due>> {
         let this = &mut *self;
+        let changes = match &mut this.feed {
+            Feed::Open(changes) => changes,
+            Feed::Denied => return Poll::Pending,
+            Feed::Gated(gate) => {
+                // The latest decision first: content waits for it.
+                let mut decided = None;
+                while let Poll::Ready(Some(d)) = gate.grant.poll_next_unpin(cx) {
+                    decided = Some(d);
+                }
+                match decided {
+                    Some(Decision::Allow) if gate.changes.is_none() => {
+                        gate.denied = false;
+                        gate.changes = Some(WatchStream::new(gate.store.clone()));
+                        return Poll::Ready(Some(Due::Allowed));
+                    }
+                    Some(Decision::Deny(reason)) if gate.changes.is_some() || !gate.denied => {
+                        gate.denied = true;
+                        gate.changes = None;
+                        // Sent again, with the current content, if allowed later.
+                        let was_sent = this.sent.take().is_some();
+                        return Poll::Ready(Some(Due::Denied { reason, was_sent }));
+                    }
+                    _ => {}
+                }
+                match &mut gate.changes {
+                    Some(changes) => changes,
+                    None => return Poll::Pending,
+                }
+            }
+        };
         loop {
-            match ready!(this.changes.poll_next_unpin(cx)) {
+            match ready!(changes.poll_next_unpin(cx)) {
                 Some(Some(served)) => {
                     let version = Some(served.version);
                     if this.sent != version && this.nacked != version {

@@ -13,12 +13,12 @@ use h2::{RecvStream, SendStream};
 use prost::Message;
 use tonic::Status;
 
-use super::Shared;
 use super::codec::Outgoing;
 use super::grpc::{self, Departed, Frame};
 use super::inbound::{self, Inbound};
 use super::requests::NodeOf;
 use super::session::{Change, Session};
+use super::{Peer, Shared};
 use crate::shutdown::StopWatch;
 
 pub trait Protocol: Send + 'static {
@@ -34,7 +34,7 @@ pub trait Protocol: Send + 'static {
 }
 
 /// The future of one StreamSecrets or DeltaSecrets call whose response headers are sent.
-pub fn run<P: Protocol>(shared: Shared, peer: String, body: RecvStream, send: SendStream<Frame>) -> StreamTask<P> {
+pub fn run<P: Protocol>(shared: Shared, peer: Arc<Peer>, body: RecvStream, send: SendStream<Frame>) -> StreamTask<P> {
     let stopping = StopWatch::new(&shared.shutdown);
     let session = Session::open(shared, P::NAME, peer);
     StreamTask {

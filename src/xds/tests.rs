@@ -16,6 +16,8 @@ use tonic::transport::Channel;
 
 use super::Shared;
 use super::proxies::Proxies;
+use crate::authz::Authorizer;
+use crate::authz::Identity;
 use crate::ingest::Sink;
 use crate::metrics::Metrics;
 use crate::pki::{KeyBytes, Material, SECRET_TYPE_URL};
@@ -43,19 +45,44 @@ impl Drop for Harness {
 }
 
 async fn harness() -> Harness {
+    harness_as(None).await
+}
+
+/// A harness whose connections have `identity` and are authorized by `authz`, as if
+/// the transport had proved it: the listener's TLS is tested end to end with Envoy;
+/// here the protocol's side of authorization.
+async fn harness_as(authorized: Option<(fn(Arc<Metrics>) -> Authorizer, Identity)>) -> Harness {
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::new());
     let shutdown = Shutdown::new();
+    let authz = match &authorized {
+        Some((make, _)) => make(metrics.clone()),
+        None => Authorizer::open(metrics.clone()),
+    };
     let shared = Shared {
         store: store.clone(),
         proxies: Arc::new(Proxies::new(metrics.clone())),
         metrics: metrics.clone(),
         shutdown: shutdown.clone(),
+        authz: Arc::new(authz),
     };
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = shutdown.token();
-    tokio::spawn(super::listen::serve(super::listen::Bound::Tcp(listener), shared.clone(), stop));
+    match authorized {
+        None => {
+            tokio::spawn(super::listen::serve(super::listen::Bound::Tcp(listener), shared.clone(), None, stop));
+        }
+        Some((_, identity)) => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                while let Ok((sock, addr)) = listener.accept().await {
+                    let peer = Arc::new(super::Peer { address: addr.to_string(), identity: identity.clone() });
+                    tokio::spawn(super::conn::serve(sock, shared.clone(), peer));
+                }
+            });
+        }
+    }
     let client = SecretDiscoveryServiceClient::connect(format!("http://{addr}")).await.unwrap();
     let sink = Sink::new(store, metrics, "test", false);
     Harness { sink, shared, client, addr, shutdown }
@@ -647,4 +674,123 @@ async fn a_proxy_that_stops_reading_its_socket_gets_the_latest_version_not_a_bac
     // One under way, one held, the latest; on a slow machine one or two more may have
     // gone out before the socket filled. Without the limit, every rotation arrives.
     assert!(versions.len() <= 5, "{} responses for {ROTATIONS} rotations while not reading", versions.len());
+}
+
+// ---- authorization on streams -------------------------------------------------------
+
+fn gw_identity() -> Identity {
+    Identity::Spiffe {
+        id: "spiffe://cluster.local/ns/gw/sa/ingress".into(),
+        workload: Some(crate::authz::identity::Workload { namespace: "gw".into(), service_account: "ingress".into() }),
+    }
+}
+
+fn policy_a_not_b(metrics: Arc<Metrics>) -> Authorizer {
+    let rules = vec![crate::authz::policy::Rule {
+        identities: vec!["spiffe://cluster.local/ns/gw/*".into()],
+        secrets: vec!["a".into(), "a-cacert".into()],
+        action: crate::authz::policy::Action::Allow,
+    }];
+    Authorizer::new(crate::authz::Mode::Policy, rules, String::new(), None, metrics)
+}
+
+fn denied_in_status(h: &Harness, name: &str) -> Option<String> {
+    let status = h.shared.proxies.status();
+    status.iter().flat_map(|p| p.secrets.iter()).find(|n| &*n.name == name)?.denied.as_deref().map(str::to_owned)
+}
+
+/// A denied name is never sent and does not end the stream: the allowed name on the
+/// same stream is served and rotated; status says why; the denial is counted once per
+/// subscription, not per ACK.
+#[tokio::test]
+async fn a_denied_name_is_absent_and_the_others_are_served() {
+    let mut h = harness_as(Some((policy_a_not_b, gw_identity()))).await;
+    h.put("a", "1");
+    h.put("b", "1");
+    let (tx, mut rx) = h.sotw().await;
+    tx.send(request(&["a", "b"], "", "")).await.unwrap();
+    let r = next(&mut rx).await;
+    assert_eq!(secret_name(&r), "a");
+    tx.send(request(&["a", "b"], &r.version_info, &r.nonce)).await.unwrap();
+    silent(&mut rx).await;
+    let why = denied_in_status(&h, "b").expect("b is shown denied");
+    assert!(why.contains("no authz rule"), "{why}");
+    assert_eq!(denied_in_status(&h, "a"), None);
+    assert_eq!(h.shared.proxies.status()[0].identity, "spiffe://cluster.local/ns/gw/sa/ingress");
+    h.put("b", "2");
+    silent(&mut rx).await;
+    h.put("a", "2");
+    let r = next(&mut rx).await;
+    assert_eq!(secret_name(&r), "a");
+    assert_eq!(r.version_info, h.version("a"));
+    tx.send(request(&["a", "b"], &r.version_info, &r.nonce)).await.unwrap();
+    let label = crate::metrics::ReasonLabel { reason: "policy" };
+    wait_until(|| h.acked("a").as_deref() == Some(h.version("a").as_str())).await;
+    assert_eq!(h.shared.metrics.authz_denials.get_or_create(&label).get(), 1, "not once per ACK");
+}
+
+#[tokio::test]
+async fn fetch_treats_denied_names_as_absent() {
+    let mut h = harness_as(Some((policy_a_not_b, gw_identity()))).await;
+    h.put("a", "1");
+    h.put("b", "1");
+    let r = h.client.fetch_secrets(request(&["a", "b"], "", "")).await.unwrap().into_inner();
+    assert_eq!(r.resources.len(), 1);
+    assert_eq!(secret_name(&r), "a");
+    let err = h.client.fetch_secrets(request(&["b"], "", "")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+/// The grant of a SubjectAccessReview decides; a revoked grant withdraws the name from
+/// a Delta stream (removed_resources) and stops pushes; a new grant sends it again.
+#[tokio::test]
+async fn a_revoked_grant_is_removed_and_a_new_one_sends_again() {
+    use crate::authz::review::{ReviewFuture, Reviewer, Reviews, Ttls};
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    static ALLOWED: AtomicBool = AtomicBool::new(true);
+    struct Flag;
+    impl Reviewer for Flag {
+        fn review(&self, _: &str, _: &str) -> ReviewFuture {
+            let allowed = ALLOWED.load(Ordering::SeqCst);
+            Box::pin(async move { if allowed { Ok(None) } else { Ok(Some("no RoleBinding".into())) } })
+        }
+    }
+    fn kubernetes(metrics: Arc<Metrics>) -> Authorizer {
+        let ttls = Ttls { allow: Duration::from_millis(200), deny: Duration::from_millis(200) };
+        let reviews = Reviews::new(Arc::new(Flag), ttls);
+        tokio::spawn(reviews.clone().run(tokio_util::sync::CancellationToken::new()));
+        Authorizer::new(crate::authz::Mode::Kubernetes, Vec::new(), "gw".into(), Some(reviews), metrics)
+    }
+    let mut h = harness_as(Some((kubernetes, gw_identity()))).await;
+    h.put("kubernetes://gw/web", "1");
+    h.put("kubernetes://apps/web", "1");
+    let (tx, mut rx) = h.delta().await;
+    tx.send(DeltaDiscoveryRequest {
+        node: node(),
+        type_url: SECRET_TYPE_URL.into(),
+        resource_names_subscribe: vec!["kubernetes://gw/web".into(), "kubernetes://apps/web".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let r = next(&mut rx).await;
+    assert_eq!(r.resources[0].name, "kubernetes://gw/web");
+    tx.send(DeltaDiscoveryRequest { response_nonce: r.nonce.clone(), ..Default::default() }).await.unwrap();
+    silent(&mut rx).await;
+    assert!(denied_in_status(&h, "kubernetes://apps/web").unwrap().contains("namespace"));
+
+    ALLOWED.store(false, Ordering::SeqCst);
+    let r = next(&mut rx).await;
+    assert_eq!(r.removed_resources, ["kubernetes://gw/web"], "revoked within the TTL");
+    tx.send(DeltaDiscoveryRequest { response_nonce: r.nonce.clone(), ..Default::default() }).await.unwrap();
+    assert!(denied_in_status(&h, "kubernetes://gw/web").unwrap().contains("no RoleBinding"));
+    h.put("kubernetes://gw/web", "2");
+    silent(&mut rx).await;
+
+    ALLOWED.store(true, Ordering::SeqCst);
+    let r = next(&mut rx).await;
+    assert_eq!(r.resources[0].name, "kubernetes://gw/web");
+    assert_eq!(r.resources[0].version, h.version("kubernetes://gw/web"), "the current version, sent again");
+    assert_eq!(denied_in_status(&h, "kubernetes://gw/web"), None);
 }

@@ -83,7 +83,7 @@ pub async fn start(
     Ok(tasks)
 }
 
-async fn client_config(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Config> {
+pub(crate) async fn client_config(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Config> {
     match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
