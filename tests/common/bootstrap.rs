@@ -42,6 +42,18 @@ pub struct SdsBootstrap {
     /// Envoy's default is 15 s, after which the listener goes live without a
     /// certificate. `Some(ZERO)` waits forever.
     pub initial_fetch_timeout: Option<Duration>,
+    /// TLS to certwire: Envoy's client certificate and the CA it checks certwire with.
+    pub upstream_tls: Option<UpstreamTls>,
+    /// More listeners on the same SDS cluster: (secret, port).
+    pub more_listeners: Vec<(String, u16)>,
+}
+
+/// The SDS cluster's `UpstreamTlsContext`: files in a directory (`tls.crt`, `tls.key`,
+/// `ca.crt`), reloaded by Envoy's `watched_directory`, and the SAN certwire must have.
+#[derive(Debug, Clone)]
+pub struct UpstreamTls {
+    pub dir: PathBuf,
+    pub server_name: String,
 }
 
 impl SdsBootstrap {
@@ -55,7 +67,19 @@ impl SdsBootstrap {
             delta: false,
             mtls: false,
             initial_fetch_timeout: None,
+            upstream_tls: None,
+            more_listeners: Vec::new(),
         }
+    }
+
+    pub fn upstream_tls(mut self, dir: &Path, server_name: &str) -> SdsBootstrap {
+        self.upstream_tls = Some(UpstreamTls { dir: dir.to_path_buf(), server_name: server_name.to_string() });
+        self
+    }
+
+    pub fn listener(mut self, secret: &str, port: u16) -> SdsBootstrap {
+        self.more_listeners.push((secret.to_string(), port));
+        self
     }
 
     pub fn delta(mut self) -> SdsBootstrap {
@@ -105,6 +129,38 @@ api_config_source:
             SdsTarget::Unix(path) => format!("pipe: {{path: \"{}\"}}", path.display()),
         };
         let tls = tls_context(&self.secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
+        let mut listeners = listener(self.listen_port, &tls);
+        for (i, (secret, port)) in self.more_listeners.iter().enumerate() {
+            let tls = tls_context(secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
+            listeners.push_str(&listener(*port, &tls).replacen("- name: tls", &format!("- name: tls{}", i + 2), 1));
+        }
+        let transport = match &self.upstream_tls {
+            None => String::new(),
+            Some(t) => {
+                let dir = t.dir.display();
+                format!(
+                    "    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        sni: \"{name}\"
+        common_tls_context:
+          alpn_protocols: [h2]
+          tls_certificates:
+          - certificate_chain: {{filename: \"{dir}/tls.crt\"}}
+            private_key: {{filename: \"{dir}/tls.key\"}}
+            watched_directory: {{path: \"{dir}\"}}
+          validation_context:
+            trusted_ca: {{filename: \"{dir}/ca.crt\"}}
+            watched_directory: {{path: \"{dir}\"}}
+            match_typed_subject_alt_names:
+            - san_type: DNS
+              matcher: {{exact: \"{name}\"}}
+",
+                    name = t.server_name
+                )
+            }
+        };
         format!(
             "node: {{id: \"{node_id}\", cluster: \"{node_cluster}\"}}
 {admin}
@@ -129,11 +185,11 @@ static_resources:
         - endpoint:
             address:
               {endpoint}
-",
+{transport}",
             node_id = self.node_id,
             node_cluster = self.node_cluster,
             admin = ADMIN,
-            listener = listener(self.listen_port, &tls),
+            listener = listeners,
         )
     }
 }

@@ -57,6 +57,8 @@ pub struct LeafSpec {
     pub not_before: OffsetDateTime,
     pub not_after: OffsetDateTime,
     pub client: bool,
+    /// URI SANs, e.g. a SPIFFE ID.
+    pub uris: Vec<String>,
 }
 
 impl LeafSpec {
@@ -69,11 +71,17 @@ impl LeafSpec {
             not_before: now - TimeDuration::hours(1),
             not_after: now + TimeDuration::days(1),
             client: false,
+            uris: Vec::new(),
         }
     }
 
     pub fn client(common_name: &str) -> LeafSpec {
         LeafSpec { dns_names: Vec::new(), client: true, ..LeafSpec::server(common_name) }
+    }
+
+    /// A client certificate whose identity is the SPIFFE ID `uri` (its only URI SAN).
+    pub fn spiffe(uri: &str) -> LeafSpec {
+        LeafSpec { uris: vec![uri.to_string()], ..LeafSpec::client("spiffe workload") }
     }
 
     pub fn serial(mut self, serial: u64) -> LeafSpec {
@@ -144,6 +152,9 @@ impl Ca {
     pub fn issue(&self, spec: &LeafSpec) -> Issued {
         let key = KeyPair::generate().expect("generate leaf key");
         let mut params = CertificateParams::new(spec.dns_names.clone()).expect("leaf params");
+        for uri in &spec.uris {
+            params.subject_alt_names.push(rcgen::SanType::URI(uri.as_str().try_into().expect("URI SAN")));
+        }
         params.distinguished_name.push(DnType::CommonName, spec.common_name.as_str());
         params.serial_number = Some(match spec.serial {
             Some(serial) => serial_number(serial),

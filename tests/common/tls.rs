@@ -87,6 +87,38 @@ async fn handshake_inner(addr: SocketAddr, sni: &str, client: Option<&Issued>) -
     })
 }
 
+/// A handshake with an SDS server (certwire's TLS listener), presenting `client` if
+/// given: what the server presented, once the server has shown it accepts the client
+/// by answering the HTTP/2 preface (under TLS 1.3 a refused client certificate is only
+/// seen then).
+pub async fn sds_handshake(addr: SocketAddr, client: Option<&Issued>) -> anyhow::Result<ServedCert> {
+    tokio::time::timeout(ATTEMPT_TIMEOUT, async {
+        let mut config = client_config(client)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let tcp = TcpStream::connect(addr).await.context("connect")?;
+        let name = ServerName::try_from("localhost").context("SNI")?;
+        let mut tls = TlsConnector::from(Arc::new(config)).connect(name, tcp).await.context("TLS handshake")?;
+        let leaf_der = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).context("no certificate")?.to_vec();
+        let chain_len = tls.get_ref().1.peer_certificates().map_or(0, |c| c.len());
+        // The client preface and an empty SETTINGS frame; the server answers with its own.
+        tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0").await.context("send preface")?;
+        let mut buf = [0u8; 9];
+        let n = tls.read(&mut buf).await.context("read (client certificate refused?)")?;
+        if n == 0 {
+            bail!("connection closed before any HTTP/2 frame (client certificate refused?)");
+        }
+        Ok(ServedCert {
+            serial_hex: pki::serial_hex(&leaf_der),
+            sha256_hex: pki::sha256_hex(&leaf_der),
+            chain_len,
+            http_status: 0,
+            leaf_der,
+        })
+    })
+    .await
+    .with_context(|| format!("SDS TLS probe of {addr} timed out"))?
+}
+
 fn client_config(client: Option<&Issued>) -> anyhow::Result<ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let builder = ClientConfig::builder_with_provider(provider.clone())
