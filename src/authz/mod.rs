@@ -226,7 +226,7 @@ mod tests {
         assert_eq!(r("kubernetes://apps/web"), Some(SecretRef { namespace: "apps", name: "web", ca_only: false }));
         assert_eq!(r("kubernetes://web"), Some(SecretRef { namespace: "gw", name: "web", ca_only: false }));
         assert_eq!(r("web-cacert"), Some(SecretRef { namespace: "gw", name: "web", ca_only: true }));
-        assert_eq!(r("kubernetes://a/web-cacert").unwrap().ca_only, true);
+        assert!(r("kubernetes://a/web-cacert").unwrap().ca_only);
         assert_eq!(r("-cacert"), Some(SecretRef { namespace: "gw", name: "-cacert", ca_only: false }));
         assert_eq!(r("sds://web"), None);
         assert_eq!(r("kubernetes://a/b/c"), None);

@@ -48,10 +48,12 @@ async fn harness() -> Harness {
     harness_as(None).await
 }
 
+type MakeAuthorizer = fn(Arc<Metrics>) -> Authorizer;
+
 /// A harness whose connections have `identity` and are authorized by `authz`, as if
 /// the transport had proved it: the listener's TLS is tested end to end with Envoy;
 /// here the protocol's side of authorization.
-async fn harness_as(authorized: Option<(fn(Arc<Metrics>) -> Authorizer, Identity)>) -> Harness {
+async fn harness_as(authorized: Option<(MakeAuthorizer, Identity)>) -> Harness {
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::new());
     let shutdown = Shutdown::new();
