@@ -10,6 +10,10 @@ use std::time::Duration;
 use common::kubeapi::{self, Config, KubeApi};
 use common::pki::Ca;
 use common::util::{self, WAIT};
+use k8s_openapi::api::authorization::v1::{
+    NonResourceAttributes, ResourceAttributes, SubjectAccessReview, SubjectAccessReviewSpec, SubjectAccessReviewStatus,
+};
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use serde_json::{Value, json};
 use tokio::io::AsyncReadExt;
 
@@ -384,7 +388,26 @@ async fn discovery_documents() {
     let groups = wire::get(addr, "/apis").await.json();
     let group_names: Vec<&str> =
         groups["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
-    assert_eq!(group_names, ["events.k8s.io", "coordination.k8s.io"]);
+    assert_eq!(
+        group_names,
+        ["events.k8s.io", "coordination.k8s.io", "rbac.authorization.k8s.io", "authorization.k8s.io"]
+    );
+    let rbac = wire::get(addr, "/apis/rbac.authorization.k8s.io/v1").await.json();
+    let rbac: Vec<(&str, bool)> = rbac["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| (r["name"].as_str().unwrap(), r["namespaced"].as_bool().unwrap()))
+        .collect();
+    assert_eq!(
+        rbac,
+        [("roles", true), ("rolebindings", true), ("clusterroles", false), ("clusterrolebindings", false)]
+    );
+    let reviews = wire::get(addr, "/apis/authorization.k8s.io/v1").await.json();
+    assert_eq!(
+        (reviews["resources"][0]["name"].clone(), reviews["resources"][0]["verbs"].clone()),
+        (json!("subjectaccessreviews"), json!(["create"]))
+    );
     let leases = wire::get(addr, "/apis/coordination.k8s.io/v1").await.json();
     assert_eq!(leases["resources"][0]["kind"], "Lease");
 
@@ -896,4 +919,493 @@ async fn emulator_keeps_serving_a_blocked_test_thread() {
         .expect("run kubectl");
     assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
     assert!(String::from_utf8_lossy(&output.stdout).contains("namespace/default"));
+}
+
+// RBAC and SubjectAccessReviews: grants made with the real kubectl, reviews asked with
+// kube-rs and k8s-openapi's types, as certwire asks them.
+
+fn kube_client(api: &KubeApi) -> kube::Client {
+    let config = kube::Config::new(api.url().parse().expect("the emulator's URL is a URI"));
+    kube::Client::try_from(config).expect("a kube client for the emulator")
+}
+
+/// `verb` on the core-group `resource` named `name` (empty: none, as for list) in
+/// `namespace` (empty: cluster-wide).
+fn on(namespace: &str, verb: &str, resource: &str, name: &str) -> ResourceAttributes {
+    let some = |text: &str| Some(text.to_string()).filter(|t| !t.is_empty());
+    ResourceAttributes {
+        namespace: some(namespace),
+        verb: some(verb),
+        resource: some(resource),
+        name: some(name),
+        ..Default::default()
+    }
+}
+
+fn access_review(user: &str, groups: &[&str], what: ResourceAttributes) -> SubjectAccessReview {
+    SubjectAccessReview {
+        spec: SubjectAccessReviewSpec {
+            user: Some(user.to_string()).filter(|u| !u.is_empty()),
+            groups: Some(groups.iter().map(ToString::to_string).collect()),
+            resource_attributes: Some(what),
+            ..Default::default()
+        },
+        ..Default::default()
+    }
+}
+
+async fn review(
+    client: &kube::Client,
+    user: &str,
+    groups: &[&str],
+    what: ResourceAttributes,
+) -> SubjectAccessReviewStatus {
+    let api: kube::Api<SubjectAccessReview> = kube::Api::all(client.clone());
+    let answer = api.create(&Default::default(), &access_review(user, groups, what)).await.expect("a review answer");
+    answer.status.expect("an answered review has a status")
+}
+
+async fn allowed(client: &kube::Client, user: &str, what: ResourceAttributes) -> bool {
+    review(client, user, &[], what).await.allowed
+}
+
+const SA_ENVOY: &str = "system:serviceaccount:edge:envoy";
+
+#[tokio::test]
+async fn kubectl_role_and_rolebinding_grant_a_service_account_until_deleted() {
+    let api = KubeApi::start().await;
+    let dir = util::tempdir();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let client = kube_client(&api);
+    kubectl(&kubeconfig, &["create", "namespace", "edge"]).await;
+    let out = kubectl(
+        &kubeconfig,
+        &["create", "role", "read-secrets", "--verb=get,list", "--resource=secrets", "-n", "edge"],
+    )
+    .await;
+    assert_eq!(out.trim(), "role.rbac.authorization.k8s.io/read-secrets created");
+    let out = kubectl(
+        &kubeconfig,
+        &["create", "rolebinding", "envoy-reads", "--role=read-secrets", "--serviceaccount=edge:envoy", "-n", "edge"],
+    )
+    .await;
+    assert_eq!(out.trim(), "rolebinding.rbac.authorization.k8s.io/envoy-reads created");
+
+    // kubectl sent both as protobuf; they read back as k8s-openapi's typed objects.
+    let role = kube::Api::<Role>::namespaced(client.clone(), "edge").get("read-secrets").await.expect("the role");
+    let rules = role.rules.expect("rules");
+    assert_eq!(rules.len(), 1);
+    assert_eq!(rules[0].verbs, ["get", "list"]);
+    assert_eq!(
+        (rules[0].api_groups.as_deref(), rules[0].resources.as_deref()),
+        (Some(&[String::new()][..]), Some(&["secrets".to_string()][..]))
+    );
+    let binding =
+        kube::Api::<RoleBinding>::namespaced(client.clone(), "edge").get("envoy-reads").await.expect("the binding");
+    assert_eq!(
+        (binding.role_ref.api_group.as_str(), binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()),
+        ("rbac.authorization.k8s.io", "Role", "read-secrets")
+    );
+    let subject = &binding.subjects.expect("subjects")[0];
+    assert_eq!(
+        (subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()),
+        ("ServiceAccount", "envoy", Some("edge"))
+    );
+    let rows = table(&kubectl(&kubeconfig, &["get", "rolebindings", "-n", "edge", "-o", "wide"]).await);
+    assert_eq!(rows[0], ["NAME", "ROLE", "AGE", "USERS", "GROUPS", "SERVICEACCOUNTS"]);
+    assert_eq!(
+        (rows[1][0].as_str(), rows[1][1].as_str(), rows[1][3].as_str()),
+        ("envoy-reads", "Role/read-secrets", "edge/envoy")
+    );
+
+    let granted = review(&client, SA_ENVOY, &[], on("edge", "get", "secrets", "app")).await;
+    assert!(granted.allowed);
+    assert_eq!(
+        granted.reason.as_deref(),
+        Some(
+            r#"RBAC: allowed by RoleBinding "envoy-reads/edge" of Role "read-secrets" to ServiceAccount "envoy/edge""#
+        )
+    );
+    assert!(allowed(&client, SA_ENVOY, on("edge", "list", "secrets", "")).await);
+    // A User subject naming the same service account is the same user.
+    // Bindings are tried in name order: "as-user" comes before "envoy-reads".
+    kubectl(
+        &kubeconfig,
+        &["create", "rolebinding", "as-user", "--role=read-secrets", "--user", SA_ENVOY, "-n", "edge"],
+    )
+    .await;
+    let as_user = review(&client, SA_ENVOY, &[], on("edge", "get", "secrets", "app")).await;
+    assert_eq!(
+        as_user.reason.as_deref(),
+        Some(
+            r#"RBAC: allowed by RoleBinding "as-user/edge" of Role "read-secrets" to User "system:serviceaccount:edge:envoy""#
+        )
+    );
+    kubectl(&kubeconfig, &["delete", "rolebinding", "as-user", "-n", "edge"]).await;
+
+    let others = [
+        ("system:serviceaccount:edge:other", on("edge", "get", "secrets", "app")),
+        ("system:serviceaccount:default:envoy", on("edge", "get", "secrets", "app")),
+        ("envoy", on("edge", "get", "secrets", "app")),
+        (SA_ENVOY, on("default", "get", "secrets", "app")),
+        (SA_ENVOY, on("edge", "delete", "secrets", "app")),
+        (SA_ENVOY, on("edge", "get", "configmaps", "app")),
+        (SA_ENVOY, ResourceAttributes { group: Some("apps".into()), ..on("edge", "get", "secrets", "app") }),
+        // Cluster-wide: RoleBindings grant only in their namespace.
+        (SA_ENVOY, on("", "list", "secrets", "")),
+    ];
+    for (user, what) in others {
+        let denied = review(&client, user, &[], what.clone()).await;
+        assert!(!denied.allowed, "{user} must not {what:?}");
+        assert_eq!(denied.reason, None, "RBAC gives no reason for a plain denial");
+    }
+
+    // No caching: a changed role counts at the next review.
+    let patch = r#"[{"op": "replace", "path": "/rules/0/verbs", "value": ["list"]}]"#;
+    kubectl(&kubeconfig, &["patch", "role", "read-secrets", "-n", "edge", "--type=json", "-p", patch]).await;
+    assert!(!allowed(&client, SA_ENVOY, on("edge", "get", "secrets", "app")).await);
+    assert!(allowed(&client, SA_ENVOY, on("edge", "list", "secrets", "")).await);
+
+    let out = kubectl(&kubeconfig, &["delete", "rolebinding", "envoy-reads", "-n", "edge"]).await;
+    assert_eq!(out.trim(), "rolebinding.rbac.authorization.k8s.io \"envoy-reads\" deleted");
+    assert!(!allowed(&client, SA_ENVOY, on("edge", "list", "secrets", "")).await);
+
+    // Every review is logged and counted, in order.
+    let asked = api.requests_matching(|r| r.is_create_of("subjectaccessreviews"));
+    assert_eq!(asked, 14);
+    let reviews = api.access_reviews();
+    assert_eq!(reviews.len(), 14);
+    assert_eq!(
+        (reviews[0]["spec"]["user"].as_str(), reviews[0]["status"]["allowed"].as_bool()),
+        (Some(SA_ENVOY), Some(true))
+    );
+    assert_eq!(reviews[0]["spec"]["resourceAttributes"]["name"], "app");
+    assert_eq!(reviews[13]["status"]["allowed"], false);
+    api.clear_request_log();
+    assert!(api.access_reviews().is_empty());
+}
+
+#[tokio::test]
+async fn cluster_roles_grant_per_namespace_or_cluster_wide_and_groups_come_from_the_review() {
+    let api = KubeApi::start().await;
+    let dir = util::tempdir();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let client = kube_client(&api);
+    kubectl(&kubeconfig, &["create", "namespace", "edge"]).await;
+    let out = kubectl(
+        &kubeconfig,
+        &["create", "clusterrole", "secret-reader", "--verb=get", "--resource=secrets", "--resource-name=app"],
+    )
+    .await;
+    assert_eq!(out.trim(), "clusterrole.rbac.authorization.k8s.io/secret-reader created");
+
+    // A ClusterRole bound by a RoleBinding grants in that namespace only.
+    kubectl(
+        &kubeconfig,
+        &[
+            "create",
+            "rolebinding",
+            "edge-reader",
+            "--clusterrole=secret-reader",
+            "--serviceaccount=edge:envoy",
+            "-n",
+            "edge",
+        ],
+    )
+    .await;
+    let granted = review(&client, SA_ENVOY, &[], on("edge", "get", "secrets", "app")).await;
+    assert_eq!(
+        (granted.allowed, granted.reason.as_deref()),
+        (
+            true,
+            Some(
+                r#"RBAC: allowed by RoleBinding "edge-reader/edge" of ClusterRole "secret-reader" to ServiceAccount "envoy/edge""#
+            )
+        )
+    );
+    assert!(!allowed(&client, SA_ENVOY, on("default", "get", "secrets", "app")).await, "other namespace");
+    assert!(!allowed(&client, SA_ENVOY, on("edge", "get", "secrets", "other")).await, "not a listed resource name");
+    assert!(!allowed(&client, SA_ENVOY, on("edge", "get", "secrets", "")).await, "resource names need a name");
+
+    // A ClusterRoleBinding grants in every namespace and cluster-wide.
+    let proxy = "system:serviceaccount:default:proxy";
+    let out = kubectl(
+        &kubeconfig,
+        &[
+            "create",
+            "clusterrolebinding",
+            "proxy-reads",
+            "--clusterrole=secret-reader",
+            "--serviceaccount=default:proxy",
+        ],
+    )
+    .await;
+    assert_eq!(out.trim(), "clusterrolebinding.rbac.authorization.k8s.io/proxy-reads created");
+    for namespace in ["default", "edge", "kube-system", ""] {
+        let granted = review(&client, proxy, &[], on(namespace, "get", "secrets", "app")).await;
+        assert!(granted.allowed, "in {namespace:?}");
+        assert_eq!(
+            granted.reason.as_deref(),
+            Some(
+                r#"RBAC: allowed by ClusterRoleBinding "proxy-reads" of ClusterRole "secret-reader" to ServiceAccount "proxy/default""#
+            )
+        );
+    }
+    assert!(!allowed(&client, proxy, on("edge", "list", "secrets", "")).await, "the role has no list");
+    assert!(!allowed(&client, SA_ENVOY, on("default", "get", "secrets", "app")).await, "another account");
+
+    // Group subjects match the review's own groups: upstream adds no implicit groups
+    // to a SubjectAccessReview, so a caller lists a service account's groups itself.
+    kubectl(&kubeconfig, &["create", "clusterrole", "list-secrets", "--verb=list", "--resource=secrets"]).await;
+    kubectl(
+        &kubeconfig,
+        &[
+            "create",
+            "rolebinding",
+            "edge-accounts",
+            "--clusterrole=list-secrets",
+            "--group=system:serviceaccounts:edge",
+            "-n",
+            "edge",
+        ],
+    )
+    .await;
+    let sa_groups = |namespace: &str| {
+        [
+            "system:serviceaccounts".to_string(),
+            format!("system:serviceaccounts:{namespace}"),
+            "system:authenticated".into(),
+        ]
+    };
+    let edge_groups = sa_groups("edge");
+    let edge_groups: Vec<&str> = edge_groups.iter().map(String::as_str).collect();
+    let by_group =
+        review(&client, "system:serviceaccount:edge:any", &edge_groups, on("edge", "list", "secrets", "")).await;
+    assert_eq!(
+        (by_group.allowed, by_group.reason.as_deref()),
+        (
+            true,
+            Some(
+                r#"RBAC: allowed by RoleBinding "edge-accounts/edge" of ClusterRole "list-secrets" to Group "system:serviceaccounts:edge""#
+            )
+        )
+    );
+    assert!(
+        !allowed(&client, "system:serviceaccount:edge:any", on("edge", "list", "secrets", "")).await,
+        "no groups asked"
+    );
+    let default_groups = sa_groups("default");
+    let default_groups: Vec<&str> = default_groups.iter().map(String::as_str).collect();
+    let other =
+        review(&client, "system:serviceaccount:default:any", &default_groups, on("edge", "list", "secrets", "")).await;
+    assert!(!other.allowed, "a group of another namespace");
+    let elsewhere =
+        review(&client, "system:serviceaccount:edge:any", &edge_groups, on("default", "list", "secrets", "")).await;
+    assert!(!elsewhere.allowed, "the binding is in edge only");
+
+    // A group bound cluster-wide; a review may name groups without a user.
+    kubectl(
+        &kubeconfig,
+        &[
+            "create",
+            "clusterrolebinding",
+            "all-accounts",
+            "--clusterrole=list-secrets",
+            "--group=system:serviceaccounts",
+        ],
+    )
+    .await;
+    assert!(
+        review(&client, "system:serviceaccount:default:any", &default_groups, on("default", "list", "secrets", ""))
+            .await
+            .allowed
+    );
+    assert!(review(&client, "", &["system:serviceaccounts"], on("kube-system", "list", "secrets", "")).await.allowed);
+    kubectl(&kubeconfig, &["delete", "clusterrolebinding", "all-accounts"]).await;
+    assert!(!review(&client, "", &["system:serviceaccounts"], on("kube-system", "list", "secrets", "")).await.allowed);
+    assert_eq!(api.requests_matching(|r| r.is_create_of("subjectaccessreviews")), api.access_reviews().len());
+}
+
+#[tokio::test]
+async fn applied_rules_wildcards_subresources_urls_and_dangling_bindings() {
+    let api = KubeApi::start().await;
+    let dir = util::tempdir();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let client = kube_client(&api);
+    let manifest = dir.path().join("rbac.yaml");
+    std::fs::write(
+        &manifest,
+        r#"apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: everything}
+rules:
+- {apiGroups: ["*"], resources: ["*"], verbs: ["*"]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRole
+metadata: {name: status-and-health}
+rules:
+- {apiGroups: [""], resources: ["*/status"], verbs: [get]}
+- {nonResourceURLs: [/healthz, "/metrics/*"], verbs: [get]}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: admins}
+roleRef: {kind: ClusterRole, name: everything}
+subjects: [{kind: Group, name: admins}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: ClusterRoleBinding
+metadata: {name: bob}
+roleRef: {kind: ClusterRole, name: status-and-health}
+subjects: [{kind: User, name: bob}]
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: RoleBinding
+metadata: {name: dangling, namespace: default}
+roleRef: {kind: Role, name: missing}
+subjects: [{kind: User, name: alice}]
+"#,
+    )
+    .unwrap();
+    let out = kubectl(&kubeconfig, &["apply", "-f", manifest.to_str().unwrap()]).await;
+    assert_eq!(
+        table(&out),
+        [
+            ["clusterrole.rbac.authorization.k8s.io/everything", "created"],
+            ["clusterrole.rbac.authorization.k8s.io/status-and-health", "created"],
+            ["clusterrolebinding.rbac.authorization.k8s.io/admins", "created"],
+            ["clusterrolebinding.rbac.authorization.k8s.io/bob", "created"],
+            ["rolebinding.rbac.authorization.k8s.io/dangling", "created"],
+        ]
+    );
+    // The server filled in the API groups the manifest left out, as upstream defaults them.
+    let admins = api.get_object("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", "", "admins").unwrap();
+    assert_eq!(admins["roleRef"]["apiGroup"], "rbac.authorization.k8s.io");
+    assert_eq!(admins["subjects"][0]["apiGroup"], "rbac.authorization.k8s.io");
+
+    let deployments = ResourceAttributes { group: Some("apps".into()), ..on("edge", "delete", "deployments", "web") };
+    assert!(review(&client, "carol", &["admins"], deployments.clone()).await.allowed, "* matches everything");
+    assert!(!allowed(&client, "carol", deployments).await);
+
+    let pod_status = ResourceAttributes { subresource: Some("status".into()), ..on("default", "get", "pods", "p") };
+    assert!(allowed(&client, "bob", pod_status.clone()).await, "*/status matches any resource's status");
+    assert!(!allowed(&client, "bob", on("default", "get", "pods", "p")).await);
+    assert!(!allowed(&client, "bob", ResourceAttributes { verb: Some("update".into()), ..pod_status }).await);
+    let url = |path: &str, verb: &str| {
+        let mut review = access_review("bob", &[], ResourceAttributes::default());
+        review.spec.resource_attributes = None;
+        review.spec.non_resource_attributes =
+            Some(NonResourceAttributes { path: Some(path.into()), verb: Some(verb.into()) });
+        review
+    };
+    let reviews: kube::Api<SubjectAccessReview> = kube::Api::all(client.clone());
+    for (path, verb, expected) in [
+        ("/healthz", "get", true),
+        ("/metrics/x", "get", true),
+        ("/metricsx", "get", false),
+        ("/healthz", "post", false),
+    ] {
+        let answer = reviews.create(&Default::default(), &url(path, verb)).await.unwrap().status.unwrap();
+        assert_eq!(answer.allowed, expected, "{verb} {path}");
+    }
+
+    // A binding whose role is missing grants nothing and says why.
+    let dangling = review(&client, "alice", &[], on("default", "get", "secrets", "x")).await;
+    assert_eq!(
+        (dangling.allowed, dangling.reason.as_deref()),
+        (false, Some(r#"RBAC: role.rbac.authorization.k8s.io "missing" not found"#))
+    );
+    kubectl(&kubeconfig, &["create", "role", "missing", "--verb=get", "--resource=secrets"]).await;
+    assert!(allowed(&client, "alice", on("default", "get", "secrets", "x")).await, "the role, once there, counts");
+
+    // Upstream's superusers are allowed before RBAC is asked.
+    let master = review(&client, "root", &["system:masters"], on("", "delete", "namespaces", "default")).await;
+    assert_eq!((master.allowed, master.reason), (true, None));
+
+    // kubectl posts a review too and prints the answer.
+    let sar = dir.path().join("sar.json");
+    let body = serde_json::to_string(&access_review("alice", &[], on("default", "get", "secrets", "x"))).unwrap();
+    std::fs::write(&sar, body).unwrap();
+    let printed: Value =
+        serde_json::from_str(&kubectl(&kubeconfig, &["create", "-f", sar.to_str().unwrap(), "-o", "json"]).await)
+            .unwrap();
+    assert_eq!(printed["kind"], "SubjectAccessReview");
+    assert_eq!(printed["spec"]["user"], "alice");
+    assert_eq!(printed["status"]["allowed"], true);
+    assert_eq!(
+        printed["status"]["reason"],
+        r#"RBAC: allowed by RoleBinding "dangling/default" of Role "missing" to User "alice""#
+    );
+}
+
+#[tokio::test]
+async fn rbac_validation_and_review_errors() {
+    let api = KubeApi::start().await;
+    let addr = api.addr();
+    let dir = util::tempdir();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let client = kube_client(&api);
+    let post = |path: &'static str, body: Value| async move {
+        wire::send_json(addr, "POST", path, "application/json", &body).await
+    };
+    let invalid_fields = |reply: &wire::Reply| -> Vec<String> {
+        assert_eq!((reply.status, reply.json()["reason"].clone()), (422, json!("Invalid")), "{}", reply.text());
+        reply.json()["details"]["causes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["field"].as_str().unwrap().to_string())
+            .collect()
+    };
+
+    let reply = post(
+        "/apis/rbac.authorization.k8s.io/v1/namespaces/default/roles",
+        json!({"metadata": {"name": "r"}, "rules": [{"verbs": [], "resources": ["secrets"]}, {"verbs": ["get"], "nonResourceURLs": ["/healthz"]}]}),
+    )
+    .await;
+    assert_eq!(invalid_fields(&reply), ["rules[0].verbs", "rules[0].apiGroups", "rules[1].nonResourceURLs"]);
+    let reply = post(
+        "/apis/rbac.authorization.k8s.io/v1/clusterrolebindings",
+        json!({"metadata": {"name": "b"}, "roleRef": {"kind": "Role", "name": "r"}, "subjects": [{"kind": "ServiceAccount", "name": "sa"}, {"kind": "Robot", "name": "x"}]}),
+    )
+    .await;
+    assert_eq!(invalid_fields(&reply), ["roleRef.kind", "subjects[0].namespace", "subjects[1].kind"]);
+
+    // A binding's roleRef never changes.
+    kubectl(&kubeconfig, &["create", "rolebinding", "fixed", "--role=a", "--user=u"]).await;
+    let refused = kubeapi::kubectl(&kubeconfig)
+        .args(["patch", "rolebinding", "fixed", "--type=merge", "-p", r#"{"roleRef": {"name": "b"}}"#])
+        .output()
+        .await
+        .unwrap();
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("cannot change roleRef"), "{refused:?}");
+
+    // Reviews are create-only and must ask something of someone.
+    let reviews = "/apis/authorization.k8s.io/v1/subjectaccessreviews";
+    assert_eq!(wire::get(addr, reviews).await.status, 405);
+    let reply =
+        post(reviews, json!({"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": {}}))
+            .await;
+    assert_eq!(invalid_fields(&reply), ["spec.resourceAttributes", "spec.user"]);
+
+    // Failures on demand, counted like any review request but not answered.
+    let api_reviews: kube::Api<SubjectAccessReview> = kube::Api::all(client.clone());
+    let ask = access_review("u", &[], on("default", "get", "secrets", "x"));
+    api.fail_reviews(true);
+    for _ in 0..2 {
+        match api_reviews.create(&Default::default(), &ask).await {
+            Err(kube::Error::Api(status)) => assert_eq!(status.code, 500),
+            other => panic!("expected a 500, got {other:?}"),
+        }
+    }
+    assert_eq!(wire::get(addr, "/api/v1/namespaces/default/secrets").await.status, 200, "only reviews fail");
+    api.fail_reviews(false);
+    assert!(!api_reviews.create(&Default::default(), &ask).await.unwrap().status.unwrap().allowed);
+    api.fail_next_matching(1, "subjectaccessreviews");
+    assert!(api_reviews.create(&Default::default(), &ask).await.is_err());
+    assert!(api_reviews.create(&Default::default(), &ask).await.is_ok());
+    // The invalid review above, two failed on purpose, one injected failure, two answered.
+    assert_eq!(api.requests_matching(|r| r.is_create_of("subjectaccessreviews")), 6);
+    assert_eq!(api.access_reviews().len(), 2);
 }

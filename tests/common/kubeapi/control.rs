@@ -59,6 +59,11 @@ impl RequestRecord {
     pub fn is_watch_of(&self, plural: &str) -> bool {
         self.is_watch() && self.path.ends_with(&format!("/{plural}"))
     }
+
+    /// A POST to a collection: a create, or a review such as `subjectaccessreviews`.
+    pub fn is_create_of(&self, plural: &str) -> bool {
+        self.method == "POST" && self.path.ends_with(&format!("/{plural}"))
+    }
 }
 
 impl std::fmt::Display for RequestRecord {
@@ -87,6 +92,10 @@ pub struct Shared {
     /// Cancelled (and replaced) to end every open watch at once.
     watch_cut: Mutex<CancellationToken>,
     open_watches: AtomicUsize,
+    /// While set, every SubjectAccessReview is answered 500.
+    fail_reviews: AtomicBool,
+    /// Every SubjectAccessReview answered, with its status, in order.
+    reviews: Mutex<Vec<serde_json::Value>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -104,6 +113,8 @@ impl Shared {
             log: Mutex::new(Vec::new()),
             watch_cut: Mutex::new(CancellationToken::new()),
             open_watches: AtomicUsize::new(0),
+            fail_reviews: AtomicBool::new(false),
+            reviews: Mutex::new(Vec::new()),
         }
     }
 
@@ -117,6 +128,23 @@ impl Shared {
 
     pub fn clear_request_log(&self) {
         lock(&self.log).clear();
+        lock(&self.reviews).clear();
+    }
+
+    pub fn set_fail_reviews(&self, fail: bool) {
+        self.fail_reviews.store(fail, Ordering::SeqCst);
+    }
+
+    pub fn reviews_fail(&self) -> bool {
+        self.fail_reviews.load(Ordering::SeqCst)
+    }
+
+    pub fn record_review(&self, review: serde_json::Value) {
+        lock(&self.reviews).push(review);
+    }
+
+    pub fn reviews(&self) -> Vec<serde_json::Value> {
+        lock(&self.reviews).clone()
     }
 
     pub fn set_unavailable(&self, unavailable: bool) {

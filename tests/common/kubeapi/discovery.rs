@@ -1,7 +1,8 @@
 //! Discovery documents, all derived from the resource table: `/version`, the legacy
 //! `/api`, `/api/v1`, `/apis`, `/apis/G`, `/apis/G/V` documents, the aggregated form
 //! (`apidiscovery.k8s.io/v2`) kubectl 1.32 asks for first, and the OpenAPI v3 index
-//! kubectl reads to learn that the server validates fields itself.
+//! kubectl reads to learn that the server validates fields itself. (An empty OpenAPI v2
+//! document is served in routes.rs.)
 
 use serde_json::{Value, json};
 
@@ -173,7 +174,8 @@ pub fn openapi_v3_index() -> Value {
 pub fn openapi_v3_group_version(path: &str) -> Option<Value> {
     let (group, version) = resources::group_versions().into_iter().find(|(g, v)| openapi_path(g, v) == path)?;
     let mut paths = serde_json::Map::new();
-    for def in resources::in_group_version(group, version) {
+    // Reviews have no PATCH upstream either (create only).
+    for def in resources::in_group_version(group, version).filter(|d| !d.review) {
         let prefix = format!("/{}", openapi_path(group, version));
         let url = if def.namespaced {
             format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", def.plural)

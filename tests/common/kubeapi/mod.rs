@@ -5,7 +5,17 @@
 //! In memory: one global resourceVersion, a bounded write history (watch resumption,
 //! paginated lists, 410 Expired after [`KubeApi::compact`]), bookmarks, selectors,
 //! merge/strategic/JSON/apply patches, optimistic concurrency, protobuf request bodies
-//! for the kinds kubectl's typed `create` commands send. Not emulated: auth, admission
+//! for the kinds kubectl's typed `create` commands send.
+//!
+//! RBAC as an authorizer, not as a gate: Roles, ClusterRoles, RoleBindings and
+//! ClusterRoleBindings are stored (validated as upstream does) and
+//! `POST /apis/authorization.k8s.io/v1/subjectaccessreviews` answers from them with
+//! upstream's rules and reason text, reading them afresh for every review. The groups of
+//! a review are those in its `spec.groups` only, as upstream: a service account's
+//! implicit groups come from authentication, which is not emulated. Also not emulated:
+//! authentication (every request is served, as if by cluster-admin), the escalation
+//! check on RBAC writes, ClusterRole aggregation, the bootstrap roles and bindings of a
+//! new cluster, the other authorization reviews (local, self, rules). Nor admission
 //! webhooks, protobuf or YAML responses, YAML request bodies, subresources, field
 //! ownership of server-side apply, graceful deletion and finalizers.
 //!
@@ -16,8 +26,16 @@
 //! // ... run certwire with --kubeconfig, kubectl with kubeapi::kubectl(&kubeconfig) ...
 //! api.compact();        // the next resume from an older version gets 410 Expired
 //! api.drop_watches();   // every watch connection is cut, as when the server restarts
+//!
+//! // Grant, then count what certwire asked:
+//! kubeapi::kubectl_ok(&kubeconfig, &["create", "role", "read", "--verb=get", "--resource=secrets", "-n", "edge"]).await;
+//! kubeapi::kubectl_ok(&kubeconfig, &["create", "rolebinding", "read", "--role=read",
+//!     "--serviceaccount=edge:envoy", "-n", "edge"]).await;
+//! let asked = api.requests_matching(|r| r.is_create_of("subjectaccessreviews"));
+//! api.fail_reviews(true); // every review is answered 500 until set back
 //! ```
 
+mod authorizer;
 mod b64;
 mod control;
 mod convert;
@@ -26,7 +44,9 @@ mod media;
 mod objects;
 mod patch;
 mod proto;
+mod rbac;
 mod resources;
+mod review;
 mod routes;
 mod selectors;
 mod server;
@@ -147,8 +167,28 @@ impl KubeApi {
         self.shared.request_log()
     }
 
+    /// Empties the request log and the list of [`KubeApi::access_reviews`].
     pub fn clear_request_log(&self) {
         self.shared.clear_request_log();
+    }
+
+    /// How many logged requests `matches`, e.g. `api.requests_matching(|r|
+    /// r.is_create_of("subjectaccessreviews"))` counts SubjectAccessReviews asked,
+    /// failed ones included.
+    pub fn requests_matching(&self, matches: impl Fn(&RequestRecord) -> bool) -> usize {
+        self.shared.request_log().iter().filter(|r| matches(r)).count()
+    }
+
+    /// Every SubjectAccessReview answered so far (not those failed on purpose), in
+    /// order: the review as sent plus `status.allowed` and `status.reason`.
+    pub fn access_reviews(&self) -> Vec<Value> {
+        self.shared.reviews()
+    }
+
+    /// While set, every SubjectAccessReview is answered 500 InternalError (the request is
+    /// still logged). `fail_next_matching(n, "subjectaccessreviews")` fails just `n`.
+    pub fn fail_reviews(&self, fail: bool) {
+        self.shared.set_fail_reviews(fail);
     }
 
     /// Watch responses currently streaming.

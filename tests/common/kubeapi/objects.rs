@@ -6,6 +6,7 @@ use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
 use super::b64;
+use super::rbac;
 use super::resources::ResourceDef;
 use super::status::ApiError;
 
@@ -166,6 +167,7 @@ pub fn admit(def: &ResourceDef, obj: &mut Value, old: Option<&Value>) -> Result<
     match def.kind {
         "Secret" => admit_secret(def, obj, old)?,
         "Namespace" => admit_namespace(obj, old),
+        "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => rbac::admit(def, obj, old)?,
         _ => {}
     }
     if let (true, Some(old)) = (def.generation, old)

@@ -1,5 +1,6 @@
 //! Protobuf request bodies. kubectl's typed clients (`kubectl create secret`, `create
-//! namespace`, `create configmap`, `create serviceaccount`) send built-in kinds as
+//! namespace`, `create configmap`, `create serviceaccount`, `create role`, `create
+//! rolebinding`, `create clusterrole`, `create clusterrolebinding`) send built-in kinds as
 //! protobuf and accept JSON back, and client-go does not fall back to JSON on a 415.
 //! So the emulator reads those kinds' protobuf (the fields a client sets on create) and
 //! answers JSON. Messages follow k8s.io/api's generated.proto; unknown fields are skipped.
@@ -98,6 +99,62 @@ struct ServiceAccount {
     automount_service_account_token: Option<bool>,
 }
 
+/// Role and ClusterRole (a ClusterRole's `aggregationRule`, field 3, is skipped).
+#[derive(Clone, PartialEq, Message)]
+struct Role {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, repeated, tag = "2")]
+    rules: Vec<PolicyRule>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct PolicyRule {
+    #[prost(string, repeated, tag = "1")]
+    verbs: Vec<String>,
+    #[prost(string, repeated, tag = "2")]
+    api_groups: Vec<String>,
+    #[prost(string, repeated, tag = "3")]
+    resources: Vec<String>,
+    #[prost(string, repeated, tag = "4")]
+    resource_names: Vec<String>,
+    #[prost(string, repeated, tag = "5")]
+    non_resource_urls: Vec<String>,
+}
+
+/// RoleBinding and ClusterRoleBinding.
+#[derive(Clone, PartialEq, Message)]
+struct RoleBinding {
+    #[prost(message, optional, tag = "1")]
+    metadata: Option<ObjectMeta>,
+    #[prost(message, repeated, tag = "2")]
+    subjects: Vec<Subject>,
+    #[prost(message, optional, tag = "3")]
+    role_ref: Option<RoleRef>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct Subject {
+    #[prost(string, optional, tag = "1")]
+    kind: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    api_group: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    name: Option<String>,
+    #[prost(string, optional, tag = "4")]
+    namespace: Option<String>,
+}
+
+#[derive(Clone, PartialEq, Message)]
+struct RoleRef {
+    #[prost(string, optional, tag = "1")]
+    api_group: Option<String>,
+    #[prost(string, optional, tag = "2")]
+    kind: Option<String>,
+    #[prost(string, optional, tag = "3")]
+    name: Option<String>,
+}
+
 /// Decodes a protobuf body for `def` into its JSON form.
 pub fn decode(def: &ResourceDef, body: &[u8]) -> Result<Value, ApiError> {
     let bad = |what: &dyn std::fmt::Display| ApiError::bad_request(format!("cannot decode the protobuf body: {what}"));
@@ -137,6 +194,34 @@ pub fn decode(def: &ResourceDef, body: &[u8]) -> Result<Value, ApiError> {
             put(&mut obj, "automountServiceAccountToken", sa.automount_service_account_token.map(Value::Bool));
             obj
         }
+        "Role" | "ClusterRole" => {
+            let role = Role::decode(raw.as_slice()).map_err(|e| bad(&e))?;
+            let rules: Vec<Value> = role.rules.into_iter().map(policy_rule).collect();
+            json!({"metadata": metadata(role.metadata), "rules": rules})
+        }
+        "RoleBinding" | "ClusterRoleBinding" => {
+            let binding = RoleBinding::decode(raw.as_slice()).map_err(|e| bad(&e))?;
+            let mut obj = json!({"metadata": metadata(binding.metadata)});
+            if !binding.subjects.is_empty() {
+                let subjects: Vec<Value> = binding
+                    .subjects
+                    .into_iter()
+                    .map(|s| {
+                        strings(&[
+                            ("kind", s.kind),
+                            ("apiGroup", s.api_group),
+                            ("name", s.name),
+                            ("namespace", s.namespace),
+                        ])
+                    })
+                    .collect();
+                obj["subjects"] = json!(subjects);
+            }
+            if let Some(r) = binding.role_ref {
+                obj["roleRef"] = strings(&[("apiGroup", r.api_group), ("kind", r.kind), ("name", r.name)]);
+            }
+            obj
+        }
         _ => return Err(ApiError::unsupported_media_type("application/vnd.kubernetes.protobuf")),
     };
     put(&mut obj, "apiVersion", type_meta.api_version.map(Value::String));
@@ -155,6 +240,34 @@ fn put_map<'a>(obj: &mut Value, field: &str, entries: impl Iterator<Item = (&'a 
     if !map.is_empty() {
         obj[field] = Value::Object(map);
     }
+}
+
+/// JSON lists of a rule; as in upstream's JSON, empty lists are left out (`omitempty`).
+fn policy_rule(rule: PolicyRule) -> Value {
+    let mut out = json!({});
+    let lists = [
+        ("verbs", rule.verbs),
+        ("apiGroups", rule.api_groups),
+        ("resources", rule.resources),
+        ("resourceNames", rule.resource_names),
+        ("nonResourceURLs", rule.non_resource_urls),
+    ];
+    for (field, list) in lists {
+        // `verbs` is required, so upstream always writes it.
+        if !list.is_empty() || field == "verbs" {
+            out[field] = json!(list);
+        }
+    }
+    out
+}
+
+/// An object of the string fields that are set and not empty (`omitempty`).
+fn strings(fields: &[(&str, Option<String>)]) -> Value {
+    let mut out = json!({});
+    for (field, value) in fields {
+        put(&mut out, field, value.clone().filter(|v| !v.is_empty()).map(Value::String));
+    }
+    out
 }
 
 fn metadata(meta: Option<ObjectMeta>) -> Value {

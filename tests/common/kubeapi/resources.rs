@@ -27,6 +27,8 @@ pub struct ResourceDef {
     /// Upstream sets `metadata.generation` only for resources with a spec that its
     /// controllers observe; none of the built-in kinds here do.
     pub generation: bool,
+    /// A review (SubjectAccessReview): create only, answered and never stored.
+    pub review: bool,
     pub printer: &'static Printer,
 }
 
@@ -48,6 +50,7 @@ const fn def(
         codec: None,
         create_on_update: false,
         generation: false,
+        review: false,
         printer,
     }
 }
@@ -60,6 +63,11 @@ impl ResourceDef {
 
     const fn create_on_update(mut self) -> Self {
         self.create_on_update = true;
+        self
+    }
+
+    const fn review(mut self) -> Self {
+        self.review = true;
         self
     }
 
@@ -79,6 +87,9 @@ impl ResourceDef {
     }
 
     pub fn verbs(&self) -> &'static [&'static str] {
+        if self.review {
+            return &["create"];
+        }
         // Upstream has no deletecollection on namespaces.
         if self.plural == "namespaces" {
             &["create", "delete", "get", "list", "patch", "update", "watch"]
@@ -115,7 +126,14 @@ pub static RESOURCES: &[ResourceDef] = &[
         .create_on_update()
         .stored_as("events", &convert::EVENTS_V1),
     def("coordination.k8s.io", "leases", "Lease", true, &table::LEASE).create_on_update(),
+    def(RBAC, "roles", "Role", true, &table::ROLE),
+    def(RBAC, "rolebindings", "RoleBinding", true, &table::ROLEBINDING),
+    def(RBAC, "clusterroles", "ClusterRole", false, &table::ROLE),
+    def(RBAC, "clusterrolebindings", "ClusterRoleBinding", false, &table::ROLEBINDING),
+    def("authorization.k8s.io", "subjectaccessreviews", "SubjectAccessReview", false, &table::DEFAULT).review(),
 ];
+
+pub const RBAC: &str = "rbac.authorization.k8s.io";
 
 /// Resources whose objects every namespaced resource lives in.
 pub fn namespaces() -> &'static ResourceDef {

@@ -18,6 +18,7 @@ use super::media::{self, Render};
 use super::patch::PatchType;
 use super::proto;
 use super::resources::{self, ResourceDef};
+use super::review;
 use super::selectors::{FieldSelector, LabelSelector};
 use super::status::ApiError;
 use super::store::{Filter, ListError, WatchFrom};
@@ -172,6 +173,15 @@ impl Call<'_> {
                 get_only()?;
                 discovery::resource_list(group, version).map(|d| ok(&d)).ok_or_else(ApiError::not_found_path)
             }
+            ["openapi", "v2"] => get_only().map(|()| {
+                // kubectl validates a kind without a PATCH operation in v3 (a review) against
+                // this document, fetched as protobuf; zero bytes is a document with no
+                // schemas, which kubectl takes as "nothing to check here".
+                Response::builder()
+                    .header(header::CONTENT_TYPE, "application/com.github.proto-openapi.spec.v2.v1.0+protobuf")
+                    .body(Body::empty())
+                    .expect("static headers are valid")
+            }),
             ["openapi", "v3"] => get_only().map(|()| ok(&discovery::openapi_v3_index())),
             ["openapi", "v3", rest @ ..] => {
                 get_only()?;
@@ -225,10 +235,22 @@ impl Call<'_> {
             }
             _ => return Err(ApiError::not_found_path()),
         };
+        if path.def.review {
+            return self.review(&path);
+        }
         match path.name {
             Some(name) => self.object(&path, name),
             None => self.collection(&path),
         }
+    }
+
+    /// A review is only ever created: POST on the collection, answered and not stored.
+    fn review(&self, path: &ResourcePath<'_>) -> Result<Response, ApiError> {
+        if *self.method != Method::POST || path.name.is_some() {
+            return Err(ApiError::method_not_allowed(self.method.as_str()));
+        }
+        let answer = review::create(self.shared, path.def, self.json_body()?)?;
+        Ok(json_response(StatusCode::CREATED, "application/json", &answer))
     }
 
     fn target<'p>(&self, path: &'p ResourcePath<'p>) -> Target<'p> {

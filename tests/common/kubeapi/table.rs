@@ -72,6 +72,58 @@ pub static LEASE: Printer = Printer {
     },
 };
 
+/// Role and ClusterRole: upstream prints the creation time itself, not an age.
+pub static ROLE: Printer = Printer {
+    columns: &[NAME, col("Created At", "date", "Time at which this role was created")],
+    cells: |obj, _| {
+        let created = obj.pointer("/metadata/creationTimestamp").cloned().unwrap_or(json!(""));
+        vec![json!(name_of(obj)), created]
+    },
+};
+
+/// RoleBinding and ClusterRoleBinding; the subject columns show with `-o wide` only.
+pub static ROLEBINDING: Printer = Printer {
+    columns: &[
+        NAME,
+        col("Role", "string", "Role referenced by this binding"),
+        AGE,
+        Column { priority: 1, ..col("Users", "string", "Users in this binding") },
+        Column { priority: 1, ..col("Groups", "string", "Groups in this binding") },
+        Column { priority: 1, ..col("ServiceAccounts", "string", "ServiceAccounts in this binding") },
+    ],
+    cells: |obj, now| {
+        let field = |name: &str| obj.pointer(&format!("/roleRef/{name}")).and_then(Value::as_str).unwrap_or("");
+        let subjects = obj.get("subjects").and_then(Value::as_array).map(Vec::as_slice).unwrap_or_default();
+        let of_kind = |kind: &str| {
+            let names: Vec<String> = subjects
+                .iter()
+                .filter(|s| s.get("kind").and_then(Value::as_str) == Some(kind))
+                .map(|s| {
+                    let text = |f: &str| s.get(f).and_then(Value::as_str).unwrap_or("");
+                    if kind == "ServiceAccount" {
+                        format!("{}/{}", text("namespace"), text("name"))
+                    } else {
+                        text("name").to_string()
+                    }
+                })
+                .collect();
+            json!(names.join(", "))
+        };
+        vec![
+            json!(name_of(obj)),
+            json!(format!("{}/{}", field("kind"), field("name"))),
+            json!(age(obj, now)),
+            of_kind("User"),
+            of_kind("Group"),
+            of_kind("ServiceAccount"),
+        ]
+    },
+};
+
+/// What upstream prints for a kind without a printer of its own.
+pub static DEFAULT: Printer =
+    Printer { columns: &[NAME, AGE], cells: |obj, now| vec![json!(name_of(obj)), json!(age(obj, now))] };
+
 /// Both Event forms: core (`involvedObject`, `message`) and events.k8s.io (`regarding`, `note`).
 pub static EVENT: Printer = Printer {
     columns: &[
