@@ -15,8 +15,9 @@ use common::bootstrap::{SdsBootstrap, SdsTarget};
 use common::certwire::{self, Certwire};
 use common::envoy::Envoy;
 use common::files::SecretDir;
+use common::kubeapi::{self, KubeApi};
 use common::pki::{Ca, Issued, LeafSpec};
-use common::tls::{handshake, sds_handshake, wait_served_serial};
+use common::tls::{self, handshake, sds_handshake, wait_served_serial};
 use common::util::{self, WAIT};
 use serde_json::Value;
 
@@ -416,4 +417,98 @@ async fn insecure_open_sds_is_allowed_and_warned_about() {
         log.lines().any(|l| l.contains("WARN") && l.contains("--insecure-open-sds")).then_some(())
     })
     .await;
+}
+
+/// `kubernetes` mode against an API server (the emulator, driven by the real kubectl):
+/// a proxy reads the Secrets of its own namespace once a SubjectAccessReview says its
+/// service account may list them, never another namespace's; a deleted RoleBinding
+/// stops further pushes within the TTL; reviews are cached, not asked per stream.
+#[tokio::test]
+async fn kubernetes_mode_follows_rbac_through_subject_access_reviews() {
+    const ID: &str = "spiffe://cluster.local/ns/edge/sa/envoy";
+    let dir = util::tempdir();
+    let api = KubeApi::start().await;
+    let kubeconfig = api.kubeconfig(dir.path());
+    let kubectl = |args: Vec<String>| {
+        let kubeconfig = kubeconfig.clone();
+        async move { kubeapi::kubectl_ok(&kubeconfig, &args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    let args = |s: &str| s.split_whitespace().map(str::to_owned).collect::<Vec<_>>();
+    kubectl(args("create namespace edge")).await;
+    kubectl(args("create namespace other")).await;
+    let ca = Ca::new("e2e served CA");
+    let apply = |ns: &'static str, name: &'static str, leaf: &Issued| {
+        let path = dir.path().join(format!("{ns}-{name}.json"));
+        std::fs::write(&path, kubeapi::tls_secret(ns, name, &leaf.cert_pem, &leaf.key_pem).to_string()).unwrap();
+        kubectl(vec!["apply".into(), "-f".into(), path.display().to_string()])
+    };
+    let web = ca.server("web.test");
+    apply("edge", "web", &web).await;
+    apply("other", "web", &ca.server("other.test")).await;
+
+    let pki = Pki::new(dir.path());
+    let config = dir.path().join("certwire.toml");
+    std::fs::write(&config, "[authz]\nmode = \"kubernetes\"\nallow_ttl = \"2s\"\ndeny_ttl = \"1s\"\n").unwrap();
+    let sds = util::free_addr();
+    let mut serve = vec!["--listen".into(), sds.to_string(), "--kubeconfig".into(), kubeconfig.display().to_string()];
+    serve.extend(args("--namespace edge --namespace other --default-namespace edge --config"));
+    serve.push(config.display().to_string());
+    serve.extend(pki.serve_args());
+    let certwire = Certwire::serve(serve).await;
+
+    let leaf = pki.client_ca.issue(&LeafSpec::spiffe(ID));
+    let client = pki.client_dir(&dir.path().join("clients"), "envoy", &leaf);
+    let (pa, pb) = (util::free_port(), util::free_port());
+    let _envoy = Envoy::start(
+        &SdsBootstrap::new("kubernetes://edge/web", SdsTarget::Tcp(sds), pa)
+            .delta()
+            .initial_fetch_timeout(WARMING)
+            .listener("kubernetes://other/web", pb)
+            .upstream_tls(client.path(), SERVER_NAME)
+            .to_yaml(),
+    )
+    .await;
+
+    // No RoleBinding yet: denied by the review.
+    util::wait_for("a denial by SubjectAccessReview", WAIT, || async {
+        let s = name_status(&certwire, ID, "kubernetes://edge/web").await?;
+        s["denied"].as_str().filter(|d| d.contains("SubjectAccessReview")).map(|_| ())
+    })
+    .await;
+    never_served(addr(pa), "web.test").await;
+
+    kubectl(args("create role read-secrets --verb=list --resource=secrets -n edge")).await;
+    kubectl(args("create rolebinding envoy-reads --role=read-secrets --serviceaccount=edge:envoy -n edge")).await;
+    wait_served_serial(addr(pa), "web.test", &web.serial_hex, WAIT).await;
+    let next = ca.server("web.test");
+    apply("edge", "web", &next).await;
+    wait_served_serial(addr(pa), "web.test", &next.serial_hex, WAIT).await;
+
+    // Another namespace: never, whatever RBAC says there.
+    kubectl(args("create role read-secrets --verb=list --resource=secrets -n other")).await;
+    kubectl(args("create rolebinding envoy-reads --role=read-secrets --serviceaccount=edge:envoy -n other")).await;
+    never_served(addr(pb), "other.test").await;
+    let other = name_status(&certwire, ID, "kubernetes://other/web").await.unwrap();
+    assert!(other["denied"].as_str().unwrap().contains("namespace"), "{other}");
+
+    // Revoked: within the TTL the name is denied and a new version is not pushed.
+    kubectl(args("delete rolebinding envoy-reads -n edge")).await;
+    util::wait_for("the revocation", WAIT, || async {
+        let s = name_status(&certwire, ID, "kubernetes://edge/web").await?;
+        s["denied"].as_str().map(|_| ())
+    })
+    .await;
+    let after = ca.server("web.test");
+    apply("edge", "web", &after).await;
+    tls::keeps_serving(addr(pa), "web.test", None, &next.serial_hex, HOLD).await;
+    wait_metric(&certwire, "certwire_authz_denials_total", &[("reason", "review")]).await;
+    wait_metric(&certwire, "certwire_authz_denials_total", &[("reason", "namespace")]).await;
+
+    // One service account, a few reviews: cached, asked again per TTL, not per stream.
+    let reviews = api.requests_matching(|r| r.is_create_of("subjectaccessreviews"));
+    assert!(reviews >= 3, "{reviews} reviews");
+    let answered = api.access_reviews();
+    assert!(answered.iter().all(|r| r["spec"]["user"] == "system:serviceaccount:edge:envoy"));
+    assert!(answered.iter().all(|r| r["spec"]["resourceAttributes"]["namespace"] == "edge"));
+    assert!(answered.iter().any(|r| r["status"]["allowed"] == true));
 }
