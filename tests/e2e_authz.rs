@@ -512,3 +512,43 @@ async fn kubernetes_mode_follows_rbac_through_subject_access_reviews() {
     assert!(answered.iter().all(|r| r["spec"]["resourceAttributes"]["namespace"] == "edge"));
     assert!(answered.iter().any(|r| r["status"]["allowed"] == true));
 }
+
+/// certwire's own certificate and client CA can come from its store like any secret
+/// (here from the files source; from Kubernetes or ACME alike): a rotation there is
+/// the next handshake's certificate.
+#[tokio::test]
+async fn the_listener_certificate_can_come_from_the_store() {
+    let dir = util::tempdir();
+    let server_ca = Ca::new("e2e certwire server CA");
+    let client_ca = Ca::new("e2e proxy client CA");
+    let root = dir.path().join("secrets");
+    let first = server_ca.server(SERVER_NAME);
+    let mut own = SecretDir::create_tls(&root, "certwire-tls", &first, Some(client_ca.cert_pem()));
+    let config = write_config(dir.path(), "[[authz.rules]]\nidentities = [\"*\"]\nsecrets = [\"app-*\"]\n");
+    let sds = util::free_addr();
+    let certwire = Certwire::serve([
+        "--listen".to_string(),
+        sds.to_string(),
+        "--files".into(),
+        root.display().to_string(),
+        "--config".into(),
+        config,
+        "--tls-cert-secret".into(),
+        "certwire-tls".into(),
+        "--tls-client-ca-secret".into(),
+        "certwire-tls-cacert".into(),
+    ])
+    .await;
+    let client = client_ca.issue(&LeafSpec::spiffe(ID_A));
+    let served = sds_handshake(sds, Some(&client)).await.expect("TLS from the stored secret");
+    assert_eq!(served.serial_hex, first.serial_hex);
+    let second = server_ca.server(SERVER_NAME);
+    own.swap_tls(&second, Some(client_ca.cert_pem()));
+    util::wait_for("the rotated certificate on a new handshake", WAIT, || async {
+        sds_handshake(sds, Some(&client)).await.ok().filter(|s| s.serial_hex == second.serial_hex)
+    })
+    .await;
+    assert!(sds_handshake(sds, None).await.is_err(), "client certificates are required");
+    let reloads = certwire.metric_sum("certwire_tls_reloads_total", &[("reason", "loaded")]).await;
+    assert!(reloads >= 2.0, "{reloads}");
+}
