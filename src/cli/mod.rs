@@ -1,6 +1,7 @@
 //! The `certwire` command line.
 
 mod bootstrap;
+mod certgen;
 mod check;
 mod serve;
 mod status;
@@ -29,6 +30,8 @@ pub enum Command {
     Check(check::CheckArgs),
     /// Print a working Envoy bootstrap that takes its certificates from certwire
     Bootstrap(bootstrap::BootstrapArgs),
+    /// Make a CA, certwire's server certificate and client certificates for proxies (mTLS)
+    Certgen(certgen::CertgenArgs),
     /// Show secrets and which proxies have acked which version
     Status(status::StatusArgs),
 }
@@ -43,6 +46,7 @@ pub fn run(cli: Cli) -> anyhow::Result<std::process::ExitCode> {
         }
         Command::Check(args) => Ok(check::run(&args)),
         Command::Bootstrap(args) => bootstrap::run(&args),
+        Command::Certgen(args) => certgen::run(&args),
         // One client call at a time: no thread per CPU for it.
         Command::Status(args) => runtime(tokio::runtime::Builder::new_current_thread())?.block_on(status::run(&args)),
     }
