@@ -552,3 +552,77 @@ async fn the_listener_certificate_can_come_from_the_store() {
     let reloads = certwire.metric_sum("certwire_tls_reloads_total", &[("reason", "loaded")]).await;
     assert!(reloads >= 2.0, "{reloads}");
 }
+
+/// `certwire certgen` output used as is: certwire serves with its server directory,
+/// Envoy runs `certwire bootstrap --sds-tls-dir` on its client directory; after a
+/// re-run (every leaf rotated) and a restart of certwire, Envoy reconnects with its
+/// new certificate to certwire's new one.
+#[tokio::test]
+async fn certgen_output_is_used_as_is_by_envoy_and_certwire() {
+    const ID: &str = "spiffe://cluster.local/ns/edge/sa/envoy";
+    let dir = util::tempdir();
+    let pki = dir.path().join("pki");
+    let certgen = || certwire::run(&["certgen", "--out", pki.to_str().unwrap(), "--client", ID]);
+    certgen();
+    let server = pki.join("server");
+    let client = pki.join("clients").join("edge.envoy");
+    let config = dir.path().join("certwire.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "[sds.tls]\nreload_every = \"1s\"\n[authz]\nmode = \"policy\"\n\
+             [[authz.rules]]\nidentities = [\"{ID}\"]\nsecrets = [\"localhost\"]\n"
+        ),
+    )
+    .unwrap();
+    let sds = util::free_addr();
+    let f = |d: &Path, n: &str| d.join(n).display().to_string();
+    let mut certwire = Certwire::serve([
+        "--listen".to_string(),
+        sds.to_string(),
+        "--config".into(),
+        config.display().to_string(),
+        "--tls-cert".into(),
+        f(&server, "tls.crt"),
+        "--tls-key".into(),
+        f(&server, "tls.key"),
+        "--tls-client-ca".into(),
+        f(&server, "ca.crt"),
+    ])
+    .await;
+    let port = util::free_port();
+    let yaml = certwire::run(&[
+        "bootstrap",
+        "--sds",
+        &sds.to_string(),
+        "--sds-tls-dir",
+        client.to_str().unwrap(),
+        "--secret",
+        "localhost",
+        "--listen-address",
+        "127.0.0.1",
+        "--listen-port",
+        &port.to_string(),
+        "--admin-port",
+        &util::free_port().to_string(),
+    ]);
+    let envoy = Envoy::start(&yaml).await;
+    let first = tls::wait_served(addr(port), "localhost", None).await;
+    assert_eq!(streams_of(&certwire, ID).await.len(), 1, "Envoy is known by its SPIFFE ID");
+
+    certgen();
+    util::wait_for("certwire to load its re-issued certificate", WAIT, || async {
+        let n = certwire.metric_sum("certwire_tls_reloads_total", &[("reason", "loaded")]).await;
+        (n >= 2.0).then_some(())
+    })
+    .await;
+    // A new dev CA on restart: a new certificate once Envoy is back on a new connection.
+    certwire.restart().await;
+    util::wait_for("Envoy to reconnect with its new certificate", WAIT, || async {
+        let served = handshake(addr(port), "localhost", None).await.ok()?;
+        (served.serial_hex != first.serial_hex).then_some(())
+    })
+    .await;
+    assert_eq!(streams_of(&certwire, ID).await.len(), 1);
+    drop(envoy);
+}
