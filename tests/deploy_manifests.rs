@@ -7,28 +7,47 @@
 //!   does not know, so each document is also serialized back to JSON and must equal the
 //!   original: a misspelled, misplaced or unknown field disappears in that round trip
 //!   and fails the test. The CRD structs deny unknown fields outright.
-//! - Policy: every Deployment is non-root with a read-only root filesystem, probes,
-//!   requests and limits; RBAC grants nothing but get/list/watch on Secrets and
-//!   create/patch on Events; a ClusterRole appears only in the all-namespaces overlay;
-//!   the namespaces in certwire.toml are exactly those with a Role.
-//! - certwire.toml and the Deployment's args go through certwire's own config loader
-//!   and command line parser.
+//! - Policy: every pod is non-root with a read-only root filesystem, requests and limits
+//!   (and probes, for Deployments). RBAC, subject by subject: certwire gets get/list/watch
+//!   on Secrets and create/patch on Events in the namespaces it watches, and create on
+//!   SubjectAccessReviews (the base's only ClusterRole; all-namespaces adds the one that
+//!   reads Secrets everywhere); certgen gets get/create/patch on exactly the Secrets it
+//!   writes (resourceNames); a gateway gets `list` on the Secrets of its own namespace,
+//!   nothing else. The namespaces in certwire.toml are exactly those with a Role.
+//! - certwire.toml and the Deployment's args go through certwire's own config loader and
+//!   command line parser: mutual TLS from the mounted Secret, authorization mode
+//!   kubernetes, the status API on loopback only. certgen's CronJob args go through the
+//!   same parser.
+//! - The PKI fits together: certgen's --client identities, cert-manager's client
+//!   Certificates, the gateways' ServiceAccounts and their Roles all name the same
+//!   spiffe://cluster.local/ns/NS/sa/SA; certwire's certificate names what the proxies
+//!   verify; certwire's own authorizer, asking the examples' RBAC, serves each gateway the
+//!   example certificate and refuses what it should not get.
 //! - Every Envoy bootstrap of the examples passes the real `envoy --mode validate`
-//!   ($CERTWIRE_ENVOY, else .tools/venv/bin/envoy from `bash tests/run.sh`). The Istio
+//!   ($CERTWIRE_ENVOY, else .tools/venv/bin/envoy from `bash tests/run.sh`), with the
+//!   pod's mounts laid out in a temporary directory (ConfigMap files, and test
+//!   certificates where the client Secret is mounted): once as written (file-based SDS for
+//!   the client certificate) and once with those SDS files turned into static secrets,
+//!   which makes Envoy read the certificate, key and CA files they name. The Istio
 //!   bootstrap override is merged the way pilot-agent applies it (`--config-yaml`).
 //!
 //! What no test here can show: that Istio's control plane accepts the Gateway and the
-//! EnvoyFilter and generates the listener they are written for (no Istio runs here).
+//! EnvoyFilter and generates the listener they are written for (no Istio runs here), and
+//! that a real API server and kubelet behave as the manifests expect.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 use k8s_openapi::Resource;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Namespace, PodSpec, Service, ServiceAccount};
+use k8s_openapi::api::batch::v1::CronJob;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, Namespace, PodSpec, Secret, SecretVolumeSource, Service, ServiceAccount, Volume,
+};
 use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
@@ -38,8 +57,12 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
+use certwire::authz::review::{ReviewFuture, Reviewer, Reviews};
+use certwire::authz::{Authorizer, Decision, Identity, Mode, Verdict};
 use certwire::cli::{Cli, Command as CertwireCommand};
 use certwire::config::Settings;
+use certwire::metrics::Metrics;
+use certwire::tls::{CaFrom, CertFrom};
 use certwire::xds::listen::ListenAddr;
 
 // ---------------------------------------------------------------------------------------
@@ -52,12 +75,49 @@ const VARIANTS: [&str; 3] = [BASE, NAMESPACES, ALL_NAMESPACES];
 const EDGE_ENVOY: &str = "deploy/examples/edge-envoy";
 const ISTIO: &str = "deploy/examples/istio-ingressgateway";
 const CERT_MANAGER: &str = "deploy/examples/cert-manager";
+/// certwire's mutual TLS with cert-manager: the CA, certwire's and the gateways' certificates.
+const CERT_MANAGER_MTLS: &str = "deploy/examples/cert-manager/certwire-mtls";
+/// certwire's mutual TLS with `certwire certgen`: a CronJob and its narrow RBAC.
+const CERTGEN: &str = "deploy/certgen";
+/// Copies certgen's client Secrets into the gateways' namespaces.
+const CERTGEN_COPY: &str = "deploy/certgen/copy-client-secrets.sh";
+/// The examples whose proxies are certwire's clients.
+const GATEWAY_EXAMPLES: [&str; 2] = [EDGE_ENVOY, ISTIO];
 /// A strategic merge patch for a Deployment that Istio's installer owns: not a complete
 /// object, so it is checked by applying it (`istio_gateway_patch_...`), not parsed alone.
 const ISTIO_GATEWAY_PATCH: &str = "deploy/examples/istio-ingressgateway/gateway-deployment-patch.yaml";
 
 /// The label certwire's NetworkPolicy requires of pods that reach its SDS port.
 const CLIENT_LABEL: (&str, &str) = ("certwire.io/client", "true");
+
+/// certwire's ServiceAccount and certgen's: (namespace, name).
+const CERTWIRE_ACCOUNT: (&str, &str) = ("certwire", "certwire");
+const CERTGEN_ACCOUNT: (&str, &str) = ("certwire", "certwire-certgen");
+/// The Secrets `certwire certgen --kubernetes-namespace` writes (src/cli/certgen.rs), and
+/// the names cert-manager is told to use for the same roles.
+const CA_SECRET: &str = "certwire-ca";
+const SERVER_SECRET: &str = "certwire-server";
+const CLIENT_SECRET_PREFIX: &str = "certwire-client-";
+/// The client certificate's Secret in a gateway's own namespace (cert-manager writes it;
+/// copy-client-secrets.sh copies certgen's there).
+const CLIENT_SECRET: &str = "certwire-client";
+/// The SPIFFE trust domain of the examples' client certificates.
+const TRUST_DOMAIN: &str = "cluster.local";
+/// The file names of a kubernetes.io/tls Secret that cert-manager and certgen both write.
+const TLS_CERT: &str = "tls.crt";
+const TLS_KEY: &str = "tls.key";
+const TLS_CA: &str = "ca.crt";
+const ENVOY_SECRET_TYPE: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+
+/// Every manifest of one kind: `all_of!(manifests, Role)`.
+macro_rules! all_of {
+    ($manifests:expr, $variant:ident) => {
+        $manifests
+            .iter()
+            .filter_map(|m| if let Manifest::$variant(x) = m { Some(&**x) } else { None })
+            .collect::<Vec<_>>()
+    };
+}
 
 fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -89,8 +149,10 @@ enum Manifest {
     Namespace(Box<Namespace>),
     ServiceAccount(Box<ServiceAccount>),
     ConfigMap(Box<ConfigMap>),
+    Secret(Box<Secret>),
     Service(Box<Service>),
     Deployment(Box<Deployment>),
+    CronJob(Box<CronJob>),
     PodDisruptionBudget(Box<PodDisruptionBudget>),
     NetworkPolicy(Box<NetworkPolicy>),
     Role(Box<Role>),
@@ -99,6 +161,7 @@ enum Manifest {
     ClusterRoleBinding(Box<ClusterRoleBinding>),
     Certificate(Box<Custom<CertificateSpec>>),
     Issuer(Box<Custom<IssuerSpec>>),
+    ClusterIssuer(Box<Custom<IssuerSpec>>),
     Gateway(Box<Custom<GatewaySpec>>),
     VirtualService(Box<Custom<VirtualServiceSpec>>),
     EnvoyFilter(Box<Custom<EnvoyFilterSpec>>),
@@ -123,8 +186,10 @@ fn parse(doc: &Value, origin: &str) -> Manifest {
         Namespace,
         ServiceAccount,
         ConfigMap,
+        Secret,
         Service,
         Deployment,
+        CronJob,
         PodDisruptionBudget,
         NetworkPolicy,
         Role,
@@ -135,6 +200,7 @@ fn parse(doc: &Value, origin: &str) -> Manifest {
     match (api_version, kind) {
         ("cert-manager.io/v1", "Certificate") => Manifest::Certificate(Box::new(strict(doc, &origin))),
         ("cert-manager.io/v1", "Issuer") => Manifest::Issuer(Box::new(strict(doc, &origin))),
+        ("cert-manager.io/v1", "ClusterIssuer") => Manifest::ClusterIssuer(Box::new(strict(doc, &origin))),
         ("networking.istio.io/v1", "Gateway") => Manifest::Gateway(Box::new(strict(doc, &origin))),
         ("networking.istio.io/v1", "VirtualService") => Manifest::VirtualService(Box::new(strict(doc, &origin))),
         // EnvoyFilter has no v1: v1alpha3 is its only version.
@@ -223,25 +289,26 @@ fn pod_labels(deployment: &Deployment) -> BTreeMap<String, String> {
         .unwrap_or_default()
 }
 
+/// The volume a container mounts at `dir`, if any; a subPath mount is refused (the
+/// kubelet never updates it, so a renewed certificate or a changed ConfigMap would not
+/// reach the container).
+fn volume_at<'a>(pod: &'a PodSpec, container: &Container, dir: &Path) -> Option<&'a Volume> {
+    let mount = container.volume_mounts.iter().flatten().find(|m| Path::new(&m.mount_path) == dir)?;
+    assert!(mount.sub_path.is_none(), "{}: a subPath mount at {} is never updated", container.name, dir.display());
+    let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name);
+    Some(volume.unwrap_or_else(|| panic!("{}: no volume {}", container.name, mount.name)))
+}
+
 /// The data of the ConfigMap that a pod mounts at the directory of `file`, and the key.
 fn mounted_file<'a>(
-    deployment: &Deployment,
+    pod: &PodSpec,
     container: &Container,
     file: &str,
     manifests: &'a [Manifest],
 ) -> (&'a BTreeMap<String, String>, String) {
-    let mount = container
-        .volume_mounts
-        .iter()
-        .flatten()
-        .find(|m| Path::new(file).parent() == Some(Path::new(&m.mount_path)))
-        .unwrap_or_else(|| panic!("{}: nothing mounted where {file} is", name(&deployment.metadata)));
-    let volume = pod_spec(deployment)
-        .volumes
-        .iter()
-        .flatten()
-        .find(|v| v.name == mount.name)
-        .unwrap_or_else(|| panic!("no volume {}", mount.name));
+    let dir = Path::new(file).parent().unwrap();
+    let volume =
+        volume_at(pod, container, dir).unwrap_or_else(|| panic!("{}: nothing mounted where {file} is", container.name));
     let config_map = volume.config_map.as_ref().map(|c| c.name.as_str()).expect("a ConfigMap volume");
     let data = config_maps(manifests)
         .into_iter()
@@ -251,6 +318,44 @@ fn mounted_file<'a>(
     let key = Path::new(file).file_name().unwrap().to_string_lossy().into_owned();
     assert!(data.contains_key(&key), "ConfigMap {config_map} has no key {key}");
     (data, key)
+}
+
+/// The Secret a container mounts at `dir`, read-only and in full (no `items`: the
+/// keys are those cert-manager and certgen write); panics if it is anything else.
+fn secret_at<'a>(pod: &'a PodSpec, container: &Container, dir: &Path, origin: &str) -> &'a SecretVolumeSource {
+    let mount = container.volume_mounts.iter().flatten().find(|m| Path::new(&m.mount_path) == dir);
+    let mount = mount.unwrap_or_else(|| panic!("{origin}: nothing mounted at {}", dir.display()));
+    assert_eq!(mount.read_only, Some(true), "{origin}: {} is mounted writable", dir.display());
+    let volume = volume_at(pod, container, dir).unwrap();
+    let secret = volume.secret.as_ref().unwrap_or_else(|| panic!("{origin}: {} is not a Secret", dir.display()));
+    assert!(secret.items.is_none(), "{origin}: the Secret at {} is mounted with items", dir.display());
+    assert_ne!(secret.optional, Some(true), "{origin}: the Secret at {} is optional", dir.display());
+    secret
+}
+
+/// A private key in a mounted Secret is readable by the container's user and by no one
+/// else it does not have to be: a group-only mode needs the pod's fsGroup to be the
+/// container's group.
+fn assert_key_readable_by_its_user_only(
+    pod: &PodSpec,
+    container: &Container,
+    secret: &SecretVolumeSource,
+    origin: &str,
+) {
+    let mode = secret.default_mode.unwrap_or(0o644);
+    let pod_security = pod.security_context.clone().unwrap_or_default();
+    let group = container.security_context.as_ref().and_then(|s| s.run_as_group).or(pod_security.run_as_group);
+    if mode & 0o004 == 0 {
+        assert_eq!(mode & 0o040, 0o040, "{origin}: the key is readable by its owner (root) only");
+        assert!(
+            pod_security.fs_group.is_some() && pod_security.fs_group == group,
+            "{origin}: mode {mode:o} needs fsGroup = the container's group ({group:?}), not {:?}",
+            pod_security.fs_group
+        );
+    }
+    if pod_security.fs_group.is_some() {
+        assert_eq!(mode & 0o007, 0, "{origin}: with an fsGroup, the key need not be world-readable (mode {mode:o})");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -278,6 +383,11 @@ struct CertificateSpec {
     common_name: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     dns_names: Option<Vec<String>>,
+    /// URI SANs: a SPIFFE ID for certwire's client certificates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    uris: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    usages: Option<Vec<KeyUsage>>,
     /// Go durations: `24h`, `90m`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     duration: Option<String>,
@@ -316,7 +426,20 @@ enum KeyAlgorithm {
     Ed25519,
 }
 
-#[derive(Debug, Deserialize, Serialize)]
+/// cert-manager's key usages; the examples use these.
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+enum KeyUsage {
+    #[serde(rename = "digital signature")]
+    DigitalSignature,
+    #[serde(rename = "key encipherment")]
+    KeyEncipherment,
+    #[serde(rename = "server auth")]
+    ServerAuth,
+    #[serde(rename = "client auth")]
+    ClientAuth,
+}
+
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
 enum RotationPolicy {
     Never,
     Always,
@@ -630,7 +753,7 @@ fn every_kustomization_renders_and_parses_strictly() {
             dirs.push(path.parent().unwrap().to_path_buf());
         }
     });
-    assert!(dirs.len() >= 7, "found only {} kustomizations under deploy/", dirs.len());
+    assert!(dirs.len() >= 11, "found only {} kustomizations under deploy/", dirs.len());
     for dir in dirs {
         let rel = dir.strip_prefix(repo()).unwrap().display().to_string();
         let manifests = render(&rel);
@@ -707,19 +830,21 @@ fn strict_parsing_rejects_unknown_and_misspelled_fields() {
 // Policy
 
 #[test]
-fn deployments_run_non_root_read_only_with_probes_and_limits() {
+fn pods_run_non_root_read_only_with_probes_and_limits() {
     let mut checked = 0;
     for dir in VARIANTS.iter().chain(&[EDGE_ENVOY]) {
         for deployment in deployments(&render(dir)) {
-            assert_hardened(deployment, &format!("{dir}: Deployment {}", name(&deployment.metadata)));
+            assert_hardened(pod_spec(deployment), true, &format!("{dir}: Deployment {}", name(&deployment.metadata)));
             checked += 1;
         }
     }
     assert_eq!(checked, 4, "expected certwire in three variants and the edge Envoy");
+    // certgen's job runs once and exits: no probes, the rest the same.
+    let certgen = certgen();
+    assert_hardened(&certgen.pod, false, &format!("{CERTGEN}: CronJob"));
 }
 
-fn assert_hardened(deployment: &Deployment, origin: &str) {
-    let pod = pod_spec(deployment);
+fn assert_hardened(pod: &PodSpec, probes: bool, origin: &str) {
     let pod_security = pod.security_context.clone().unwrap_or_default();
     assert_ne!(pod.host_network, Some(true), "{origin}: hostNetwork");
     assert_ne!(pod.host_pid, Some(true), "{origin}: hostPID");
@@ -743,7 +868,7 @@ fn assert_hardened(deployment: &Deployment, origin: &str) {
         assert!(capabilities.add.is_none_or(|a| a.is_empty()), "{origin}: adds capabilities");
         let seccomp = security.seccomp_profile.as_ref().map(|s| s.type_.as_str()).or(pod_seccomp);
         assert_eq!(seccomp, Some("RuntimeDefault"), "{origin}: no RuntimeDefault seccomp profile");
-        if !pod.init_containers.iter().flatten().any(|c| c.name == container.name) {
+        if probes && !pod.init_containers.iter().flatten().any(|c| c.name == container.name) {
             assert!(container.readiness_probe.is_some(), "{origin}: no readinessProbe");
             assert!(container.liveness_probe.is_some(), "{origin}: no livenessProbe");
         }
@@ -757,96 +882,162 @@ fn assert_hardened(deployment: &Deployment, origin: &str) {
     }
 }
 
-/// (API group, resource, verbs): all that certwire may do, and all that it needs.
-const GRANTS: [(&str, &str, &[&str]); 3] = [
+/// (API group, resource, verbs).
+type Grant = (&'static str, &'static str, &'static [&'static str]);
+
+/// All that certwire may do in a namespace it watches, and all that it needs.
+const GRANTS: [Grant; 3] = [
     ("", "secrets", &["get", "list", "watch"]),
     ("events.k8s.io", "events", &["create", "patch"]),
     ("", "events", &["create", "patch"]),
 ];
 
-fn assert_least_privilege(rules: &[PolicyRule], origin: &str) {
+/// certwire cluster-wide, in every variant: ask whether a proxy's service account may
+/// read Secrets (authz mode kubernetes).
+const REVIEW_GRANTS: [Grant; 1] = [("authorization.k8s.io", "subjectaccessreviews", &["create"])];
+const REVIEW_CLUSTER_ROLE: &str = "certwire-review";
+/// The all-namespaces overlay's ClusterRole: GRANTS everywhere.
+const ALL_NAMESPACES_CLUSTER_ROLE: &str = "certwire";
+
+/// A gateway in its own namespace: what that SubjectAccessReview asks (Istio's rule).
+const GATEWAY_GRANTS: [Grant; 1] = [("", "secrets", &["list"])];
+
+/// certgen on the Secrets it writes: read the CA back, create and update by server-side
+/// apply (an apply that creates is authorized as `create` of that name too).
+const CERTGEN_VERBS: [&str; 3] = ["get", "create", "patch"];
+
+/// The rules grant exactly `grants`: no more, no less, no resource names, no URLs.
+fn assert_least_privilege(rules: &[PolicyRule], grants: &[Grant], origin: &str) {
     let mut granted = BTreeSet::new();
     for rule in rules {
         assert!(rule.non_resource_urls.is_none(), "{origin}: grants non-resource URLs");
+        assert!(rule.resource_names.is_none(), "{origin}: names resources where none are expected");
         for group in rule.api_groups.iter().flatten() {
             for resource in rule.resources.iter().flatten() {
                 for verb in &rule.verbs {
                     let allowed =
-                        GRANTS.iter().any(|(g, r, verbs)| g == group && r == resource && verbs.contains(&&**verb));
+                        grants.iter().any(|(g, r, verbs)| g == group && r == resource && verbs.contains(&&**verb));
                     assert!(allowed, "{origin}: grants `{verb}` on `{resource}` of API group `{group}`");
                     granted.insert((group.clone(), resource.clone(), verb.clone()));
                 }
             }
         }
     }
-    for (group, resource, verbs) in GRANTS {
-        for verb in verbs {
+    for (group, resource, verbs) in grants {
+        for verb in *verbs {
             assert!(
-                granted.contains(&(group.to_owned(), resource.to_owned(), (*verb).to_owned())),
-                "{origin}: certwire needs `{verb}` on `{resource}` of API group `{group}`"
+                granted.contains(&((*group).to_owned(), (*resource).to_owned(), (*verb).to_owned())),
+                "{origin}: `{verb}` on `{resource}` of API group `{group}` is needed and not granted"
             );
         }
     }
 }
 
-/// Namespaces where certwire's ServiceAccount is bound to a least-privilege Role.
+/// certgen's Role: get/create/patch on exactly `names`, Secrets only.
+fn assert_certgen_rules(rules: &[PolicyRule], names: &BTreeSet<String>, origin: &str) {
+    let [rule] = rules else { panic!("{origin}: expected one rule, found {}", rules.len()) };
+    assert!(rule.non_resource_urls.is_none(), "{origin}: grants non-resource URLs");
+    assert_eq!(rule.api_groups.as_deref(), Some(&["".to_owned()][..]), "{origin}: API groups");
+    assert_eq!(rule.resources.as_deref(), Some(&["secrets".to_owned()][..]), "{origin}: resources");
+    let verbs: BTreeSet<&str> = rule.verbs.iter().map(String::as_str).collect();
+    assert_eq!(verbs, BTreeSet::from(CERTGEN_VERBS), "{origin}: verbs");
+    let granted: BTreeSet<String> = rule.resource_names.iter().flatten().cloned().collect();
+    assert_eq!(&granted, names, "{origin}: the Secrets certgen may touch are not exactly those it writes");
+}
+
+/// The one subject of a binding, a ServiceAccount: (namespace, name).
+fn account_subject(subjects: Option<&[k8s_openapi::api::rbac::v1::Subject]>, origin: &str) -> (String, String) {
+    let subjects = subjects.unwrap_or_default();
+    let [subject] = subjects else { panic!("{origin}: expected one subject, found {}", subjects.len()) };
+    assert_eq!(subject.kind, "ServiceAccount", "{origin}: binds a {} {}", subject.kind, subject.name);
+    let namespace = subject.namespace.clone().unwrap_or_else(|| panic!("{origin}: a subject without namespace"));
+    (namespace, subject.name.clone())
+}
+
+fn is(account: &(String, String), expected: (&str, &str)) -> bool {
+    (account.0.as_str(), account.1.as_str()) == expected
+}
+
+/// Namespaces where certwire's ServiceAccount is bound to a Role (the RBAC test checks
+/// what those Roles grant).
 fn role_namespaces(manifests: &[Manifest], origin: &str) -> BTreeSet<String> {
-    let roles: BTreeMap<(String, String), &Role> = manifests
-        .iter()
-        .filter_map(|m| if let Manifest::Role(r) = m { Some(r) } else { None })
-        .map(|r| ((namespace(&r.metadata).to_owned(), name(&r.metadata).to_owned()), &**r))
-        .collect();
     let mut namespaces = BTreeSet::new();
-    for manifest in manifests {
-        let Manifest::RoleBinding(binding) = manifest else { continue };
-        let ns = namespace(&binding.metadata).to_owned();
-        let origin = format!("{origin}: RoleBinding {ns}/{}", name(&binding.metadata));
-        assert_eq!(binding.role_ref.kind, "Role", "{origin}: binds a {}", binding.role_ref.kind);
-        let role = roles
-            .get(&(ns.clone(), binding.role_ref.name.clone()))
-            .unwrap_or_else(|| panic!("{origin}: no Role {} in {ns}", binding.role_ref.name));
-        assert_least_privilege(role.rules.as_deref().unwrap_or_default(), &origin);
-        assert_certwire_subject(binding.subjects.as_deref().unwrap_or_default(), &origin);
-        namespaces.insert(ns);
+    for binding in all_of!(manifests, RoleBinding) {
+        let origin = format!("{origin}: RoleBinding {}/{}", namespace(&binding.metadata), name(&binding.metadata));
+        if is(&account_subject(binding.subjects.as_deref(), &origin), CERTWIRE_ACCOUNT) {
+            namespaces.insert(namespace(&binding.metadata).to_owned());
+        }
     }
-    assert_eq!(roles.len(), namespaces.len(), "{origin}: a Role without a RoleBinding");
     namespaces
 }
 
-fn assert_certwire_subject(subjects: &[k8s_openapi::api::rbac::v1::Subject], origin: &str) {
-    assert_eq!(subjects.len(), 1, "{origin}: expected certwire's ServiceAccount alone");
-    let subject = &subjects[0];
-    assert_eq!(
-        (subject.kind.as_str(), subject.name.as_str(), subject.namespace.as_deref()),
-        ("ServiceAccount", "certwire", Some("certwire")),
-        "{origin}: not bound to certwire's ServiceAccount"
-    );
-}
-
 #[test]
-fn rbac_grants_only_secret_reads_and_event_writes_and_a_cluster_role_only_for_all_namespaces() {
-    for dir in VARIANTS.iter().chain(&[EDGE_ENVOY, ISTIO, CERT_MANAGER]) {
+fn rbac_is_least_privilege_for_each_subject_and_cluster_wide_only_where_it_must() {
+    let certgen = certgen();
+    let certgen_secrets: BTreeSet<String> = [CA_SECRET, SERVER_SECRET]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(certgen.clients.iter().map(|(label, _)| format!("{CLIENT_SECRET_PREFIX}{label}")))
+        .collect();
+    let dirs = VARIANTS.iter().chain(&GATEWAY_EXAMPLES).chain(&[CERT_MANAGER, CERT_MANAGER_MTLS, CERTGEN]);
+    for dir in dirs {
         let manifests = render(dir);
-        role_namespaces(&manifests, dir);
-        let cluster_roles: Vec<&ClusterRole> =
-            manifests.iter().filter_map(|m| if let Manifest::ClusterRole(r) = m { Some(&**r) } else { None }).collect();
-        let bindings: Vec<&ClusterRoleBinding> = manifests
-            .iter()
-            .filter_map(|m| if let Manifest::ClusterRoleBinding(b) = m { Some(&**b) } else { None })
+        let roles: BTreeMap<(String, String), &Role> = all_of!(manifests, Role)
+            .into_iter()
+            .map(|r| ((namespace(&r.metadata).to_owned(), name(&r.metadata).to_owned()), r))
             .collect();
-        if *dir != ALL_NAMESPACES {
-            assert!(cluster_roles.is_empty() && bindings.is_empty(), "{dir}: a ClusterRole outside all-namespaces");
-            continue;
+        let mut bound = BTreeSet::new();
+        for binding in all_of!(manifests, RoleBinding) {
+            let ns = namespace(&binding.metadata).to_owned();
+            let origin = format!("{dir}: RoleBinding {ns}/{}", name(&binding.metadata));
+            assert_eq!(binding.role_ref.kind, "Role", "{origin}: binds a {}", binding.role_ref.kind);
+            let key = (ns.clone(), binding.role_ref.name.clone());
+            let role = roles.get(&key).unwrap_or_else(|| panic!("{origin}: no Role {} in {ns}", key.1));
+            bound.insert(key);
+            let rules = role.rules.as_deref().unwrap_or_default();
+            let account = account_subject(binding.subjects.as_deref(), &origin);
+            if is(&account, CERTWIRE_ACCOUNT) {
+                assert_least_privilege(rules, &GRANTS, &origin);
+            } else if is(&account, CERTGEN_ACCOUNT) && *dir == CERTGEN {
+                assert_certgen_rules(rules, &certgen_secrets, &origin);
+            } else if GATEWAY_EXAMPLES.contains(dir) {
+                // A gateway, in its own namespace: what certwire's review asks, and no more.
+                assert_eq!(account.0, ns, "{origin}: a gateway's grant belongs in its own namespace");
+                assert_least_privilege(rules, &GATEWAY_GRANTS, &origin);
+            } else {
+                panic!("{origin}: binds {account:?}, which has no business here");
+            }
         }
-        let role = only(cluster_roles, "ClusterRole", dir);
-        assert_least_privilege(role.rules.as_deref().unwrap_or_default(), dir);
-        let binding = only(bindings, "ClusterRoleBinding", dir);
-        assert_eq!(
-            (binding.role_ref.kind.as_str(), binding.role_ref.name.as_str()),
-            ("ClusterRole", name(&role.metadata)),
-            "{dir}: the ClusterRoleBinding binds something else"
-        );
-        assert_certwire_subject(binding.subjects.as_deref().unwrap_or_default(), dir);
+        let unbound: Vec<_> = roles.keys().filter(|k| !bound.contains(*k)).collect();
+        assert!(unbound.is_empty(), "{dir}: Roles without a RoleBinding: {unbound:?}");
+
+        // Cluster-wide: the review grant in every variant, reading every Secret only in
+        // all-namespaces, nothing in the examples or certgen.
+        let expected: BTreeSet<&str> = match *dir {
+            ALL_NAMESPACES => BTreeSet::from([REVIEW_CLUSTER_ROLE, ALL_NAMESPACES_CLUSTER_ROLE]),
+            d if VARIANTS.contains(&d) => BTreeSet::from([REVIEW_CLUSTER_ROLE]),
+            _ => BTreeSet::new(),
+        };
+        let cluster_roles: BTreeMap<&str, &ClusterRole> =
+            all_of!(manifests, ClusterRole).into_iter().map(|r| (name(&r.metadata), r)).collect();
+        assert_eq!(cluster_roles.keys().copied().collect::<BTreeSet<_>>(), expected, "{dir}: ClusterRoles");
+        let mut cluster_bound = BTreeSet::new();
+        for binding in all_of!(manifests, ClusterRoleBinding) {
+            let origin = format!("{dir}: ClusterRoleBinding {}", name(&binding.metadata));
+            assert_eq!(binding.role_ref.kind, "ClusterRole", "{origin}: binds a {}", binding.role_ref.kind);
+            let role = binding.role_ref.name.as_str();
+            assert!(cluster_roles.contains_key(role), "{origin}: binds ClusterRole {role}, not among the manifests");
+            let account = account_subject(binding.subjects.as_deref(), &origin);
+            assert!(is(&account, CERTWIRE_ACCOUNT), "{origin}: not bound to certwire's ServiceAccount: {account:?}");
+            assert!(cluster_bound.insert(role), "{origin}: ClusterRole {role} bound twice");
+        }
+        assert_eq!(cluster_bound, expected, "{dir}: ClusterRoles and their bindings");
+        if let Some(review) = cluster_roles.get(REVIEW_CLUSTER_ROLE) {
+            assert_least_privilege(review.rules.as_deref().unwrap_or_default(), &REVIEW_GRANTS, dir);
+        }
+        if let Some(all) = cluster_roles.get(ALL_NAMESPACES_CLUSTER_ROLE) {
+            assert_least_privilege(all.rules.as_deref().unwrap_or_default(), &GRANTS, dir);
+        }
     }
 }
 
@@ -860,7 +1051,7 @@ fn certwire_settings(manifests: &[Manifest], origin: &str) -> (Settings, Vec<Str
         .unwrap_or_else(|e| panic!("{origin}: certwire does not accept the args {args:?}: {e}"));
     let CertwireCommand::Serve(mut flags) = cli.command else { panic!("{origin}: the args do not run `serve`") };
     let config = flags.config.clone().unwrap_or_else(|| panic!("{origin}: no --config"));
-    let (data, key) = mounted_file(deployment, container, config.to_str().unwrap(), manifests);
+    let (data, key) = mounted_file(pod_spec(deployment), container, config.to_str().unwrap(), manifests);
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join(&key);
     std::fs::write(&local, &data[&key]).unwrap();
@@ -868,6 +1059,25 @@ fn certwire_settings(manifests: &[Manifest], origin: &str) -> (Settings, Vec<Str
     let settings = Settings::resolve(&flags, cli.log_format)
         .unwrap_or_else(|e| panic!("{origin}: certwire refuses its config {}: {e:#}", config.display()));
     (settings, args)
+}
+
+/// The configuration deploy/README.md shows is one certwire accepts as it stands,
+/// secure-by-default check included.
+#[test]
+fn deploy_readme_config_example_is_accepted_by_certwire() {
+    let readme = std::fs::read_to_string(repo().join("deploy/README.md")).unwrap();
+    let blocks: Vec<&str> =
+        readme.split("```toml\n").skip(1).map(|rest| rest.split("```").next().unwrap_or_default()).collect();
+    assert!(!blocks.is_empty(), "deploy/README.md shows no certwire.toml");
+    let dir = tempfile::tempdir().unwrap();
+    for (i, block) in blocks.iter().enumerate() {
+        let path = dir.path().join(format!("{i}.toml"));
+        std::fs::write(&path, block).unwrap();
+        let flags = certwire::config::ServeFlags { config: Some(path), ..Default::default() };
+        let settings = Settings::resolve(&flags, None)
+            .unwrap_or_else(|e| panic!("deploy/README.md: certwire refuses its example config: {e:#}\n{block}"));
+        assert_eq!(settings.authz.mode, Mode::Kubernetes, "deploy/README.md: the example's mode");
+    }
 }
 
 #[test]
@@ -919,6 +1129,30 @@ fn certwire_deployment_matches_its_config_ports_probes_and_drain() {
         assert_eq!(listen.port(), port("sds"), "{dir}: the `sds` container port is not the listen port");
         assert!(settings.admin.ip().is_unspecified(), "{dir}: admin on {}, unreachable by probes", settings.admin);
         assert_eq!(settings.admin.port(), port("admin"), "{dir}: the `admin` container port is not the admin port");
+
+        // Secure as certwire's own check wants it, with nothing waived: mutual TLS from
+        // the mounted Secret, Istio's authorization rule, the status API on loopback.
+        assert!(!settings.insecure_open_sds, "{dir}: insecure_open_sds is set");
+        assert_eq!(settings.authz.mode, Mode::Kubernetes, "{dir}: authorization mode");
+        let tls = settings.tls.as_ref().unwrap_or_else(|| panic!("{dir}: SDS without TLS"));
+        let CertFrom::Files { cert, key } = &tls.cert else { panic!("{dir}: certificate not from files: {tls:?}") };
+        let Some(CaFrom::File { ca, crl: None }) = &tls.client_ca else {
+            panic!("{dir}: client certificates are not required from a CA file: {tls:?}")
+        };
+        let tls_dir = cert.parent().unwrap();
+        for (file, expected) in [(cert, TLS_CERT), (key, TLS_KEY), (ca, TLS_CA)] {
+            assert_eq!(file.parent(), Some(tls_dir), "{dir}: {} is not beside {}", file.display(), cert.display());
+            assert_eq!(file.file_name().unwrap(), expected, "{dir}: {} is not the Secret's {expected}", file.display());
+        }
+        let origin = format!("{dir}: certwire's TLS Secret");
+        let secret = secret_at(pod, container, tls_dir, &origin);
+        assert_eq!(secret.secret_name.as_deref(), Some(SERVER_SECRET), "{origin}: the Secret certgen writes");
+        assert_key_readable_by_its_user_only(pod, container, secret, &origin);
+        assert!(tls.reload_every <= Duration::from_secs(60), "{dir}: the TLS files are read again too seldom");
+        let status = settings.status_addr.unwrap_or_else(|| panic!("{dir}: the status API shares the admin port"));
+        assert!(status.ip().is_loopback(), "{dir}: the status API listens on {status}, reachable from the network");
+        let container_ports: Vec<u16> = container.ports.iter().flatten().map(|p| p.container_port as u16).collect();
+        assert!(!container_ports.contains(&status.port()), "{dir}: the status port is a container port");
 
         let admin = IntOrString::String("admin".into());
         for (probe, path) in [(&container.readiness_probe, "/readyz"), (&container.liveness_probe, "/healthz")] {
@@ -1045,40 +1279,636 @@ fn example_proxies_carry_the_label_the_network_policy_admits() {
 }
 
 // ---------------------------------------------------------------------------------------
+// certwire's mutual TLS: who is who, and who may read what
+
+/// An example proxy as its manifests define it.
+struct Gateway {
+    origin: &'static str,
+    /// The pod's namespace and ServiceAccount: what its client certificate must name.
+    namespace: String,
+    service_account: String,
+    pod: PodSpec,
+    /// The Envoy container.
+    container: Container,
+    /// The manifests its mounted ConfigMaps come from.
+    manifests: Vec<Manifest>,
+}
+
+impl Gateway {
+    fn spiffe_id(&self) -> String {
+        format!("spiffe://{TRUST_DOMAIN}/ns/{}/sa/{}", self.namespace, self.service_account)
+    }
+
+    /// A file of a ConfigMap the proxy mounts, by its path in the container.
+    fn config_file(&self, path: &str) -> String {
+        let (data, key) = mounted_file(&self.pod, &self.container, path, &self.manifests);
+        data[&key].clone()
+    }
+}
+
+fn edge_gateway() -> Gateway {
+    let manifests = render(EDGE_ENVOY);
+    let deployment = only(deployments(&manifests), "Deployment", EDGE_ENVOY).clone();
+    let pod = pod_spec(&deployment).clone();
+    let container = only(pod.containers.iter().collect(), "container", EDGE_ENVOY).clone();
+    Gateway {
+        origin: EDGE_ENVOY,
+        namespace: namespace(&deployment.metadata).to_owned(),
+        service_account: pod.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        pod,
+        container,
+        manifests,
+    }
+}
+
+/// The stock gateway (LEGACY_GATEWAY) with the example's patch applied.
+fn istio_gateway() -> Gateway {
+    let deployment = istio_patched_gateway();
+    let pod = pod_spec(&deployment).clone();
+    let container = pod.containers.iter().find(|c| c.name == "istio-proxy").expect("istio-proxy").clone();
+    Gateway {
+        origin: ISTIO,
+        namespace: namespace(&deployment.metadata).to_owned(),
+        service_account: pod.service_account_name.clone().unwrap_or_else(|| "default".into()),
+        pod,
+        container,
+        manifests: render(ISTIO),
+    }
+}
+
+fn gateways() -> Vec<Gateway> {
+    vec![edge_gateway(), istio_gateway()]
+}
+
+/// A CA and client certificates issued by it, standing in for what cert-manager or
+/// certgen writes into a gateway's Secret.
+struct TestPki {
+    ca_pem: String,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+/// A client certificate: PEM for files, DER for certwire's identity parser.
+struct ClientCert {
+    cert_pem: String,
+    key_pem: String,
+    der: Vec<u8>,
+}
+
+impl TestPki {
+    fn new() -> TestPki {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.distinguished_name.push(rcgen::DnType::CommonName, "test CA");
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        let ca = params.self_signed(&key).unwrap();
+        TestPki { ca_pem: ca.pem(), issuer: rcgen::Issuer::new(params, key) }
+    }
+
+    /// A client certificate whose only name is the URI SAN `uri`, as the examples issue them.
+    fn client(&self, uri: &str) -> ClientCert {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.subject_alt_names = vec![rcgen::SanType::URI(uri.try_into().unwrap())];
+        params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        ClientCert { cert_pem: cert.pem(), key_pem: key.serialize_pem(), der: cert.der().to_vec() }
+    }
+
+    /// The keys of the client Secret for `uri`.
+    fn client_secret(&self, uri: &str) -> BTreeMap<String, String> {
+        let client = self.client(uri);
+        BTreeMap::from([
+            (TLS_CERT.to_owned(), client.cert_pem),
+            (TLS_KEY.to_owned(), client.key_pem),
+            (TLS_CA.to_owned(), self.ca_pem.clone()),
+        ])
+    }
+}
+
+/// certgen's CronJob: its pod, and what its args ask for, read after certwire's own
+/// parser has accepted them.
+struct Certgen {
+    pod: PodSpec,
+    /// --kubernetes-namespace: where the Secrets go.
+    namespace: String,
+    /// --client LABEL=ID, in order.
+    clients: Vec<(String, String)>,
+}
+
+fn certgen() -> Certgen {
+    let manifests = render(CERTGEN);
+    let cron = only(all_of!(manifests, CronJob), "CronJob", CERTGEN);
+    let spec = cron.spec.as_ref().expect("a CronJob spec");
+    let job = spec.job_template.spec.as_ref().expect("a job spec");
+    let pod = job.template.spec.clone().expect("a pod spec");
+    let container = only(pod.containers.iter().collect(), "container", CERTGEN);
+    let args = container.args.clone().unwrap_or_default();
+    let cli = Cli::try_parse_from(std::iter::once("certwire".to_owned()).chain(args.clone()))
+        .unwrap_or_else(|e| panic!("{CERTGEN}: certwire does not accept the args {args:?}: {e}"));
+    assert!(matches!(cli.command, CertwireCommand::Certgen(_)), "{CERTGEN}: the args do not run `certgen`");
+    // Flags and values as separate args (what is read below), no --flag=value.
+    assert!(!args.iter().any(|a| a.starts_with("--") && a.contains('=')), "{CERTGEN}: write `--flag value`: {args:?}");
+    let values =
+        |flag: &str| -> Vec<String> { args.windows(2).filter(|w| w[0] == flag).map(|w| w[1].clone()).collect() };
+    let namespaces = values("--kubernetes-namespace");
+    let [namespace] = namespaces.as_slice() else { panic!("{CERTGEN}: expected one --kubernetes-namespace") };
+    assert!(values("--namespace").is_empty(), "{CERTGEN}: --namespace would change the server names");
+    let clients = values("--client")
+        .into_iter()
+        .map(|arg| {
+            let (label, id) = arg.split_once('=').unwrap_or_else(|| panic!("{CERTGEN}: --client {arg}: give a LABEL="));
+            assert!(id.starts_with("spiffe://"), "{CERTGEN}: --client {arg}: a SPIFFE ID (authz mode kubernetes)");
+            (label.to_owned(), id.to_owned())
+        })
+        .collect();
+    Certgen { pod, namespace: namespace.clone(), clients }
+}
+
+/// certwire's own Deployment in the base: its namespace and its image.
+fn certwire_deployment() -> Deployment {
+    only(deployments(&render(BASE)), "Deployment", BASE).clone()
+}
+
+#[test]
+fn certgen_issues_what_certwire_and_the_gateways_mount_and_may_write_only_that() {
+    let certgen = certgen();
+    let certwire = certwire_deployment();
+    let certwire_ns = namespace(&certwire.metadata);
+    assert_eq!(certgen.namespace, certwire_ns, "{CERTGEN}: the Secrets go where certwire mounts them from");
+    // certgen names the server certificate certwire.NS.svc.cluster.local (and shorter
+    // forms): the name every proxy dials, sends as SNI and verifies.
+    let (host, _) = certwire_sds_service();
+    assert_eq!(host, format!("certwire.{}.svc.cluster.local", certgen.namespace), "{CERTGEN}: server names");
+    // One client certificate per example gateway, naming its namespace and ServiceAccount.
+    let issued: BTreeSet<&str> = certgen.clients.iter().map(|(_, id)| id.as_str()).collect();
+    let gateways = gateways();
+    let wanted: BTreeSet<String> = gateways.iter().map(Gateway::spiffe_id).collect();
+    assert_eq!(issued, wanted.iter().map(String::as_str).collect(), "{CERTGEN}: --client identities");
+
+    // The job runs as its own ServiceAccount, with a token (it writes through the API
+    // server), and the same image as certwire.
+    assert_eq!(certgen.pod.service_account_name.as_deref(), Some(CERTGEN_ACCOUNT.1), "{CERTGEN}: ServiceAccount");
+    assert_ne!(certgen.pod.automount_service_account_token, Some(false), "{CERTGEN}: no token to write with");
+    let manifests = render(CERTGEN);
+    let account = only(all_of!(manifests, ServiceAccount), "ServiceAccount", CERTGEN);
+    assert_eq!((namespace(&account.metadata), name(&account.metadata)), CERTGEN_ACCOUNT);
+    assert_eq!(
+        certgen.pod.containers[0].image,
+        pod_spec(&certwire).containers[0].image,
+        "{CERTGEN}: not certwire's image"
+    );
+
+    // The copy script puts each client Secret where its gateway mounts it.
+    let pairs: Vec<String> = certgen
+        .clients
+        .iter()
+        .map(|(label, id)| {
+            let gateway = gateways.iter().find(|g| &g.spiffe_id() == id).unwrap();
+            format!("{label}={}", gateway.namespace)
+        })
+        .collect();
+    let copies = run_copy_script(&pairs);
+    assert_eq!(copies.len(), pairs.len(), "{CERTGEN_COPY}: one Secret per pair");
+    for ((label, id), (fetched, copy)) in certgen.clients.iter().zip(&copies) {
+        let gateway = gateways.iter().find(|g| &g.spiffe_id() == id).unwrap();
+        assert_eq!(fetched, &format!("{}/{CLIENT_SECRET_PREFIX}{label}", certgen.namespace), "read from");
+        assert_eq!(
+            (namespace(&copy.metadata), name(&copy.metadata)),
+            (gateway.namespace.as_str(), CLIENT_SECRET),
+            "{CERTGEN_COPY}: where the copy of {label} goes"
+        );
+        assert_eq!(copy.type_.as_deref(), Some("kubernetes.io/tls"));
+        let keys: BTreeSet<&str> = copy.data.iter().flatten().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(keys, BTreeSet::from([TLS_CERT, TLS_KEY, TLS_CA]), "{CERTGEN_COPY}: the data of the copy");
+    }
+}
+
+/// Runs copy-client-secrets.sh with a stand-in `kubectl` on PATH: `get secret` renders
+/// the script's go-template with the real kubectl over a made-up kubernetes.io/tls
+/// Secret, `apply` records what it is given. Returns, per apply, the Secret read
+/// (NS/NAME) and the Secret applied, parsed strictly.
+fn run_copy_script(pairs: &[String]) -> Vec<(String, Secret)> {
+    let real = std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())
+        .map(|dir| dir.join("kubectl"))
+        .find(|path| path.is_file())
+        .expect("kubectl on PATH");
+    let dir = tempfile::tempdir().unwrap();
+    let fake = dir.path().join("kubectl");
+    let log = dir.path().join("log");
+    for sub in ["get", "args", "yaml"] {
+        std::fs::create_dir_all(log.join(sub)).unwrap();
+    }
+    std::fs::write(
+        &fake,
+        format!(
+            r#"#!/usr/bin/env bash
+set -euo pipefail
+if [ "$3" = get ] && [ "$4" = secret ]; then
+  # kubectl -n NS get secret NAME -o go-template=TEMPLATE
+  echo "$2/$5" > {log}/get/$(ls {log}/get | wc -l)
+  exec {real} create secret generic "$5" -n "$2" --type=kubernetes.io/tls \
+    --from-literal=tls.crt=CERT --from-literal=tls.key=KEY --from-literal=ca.crt=CA \
+    --dry-run=client -o "$7"
+fi
+if [ "$1" = apply ]; then
+  n=$(ls {log}/args | wc -l)
+  echo "$*" > {log}/args/$n
+  cat > {log}/yaml/$n
+  exit 0
+fi
+echo "unexpected kubectl $*" >&2
+exit 1
+"#,
+            log = log.display(),
+            real = real.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let path = std::env::join_paths(
+        std::iter::once(dir.path().to_path_buf())
+            .chain(std::env::split_paths(&std::env::var_os("PATH").unwrap_or_default())),
+    )
+    .unwrap();
+    let output = Command::new("bash").arg(repo().join(CERTGEN_COPY)).args(pairs).env("PATH", path).output().unwrap();
+    assert!(output.status.success(), "{CERTGEN_COPY} failed:\n{}", String::from_utf8_lossy(&output.stderr));
+    let mut copies = Vec::new();
+    for i in 0.. {
+        let get = log.join("get").join(i.to_string());
+        if !get.exists() {
+            break;
+        }
+        let args = std::fs::read_to_string(log.join("args").join(i.to_string())).expect("an apply after each get");
+        // Server-side apply: client-side apply would keep a copy of the key in an annotation.
+        assert!(args.contains("--server-side"), "{CERTGEN_COPY}: kubectl {args}");
+        let yaml = std::fs::read_to_string(log.join("yaml").join(i.to_string())).unwrap();
+        let [doc] = documents(&yaml, CERTGEN_COPY).try_into().unwrap_or_else(|_| panic!("one Secret per apply"));
+        let Manifest::Secret(secret) = parse(&doc, CERTGEN_COPY) else {
+            panic!("{CERTGEN_COPY}: applies a non-Secret")
+        };
+        copies.push((std::fs::read_to_string(get).unwrap().trim().to_owned(), *secret));
+    }
+    copies
+}
+
+#[test]
+fn cert_manager_mtls_example_issues_certwire_and_each_gateway_its_certificate() {
+    let manifests = render(CERT_MANAGER_MTLS);
+    let issuers: BTreeMap<&str, &IssuerSpec> =
+        all_of!(manifests, ClusterIssuer).into_iter().map(|i| (name(&i.metadata), &i.spec)).collect();
+    let issuer_of = |certificate: &Custom<CertificateSpec>| {
+        let reference = &certificate.spec.issuer_ref;
+        let origin = format!("{CERT_MANAGER_MTLS}: Certificate {}", name(&certificate.metadata));
+        assert_eq!(reference.kind, Some(IssuerKind::ClusterIssuer), "{origin}: issuerRef kind");
+        assert_eq!(reference.group.as_deref(), Some("cert-manager.io"), "{origin}: issuerRef group");
+        (reference.name.clone(), *issuers.get(reference.name.as_str()).unwrap_or_else(|| panic!("{origin}: no issuer")))
+    };
+    let certificates = all_of!(manifests, Certificate);
+    let ca =
+        only(certificates.iter().copied().filter(|c| c.spec.is_ca == Some(true)).collect(), "CA", CERT_MANAGER_MTLS);
+    assert!(issuer_of(ca).1.self_signed.is_some(), "{CERT_MANAGER_MTLS}: the CA is not self-signed");
+    // A CA ClusterIssuer reads its Secret from cert-manager's cluster resource namespace.
+    assert_eq!(namespace(&ca.metadata), "cert-manager", "{CERT_MANAGER_MTLS}: the CA's namespace");
+    let ca_key = ca.spec.private_key.as_ref().and_then(|k| k.rotation_policy.as_ref());
+    assert_eq!(ca_key, Some(&RotationPolicy::Never), "{CERT_MANAGER_MTLS}: a CA renewal must keep its key");
+    let ca_issuer = issuers
+        .iter()
+        .find(|(_, i)| i.ca.as_ref().is_some_and(|c| c.secret_name == ca.spec.secret_name))
+        .map(|(n, _)| *n)
+        .expect("a ClusterIssuer signing with the CA");
+
+    let (host, _) = certwire_sds_service();
+    let certwire_ns = namespace(&certwire_deployment().metadata).to_owned();
+    let mut clients = BTreeMap::new();
+    let mut servers = 0;
+    for leaf in certificates.iter().filter(|c| c.spec.is_ca != Some(true)) {
+        let origin = format!("{CERT_MANAGER_MTLS}: Certificate {}/{}", namespace(&leaf.metadata), name(&leaf.metadata));
+        assert_eq!(issuer_of(leaf).0, ca_issuer, "{origin}: not issued by certwire's CA");
+        let usages = leaf.spec.usages.as_deref().unwrap_or_default();
+        let key = leaf.spec.private_key.as_ref().and_then(|k| k.rotation_policy.as_ref());
+        assert_eq!(key, Some(&RotationPolicy::Always), "{origin}: a renewal keeps the old key");
+        if leaf.spec.secret_name == SERVER_SECRET {
+            // certwire's certificate, where certwire mounts it from, for the name proxies verify.
+            assert_eq!(namespace(&leaf.metadata), certwire_ns, "{origin}: not in certwire's namespace");
+            assert!(leaf.spec.dns_names.iter().flatten().any(|n| *n == host), "{origin}: does not name {host}");
+            assert!(usages.contains(&KeyUsage::ServerAuth) && !usages.contains(&KeyUsage::ClientAuth), "{origin}");
+            assert!(leaf.spec.uris.is_none(), "{origin}: a SPIFFE ID on the server certificate");
+            servers += 1;
+        } else {
+            // A gateway's: in its namespace, named by its SPIFFE ID alone.
+            assert_eq!(leaf.spec.secret_name, CLIENT_SECRET, "{origin}: the Secret the gateways mount");
+            assert!(usages.contains(&KeyUsage::ClientAuth) && !usages.contains(&KeyUsage::ServerAuth), "{origin}");
+            assert!(leaf.spec.dns_names.is_none() && leaf.spec.common_name.is_none(), "{origin}: names besides the ID");
+            let uris = leaf.spec.uris.clone().unwrap_or_default();
+            assert!(
+                clients.insert(namespace(&leaf.metadata).to_owned(), uris).is_none(),
+                "{origin}: two per namespace"
+            );
+        }
+    }
+    assert_eq!(servers, 1, "{CERT_MANAGER_MTLS}: certwire's certificate");
+    let wanted: BTreeMap<String, Vec<String>> =
+        gateways().iter().map(|g| (g.namespace.clone(), vec![g.spiffe_id()])).collect();
+    assert_eq!(clients, wanted, "{CERT_MANAGER_MTLS}: the gateways' client certificates");
+}
+
+/// SubjectAccessReviews answered from Roles and RoleBindings, as the API server's RBAC
+/// authorizer answers them for namespaced grants (the manifests have no cluster-wide
+/// grant of Secrets to a gateway).
+struct ManifestRbac {
+    /// (namespace, ServiceAccount namespace, ServiceAccount, rules of the bound Role).
+    bindings: Vec<(String, String, String, Vec<PolicyRule>)>,
+    verb: String,
+}
+
+impl ManifestRbac {
+    fn new(manifests: &[Manifest], verb: &str) -> ManifestRbac {
+        let roles: BTreeMap<(String, String), &Role> = all_of!(manifests, Role)
+            .into_iter()
+            .map(|r| ((namespace(&r.metadata).to_owned(), name(&r.metadata).to_owned()), r))
+            .collect();
+        let mut bindings = Vec::new();
+        for binding in all_of!(manifests, RoleBinding) {
+            let ns = namespace(&binding.metadata).to_owned();
+            let Some(role) = roles.get(&(ns.clone(), binding.role_ref.name.clone())) else { continue };
+            for subject in binding.subjects.iter().flatten().filter(|s| s.kind == "ServiceAccount") {
+                let subject_ns = subject.namespace.clone().unwrap_or_else(|| ns.clone());
+                bindings.push((ns.clone(), subject_ns, subject.name.clone(), role.rules.clone().unwrap_or_default()));
+            }
+        }
+        ManifestRbac { bindings, verb: verb.to_owned() }
+    }
+
+    fn allows(&self, namespace: &str, service_account: &str) -> bool {
+        let has = |list: &Option<Vec<String>>, item: &str| list.iter().flatten().any(|x| x == item || x == "*");
+        self.bindings.iter().any(|(ns, subject_ns, subject, rules)| {
+            ns == namespace
+                && subject_ns == namespace
+                && subject == service_account
+                && rules.iter().any(|r| {
+                    has(&r.api_groups, "")
+                        && has(&r.resources, "secrets")
+                        && (r.verbs.iter().any(|v| *v == self.verb || v == "*"))
+                        && r.resource_names.as_ref().is_none_or(|n| n.is_empty())
+                })
+        })
+    }
+}
+
+impl Reviewer for ManifestRbac {
+    fn review(&self, namespace: &str, service_account: &str) -> ReviewFuture {
+        let allowed = self.allows(namespace, service_account);
+        Box::pin(async move { Ok(if allowed { None } else { Some("no RoleBinding grants it".to_owned()) }) })
+    }
+}
+
+/// certwire's verdict on `name` for `identity`, waiting for a review if there is one.
+async fn verdict(authz: &Authorizer, identity: &Identity, name: &str) -> Result<(), String> {
+    match authz.decide(identity, name) {
+        Verdict::Allow => Ok(()),
+        Verdict::Deny(reason) => Err(format!("{}: {}", reason.code, reason.detail)),
+        Verdict::Grant(mut grant) => match grant.wait_for(|d| *d != Decision::Pending).await.unwrap().clone() {
+            Decision::Allow => Ok(()),
+            Decision::Deny(reason) => Err(format!("{}: {}", reason.code, reason.detail)),
+            Decision::Pending => unreachable!(),
+        },
+    }
+}
+
+/// The overlays the examples run with, their certwire.toml as certwire reads it, and
+/// certwire's real authorizer asking the examples' RBAC: each gateway gets the example
+/// certificate (the edge Envoy by Istio's rule, own namespace and a review; the Istio
+/// gateway in istio-system by the overlay's one cross-namespace rule), and nobody gets
+/// what nothing grants.
+#[tokio::test]
+async fn kubernetes_authorization_serves_each_gateway_the_example_certificate_and_nothing_more() {
+    let pki = TestPki::new();
+    let example = example_secret_name();
+    let gateways = gateways();
+    for overlay in [NAMESPACES, ALL_NAMESPACES] {
+        let mut manifests = render(overlay);
+        let (settings, _) = certwire_settings(&manifests, overlay);
+        assert_eq!(settings.authz.mode, Mode::Kubernetes, "{overlay}: authorization mode");
+        for example in GATEWAY_EXAMPLES {
+            manifests.extend(render(example));
+        }
+        let rbac = ManifestRbac::new(&manifests, &settings.authz.verb);
+        let reviews = Reviews::new(Arc::new(rbac), settings.authz.ttls.clone());
+        let default_namespace = settings.kubernetes.as_ref().and_then(|k| k.default_namespace.clone()).unwrap();
+        let authz = Authorizer::new(
+            settings.authz.mode,
+            settings.authz.rules.clone(),
+            default_namespace,
+            Some(reviews),
+            Arc::new(Metrics::new()),
+        );
+        let identity = |uri: &str| Identity::from_certificate(&pki.client(uri).der);
+        for gateway in &gateways {
+            let who = identity(&gateway.spiffe_id());
+            let workload = who.workload().unwrap_or_else(|| panic!("{}: no workload in {who}", gateway.origin));
+            assert_eq!(
+                (&workload.namespace, &workload.service_account),
+                (&gateway.namespace, &gateway.service_account)
+            );
+            if let Err(why) = verdict(&authz, &who, &example).await {
+                panic!("{overlay}: certwire refuses {example} to {} ({who}): {why}", gateway.origin);
+            }
+            // Not certwire's own Secrets, not another Secret of the example's namespace
+            // unless its own RBAC grants it (the edge Envoy's does: Istio's rule).
+            for name in ["kubernetes://certwire/certwire-server", "kubernetes://certwire/certwire-ca"] {
+                assert!(verdict(&authz, &who, name).await.is_err(), "{overlay}: {who} may read {name}");
+            }
+            let other = "kubernetes://ingress/another-tls";
+            let expected = gateway.namespace == "ingress";
+            assert_eq!(verdict(&authz, &who, other).await.is_ok(), expected, "{overlay}: {who} and {other}");
+        }
+        // A pod of the same namespace whose ServiceAccount has no grant gets nothing
+        // there, and a caller without a client certificate gets nothing at all.
+        let stranger = identity(&format!("spiffe://{TRUST_DOMAIN}/ns/ingress/sa/default"));
+        let refused = verdict(&authz, &stranger, &example).await.expect_err("a ServiceAccount without the Role");
+        assert!(refused.starts_with("review:"), "{overlay}: {refused}");
+        assert!(verdict(&authz, &Identity::Anonymous, &example).await.is_err(), "{overlay}: anonymous");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
 // Envoy bootstraps, checked by Envoy
+
+/// A pod's mounts on this machine: each mount path becomes a temporary directory with
+/// what the kubelet would put there, in its `..data` layout: a ConfigMap's keys, or a
+/// client certificate from `pki` for the gateway's client Secret. `local` rewrites the
+/// mount paths in a text (a bootstrap, an SDS file, an argument) to those directories.
+struct PodFiles {
+    dir: tempfile::TempDir,
+    /// (mount path, local directory), the longest mount path first.
+    mounts: Vec<(String, PathBuf)>,
+}
+
+impl PodFiles {
+    fn new(gateway: &Gateway, pki: &TestPki) -> PodFiles {
+        let dir = tempfile::tempdir().unwrap();
+        let mut contents = Vec::new();
+        for (i, mount) in gateway.container.volume_mounts.iter().flatten().enumerate() {
+            let volume = volume_at(&gateway.pod, &gateway.container, Path::new(&mount.mount_path)).unwrap();
+            let files = if let Some(source) = &volume.config_map {
+                config_maps(&gateway.manifests)
+                    .into_iter()
+                    .find(|c| name(&c.metadata) == source.name)
+                    .and_then(|c| c.data.clone())
+                    .unwrap_or_else(|| panic!("{}: no ConfigMap {} with data", gateway.origin, source.name))
+            } else if let Some(secret) = &volume.secret {
+                assert_eq!(secret.secret_name.as_deref(), Some(CLIENT_SECRET), "{}: unexpected Secret", gateway.origin);
+                pki.client_secret(&gateway.spiffe_id())
+            } else {
+                // An emptyDir and the like: nothing the proxy reads from the manifests.
+                continue;
+            };
+            contents.push((mount.mount_path.clone(), dir.path().join(format!("mount-{i}")), files));
+        }
+        let mut mounts: Vec<(String, PathBuf)> = contents.iter().map(|(m, l, _)| (m.clone(), l.clone())).collect();
+        mounts.sort_by_key(|(mount, _)| std::cmp::Reverse(mount.len()));
+        let pod_files = PodFiles { dir, mounts };
+        for (_, local, files) in contents {
+            let files = files.into_iter().map(|(k, v)| (k, pod_files.local(&v))).collect();
+            write_kubelet_dir(&local, &files);
+        }
+        pod_files
+    }
+
+    fn local(&self, text: &str) -> String {
+        self.mounts.iter().fold(text.to_owned(), |text, (mount, local)| text.replace(mount, &local.to_string_lossy()))
+    }
+
+    /// Writes `content` into the sandbox (not into a mount) and returns its path.
+    fn write(&self, file: &str, content: &str) -> String {
+        let path = self.dir.path().join(file);
+        std::fs::write(&path, content).unwrap();
+        path.display().to_string()
+    }
+}
+
+/// `files` in `dir` as the kubelet writes a volume: a timestamped directory, `..data`
+/// pointing at it, and one symlink per file through `..data`.
+fn write_kubelet_dir(dir: &Path, files: &BTreeMap<String, String>) {
+    let payload = "..2026_01_01_00_00_00.000000001";
+    std::fs::create_dir_all(dir.join(payload)).unwrap();
+    for (file, content) in files {
+        std::fs::write(dir.join(payload).join(file), content).unwrap();
+        std::os::unix::fs::symlink(Path::new("..data").join(file), dir.join(file)).unwrap();
+    }
+    std::os::unix::fs::symlink(payload, dir.join("..data")).unwrap();
+}
+
+/// The one resource of an Envoy file-based SDS file (Envoy refuses a file with more), a
+/// Secret named `name`, without its `@type`: what a static secret looks like.
+fn sds_file_resource(text: &str, name: &Value, origin: &str) -> Value {
+    let file: Value = serde_saphyr::from_str(text).unwrap_or_else(|e| panic!("{origin}: an SDS file: {e}"));
+    let resources = file["resources"].as_array().cloned().unwrap_or_default();
+    let [resource] = resources.as_slice() else { panic!("{origin}: an SDS file holds one resource: {file}") };
+    assert_eq!(resource["@type"], ENVOY_SECRET_TYPE, "{origin}: the SDS file's resource type");
+    assert_eq!(&resource["name"], name, "{origin}: the SDS file's resource is not the one asked for");
+    let mut secret = resource.clone();
+    secret.as_object_mut().unwrap().remove("@type");
+    secret
+}
+
+/// The `certwire` cluster's TLS: mutual TLS to the name certwire's certificate carries
+/// (SNI and a DNS SAN matcher), the client certificate and the CA through file-based SDS
+/// from the files of the gateway's mounted client Secret, each watched so that a renewal
+/// (the kubelet's ..data swap) is picked up. The SDS files themselves come from a mounted
+/// ConfigMap whose directory is watched too.
+fn assert_certwire_cluster_tls(cluster: &Value, gateway: &Gateway) {
+    let origin = gateway.origin;
+    let (host, _) = certwire_sds_service();
+    let socket = &cluster["transport_socket"];
+    assert_eq!(socket["name"], "envoy.transport_sockets.tls", "{origin}: the certwire cluster is plaintext");
+    let tls = &socket["typed_config"];
+    assert_eq!(tls["@type"], "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext");
+    assert_eq!(tls["sni"].as_str(), Some(host.as_str()), "{origin}: SNI");
+    let common = &tls["common_tls_context"];
+    assert_eq!(common["alpn_protocols"], json!(["h2"]), "{origin}: ALPN (certwire speaks h2 only)");
+    let validation = &common["combined_validation_context"];
+    assert_eq!(
+        validation["default_validation_context"]["match_typed_subject_alt_names"],
+        json!([{"san_type": "DNS", "matcher": {"exact": host}}]),
+        "{origin}: certwire's certificate must be checked for its Service name"
+    );
+    let from_file = |config: &Value| {
+        let source = &config["sds_config"]["path_config_source"];
+        let path = source["path"].as_str().unwrap_or_else(|| panic!("{origin}: not file-based SDS: {config}"));
+        let watched = source["watched_directory"]["path"].as_str();
+        assert_eq!(watched, Path::new(path).parent().unwrap().to_str(), "{origin}: {path}'s directory is not watched");
+        sds_file_resource(&gateway.config_file(path), &config["name"], &format!("{origin}: {path}"))
+    };
+    let configs = common["tls_certificate_sds_secret_configs"].as_array().cloned().unwrap_or_default();
+    let [certificate] = configs.as_slice() else { panic!("{origin}: expected one client certificate") };
+    let certificate = from_file(certificate);
+    let ca = from_file(&validation["validation_context_sds_secret_config"]);
+
+    let pair = &certificate["tls_certificate"];
+    let dir = pair["watched_directory"]["path"].as_str().unwrap_or_else(|| panic!("{origin}: no watched_directory"));
+    let secret = secret_at(&gateway.pod, &gateway.container, Path::new(dir), &format!("{origin}: client Secret"));
+    assert_eq!(secret.secret_name.as_deref(), Some(CLIENT_SECRET), "{origin}: the client Secret's name");
+    assert_key_readable_by_its_user_only(&gateway.pod, &gateway.container, secret, origin);
+    let file = |name: &str| json!({ "filename": format!("{dir}/{name}") });
+    assert_eq!(pair["certificate_chain"], file(TLS_CERT), "{origin}: the client certificate file");
+    assert_eq!(pair["private_key"], file(TLS_KEY), "{origin}: the client key file");
+    let context = &ca["validation_context"];
+    assert_eq!(context["trusted_ca"], file(TLS_CA), "{origin}: the CA file");
+    assert_eq!(context["watched_directory"]["path"], dir, "{origin}: the CA's directory is not watched");
+}
+
+/// `bootstrap` (a local one: paths rewritten by PodFiles) with the certwire cluster's
+/// file-based SDS configs replaced by static secrets holding those files' resources.
+/// With file-based SDS, `--mode validate` only checks that the SDS file exists; a static
+/// secret makes it read the certificate, key and CA files the resource names.
+fn with_static_client_secrets(bootstrap: &Value) -> Value {
+    let mut out = bootstrap.clone();
+    let mut secrets = Vec::new();
+    let mut to_static = |config: &mut Value| {
+        let path = config["sds_config"]["path_config_source"]["path"].as_str().unwrap().to_owned();
+        secrets.push(sds_file_resource(&std::fs::read_to_string(&path).unwrap(), &config["name"], &path));
+        *config = json!({ "name": config["name"] });
+    };
+    let clusters = out["static_resources"]["clusters"].as_array_mut().unwrap();
+    let cluster = clusters.iter_mut().find(|c| c["name"] == "certwire").expect("the certwire cluster");
+    let common = &mut cluster["transport_socket"]["typed_config"]["common_tls_context"];
+    for config in common["tls_certificate_sds_secret_configs"].as_array_mut().unwrap() {
+        to_static(config);
+    }
+    to_static(&mut common["combined_validation_context"]["validation_context_sds_secret_config"]);
+    out["static_resources"]["secrets"] = Value::Array(secrets);
+    out
+}
 
 #[test]
 fn edge_envoy_bootstrap_and_command_line_validate_with_the_real_envoy() {
-    let manifests = render(EDGE_ENVOY);
-    let deployment = only(deployments(&manifests), "Deployment", EDGE_ENVOY);
-    let container = &pod_spec(deployment).containers[0];
-    let dir = tempfile::tempdir().unwrap();
-    // The container's own args, with the mounted ConfigMap files written out and
-    // $(VAR) expanded as the kubelet does it.
+    let gateway = edge_gateway();
+    let pki = TestPki::new();
+    let files = PodFiles::new(&gateway, &pki);
+    let container = &gateway.container;
+    // The container's own args, $(VAR) expanded as the kubelet does it, its mounts local.
     let mut args = Vec::new();
-    let mut bootstrap = None;
+    let mut bootstrap_path = None;
     for arg in container.args.iter().flatten() {
         let mut arg = arg.clone();
         for env in container.env.iter().flatten() {
             arg = arg.replace(&format!("$({})", env.name), &format!("{}-value", env.name.to_lowercase()));
         }
         if arg.starts_with('/') && arg.ends_with(".yaml") {
-            let (data, key) = mounted_file(deployment, container, &arg, &manifests);
-            let local = dir.path().join(&key);
-            std::fs::write(&local, &data[&key]).unwrap();
-            bootstrap = Some(data[&key].clone());
-            arg = local.display().to_string();
+            bootstrap_path = Some(arg.clone());
         }
-        args.push(arg);
+        args.push(files.local(&arg));
     }
-    let bootstrap = bootstrap.expect("a bootstrap file among the args");
+    let bootstrap_path = bootstrap_path.expect("a bootstrap file among the args");
     if let Err(envoy) = envoy_validate(&args) {
         panic!("{EDGE_ENVOY}: envoy --mode validate {args:?} refuses the bootstrap:\n{envoy}");
     }
 
     // What validation does not look at: the SDS cluster must speak HTTP/2 and point at
     // certwire's Service, and the secret must be the one cert-manager writes.
-    let bootstrap: Value = serde_saphyr::from_str(&bootstrap).unwrap();
+    let text = gateway.config_file(&bootstrap_path);
+    let bootstrap: Value = serde_saphyr::from_str(&text).unwrap();
     let listener = &bootstrap["static_resources"]["listeners"][0];
     let port = listener["address"]["socket_address"]["port_value"].as_u64().unwrap();
     let secret = &listener["filter_chains"][0]["transport_socket"]["typed_config"]["common_tls_context"]["tls_certificate_sds_secret_configs"]
@@ -1093,10 +1923,29 @@ fn edge_envoy_bootstrap_and_command_line_validate_with_the_real_envoy() {
     // resolves it only when it runs, which is what the validation above just showed.
     assert_eq!(cluster["type"], "STRICT_DNS");
     assert_eq!(sds_cluster_target(cluster, EDGE_ENVOY), certwire_sds_service(), "{EDGE_ENVOY}: SDS cluster target");
+    assert_certwire_cluster_tls(cluster, &gateway);
 
     // The container and Service ports are the TLS listener's.
     let https = container.ports.iter().flatten().find(|p| p.name.as_deref() == Some("https")).unwrap();
     assert_eq!(https.container_port as u64, port, "{EDGE_ENVOY}: container port https");
+
+    // The client certificate, key and CA as Envoy loads them: the SDS files' resources
+    // as static secrets, over the test certificates in the client Secret's directory.
+    let local: Value = serde_saphyr::from_str(&files.local(&text)).unwrap();
+    let path = files.write("static.json", &with_static_client_secrets(&local).to_string());
+    let args = ["-c".to_owned(), path, "--service-node".into(), "n".into()];
+    if let Err(envoy) = envoy_validate(&args) {
+        panic!("{EDGE_ENVOY}: Envoy cannot load the client certificate files:\n{envoy}");
+    }
+    // Which it really reads: without the key, it refuses.
+    let secret = |m: &&k8s_openapi::api::core::v1::VolumeMount| {
+        volume_at(&gateway.pod, container, Path::new(&m.mount_path)).is_some_and(|v| v.secret.is_some())
+    };
+    let mount = container.volume_mounts.iter().flatten().find(secret).expect("the client Secret's mount");
+    let key = files.local(&format!("{}/..data/{TLS_KEY}", mount.mount_path));
+    std::fs::remove_file(&key).unwrap_or_else(|e| panic!("{key}: {e}"));
+    let refused = envoy_validate(&args).expect_err("Envoy accepted a client key that is not there");
+    assert!(refused.contains(TLS_KEY), "unexpected refusal:\n{refused}");
 }
 
 /// Validation is only worth something if it can fail: a misspelled field is refused.
@@ -1125,6 +1974,8 @@ fn istio_manifests() -> (Custom<EnvoyFilterSpec>, Custom<GatewaySpec>, Custom<Vi
             Manifest::Gateway(g) => gateway = Some(*g),
             Manifest::VirtualService(v) => virtual_service = Some(*v),
             Manifest::ConfigMap(c) => config_map = Some(*c),
+            // The gateway's `list secrets` grant: checked by the RBAC and authorization tests.
+            Manifest::Role(_) | Manifest::RoleBinding(_) => {}
             other => panic!("{ISTIO}: unexpected {other:?}"),
         }
     }
@@ -1162,6 +2013,14 @@ fn istio_bootstrap_override_and_envoyfilter_validate_with_the_real_envoy() {
         .and_then(|c| c.iter().find(|c| c["name"] == cluster_name))
         .unwrap_or_else(|| panic!("{ISTIO}: the bootstrap override has no cluster {cluster_name}"));
     assert_eq!(sds_cluster_target(cluster, ISTIO), certwire_sds_service(), "{ISTIO}: SDS cluster target");
+    // The gateway as patched: the override's SDS files and its client Secret are mounted
+    // where the cluster's TLS looks for them.
+    let gateway = istio_gateway();
+    let (data, key) = mounted_file(&gateway.pod, &gateway.container, override_file(&gateway), &gateway.manifests);
+    assert_eq!(&data[&key], override_json, "{ISTIO}: the patch mounts another override");
+    assert_certwire_cluster_tls(cluster, &gateway);
+    let files = PodFiles::new(&gateway, &TestPki::new());
+    let override_json = files.local(override_json);
 
     // Stand-in for the gateway listener Istio generates for the plain HTTP server, with
     // the EnvoyFilter's transport socket merged in (the chain had none, so MERGE sets
@@ -1190,15 +2049,19 @@ fn istio_bootstrap_override_and_envoyfilter_validate_with_the_real_envoy() {
             "filter_chains": [{"filters": [hcm], "transport_socket": transport_socket}],
         }]},
     });
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("gateway.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&base).unwrap()).unwrap();
-    let base_args = vec!["-c".to_owned(), path.display().to_string()];
+    let path = files.write("gateway.json", &serde_json::to_string_pretty(&base).unwrap());
+    let base_args = vec!["-c".to_owned(), path];
     // pilot-agent passes the override file's content as `--config-yaml` (Istio's
     // pkg/envoy/proxy.go); Envoy merges it into the bootstrap.
     let merged = [base_args.clone(), vec!["--config-yaml".to_owned(), override_json.clone()]].concat();
     if let Err(envoy) = envoy_validate(&merged) {
         panic!("{ISTIO}: envoy --mode validate refuses the override merged with the EnvoyFilter's TLS:\n{envoy}");
+    }
+    // The client certificate files as Envoy loads them (see with_static_client_secrets).
+    let local: Value = serde_json::from_str(&override_json).unwrap();
+    let loaded = with_static_client_secrets(&local).to_string();
+    if let Err(envoy) = envoy_validate(&[base_args.clone(), vec!["--config-yaml".to_owned(), loaded]].concat()) {
+        panic!("{ISTIO}: Envoy cannot load the gateway's client certificate files:\n{envoy}");
     }
     let witness = envoy_validate(&base_args).expect_err("the stand-in validated without the override's cluster");
     assert!(
@@ -1258,6 +2121,12 @@ fn istio_patched_gateway() -> Deployment {
     }
 }
 
+/// The file pilot-agent reads the override from: ISTIO_BOOTSTRAP_OVERRIDE of the patched gateway.
+fn override_file(gateway: &Gateway) -> &str {
+    let env = gateway.container.env.iter().flatten().find(|e| e.name == "ISTIO_BOOTSTRAP_OVERRIDE");
+    env.and_then(|e| e.value.as_deref()).expect("ISTIO_BOOTSTRAP_OVERRIDE")
+}
+
 #[test]
 fn istio_gateway_patch_mounts_the_override_and_removes_the_certs_volume() {
     let (_, _, _, override_map) = istio_manifests();
@@ -1293,6 +2162,12 @@ fn istio_gateway_patch_mounts_the_override_and_removes_the_certs_volume() {
     assert!(!mounts.contains(&"/etc/istio/ingressgateway-certs"), "the certs mount is still there: {mounts:?}");
     assert!(mounts.contains(&"/etc/istio/proxy"), "the patch removed another mount: {mounts:?}");
     assert!(proxy.env.iter().flatten().any(|e| e.name == "POD_NAMESPACE"), "the patch replaced the env list");
+    // And the client certificate for certwire's mutual TLS is mounted, read-only (that it
+    // is where the override's SDS files look: the validation test).
+    let secret = |v: &&Volume| v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some(CLIENT_SECRET);
+    let client = pod.volumes.iter().flatten().find(secret).expect("the client Secret's volume");
+    let mounted = proxy.volume_mounts.iter().flatten().any(|m| m.name == client.name && m.read_only == Some(true));
+    assert!(mounted, "the client Secret is not mounted read-only into istio-proxy");
 }
 
 // ---------------------------------------------------------------------------------------
