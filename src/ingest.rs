@@ -87,25 +87,40 @@ impl Sink {
     }
 
     fn rejected<N: AsRef<str> + Clone + Into<Arc<str>>>(&self, names: &[N], err: PkiError) -> PkiError {
-        self.metrics
-            .updates_rejected
-            .get_or_create(&RejectLabel { source: self.source.to_string(), reason: err.reason() })
-            .inc();
+        self.record_rejection(names, err.reason(), &err);
+        err
+    }
+
+    /// The source could not even get `name`'s material (a file too large, not a regular
+    /// file, outside its root, unreadable): a rejection like a failed check, logged,
+    /// counted under `reason` and recorded in status, while the last good version stays.
+    /// `error` names what failed and why; it must not carry key material.
+    pub fn reject<N>(&self, name: N, reason: &'static str, error: &dyn std::fmt::Display)
+    where
+        N: AsRef<str> + Clone + Into<Arc<str>>,
+    {
+        self.record_rejection(std::slice::from_ref(&name), reason, error);
+    }
+
+    fn record_rejection<N>(&self, names: &[N], reason: &'static str, error: &dyn std::fmt::Display)
+    where
+        N: AsRef<str> + Clone + Into<Arc<str>>,
+    {
+        self.metrics.updates_rejected.get_or_create(&RejectLabel { source: self.source.to_string(), reason }).inc();
         let name = names.first().map(AsRef::as_ref).unwrap_or_default();
         let served = self.store.get(name).map(|s| s.version.to_string());
         tracing::error!(
             secret = name,
             aliases = names.len(),
             source = %self.source,
-            reason = err.reason(),
-            error = %err,
+            reason,
+            error = %error,
             still_serving = served.as_deref().unwrap_or("nothing"),
             "secret update rejected; last good version kept"
         );
         for name in names {
-            self.store.reject(self.rank, &self.source, name.clone(), err.to_string());
+            self.store.reject(self.rank, &self.source, name.clone(), error.to_string());
         }
-        err
     }
 
     /// The source no longer has `name`. Proxies keep what they have (Envoy semantics).

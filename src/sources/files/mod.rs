@@ -8,14 +8,21 @@
 //! by digest, so the burst of events of one swap pushes once. A periodic full rescan is
 //! the safety net for events the watch missed.
 //!
+//! Every file is read off the async workers, refused without being opened when it is not
+//! a regular file inside the root, and read up to a cap (see [`read`]). A file that
+//! cannot be read is a rejection like a failed check: logged, counted and shown in
+//! status, the last good version kept.
+//!
 //! The root and each secret directory are watched on their own, not recursively: the
 //! kubelet's swap is a rename of `..data_tmp` onto `..data` in the secret directory, and
 //! plain writes of `tls.crt` and `tls.key` happen there too, so the `..TIMESTAMP`
 //! directories below need no watch. That halves the watches, and their bookkeeping is
 //! much of the memory a stored secret costs.
 
+mod read;
+
 use std::collections::{BTreeSet, HashMap};
-use std::io::{self, Read as _};
+use std::io;
 use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -25,11 +32,13 @@ use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use zeroize::Zeroizing;
 
 use crate::ingest::Sink;
 use crate::pki::{self, CheckOptions, KeyBytes, Material, PkiError};
 use crate::version::Version;
+
+pub use read::DEFAULT_MAX_FILE_BYTES;
+use read::Limits;
 
 /// Tuning of the file source. `Options::default()` is meant for production.
 #[derive(Debug, Clone, Copy)]
@@ -37,13 +46,21 @@ pub struct Options {
     /// Period of the full rescan that catches events the watch missed.
     pub rescan: Duration,
     /// How long a secret that looks mid-write (a pair that does not match yet, files
-    /// gone) may take to settle before it is reported as it is.
+    /// gone) may take to settle before it is reported as it is. New content that passes
+    /// the checks is never held back.
     pub settle: Duration,
+    /// The largest secret file read (certificate chain, key, CA bundle, CRL); a larger
+    /// one is refused with reason `too_large`.
+    pub max_file_bytes: u64,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { rescan: Duration::from_secs(30), settle: Duration::from_millis(500) }
+        Self {
+            rescan: Duration::from_secs(30),
+            settle: Duration::from_millis(500),
+            max_file_bytes: DEFAULT_MAX_FILE_BYTES,
+        }
     }
 }
 
@@ -51,12 +68,38 @@ impl Default for Options {
 pub enum FilesError {
     #[error("cannot read {}: {source}", path.display())]
     Read { path: PathBuf, source: io::Error },
+    #[error("{} is {kind}, not a regular file; it is not opened", path.display())]
+    NotAFile { path: PathBuf, kind: &'static str },
+    #[error(
+        "{} is too large: {}over the limit of {max} bytes for a secret file",
+        path.display(),
+        size.map(|s| format!("{s} bytes, ")).unwrap_or_default()
+    )]
+    TooLarge { path: PathBuf, size: Option<u64>, max: u64 },
+    #[error(
+        "{} leads to {}, outside the root {}; only links that stay inside the root are followed",
+        path.display(),
+        target.display(),
+        root.display()
+    )]
+    OutsideRoot { path: PathBuf, target: PathBuf, root: PathBuf },
     #[error("cannot watch {}: {source}", path.display())]
     Watch { path: PathBuf, source: notify::Error },
 }
 
-/// A key file larger than this is not a key; refusing it bounds the allocation.
-const MAX_KEY_BYTES: u64 = 1 << 20;
+impl FilesError {
+    /// The `reason` label of `certwire_updates_rejected_total` for a file that was not
+    /// read.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FilesError::Read { .. } => "read_error",
+            FilesError::NotAFile { .. } => "not_a_file",
+            FilesError::TooLarge { .. } => "too_large",
+            FilesError::OutsideRoot { .. } => "outside_root",
+            FilesError::Watch { .. } => "watch_error",
+        }
+    }
+}
 
 /// Loads every secret under `root`, then watches it until `shutdown`, with default options.
 pub async fn start(root: PathBuf, sink: Sink, shutdown: CancellationToken) -> Result<JoinHandle<()>, FilesError> {
@@ -84,8 +127,15 @@ pub async fn start_with(
         watcher
             .watch(&root, RecursiveMode::NonRecursive)
             .map_err(|source| FilesError::Watch { path: root.clone(), source })?;
-        let mut source =
-            FileSource { root, sink, watcher, settle: options.settle, dirs: HashMap::new(), settling: HashMap::new() };
+        let mut source = FileSource {
+            root,
+            sink,
+            watcher,
+            settle: options.settle,
+            max_file_bytes: options.max_file_bytes,
+            dirs: HashMap::new(),
+            settling: HashMap::new(),
+        };
         source.scan(Pass::Initial, Instant::now());
         Ok::<_, FilesError>(source)
     })
@@ -104,61 +154,51 @@ fn is_only_access(event: &notify::Result<Event>) -> bool {
     }
 }
 
-/// Reads directory `dir` into its pair (`NAME`) and its CA bundle (`NAME-cacert`).
-/// `Ok(None)`: the files are absent. `Err`: a file exists but could not be read.
+/// Reads directory `dir` into its pair (`NAME`) and its CA bundle (`NAME-cacert`), as
+/// `--files` would with `dir`'s parent as the root, and the default cap.
+/// `Ok(None)`: the files are absent. `Err`: a file exists but was not read (see
+/// [`FilesError::reason`]).
 pub fn read_secret_dir(dir: &Path) -> (Result<Option<Material>, FilesError>, Result<Option<Material>, FilesError>) {
-    (read_pair(dir), read_ca(dir))
-}
-
-fn read_pair(dir: &Path) -> Result<Option<Material>, FilesError> {
-    let Some(cert_chain_pem) = read_file(&dir.join("tls.crt"))? else { return Ok(None) };
-    let Some(key_pem) = read_key(&dir.join("tls.key"))? else { return Ok(None) };
-    Ok(Some(Material::Tls { cert_chain_pem, key_pem }))
-}
-
-fn read_ca(dir: &Path) -> Result<Option<Material>, FilesError> {
-    let Some(ca_pem) = read_file(&dir.join("ca.crt"))? else { return Ok(None) };
-    let crl_pem = read_file(&dir.join("ca.crl"))?;
-    Ok(Some(Material::Validation { ca_pem, crl_pem }))
-}
-
-fn read_file(path: &Path) -> Result<Option<Vec<u8>>, FilesError> {
-    absent_as_none(path, std::fs::read(path))
-}
-
-/// Reads into one buffer sized up front, so no reallocation leaves key bytes behind.
-fn read_key(path: &Path) -> Result<Option<KeyBytes>, FilesError> {
-    let read = || -> io::Result<KeyBytes> {
-        let mut file = std::fs::File::open(path)?;
-        let len = file.metadata()?.len();
-        if len > MAX_KEY_BYTES {
-            return Err(io::Error::other(format!("{len} bytes is too large for a key")));
+    let root = dir.parent().unwrap_or(dir);
+    match canonical_root(root) {
+        Ok(root) => read_secret_dir_within(Limits { root: &root, max_file_bytes: DEFAULT_MAX_FILE_BYTES }, dir),
+        Err(e) => {
+            let error =
+                || Err(FilesError::Read { path: root.to_owned(), source: io::Error::new(e.kind(), e.to_string()) });
+            (error(), error())
         }
-        let mut buf = Zeroizing::new(vec![0u8; len as usize + 1]);
-        let mut filled = 0;
-        loop {
-            match file.read(&mut buf[filled..])? {
-                0 => break,
-                n => filled += n,
-            }
-            if filled == buf.len() {
-                // Still being written; the write's own event brings us back.
-                return Err(io::Error::other("file grew while being read"));
-            }
-        }
-        buf.truncate(filled);
-        Ok(KeyBytes::new(std::mem::take(&mut *buf)))
-    };
-    absent_as_none(path, read())
-}
-
-fn absent_as_none<T>(path: &Path, read: io::Result<T>) -> Result<Option<T>, FilesError> {
-    match read {
-        Ok(v) => Ok(Some(v)),
-        // NotADirectory: NAME is a plain file, or a path component was swapped mid-read.
-        Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Ok(None),
-        Err(source) => Err(FilesError::Read { path: path.to_owned(), source }),
     }
+}
+
+fn canonical_root(root: &Path) -> io::Result<PathBuf> {
+    std::fs::canonicalize(root)
+}
+
+fn read_secret_dir_within(
+    limits: Limits<'_>,
+    dir: &Path,
+) -> (Result<Option<Material>, FilesError>, Result<Option<Material>, FilesError>) {
+    (read_pair(limits, dir), read_ca(limits, dir))
+}
+
+fn read_pair(limits: Limits<'_>, dir: &Path) -> Result<Option<Material>, FilesError> {
+    let Some(cert_chain_pem) = read::read_file(limits, &dir.join("tls.crt"))? else { return Ok(None) };
+    let Some(mut key_pem) = read::read_file(limits, &dir.join("tls.key"))? else { return Ok(None) };
+    Ok(Some(Material::Tls {
+        cert_chain_pem: take(cert_chain_pem),
+        key_pem: KeyBytes::new(std::mem::take(&mut *key_pem)),
+    }))
+}
+
+fn read_ca(limits: Limits<'_>, dir: &Path) -> Result<Option<Material>, FilesError> {
+    let Some(ca_pem) = read::read_file(limits, &dir.join("ca.crt"))? else { return Ok(None) };
+    let crl_pem = read::read_file(limits, &dir.join("ca.crl"))?;
+    Ok(Some(Material::Validation { ca_pem: take(ca_pem), crl_pem: crl_pem.map(take) }))
+}
+
+/// The bytes of a file that holds no key, out of their zeroizing buffer.
+fn take(mut bytes: zeroize::Zeroizing<Vec<u8>>) -> Vec<u8> {
+    std::mem::take(&mut *bytes)
 }
 
 /// Why a directory is being read; decides how a doubtful state is treated.
@@ -203,9 +243,17 @@ impl Digests {
 }
 
 /// What was last reported to the sink for one secret.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Reported {
+    /// Material with these digests (accepted or refused by the checks).
+    Material(Digests),
+    /// A file was not read; the digest of the error, so the same failure is reported once.
+    Unread(Version),
+}
+
 #[derive(Default)]
 struct Slot {
-    last: Option<Digests>,
+    last: Option<Reported>,
     /// The sink refused it for a reason that depends on the clock.
     retry: bool,
 }
@@ -235,6 +283,7 @@ struct FileSource {
     sink: Sink,
     watcher: RecommendedWatcher,
     settle: Duration,
+    max_file_bytes: u64,
     /// Per directory NAME that exists or still has something reported. The name is
     /// shared with the store's entry for the pair.
     dirs: HashMap<Arc<str>, Dir>,
@@ -276,10 +325,10 @@ impl FileSource {
                     while let Ok(more) = events.try_recv() {
                         self.classify(more, &mut batch);
                     }
-                    self = self.handle_events(batch).await;
+                    self = self.off_workers(move |source| source.handle_events(batch)).await;
                 }
-                _ = ticker.tick() => self = self.scan_blocking(Pass::Periodic, Instant::now()).await,
-                _ = settled => self.settle_due(),
+                _ = ticker.tick() => self = self.off_workers(|source| source.scan(Pass::Periodic, Instant::now())).await,
+                _ = settled => self = self.off_workers(Self::settle_due).await,
             }
         }
         tracing::debug!(source = self.sink.source(), "file source stopped");
@@ -319,39 +368,53 @@ impl FileSource {
         }
     }
 
-    async fn handle_events(mut self, batch: Batch) -> Self {
+    /// Runs `work` on the blocking pool: every file read happens there, so a slow or
+    /// stuck file system holds this source, never a thread that serves proxies or probes.
+    async fn off_workers(mut self, work: impl FnOnce(&mut Self) + Send + 'static) -> Self {
+        tokio::task::spawn_blocking(move || {
+            work(&mut self);
+            self
+        })
+        .await
+        .expect("file source panicked")
+    }
+
+    fn handle_events(&mut self, batch: Batch) {
         if let Some(at) = batch.rescan {
             // Lost events may hide a directory replaced in between, whose old watch notify
             // dropped: watch them all again (adding an existing watch is harmless).
             self.dirs.values_mut().for_each(|dir| dir.watch = Watch::None);
-            return self.scan_blocking(Pass::Event, at).await;
+            return self.scan(Pass::Event, at);
         }
-        for (name, (at, appeared)) in batch.dirs {
+        let root = self.canonical_root();
+        // In the order the changes were seen: one directory's burst of events may span
+        // another's.
+        let mut dirs: Vec<_> = batch.dirs.into_iter().collect();
+        dirs.sort_unstable_by_key(|(_, (at, _))| *at);
+        for (name, (at, appeared)) in dirs {
             // A directory deleted and created again under the same name lost its watch
             // with the old one.
             if appeared && let Some(dir) = self.dirs.get_mut(name.as_str()) {
                 dir.watch = Watch::None;
             }
-            self.refresh(&name, Pass::Event, at);
+            self.refresh(&root, &name, Pass::Event, at);
         }
-        self
     }
 
     fn settle_due(&mut self) {
         let now = Instant::now();
         let due: Vec<_> = self.settling.extract_if(|_, (at, _)| *at <= now).collect();
+        let root = self.canonical_root();
         for (name, (_, detected_at)) in due {
-            self.refresh(&name, Pass::Confirm, detected_at);
+            self.refresh(&root, &name, Pass::Confirm, detected_at);
         }
     }
 
-    async fn scan_blocking(mut self, pass: Pass, detected_at: Instant) -> Self {
-        tokio::task::spawn_blocking(move || {
-            self.scan(pass, detected_at);
-            self
-        })
-        .await
-        .expect("file scan panicked")
+    /// The root without links, which every file read must stay inside. Taken again for
+    /// each batch of work, so a root that is itself a link may be moved. When it cannot
+    /// be resolved (gone), the root as configured: nothing under it can be read then.
+    fn canonical_root(&self) -> PathBuf {
+        canonical_root(&self.root).unwrap_or_else(|_| self.root.clone())
     }
 
     /// Reads every directory under the root, and every one known before (to notice removals).
@@ -374,14 +437,15 @@ impl FileSource {
                 names.insert(name.to_owned());
             }
         }
+        let root = self.canonical_root();
         for name in names {
-            self.refresh(&name, pass, detected_at);
+            self.refresh(&root, &name, pass, detected_at);
         }
     }
 
-    /// Watches directory `name` if it exists, re-reads it and reports what changed
-    /// through the sink.
-    fn refresh(&mut self, name: &str, pass: Pass, detected_at: Instant) {
+    /// Watches directory `name` if it exists, re-reads it (files inside `root`, the
+    /// canonical root) and reports what changed through the sink.
+    fn refresh(&mut self, root: &Path, name: &str, pass: Pass, detected_at: Instant) {
         let path = self.root.join(name);
         let exists = path.is_dir();
         let name = match self.dirs.get_key_value(name) {
@@ -407,7 +471,8 @@ impl FileSource {
             }
             _ => {}
         }
-        let (pair, ca) = read_secret_dir(&path);
+        let limits = Limits { root, max_file_bytes: self.max_file_bytes };
+        let (pair, ca) = read_secret_dir_within(limits, &path);
         let pair_waits = report(&self.sink, &name, &mut dir.tls, pair, pass, detected_at);
         let mut ca_slot = dir.ca.take().map(|slot| *slot).unwrap_or_default();
         let ca_name = format!("{name}-cacert").into();
@@ -447,7 +512,13 @@ fn report(
 ) -> bool {
     match read {
         Err(err) => {
-            tracing::warn!(secret = &**secret, source = sink.source(), error = %err, "cannot read secret file; last good version kept");
+            // Read again at every rescan; reported once until it changes.
+            let unread = Reported::Unread(Version::of(err.to_string().as_bytes()));
+            if slot.last != Some(unread) {
+                sink.reject(secret.clone(), err.reason(), &err);
+                slot.last = Some(unread);
+                slot.retry = false;
+            }
             false
         }
         Ok(None) if slot.last.is_none() => false,
@@ -461,7 +532,7 @@ fn report(
         }
         Ok(Some(material)) => {
             let digests = Digests::of(&material);
-            let unchanged = slot.last == Some(digests);
+            let unchanged = slot.last == Some(Reported::Material(digests));
             if unchanged && !(slot.retry && pass == Pass::Periodic) {
                 return false;
             }
@@ -469,7 +540,7 @@ fn report(
             // later). Check it quietly, so the transient state is not logged and counted as a
             // rejection, and give it time to settle. A pair swapped whole goes straight to the
             // sink: the common rotation pays for one check only.
-            let swapped_whole = slot.last.is_some_and(|last| last.all_differ(&digests));
+            let swapped_whole = matches!(slot.last, Some(Reported::Material(last)) if last.all_differ(&digests));
             if pass.settles() && !unchanged && !swapped_whole && pki::check(secret, &material, &quiet_check()).is_err()
             {
                 tracing::debug!(
@@ -481,7 +552,7 @@ fn report(
             }
             let result = sink.update(secret.clone(), &material, detected_at);
             slot.retry = matches!(result, Err(PkiError::NotYetValid { .. } | PkiError::Expired { .. }));
-            slot.last = Some(digests);
+            slot.last = Some(Reported::Material(digests));
             false
         }
     }

@@ -94,8 +94,28 @@ impl Harness {
     }
 
     fn key_mismatches(&self) -> u64 {
-        let label = RejectLabel { source: "files:test".into(), reason: "key_mismatch" };
+        self.rejected("key_mismatch")
+    }
+
+    /// `certwire_updates_rejected_total{source="files:test", reason}`.
+    fn rejected(&self, reason: &'static str) -> u64 {
+        let label = RejectLabel { source: "files:test".into(), reason };
         self.metrics.updates_rejected.get_or_create(&label).get()
+    }
+
+    /// Waits until `reason` has been counted `count` times.
+    async fn wait_rejected(&self, reason: &'static str, count: u64) {
+        let deadline = Instant::now() + PATIENCE;
+        while self.rejected(reason) < count {
+            assert!(Instant::now() < deadline, "{reason} counted {} times, not {count}", self.rejected(reason));
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(self.rejected(reason), count, "{reason} counted once per refused version");
+    }
+
+    /// What `/status/secrets` shows as `last_error` for `name`.
+    fn last_error(&self, name: &str) -> Option<String> {
+        self.store.status().into_iter().find(|s| s.name == name)?.last_error
     }
 
     /// Events are handled in order, so once a directory created now is served,
@@ -343,4 +363,194 @@ fn read_secret_dir_reports_absent_and_unreadable_files() {
     assert!(err.contains("ca.crt"), "error names the file: {err}");
 
     assert!(matches!(read_secret_dir(&root.path().join("missing")), (Ok(None), Ok(None))));
+}
+
+// ---- Hostile and broken files (issue 12, "File source") --------------------------
+
+/// One byte over the default cap on a secret file.
+const OVER_DEFAULT_CAP: usize = (1 << 20) + 1;
+
+fn mkfifo(path: &Path) {
+    let status = std::process::Command::new("mkfifo").arg(path).status().expect("run mkfifo");
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+/// Runs the future `test` makes on a runtime with a single thread, as certwire runs with
+/// `--workers 1`, and fails if it has not finished within `limit`. A blocking call on
+/// that thread stops everything, the test's own timeouts included, so the limit is
+/// watched from outside. On a timeout the FIFOs in `fifos` get a writer, which lets a
+/// reader stuck in open(2) go on, and the test fails.
+fn on_one_worker<F, Fut>(limit: Duration, fifos: &[PathBuf], test: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let (done, finished) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(test())));
+        let _ = done.send(result);
+    });
+    match finished.recv_timeout(limit) {
+        Ok(Ok(())) => {}
+        Ok(Err(panic)) => std::panic::resume_unwind(panic),
+        Err(_) => {
+            for fifo in fifos {
+                use std::os::unix::fs::OpenOptionsExt as _;
+                let _ = std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NONBLOCK).open(fifo);
+            }
+            panic!("the runtime's only thread was blocked for {limit:?}");
+        }
+    }
+}
+
+#[test]
+fn a_fifo_named_tls_crt_is_refused_without_blocking_the_runtime() {
+    let root = tempdir();
+    let (at_start, later) = (root.path().join("fifo-start"), root.path().join("fifo-later"));
+    std::fs::create_dir(&at_start).unwrap();
+    mkfifo(&at_start.join("tls.crt"));
+    std::fs::write(at_start.join("tls.key"), pair("fifo.test").key).unwrap();
+    let fifos = [at_start.join("tls.crt"), later.join("tls.crt")];
+    on_one_worker(PATIENCE, &fifos, move || async move {
+        let h = Harness::start(root, Options::default()).await;
+        std::fs::create_dir(&later).unwrap();
+        mkfifo(&later.join("tls.crt"));
+        std::fs::write(later.join("tls.key"), pair("fifo.test").key).unwrap();
+
+        // A directory created after the FIFO is served: the source did not stop at it.
+        h.barrier().await;
+        h.wait_rejected("not_a_file", 2).await;
+        for name in ["fifo-start", "fifo-later"] {
+            assert!(h.store.get(name).is_none());
+            let error = h.last_error(name).unwrap_or_else(|| panic!("{name} has no last_error"));
+            assert!(error.contains("tls.crt") && error.contains("FIFO"), "{name}: {error}");
+        }
+    });
+}
+
+#[tokio::test]
+async fn oversized_files_are_refused_and_the_last_good_version_kept() {
+    let root = tempdir();
+    let web = pair("big.test");
+    let ca = ca_pem();
+    let [crt, key] = pair_files(&web);
+    kubelet_write(&root.path().join("big"), &[crt, key, ("ca.crt", &ca)]);
+    let h = Harness::start(root, Options::default()).await;
+    let (mut pair_rx, mut ca_rx) = (h.store.subscribe("big"), h.store.subscribe("big-cacert"));
+    pair_rx.borrow_and_update();
+    ca_rx.borrow_and_update();
+    let big = "A".repeat(OVER_DEFAULT_CAP);
+
+    kubelet_write(&h.dir("big"), &[("tls.crt", &big), key, ("ca.crt", &big)]);
+    h.wait_rejected("too_large", 2).await;
+    let (pair_error, ca_error) = (h.last_error("big").unwrap(), h.last_error("big-cacert").unwrap());
+    assert!(pair_error.contains("tls.crt") && pair_error.contains("1048576"), "{pair_error}");
+    assert!(ca_error.contains("ca.crt") && ca_error.contains("1048576"), "{ca_error}");
+
+    kubelet_write(&h.dir("big"), &[crt, ("tls.key", &big), ("ca.crt", &ca), ("ca.crl", &big)]);
+    h.wait_rejected("too_large", 4).await;
+    assert!(h.last_error("big").unwrap().contains("tls.key"));
+    assert!(h.last_error("big-cacert").unwrap().contains("ca.crl"));
+    assert!(!pair_rx.has_changed().unwrap() && !ca_rx.has_changed().unwrap(), "last good versions kept");
+    assert_eq!(fingerprint(&h.store.get("big")).as_deref(), Some(web.fingerprint.as_str()));
+
+    kubelet_write(&h.dir("big"), &[crt, key]);
+    h.barrier().await;
+    assert_eq!(h.last_error("big"), None, "a good read clears the error");
+}
+
+#[tokio::test]
+async fn links_out_of_the_root_are_refused_and_links_inside_followed() {
+    let (root, outside) = (tempdir(), tempdir());
+    let stray = pair("outside.test");
+    std::fs::write(outside.path().join("tls.crt"), &stray.cert).unwrap();
+    std::fs::write(outside.path().join("tls.key"), &stray.key).unwrap();
+    let escape = root.path().join("escape");
+    std::fs::create_dir(&escape).unwrap();
+    symlink(outside.path().join("tls.crt"), escape.join("tls.crt")).unwrap();
+    symlink(outside.path().join("tls.key"), escape.join("tls.key")).unwrap();
+    let dotdot = root.path().join("dotdot");
+    std::fs::create_dir(&dotdot).unwrap();
+    let outside_name = outside.path().file_name().unwrap().to_str().unwrap();
+    for file in ["tls.crt", "tls.key"] {
+        symlink(format!("../../{outside_name}/{file}"), dotdot.join(file)).unwrap();
+    }
+    symlink(outside.path(), root.path().join("linked-dir")).unwrap();
+    // Links that stay inside: absolute and relative, and a secret directory that is a link.
+    let shared = pair("shared.test");
+    kubelet_write(&root.path().join(".shared"), &pair_files(&shared));
+    let absolute = root.path().join("absolute");
+    std::fs::create_dir(&absolute).unwrap();
+    for file in ["tls.crt", "tls.key"] {
+        symlink(root.path().join(".shared").join(file), absolute.join(file)).unwrap();
+    }
+    symlink(".shared", root.path().join("inside-dir")).unwrap();
+
+    let h = Harness::start(root, Options::default()).await;
+
+    for name in ["escape", "dotdot", "linked-dir"] {
+        assert!(h.store.get(name).is_none(), "{name} served from outside the root");
+        let error = h.last_error(name).unwrap_or_else(|| panic!("{name} has no last_error"));
+        assert!(error.contains("tls.crt") && error.contains("outside"), "{name}: {error}");
+    }
+    assert_eq!(h.rejected("outside_root"), 3);
+    for name in ["absolute", "inside-dir"] {
+        assert_eq!(fingerprint(&h.store.get(name)).as_deref(), Some(shared.fingerprint.as_str()), "{name}");
+    }
+}
+
+#[tokio::test]
+async fn an_unreadable_file_is_a_rejection_in_status_and_metrics() {
+    let root = tempdir();
+    let good = pair("loop.test");
+    let dir = root.path().join("loop");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), &good.cert).unwrap();
+    std::fs::write(dir.join("tls.key"), &good.key).unwrap();
+    let h = Harness::start(root, Options { rescan: Duration::from_millis(50), ..Options::default() }).await;
+
+    // A link to itself: opening it fails with ELOOP.
+    std::fs::remove_file(dir.join("tls.crt")).unwrap();
+    symlink("tls.crt", dir.join("tls.crt")).unwrap();
+
+    h.wait_rejected("read_error", 1).await;
+    let error = h.last_error("loop").expect("read error in status");
+    assert!(error.contains("tls.crt"), "{error}");
+    assert_eq!(fingerprint(&h.store.get("loop")).as_deref(), Some(good.fingerprint.as_str()), "last good kept");
+    // The periodic rescan reads it again and again; the same failure counts once.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(h.rejected("read_error"), 1);
+
+    std::fs::remove_file(dir.join("tls.crt")).unwrap();
+    std::fs::write(dir.join("tls.crt"), &good.cert).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while h.last_error("loop").is_some() {
+        assert!(Instant::now() < deadline, "the repaired file did not clear last_error");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_file_deleted_and_written_again_is_not_withdrawn_in_between() {
+    let root = tempdir();
+    let p = pair("flap.test");
+    let dir = root.path().join("flap");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("tls.crt"), &p.cert).unwrap();
+    std::fs::write(dir.join("tls.key"), &p.key).unwrap();
+    let h = Harness::start(root, Options::default()).await;
+    let mut rx = h.store.subscribe("flap");
+    rx.borrow_and_update();
+
+    // What an editor that renames the old file away before writing the new one does.
+    std::fs::rename(dir.join("tls.crt"), dir.join("tls.crt~")).unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    std::fs::write(dir.join("tls.crt"), &p.cert).unwrap();
+    tokio::time::sleep(Options::default().settle * 2).await;
+
+    assert!(!rx.has_changed().unwrap(), "a file missing for less than the settle time is not withdrawn");
+    // Gone for good: withdrawn once the settle time has passed.
+    std::fs::remove_file(dir.join("tls.crt")).unwrap();
+    wait_for(&mut rx, "flap withdrawn", |c| c.is_none()).await;
 }
