@@ -43,6 +43,8 @@ pub struct FileConfig {
     pub insecure_open_sds: Option<bool>,
     /// Serve `/status/*` and the status gRPC API on this address instead of `admin`.
     pub status_addr: Option<SocketAddr>,
+    /// `[limits]`: bounds on what peers can make certwire hold or compute.
+    pub limits: Option<crate::xds::limits::Limits>,
 }
 
 /// `[sds]` table.
@@ -203,6 +205,7 @@ pub struct Settings {
     pub authz: AuthzSettings,
     pub insecure_open_sds: bool,
     pub status_addr: Option<SocketAddr>,
+    pub limits: crate::xds::limits::Limits,
 }
 
 #[derive(Debug, Clone)]
@@ -262,6 +265,8 @@ impl Settings {
         }
         crate::authz::policy::validate(&authz.rules).map_err(anyhow::Error::msg)?;
         secure_by_default(&listen, tls.as_ref(), mode, insecure_open_sds)?;
+        let limits = file.limits.unwrap_or_default();
+        limits.validate().map_err(anyhow::Error::msg)?;
         Ok(Self {
             listen,
             admin: flags.admin.or(file.admin).unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("default admin address")),
@@ -279,6 +284,7 @@ impl Settings {
             authz,
             insecure_open_sds,
             status_addr: flags.status_addr.or(file.status_addr),
+            limits,
         })
     }
 }

@@ -25,6 +25,12 @@ pub struct RejectLabel {
     pub reason: &'static str,
 }
 
+/// A bound of `[limits]` (or another documented limit) that was reached.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabel {
+    pub limit: &'static str,
+}
+
 /// Why something was refused (authorization, TLS), as a fixed code.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabel {
@@ -63,11 +69,16 @@ pub struct Metrics {
     pub updates_applied: Family<SourceLabel, Counter>,
     pub updates_rejected: Family<RejectLabel, Counter>,
     pub change_to_push: Histogram,
+    /// Names the dev CA did not mint: it already serves its maximum (`dev_max_names`).
+    pub dev_ca_names_refused: Counter,
+    /// Rollout watches refused: the most allowed were open (`status_max_watchers`).
+    pub rollout_watchers_refused: Counter,
     pub acme_orders: Family<AcmeOrderLabel, Counter>,
     pub acme_next_renewal: Family<AcmeCertificateLabel, Gauge<f64, AtomicU64>>,
     pub authz_denials: Family<ReasonLabel, Counter>,
     pub tls_handshake_failures: Family<ReasonLabel, Counter>,
     pub tls_reloads: Family<ReasonLabel, Counter>,
+    pub limits_hit: Family<LimitLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -89,11 +100,14 @@ impl Metrics {
             updates_rejected: Family::default(),
             // 100 µs .. ~13 s: file watches are sub-millisecond, API servers are not.
             change_to_push: Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0001, 2.0, 18)),
+            dev_ca_names_refused: Counter::default(),
+            rollout_watchers_refused: Counter::default(),
             acme_orders: Family::default(),
             acme_next_renewal: Family::default(),
             authz_denials: Family::default(),
             tls_handshake_failures: Family::default(),
             tls_reloads: Family::default(),
+            limits_hit: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -116,6 +130,16 @@ impl Metrics {
             "Time from a source noticing a change to the response being handed to a stream",
             m.change_to_push.clone(),
         );
+        registry.register(
+            "dev_ca_names_refused",
+            "Names the dev CA did not mint because it already serves its maximum number of names",
+            m.dev_ca_names_refused.clone(),
+        );
+        registry.register(
+            "rollout_watchers_refused",
+            "Rollout watches (certwire status --watch) refused because the most allowed were open",
+            m.rollout_watchers_refused.clone(),
+        );
         registry.register("acme_orders", "ACME orders by certificate and result", m.acme_orders.clone());
         registry.register(
             "acme_next_renewal_timestamp_seconds",
@@ -136,6 +160,11 @@ impl Metrics {
             "tls_reloads",
             "Reloads of the SDS listener's certificate and client CA (reason: loaded or the error)",
             m.tls_reloads.clone(),
+        );
+        registry.register(
+            "limits_hit",
+            "Times a bound on what peers may make certwire hold or compute was reached, by limit",
+            m.limits_hit.clone(),
         );
         Self { registry, ..m }
     }

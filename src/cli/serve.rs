@@ -95,7 +95,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     }
 
     release_load_garbage();
-    let shared = Shared { store: store.clone(), proxies, metrics, shutdown: stop.clone(), authz };
+    let shared = Shared::new(store.clone(), proxies, metrics, stop.clone(), authz, settings.limits.clone());
     for (addr, b) in bound {
         let shared = shared.clone();
         let token = shutdown.clone();

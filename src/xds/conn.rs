@@ -7,7 +7,6 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use futures_util::StreamExt;
 use futures_util::stream::FuturesUnordered;
@@ -21,48 +20,48 @@ use super::service::{self, Call};
 use super::{Peer, Shared};
 use crate::shutdown::StopWatch;
 
-/// A client that connects and never speaks HTTP/2 is dropped after this: otherwise idle
-/// sockets would pile up until the process runs out of file descriptors.
-pub(super) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long an idle connection closed with GOAWAY gets to close its side.
+const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
 /// Headers of a request, at most: gRPC's own default is 8 KiB.
 const MAX_HEADERS: u32 = 64 * 1024;
-/// Calls per connection. Envoy opens one stream per secret on one connection; a gateway
-/// with thousands of certificates stays well below this.
-const MAX_STREAMS: u32 = 16 * 1024;
 
-/// Flow-control windows for what proxies send. Envoy's node (61 KB for Envoy 1.40) comes
-/// with every ACK: with HTTP/2's default 64 KiB windows nearly every ACK would cost a
-/// WINDOW_UPDATE back on its stream and on its connection. h2 holds no memory for a
-/// window, only for data received and not yet read, and calls read theirs at once.
-/// Capacity is given back as data is read, so what bounds a stream's memory is the
-/// largest request (`grpc::MAX_REQUEST`), not the window.
-const STREAM_WINDOW: u32 = 1024 * 1024;
-const CONNECTION_WINDOW: u32 = 1024 * 1024;
-
-fn builder() -> h2::server::Builder {
+/// h2's settings from `[limits]`. Flow control bounds what a peer can make certwire
+/// hold: capacity is given back only as whole messages are consumed
+/// ([`super::inbound`]), so a stream holds at most its window (the largest request and
+/// a frame) and a connection at most its connection window of unread requests.
+/// Envoy's node (61 KB for Envoy 1.40) comes with every ACK: windows this large also
+/// spare nearly every ACK a WINDOW_UPDATE. h2 holds no memory for a window, only for
+/// data received and not yet consumed.
+fn builder(limits: &super::limits::Limits) -> h2::server::Builder {
     let mut b = h2::server::Builder::new();
     // No send buffer limit is set: a stream hands h2 one response at a time (see
     // `grpc::Departed`), whatever the proxy's flow-control window.
-    b.max_concurrent_streams(MAX_STREAMS)
+    b.max_concurrent_streams(limits.max_streams_per_connection)
         .max_header_list_size(MAX_HEADERS)
-        .initial_window_size(STREAM_WINDOW)
-        .initial_connection_window_size(CONNECTION_WINDOW);
+        .initial_window_size(limits.stream_window())
+        .initial_connection_window_size(limits.connection_window_bytes as u32);
     b
 }
 
 /// Serves one connection until the peer leaves, or after SIGTERM until its calls ended.
+/// A client that does not send the HTTP/2 preface within `handshake_timeout`, or keeps
+/// a connection with no stream for `idle_timeout`, is dropped: otherwise idle sockets
+/// would pile up until the process runs out of file descriptors.
 pub fn serve<IO>(io: IO, shared: Shared, peer: Arc<Peer>) -> ConnTask<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
     let stopping = StopWatch::new(&shared.shutdown);
+    let handshake = builder(&shared.limits).handshake(io);
     ConnTask {
-        phase: Phase::Handshake(builder().handshake(io), Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT))),
+        phase: Phase::Handshake(handshake),
+        timer: Some(Box::pin(tokio::time::sleep(shared.limits.handshake_timeout))),
         calls: Calls::default(),
         shared,
         peer,
         stopping,
         draining: false,
+        _slot: None,
     }
 }
 
@@ -71,15 +70,27 @@ where
 /// once per proxy, and every byte of it is touched.
 pub struct ConnTask<IO> {
     phase: Phase<IO>,
+    /// The handshake's deadline, then the idle deadline while the connection has no call.
+    timer: Option<Pin<Box<Sleep>>>,
     calls: Calls,
     shared: Shared,
     peer: Arc<Peer>,
     stopping: StopWatch,
     draining: bool,
+    /// This connection's place under `[limits] max_connections`.
+    _slot: Option<Box<super::listen::Slot>>,
+}
+
+impl<IO> ConnTask<IO> {
+    /// Holds `slot` until the connection ends.
+    pub fn holding(mut self, slot: super::listen::Slot) -> Self {
+        self._slot = Some(Box::new(slot));
+        self
+    }
 }
 
 enum Phase<IO> {
-    Handshake(Handshake<IO, Frame>, Pin<Box<Sleep>>),
+    Handshake(Handshake<IO, Frame>),
     Serving(Connection<IO, Frame>),
 }
 
@@ -90,9 +101,10 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
         let this = self.get_mut();
         let conn = match &mut this.phase {
             Phase::Serving(conn) => conn,
-            Phase::Handshake(handshake, deadline) => match Pin::new(handshake).poll(cx) {
+            Phase::Handshake(handshake) => match Pin::new(handshake).poll(cx) {
                 Poll::Ready(Ok(conn)) => {
                     this.phase = Phase::Serving(conn);
+                    this.timer = None;
                     let Phase::Serving(conn) = &mut this.phase else { unreachable!("just set") };
                     conn
                 }
@@ -101,7 +113,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
                     return Poll::Ready(());
                 }
                 Poll::Pending => {
-                    if deadline.as_mut().poll(cx).is_ready() {
+                    // Shutdown reaches a connection still in its handshake too.
+                    if this.stopping.stopped(cx) {
+                        return Poll::Ready(());
+                    }
+                    if this.timer.as_mut().is_some_and(|t| t.as_mut().poll(cx).is_ready()) {
                         tracing::debug!(peer = %this.peer.address, "no HTTP/2 preface in time; closing");
                         return Poll::Ready(());
                     }
@@ -118,6 +134,11 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
             // Calls first, so that what they write is flushed by the connection below.
             this.calls.poll(cx);
             if this.draining {
+                // A peer that does not answer the GOAWAY (an idle one, say) is not
+                // waited for beyond the timer.
+                if this.timer.as_mut().is_some_and(|t| t.as_mut().poll(cx).is_ready()) {
+                    return Poll::Ready(());
+                }
                 return match conn.poll_closed(cx) {
                     Poll::Ready(Err(e)) => {
                         tracing::debug!(peer = %this.peer.address, error = %e, "connection closed");
@@ -138,7 +159,23 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
                 }
                 // The peer closed the connection (or sent GOAWAY): finish what runs.
                 Poll::Ready(None) => this.draining = true,
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if this.calls.is_empty() {
+                        let idle = this.shared.limits.idle_timeout;
+                        let timer = this.timer.get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                        if timer.as_mut().poll(cx).is_ready() {
+                            tracing::debug!(peer = %this.peer.address, "no stream for {idle:?}; closing");
+                            super::limits::hit(&this.shared.metrics, "idle_timeout");
+                            conn.graceful_shutdown();
+                            this.draining = true;
+                            this.timer = Some(Box::pin(tokio::time::sleep(GOAWAY_GRACE)));
+                            continue;
+                        }
+                    } else {
+                        this.timer = None;
+                    }
+                    return Poll::Pending;
+                }
             }
         }
     }
@@ -175,6 +212,10 @@ impl ArcWake for FirstWake {
 }
 
 impl Calls {
+    fn is_empty(&self) -> bool {
+        self.first.is_none() && self.more.is_none()
+    }
+
     fn push(&mut self, call: Call) {
         match &mut self.first {
             None => {
@@ -214,13 +255,14 @@ mod tests {
 
     fn shared() -> super::Shared {
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        super::Shared {
-            store: Arc::new(crate::store::Store::new()),
-            proxies: Arc::new(crate::xds::proxies::Proxies::new(metrics.clone())),
-            authz: Arc::new(crate::authz::Authorizer::open(metrics.clone())),
-            metrics,
-            shutdown: crate::shutdown::Shutdown::new(),
-        }
+        super::Shared::new(
+            Arc::new(crate::store::Store::new()),
+            Arc::new(crate::xds::proxies::Proxies::new(metrics.clone())),
+            metrics.clone(),
+            crate::shutdown::Shutdown::new(),
+            Arc::new(crate::authz::Authorizer::open(metrics)),
+            Default::default(),
+        )
     }
 
     fn peer() -> Arc<super::Peer> {
@@ -230,10 +272,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_that_never_speaks_http2_is_dropped() {
         let (_client, server) = tokio::io::duplex(1024);
+        let timeout = crate::xds::limits::Limits::default().handshake_timeout;
         let task = tokio::spawn(super::serve(server, shared(), peer()));
-        tokio::time::sleep(super::HANDSHAKE_TIMEOUT / 2).await;
+        tokio::time::sleep(timeout / 2).await;
         assert!(!task.is_finished(), "still waiting for the preface");
-        tokio::time::timeout(super::HANDSHAKE_TIMEOUT, task).await.expect("dropped after the timeout").unwrap();
+        tokio::time::timeout(timeout, task).await.expect("dropped after the timeout").unwrap();
     }
 
     /// A wake-up of the connection alone (an ACK read, h2's own frames) does not poll the
@@ -280,6 +323,7 @@ mod tests {
         let io = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
         let task = super::serve(io, shared(), peer());
         let h2 = std::mem::size_of::<h2::server::Connection<TcpStream, super::super::grpc::Frame>>();
-        assert!(std::mem::size_of_val(&task) <= h2 + 160, "{} bytes for {h2} of h2", std::mem::size_of_val(&task));
+        // certwire's part: shared handles, the call slots, a timer, the connection slot.
+        assert!(std::mem::size_of_val(&task) <= h2 + 200, "{} bytes for {h2} of h2", std::mem::size_of_val(&task));
     }
 }

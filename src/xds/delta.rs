@@ -19,11 +19,24 @@ impl Protocol for Delta {
         session.receive(&req.type_url, &req.response_nonce, req.error_detail.as_ref())?;
         // `initial_resource_versions` is deliberately ignored: a new stream always gets the
         // current content, so a proxy that claims a version we never served still converges.
+        let max = session.limits().max_names_per_request;
+        let asked = req.resource_names_subscribe.len() + req.resource_names_unsubscribe.len();
+        if asked > max {
+            session.hit("max_names_per_request");
+            return Err(Status::resource_exhausted(format!(
+                "{asked} names in one request; at most {max} ([limits] max_names_per_request)"
+            )));
+        }
         for name in &req.resource_names_unsubscribe {
             session.unsubscribe(name);
         }
         for name in &req.resource_names_subscribe {
-            session.subscribe(name);
+            if session.watches(name) {
+                // Subscribed again: the client may have dropped it; it gets it again.
+                session.resubscribe(name);
+            } else {
+                session.subscribe(name)?;
+            }
         }
         Ok(())
     }

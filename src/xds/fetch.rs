@@ -12,11 +12,44 @@ use crate::metrics::ProtocolLabel;
 use crate::store::Served;
 use crate::version::Version;
 
+/// Names a NOT_FOUND message lists; the rest are counted.
+const NAMES_SHOWN: usize = 4;
+
+/// Checks the names of a FetchSecrets before anything is looked up: at most
+/// `[limits] max_names_per_request`, none twice (the xDS protocol calls a duplicate an
+/// error; served twice, one name could multiply a response).
+pub fn check_names(shared: &Shared, req: &DiscoveryRequest) -> Result<(), Status> {
+    let max = shared.limits.max_names_per_request;
+    if req.resource_names.len() > max {
+        super::limits::hit(&shared.metrics, "max_names_per_request");
+        return Err(Status::resource_exhausted(format!(
+            "{} names in one request; at most {max} ([limits] max_names_per_request)",
+            req.resource_names.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(req.resource_names.len());
+    if let Some(twice) = req.resource_names.iter().find(|n| !seen.insert(n.as_str())) {
+        return Err(Status::invalid_argument(format!(
+            "resource name {:?} is requested twice",
+            super::limits::truncate(twice, 256)
+        )));
+    }
+    Ok(())
+}
+
 pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status> {
     check_type_url(req.type_url.as_bytes())?;
     let found: super::codec::Resources = req.resource_names.iter().filter_map(|n| shared.store.get(n)).collect();
     if found.is_empty() {
-        return Err(Status::not_found(format!("no secret named {:?}", req.resource_names)));
+        return Err(Status::not_found(not_found(&req.resource_names)));
+    }
+    let bytes: usize = found.iter().map(|s| s.resource.len()).sum();
+    let max = shared.limits.max_fetch_response_bytes;
+    if bytes > max {
+        super::limits::hit(&shared.metrics, "max_fetch_response_bytes");
+        return Err(Status::resource_exhausted(format!(
+            "the response would be {bytes} bytes; at most {max} ([limits] max_fetch_response_bytes): fetch fewer names at once"
+        )));
     }
     let version = sotw_version(&found);
     if !req.version_info.is_empty() && version == *req.version_info {
@@ -54,6 +87,16 @@ pub async fn authorize(shared: &Shared, peer: &Peer, req: &mut DiscoveryRequest)
         }
     }
     req.resource_names = allowed;
+}
+
+/// "no secret named ...", naming a few of the names, however many were asked.
+fn not_found(names: &[String]) -> String {
+    let shown: Vec<String> =
+        names.iter().take(NAMES_SHOWN).map(|n| format!("{:?}", super::limits::truncate(n, 256))).collect();
+    match names.len() {
+        n if n <= NAMES_SHOWN => format!("no secret named {}", shown.join(", ")),
+        n => format!("no secret named {} or any of the {} other names asked for", shown.join(", "), n - NAMES_SHOWN),
+    }
 }
 
 /// Version of a SotW response: the secret's own content hash when it carries one

@@ -17,9 +17,6 @@ use super::parts::Parts;
 use http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use tonic::Status;
 
-/// Largest request accepted, as tonic's default. Envoy's requests carry its node, 61 KB
-/// for Envoy 1.40 (every extension it was built with), more with large metadata.
-const MAX_REQUEST: usize = 4 * 1024 * 1024;
 pub(super) const PREFIX: usize = 5;
 
 /// Why a request is not a gRPC call this server takes; answered without a stream.
@@ -34,6 +31,16 @@ pub fn refuse<T>(req: &Request<T>) -> Option<Response<()>> {
     } else if !is_grpc {
         StatusCode::UNSUPPORTED_MEDIA_TYPE
     } else {
+        // gRPC: a message encoding the server does not support is UNIMPLEMENTED, and the
+        // response says which it accepts.
+        let encoding = req.headers().get("grpc-encoding").map(|v| v.as_bytes());
+        if let Some(encoding) = encoding.filter(|e| *e != b"identity") {
+            let shown = super::limits::truncate(&String::from_utf8_lossy(encoding), 64).into_owned();
+            let mut response =
+                trailers_only(&Status::unimplemented(format!("grpc-encoding {shown} is not supported: send identity")));
+            response.headers_mut().insert("grpc-accept-encoding", HeaderValue::from_static("identity"));
+            return Some(response);
+        }
         return None;
     };
     let mut response = Response::new(());
@@ -207,17 +214,18 @@ pub(super) fn message_len(buf: &[u8]) -> usize {
     u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize
 }
 
-pub(super) fn check_prefix(buf: &[u8]) -> Result<(), Status> {
+/// Checks a message prefix: uncompressed (gRPC: a compressed flag on a call whose
+/// `grpc-encoding` is identity or absent is INTERNAL; other encodings were refused with
+/// the call) and at most `max` bytes (`[limits] max_request_bytes`).
+pub(super) fn check_prefix(buf: &[u8], max: usize) -> Result<(), Status> {
     match buf[0] {
         0 => {}
-        1 => return Err(Status::unimplemented("compressed messages are not supported: send them uncompressed")),
+        1 => return Err(Status::internal("compressed message flag set but the call has no grpc-encoding")),
         flag => return Err(Status::internal(format!("invalid gRPC message flag {flag}"))),
     }
     let len = message_len(buf);
-    if len > MAX_REQUEST {
-        return Err(Status::resource_exhausted(format!(
-            "request of {len} bytes is over the limit of {MAX_REQUEST} bytes"
-        )));
+    if len > max {
+        return Err(Status::resource_exhausted(format!("request of {len} bytes is over the limit of {max} bytes")));
     }
     Ok(())
 }
@@ -267,11 +275,12 @@ mod tests {
 
     #[test]
     fn prefix_checks_name_the_problem() {
-        assert!(check_prefix(&[0, 0, 0, 0, 1]).is_ok());
-        let compressed = check_prefix(&[1, 0, 0, 0, 1]).unwrap_err();
-        assert_eq!(compressed.code(), tonic::Code::Unimplemented);
-        let big = (MAX_REQUEST as u32 + 1).to_be_bytes();
-        let too_big = check_prefix(&[0, big[0], big[1], big[2], big[3]]).unwrap_err();
+        const MAX: usize = 1 << 20;
+        assert!(check_prefix(&[0, 0, 0, 0, 1], MAX).is_ok());
+        let compressed = check_prefix(&[1, 0, 0, 0, 1], MAX).unwrap_err();
+        assert_eq!(compressed.code(), tonic::Code::Internal);
+        let big = (MAX as u32 + 1).to_be_bytes();
+        let too_big = check_prefix(&[0, big[0], big[1], big[2], big[3]], MAX).unwrap_err();
         assert_eq!(too_big.code(), tonic::Code::ResourceExhausted);
         assert!(too_big.message().contains("limit"));
     }

@@ -18,7 +18,9 @@ use smallvec::SmallVec;
 use tonic::Status;
 
 use super::grpc::{PREFIX, check_prefix, message_len};
+use super::limits::Budget;
 use super::parts::Parts;
+use std::sync::Arc;
 
 /// Frames at least this big are held as h2 handed them over; smaller ones are copied.
 /// A held frame keeps h2's whole read buffer alive (16 KiB and more) until its message
@@ -26,10 +28,13 @@ use super::parts::Parts;
 /// and a flood of tiny frames would cost a handle each.
 const HOLD_MIN: usize = 8 * 1024;
 
-/// Reassembles messages from the DATA frames of a request stream, returning window
-/// capacity to the peer as bytes are read.
+/// Reassembles messages from the DATA frames of a request stream. Window capacity goes
+/// back to the peer only as whole messages are taken, so what a peer sends and nobody
+/// consumes is bounded by its flow-control windows; the bytes of unfinished messages
+/// also count against the process-wide [`Budget`].
 pub struct Inbound {
     body: RecvStream,
+    budget: Arc<Budget>,
     /// What is not yet part of a whole message, in order: `held`, then `copied`.
     /// Frames of at least [`HOLD_MIN`] bytes, as h2 handed them over (and the small
     /// frames copied before them, frozen).
@@ -40,8 +45,8 @@ pub struct Inbound {
 }
 
 impl Inbound {
-    pub fn new(body: RecvStream) -> Self {
-        Self { body, held: VecDeque::new(), copied: BytesMut::new(), buffered: 0 }
+    pub fn new(body: RecvStream, budget: Arc<Budget>) -> Self {
+        Self { body, budget, held: VecDeque::new(), copied: BytesMut::new(), buffered: 0 }
     }
 
     /// The next request, decoded; a message that does not decode is an INVALID_ARGUMENT
@@ -65,16 +70,20 @@ impl Inbound {
             }
             match self.body.poll_data(cx) {
                 Poll::Ready(Some(Ok(mut frame))) => {
-                    let _ = self.body.flow_control().release_capacity(frame.len());
                     if self.buffered == 0
-                        && let Some(total) = whole(&frame)
+                        && let Some(total) = whole(&frame, self.budget.max_request)
                     {
                         // The usual case, a message in one frame: nothing queued.
                         let message = message(smallvec::smallvec![frame.split_to(total)], total);
-                        self.push(frame);
+                        self.consumed(total);
+                        if let Err(status) = self.push(frame) {
+                            return Poll::Ready(Some(Err(status)));
+                        }
                         return Poll::Ready(Some(Ok(message)));
                     }
-                    self.push(frame);
+                    if let Err(status) = self.push(frame) {
+                        return Poll::Ready(Some(Err(status)));
+                    }
                 }
                 Poll::Ready(Some(Err(e))) => {
                     tracing::debug!(error = %e, "request stream broken");
@@ -91,7 +100,22 @@ impl Inbound {
         }
     }
 
-    fn push(&mut self, frame: Bytes) {
+    /// Gives back the window of `n` bytes the application has taken.
+    fn consumed(&mut self, n: usize) {
+        let _ = self.body.flow_control().release_capacity(n);
+    }
+
+    /// Queues a frame of an unfinished message, within the process-wide budget.
+    fn push(&mut self, frame: Bytes) -> Result<(), Status> {
+        if frame.is_empty() {
+            return Ok(());
+        }
+        if !self.budget.take(frame.len()) {
+            self.budget.buffered_hits.inc();
+            return Err(Status::resource_exhausted(
+                "the server holds too many unfinished requests; try again later ([limits] max_buffered_request_bytes)",
+            ));
+        }
         self.buffered += frame.len();
         if frame.len() >= HOLD_MIN {
             if !self.copied.is_empty() {
@@ -101,6 +125,7 @@ impl Inbound {
         } else {
             self.copied.extend_from_slice(&frame);
         }
+        Ok(())
     }
 
     fn take_message(&mut self) -> Result<Option<Message>, Status> {
@@ -117,7 +142,12 @@ impl Inbound {
                 break;
             }
         }
-        check_prefix(&prefix)?;
+        if let Err(status) = check_prefix(&prefix, self.budget.max_request) {
+            if status.code() == tonic::Code::ResourceExhausted {
+                self.budget.size_hits.inc();
+            }
+            return Err(status);
+        }
         let total = PREFIX + message_len(&prefix);
         if self.buffered < total {
             return Ok(None);
@@ -138,6 +168,8 @@ impl Inbound {
             }
         }
         self.buffered -= total;
+        self.budget.give(total);
+        self.consumed(total);
         if self.held.len() == 1 && self.held[0].len() < HOLD_MIN {
             // What is left of a held frame, the start of the next message: copied, so
             // that it does not keep h2's read buffer alive.
@@ -158,10 +190,16 @@ impl Inbound {
     }
 }
 
+impl Drop for Inbound {
+    fn drop(&mut self) {
+        self.budget.give(self.buffered);
+    }
+}
+
 /// The length of the message `frame` starts with, prefix included, when it is all there.
-fn whole(frame: &[u8]) -> Option<usize> {
+fn whole(frame: &[u8], max_request: usize) -> Option<usize> {
     let prefix = frame.get(..PREFIX)?;
-    check_prefix(prefix).ok()?;
+    check_prefix(prefix, max_request).ok()?;
     let total = PREFIX + message_len(prefix);
     (total <= frame.len()).then_some(total)
 }
@@ -201,7 +239,8 @@ mod tests {
         let req = http::Request::post("http://x/m").body(()).unwrap();
         let (_response, send) = client.send_request(req, false).unwrap();
         let (body, respond) = server.await.unwrap();
-        (send, Inbound::new(body), respond)
+        let budget = Arc::new(Budget::new(&Default::default(), &crate::metrics::Metrics::new()));
+        (send, Inbound::new(body, budget), respond)
     }
 
     fn framed(message: &[u8]) -> Vec<u8> {

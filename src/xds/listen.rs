@@ -95,6 +95,75 @@ pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Bound> {
     }
 }
 
+/// Open connections, counted against `[limits] max_connections` and
+/// `max_connections_per_ip`. A slot is held by a [`Slot`] for the life of a connection.
+#[derive(Default)]
+pub struct Connections {
+    total: std::sync::atomic::AtomicUsize,
+    per_ip: dashmap::DashMap<std::net::IpAddr, usize>,
+}
+
+/// One admitted connection; dropping it frees its place.
+pub struct Slot {
+    connections: Arc<Connections>,
+    ip: Option<std::net::IpAddr>,
+}
+
+impl Connections {
+    /// Admits a connection from `ip` (`None`: a Unix socket), or says which limit it
+    /// would exceed.
+    pub fn admit(
+        self: &Arc<Self>,
+        ip: Option<std::net::IpAddr>,
+        limits: &super::limits::Limits,
+    ) -> Result<Slot, &'static str> {
+        use std::sync::atomic::Ordering;
+        let total = self.total.fetch_add(1, Ordering::AcqRel) + 1;
+        if total > limits.max_connections {
+            self.total.fetch_sub(1, Ordering::AcqRel);
+            return Err("max_connections");
+        }
+        if let Some(ip) = ip {
+            let mut n = self.per_ip.entry(ip).or_insert(0);
+            if *n >= limits.max_connections_per_ip {
+                drop(n);
+                self.total.fetch_sub(1, Ordering::AcqRel);
+                return Err("max_connections_per_ip");
+            }
+            *n += 1;
+        }
+        Ok(Slot { connections: self.clone(), ip })
+    }
+
+    pub fn open(&self) -> usize {
+        self.total.load(std::sync::atomic::Ordering::Acquire)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.connections.total.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        if let Some(ip) = self.ip {
+            self.connections.per_ip.remove_if_mut(&ip, |_, n| {
+                *n -= 1;
+                *n == 0
+            });
+        }
+    }
+}
+
+/// Admits a new connection or closes it at once, counting the limit it hit.
+fn admit(shared: &Shared, ip: Option<std::net::IpAddr>, peer: &dyn std::fmt::Display) -> Option<Slot> {
+    match shared.connections.admit(ip, &shared.limits) {
+        Ok(slot) => Some(slot),
+        Err(limit) => {
+            super::limits::hit(&shared.metrics, limit);
+            tracing::debug!(%peer, limit, "connection refused: limit reached");
+            None
+        }
+    }
+}
+
 /// Serves until `shutdown` is cancelled and the connections have ended. With `tls`,
 /// TCP connections are TLS (and mTLS when it has a client CA); Unix sockets are always
 /// plain, their peer named by the kernel.
@@ -111,17 +180,18 @@ pub async fn serve(
                 if let Err(e) = tune(&sock) {
                     tracing::debug!(peer = %addr, error = %e, "could not set TCP options");
                 }
+                let Some(slot) = admit(&shared, Some(addr.ip()), &addr) else { continue };
                 let address = addr.to_string();
                 match &tls {
                     None => {
                         let peer = Arc::new(Peer { address, identity: Identity::Anonymous });
-                        connections.spawn(conn::serve(sock, shared.clone(), peer));
+                        connections.spawn(conn::serve(sock, shared.clone(), peer).holding(slot));
                     }
                     Some(tls) => {
                         let (tls, shared, shutdown) = (tls.clone(), shared.clone(), shutdown.clone());
                         connections.spawn(async move {
                             if let Some((stream, peer)) = handshake(&tls, sock, address, &shared, &shutdown).await {
-                                conn::serve(stream, shared, peer).await;
+                                conn::serve(stream, shared, peer).holding(slot).await;
                             }
                         });
                     }
@@ -131,7 +201,8 @@ pub async fn serve(
         Bound::Unix(l, path) => {
             while let Some((sock, _)) = accept(&shutdown, || l.accept()).await {
                 let peer = Arc::new(unix_peer(&sock));
-                connections.spawn(conn::serve(sock, shared.clone(), peer));
+                let Some(slot) = admit(&shared, None, &peer.identity) else { continue };
+                connections.spawn(conn::serve(sock, shared.clone(), peer).holding(slot));
             }
             let _ = std::fs::remove_file(&path);
         }
@@ -193,7 +264,7 @@ async fn handshake(
     let accept = tokio_rustls::TlsAcceptor::from(config).accept(sock);
     let stream = tokio::select! {
         _ = shutdown.cancelled() => return None,
-        r = tokio::time::timeout(conn::HANDSHAKE_TIMEOUT, accept) => match r {
+        r = tokio::time::timeout(shared.limits.handshake_timeout, accept) => match r {
             Ok(Ok(stream)) => stream,
             Ok(Err(e)) => {
                 failed(handshake_reason(&e), &e);

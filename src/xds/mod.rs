@@ -7,6 +7,7 @@ mod delta;
 mod fetch;
 mod grpc;
 mod inbound;
+pub mod limits;
 pub mod listen;
 mod parts;
 pub mod proxies;
@@ -25,6 +26,7 @@ use crate::metrics::Metrics;
 use crate::pki::SECRET_TYPE_URL;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
+use limits::{Budget, Limits};
 use proxies::Proxies;
 
 /// What every stream task needs. Cloned per stream (all `Arc`s).
@@ -37,6 +39,34 @@ pub struct Shared {
     pub shutdown: Shutdown,
     /// Who may read which name; asked when a stream subscribes.
     pub authz: Arc<Authorizer>,
+    pub limits: Arc<Limits>,
+    /// Request bytes held in unfinished messages, process-wide.
+    pub budget: Arc<Budget>,
+    /// Open connections, in total and per IP address.
+    pub connections: Arc<listen::Connections>,
+}
+
+impl Shared {
+    pub fn new(
+        store: Arc<Store>,
+        proxies: Arc<Proxies>,
+        metrics: Arc<Metrics>,
+        shutdown: Shutdown,
+        authz: Arc<Authorizer>,
+        limits: Limits,
+    ) -> Self {
+        let budget = Arc::new(Budget::new(&limits, &metrics));
+        Self {
+            store,
+            proxies,
+            metrics,
+            shutdown,
+            authz,
+            budget,
+            connections: Arc::new(listen::Connections::default()),
+            limits: Arc::new(limits),
+        }
+    }
 }
 
 /// The other end of a connection, as the transport proves it.
@@ -54,6 +84,7 @@ fn check_type_url(type_url: &[u8]) -> Result<(), Status> {
         Ok(())
     } else {
         let shown = String::from_utf8_lossy(type_url);
+        let shown = limits::truncate(&shown, 256);
         Err(Status::invalid_argument(format!("this is an SDS server; type_url {shown} is not served")))
     }
 }

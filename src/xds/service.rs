@@ -62,12 +62,15 @@ fn open<P: Protocol>(
 
 /// FetchSecrets: one request message, one response (or a status).
 async fn unary(shared: Shared, peer: Arc<Peer>, body: RecvStream, mut respond: SendResponse<Frame>) {
-    let mut inbound = Inbound::new(body);
+    let mut inbound = Inbound::new(body, shared.budget.clone());
     let outcome = match poll_fn(|cx| inbound.poll_request::<DiscoveryRequest>(cx)).await {
-        Some(Ok(mut req)) => {
-            fetch::authorize(&shared, &peer, &mut req).await;
-            fetch::fetch(&shared, req)
-        }
+        Some(Ok(mut req)) => match fetch::check_names(&shared, &req) {
+            Ok(()) => {
+                fetch::authorize(&shared, &peer, &mut req).await;
+                fetch::fetch(&shared, req)
+            }
+            Err(status) => Err(status),
+        },
         Some(Err(status)) => Err(status),
         None => Err(Status::invalid_argument("FetchSecrets needs a request message")),
     };

@@ -25,6 +25,9 @@ use crate::metrics::ProtocolLabel;
 use crate::store::{Current, Served};
 use crate::version::Version;
 
+/// Past this many names a stream keeps a set of them for lookups.
+const INDEX_FROM: usize = 8;
+
 /// Responses kept for ACK matching; Envoy answers in order, so a few suffice.
 const PENDING_NONCES: usize = 16;
 
@@ -51,6 +54,10 @@ pub struct Session {
     /// Keyed by the stream's own copy of each name: the map hands out a key clone per
     /// change, and a name shared with other streams would be a contended refcount.
     watches: StreamMap<Arc<str>, Watched>,
+    /// The watched names as a set, once there are more than a few: `StreamMap` finds a
+    /// key by scanning, and a stream of thousands of names would make every request
+    /// quadratic. Envoy's streams carry one name and never build it.
+    index: Option<Box<std::collections::HashSet<Arc<str>>>>,
     /// Responses awaiting an ACK, oldest first. Envoy acks each before the next push, so
     /// one is held inline: no allocation per stream or per push.
     pending: SmallVec<[(u64, Resources); 1]>,
@@ -76,6 +83,7 @@ impl Session {
             counters,
             // Envoy asks for one name per stream.
             watches: StreamMap::with_capacity(1),
+            index: None,
             pending: SmallVec::new(),
             next_nonce: 0,
             identified: false,
@@ -108,7 +116,25 @@ impl Session {
     }
 
     pub fn watches(&self, name: &str) -> bool {
-        self.watches.contains_key(name)
+        match &self.index {
+            Some(index) => index.contains(name),
+            None => self.watches.contains_key(name),
+        }
+    }
+
+    /// How many names the stream watches.
+    pub fn watched(&self) -> usize {
+        self.watches.len()
+    }
+
+    /// `[limits] max_names_per_stream` and `max_names_per_request`.
+    pub fn limits(&self) -> &crate::xds::limits::Limits {
+        &self.shared.limits
+    }
+
+    /// Counts a limit hit by this stream's peer.
+    pub fn hit(&self, limit: &'static str) {
+        crate::xds::limits::hit(&self.shared.metrics, limit);
     }
 
     /// Watches `name`. The current content (if any) is yielded by `next_change` at once,
@@ -117,9 +143,18 @@ impl Session {
     /// Authorization is asked here, once per name: a denied name is watched but never
     /// sent (the proxy sees it absent, its other names unaffected), and a name whose
     /// grant can change follows that grant.
-    pub fn subscribe(&mut self, name: &str) {
-        if self.watches.contains_key(name) {
-            return;
+    /// A stream may watch `[limits] max_names_per_stream` names; one more is an error
+    /// for the peer.
+    pub fn subscribe(&mut self, name: &str) -> Result<(), tonic::Status> {
+        if self.watches(name) {
+            return Ok(());
+        }
+        let max = self.shared.limits.max_names_per_stream;
+        if self.watches.len() >= max {
+            self.hit("max_names_per_stream");
+            return Err(tonic::Status::resource_exhausted(format!(
+                "a stream may watch at most {max} names ([limits] max_names_per_stream)"
+            )));
         }
         let feed = match self.shared.authz.decide(&self.peer.identity, name) {
             Verdict::Allow => Feed::Open(WatchStream::new(self.shared.store.subscribe(name))),
@@ -137,8 +172,37 @@ impl Session {
         if !matches!(feed, Feed::Denied) {
             self.status.with_name(name, |_| {});
         }
-        self.watches.insert(Arc::from(name), Watched { feed, sent: None, nacked: None });
-        tracing::debug!(stream = self.id, secret = name, "subscribed");
+        let name: Arc<str> = Arc::from(name);
+        self.watches.insert(name.clone(), Watched { feed, sent: None, nacked: None });
+        match &mut self.index {
+            Some(index) => {
+                index.insert(name.clone());
+            }
+            None if self.watches.len() > INDEX_FROM => {
+                self.index = Some(Box::new(self.watches.keys().cloned().collect()));
+            }
+            None => {}
+        }
+        tracing::debug!(stream = self.id, secret = %name, "subscribed");
+        Ok(())
+    }
+
+    /// A Delta client subscribing again to a name it watches: it may have dropped what
+    /// it had, so the current content is sent again (xDS protocol).
+    pub fn resubscribe(&mut self, name: &str) {
+        let Some((_, watched)) = self.watches.iter_mut().find(|(n, _)| &**n == name) else { return };
+        watched.sent = None;
+        match &mut watched.feed {
+            // A fresh receiver yields the current content first; the old one is dropped
+            // after the new one exists, so the store's subscription never lapses.
+            Feed::Open(changes) => *changes = WatchStream::new(self.shared.store.subscribe(name)),
+            Feed::Gated(gate) => {
+                if gate.changes.is_some() {
+                    gate.changes = Some(WatchStream::new(gate.store.clone()));
+                }
+            }
+            Feed::Denied => {}
+        }
     }
 
     fn deny(&self, name: &str, reason: &Reason) {
@@ -148,6 +212,9 @@ impl Session {
 
     pub fn unsubscribe(&mut self, name: &str) {
         let Some(watched) = self.watches.remove(name) else { return };
+        if let Some(index) = &mut self.index {
+            index.remove(name);
+        }
         self.status.forget(name);
         if watched.feed.holds_store() {
             drop(watched);

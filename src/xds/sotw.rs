@@ -2,7 +2,6 @@
 //! names; a response carries the secrets that changed.
 
 use std::collections::HashSet;
-use std::sync::Arc;
 
 use bytes::Bytes;
 use tonic::Status;
@@ -22,12 +21,19 @@ impl Protocol for Sotw {
 
     fn on_request(session: &mut Session, req: SotwRequest) -> Result<(), Status> {
         session.receive(&req.type_url, &req.response_nonce, req.error_detail.as_ref())?;
-        // An ACK repeats the names already watched: the common case, worth no set and no
-        // string. The same set: every name asked for is watched, every watched one asked for.
         let names = &req.resource_names;
+        let max = session.limits().max_names_per_request;
+        if names.len() > max {
+            session.hit("max_names_per_request");
+            return Err(Status::resource_exhausted(format!(
+                "{} names in one request; at most {max} ([limits] max_names_per_request)",
+                names.len()
+            )));
+        }
+        // An ACK repeats the names already watched: the common case, worth no string.
+        // The same set: as many distinct names as are watched, each of them watched.
         let watched = |n: &Bytes| std::str::from_utf8(n).is_ok_and(|n| session.watches(n));
-        let asked = |w: &Arc<str>| names.iter().any(|n| n[..] == *w.as_bytes());
-        if names.iter().all(watched) && session.subscribed().all(asked) {
+        if names.len() == session.watched() && names.iter().all(watched) && distinct(names) {
             return Ok(());
         }
         // The list is the full desired set: add new names, drop the ones no longer asked for.
@@ -38,7 +44,7 @@ impl Protocol for Sotw {
             session.unsubscribe(&name);
         }
         for name in names {
-            session.subscribe(name);
+            session.subscribe(name)?;
         }
         Ok(())
     }
@@ -51,4 +57,14 @@ impl Protocol for Sotw {
         let version_info = sotw_version(&resources);
         Some(Outgoing::Sotw { version_info, nonce, resources })
     }
+}
+
+/// Whether no name appears twice: pairwise for the few names of a usual request, with a
+/// set beyond.
+fn distinct(names: &[Bytes]) -> bool {
+    if names.len() <= 8 {
+        return names.iter().enumerate().all(|(i, a)| names[..i].iter().all(|b| a != b));
+    }
+    let mut seen = HashSet::with_capacity(names.len());
+    names.iter().all(|n| seen.insert(&n[..]))
 }

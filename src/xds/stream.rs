@@ -36,10 +36,11 @@ pub trait Protocol: Send + 'static {
 /// The future of one StreamSecrets or DeltaSecrets call whose response headers are sent.
 pub fn run<P: Protocol>(shared: Shared, peer: Arc<Peer>, body: RecvStream, send: SendStream<Frame>) -> StreamTask<P> {
     let stopping = StopWatch::new(&shared.shutdown);
+    let shared_budget = shared.budget.clone();
     let session = Session::open(shared, P::NAME, peer);
     StreamTask {
         session,
-        inbound: Inbound::new(body),
+        inbound: Inbound::new(body, shared_budget),
         send,
         departed: Departed::new(),
         held: None,

@@ -48,12 +48,16 @@ async fn harness() -> Harness {
     harness_as(None).await
 }
 
+async fn harness_as(authorized: Option<(MakeAuthorizer, Identity)>) -> Harness {
+    harness_with(authorized, Default::default()).await
+}
+
 type MakeAuthorizer = fn(Arc<Metrics>) -> Authorizer;
 
 /// A harness whose connections have `identity` and are authorized by `authz`, as if
 /// the transport had proved it: the listener's TLS is tested end to end with Envoy;
 /// here the protocol's side of authorization.
-async fn harness_as(authorized: Option<(MakeAuthorizer, Identity)>) -> Harness {
+async fn harness_with(authorized: Option<(MakeAuthorizer, Identity)>, limits: super::limits::Limits) -> Harness {
     let metrics = Arc::new(Metrics::new());
     let store = Arc::new(Store::new());
     let shutdown = Shutdown::new();
@@ -61,13 +65,14 @@ async fn harness_as(authorized: Option<(MakeAuthorizer, Identity)>) -> Harness {
         Some((make, _)) => make(metrics.clone()),
         None => Authorizer::open(metrics.clone()),
     };
-    let shared = Shared {
-        store: store.clone(),
-        proxies: Arc::new(Proxies::new(metrics.clone())),
-        metrics: metrics.clone(),
-        shutdown: shutdown.clone(),
-        authz: Arc::new(authz),
-    };
+    let shared = Shared::new(
+        store.clone(),
+        Arc::new(Proxies::new(metrics.clone())),
+        metrics.clone(),
+        shutdown.clone(),
+        Arc::new(authz),
+        limits,
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let stop = shutdown.token();
@@ -445,6 +450,9 @@ async fn requests_that_are_not_sds_calls_get_a_clear_answer() {
     assert!(message.contains("ClusterDiscoveryService") && message.contains("SDS"), "{message}");
 }
 
+/// gRPC's compression rules: the compressed flag on a call without `grpc-encoding` is
+/// INTERNAL; an encoding the server does not support is UNIMPLEMENTED, and the
+/// response names the ones it accepts.
 #[tokio::test]
 async fn compressed_request_is_refused_with_the_reason() {
     let h = harness().await;
@@ -452,8 +460,22 @@ async fn compressed_request_is_refused_with_the_reason() {
     let (head, body) = raw(h.addr, "POST", path, "application/grpc", &[1, 0, 0, 0, 1, 0]).await;
     assert_eq!(head.status, http::StatusCode::OK);
     let trailers = trailers_after(body).await;
-    assert_eq!(trailers["grpc-status"], "12");
+    assert_eq!(trailers["grpc-status"], "13", "INTERNAL");
     assert!(trailers["grpc-message"].to_str().unwrap().contains("compressed"));
+
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::post(format!("http://{}{path}", h.addr))
+        .header("content-type", "application/grpc")
+        .header("grpc-encoding", "gzip")
+        .body(())
+        .unwrap();
+    let (response, _send) = client.send_request(req, false).unwrap();
+    let head = tokio::time::timeout(ARRIVE, response).await.unwrap().unwrap().into_parts().0;
+    assert_eq!(head.headers["grpc-status"], "12", "UNIMPLEMENTED");
+    assert_eq!(head.headers["grpc-accept-encoding"], "identity");
+    assert!(head.headers["grpc-message"].to_str().unwrap().contains("gzip"));
 }
 
 /// A message that is not a DiscoveryRequest ends the call with INVALID_ARGUMENT, on
@@ -795,4 +817,198 @@ async fn a_revoked_grant_is_removed_and_a_new_one_sends_again() {
     assert_eq!(r.resources[0].name, "kubernetes://gw/web");
     assert_eq!(r.resources[0].version, h.version("kubernetes://gw/web"), "the current version, sent again");
     assert_eq!(denied_in_status(&h, "kubernetes://gw/web"), None);
+}
+
+// ---- limits: what a peer can make certwire hold or compute --------------------------
+
+fn small_limits() -> super::limits::Limits {
+    super::limits::Limits {
+        max_request_bytes: 32 * 1024,
+        connection_window_bytes: 64 * 1024,
+        max_buffered_request_bytes: 48 * 1024 + 1024,
+        max_names_per_request: 100,
+        max_names_per_stream: 150,
+        max_fetch_response_bytes: 4 * 1024,
+        max_connections_per_ip: 3,
+        idle_timeout: Duration::from_millis(300),
+        ..Default::default()
+    }
+}
+
+fn hits(h: &Harness, limit: &'static str) -> u64 {
+    h.shared.metrics.limits_hit.get_or_create(&crate::metrics::LimitLabel { limit }).get()
+}
+
+/// A raw h2 connection to the harness.
+async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes::Bytes> {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (client, conn) = h2::client::handshake(tcp).await.unwrap();
+    tokio::spawn(conn);
+    client.ready().await.unwrap()
+}
+
+/// Unfinished messages hold at most the connection's window: capacity is given back
+/// only as whole messages are consumed, so streams that each start a message and never
+/// finish it cannot make certwire hold more.
+#[tokio::test]
+async fn unfinished_requests_are_bounded_by_the_connection_window() {
+    let limits = super::limits::Limits { max_buffered_request_bytes: 1 << 30, ..small_limits() };
+    let h = harness_with(None, limits).await;
+    let mut client = h2_client(h.addr).await;
+    let path = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+    let mut streams = Vec::new();
+    for _ in 0..8 {
+        // A message announced at 30 KiB, of which 30,000 bytes come: never whole.
+        let mut body = vec![0, 0, 0, 0x78, 0];
+        body.extend(std::iter::repeat_n(0u8, 30_000));
+        let (head, send, recv) = send_raw(&mut client, h.addr, "POST", path, "application/grpc", &body, false).await;
+        streams.push((head, send, recv));
+    }
+    tokio::time::sleep(QUIET).await;
+    let held = h.shared.budget.used();
+    assert!(held > 0, "the unfinished messages are held");
+    assert!(held <= 64 * 1024, "held {held} bytes, more than the connection window");
+}
+
+/// The process-wide budget: a frame that would take it over ends its stream with
+/// RESOURCE_EXHAUSTED; other streams are untouched, and the budget is given back.
+#[tokio::test]
+async fn the_request_budget_ends_the_stream_that_would_exceed_it() {
+    let h = harness_with(None, small_limits()).await;
+    let path = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
+    let mut partial = vec![0, 0, 0, 0x78, 0];
+    partial.extend(std::iter::repeat_n(0u8, 28_000));
+    let mut a = h2_client(h.addr).await;
+    let (_, _send_a, _recv_a) = send_raw(&mut a, h.addr, "POST", path, "application/grpc", &partial, false).await;
+    wait_until(|| h.shared.budget.used() >= 28_000).await;
+    let mut b = h2_client(h.addr).await;
+    let (_, _send_b, recv_b) = send_raw(&mut b, h.addr, "POST", path, "application/grpc", &partial, false).await;
+    let trailers = trailers_after(recv_b).await;
+    assert_eq!(trailers["grpc-status"], "8", "RESOURCE_EXHAUSTED");
+    assert!(trailers["grpc-message"].to_str().unwrap().contains("max_buffered_request_bytes"));
+    assert_eq!(hits(&h, "max_buffered_request_bytes"), 1);
+    assert!(h.shared.budget.used() < 30_000, "b's bytes were given back, a's are held");
+}
+
+#[tokio::test]
+async fn connections_per_ip_are_capped_and_idle_ones_closed() {
+    let h = harness_with(None, small_limits()).await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+        open.push(h2::client::handshake(tcp).await.unwrap());
+    }
+    wait_until(|| h.shared.connections.open() == 3).await;
+    let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
+    assert!(h2::client::handshake(tcp).await.is_err() || hits(&h, "max_connections_per_ip") == 1);
+    wait_until(|| hits(&h, "max_connections_per_ip") == 1).await;
+    // With no stream, the three are closed after the idle timeout and their places freed.
+    let (_, conn) = open.pop().unwrap();
+    let _ = tokio::time::timeout(ARRIVE, conn).await.expect("an idle connection is closed");
+    wait_until(|| h.shared.connections.open() == 0).await;
+    assert!(hits(&h, "idle_timeout") >= 1);
+}
+
+#[tokio::test]
+async fn names_per_request_and_per_stream_are_capped() {
+    let mut h = harness_with(None, small_limits()).await;
+    let many: Vec<String> = (0..101).map(|i| format!("n{i}")).collect();
+    let refs: Vec<&str> = many.iter().map(String::as_str).collect();
+    let (tx, mut rx) = h.sotw().await;
+    tx.send(request(&refs, "", "")).await.unwrap();
+    let status = tokio::time::timeout(ARRIVE, rx.message()).await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("101 names"), "{}", status.message());
+
+    // Delta adds up: 100 and 100 again is over 150 on one stream.
+    let (tx, mut rx) = h.delta().await;
+    for batch in [0..100, 100..200] {
+        tx.send(DeltaDiscoveryRequest {
+            node: node(),
+            type_url: SECRET_TYPE_URL.into(),
+            resource_names_subscribe: batch.map(|i| format!("d{i}")).collect(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    }
+    let status = tokio::time::timeout(ARRIVE, rx.message()).await.unwrap().unwrap_err();
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(status.message().contains("max_names_per_stream"), "{}", status.message());
+    assert_eq!(hits(&h, "max_names_per_request"), 1);
+    assert_eq!(hits(&h, "max_names_per_stream"), 1);
+}
+
+/// A stream of many names (a set is kept past a few) still sees an ACK as the same set
+/// and a changed list as a change.
+#[tokio::test]
+async fn a_stream_of_many_names_keeps_exact_sotw_semantics() {
+    let mut h = harness().await;
+    let names: Vec<String> = (0..50).map(|i| format!("m{i}")).collect();
+    for n in &names {
+        h.put(n, "1");
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let (tx, mut rx) = h.sotw().await;
+    tx.send(request(&refs, "", "")).await.unwrap();
+    let mut nonce = String::new();
+    for _ in 0..50 {
+        nonce = next(&mut rx).await.nonce;
+    }
+    // An ACK naming one of them twice and leaving one out drops the one left out.
+    let mut ack = refs.clone();
+    ack[49] = "m0";
+    tx.send(request(&ack, "", &nonce)).await.unwrap();
+    wait_until(|| h.shared.proxies.status()[0].secrets.iter().all(|n| &*n.name != "m49")).await;
+    h.put("m49", "2");
+    silent(&mut rx).await;
+    h.put("m48", "2");
+    assert_eq!(secret_name(&next(&mut rx).await), "m48");
+}
+
+#[tokio::test]
+async fn fetch_refuses_duplicates_caps_the_response_and_bounds_its_errors() {
+    let mut h = harness_with(None, small_limits()).await;
+    h.put("a", "1");
+    let err = h.client.fetch_secrets(request(&["a", "a"], "", "")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(err.message().contains("twice"), "{}", err.message());
+
+    h.put("big1", &"x".repeat(3000));
+    h.put("big2", &"y".repeat(3000));
+    assert!(h.client.fetch_secrets(request(&["big1"], "", "")).await.is_ok());
+    let err = h.client.fetch_secrets(request(&["big1", "big2"], "", "")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted);
+    assert_eq!(hits(&h, "max_fetch_response_bytes"), 1);
+
+    let missing: Vec<String> = (0..100).map(|i| format!("missing-{i}-{}", "z".repeat(200))).collect();
+    let refs: Vec<&str> = missing.iter().map(String::as_str).collect();
+    let err = h.client.fetch_secrets(request(&refs, "", "")).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().len() < 2048, "the error does not grow with the request: {} bytes", err.message().len());
+    assert!(err.message().contains("96 other names"), "{}", err.message());
+}
+
+/// The xDS protocol: a Delta client that subscribes again to a name it has may have
+/// dropped it, and gets it again.
+#[tokio::test]
+async fn delta_subscribing_again_sends_the_name_again() {
+    let mut h = harness().await;
+    h.put("a", "1");
+    let (tx, mut rx) = h.delta().await;
+    let subscribe = || DeltaDiscoveryRequest {
+        node: node(),
+        type_url: SECRET_TYPE_URL.into(),
+        resource_names_subscribe: vec!["a".into()],
+        ..Default::default()
+    };
+    tx.send(subscribe()).await.unwrap();
+    let first = next(&mut rx).await;
+    tx.send(DeltaDiscoveryRequest { response_nonce: first.nonce.clone(), ..Default::default() }).await.unwrap();
+    silent(&mut rx).await;
+    tx.send(DeltaDiscoveryRequest { response_nonce: first.nonce.clone(), ..subscribe() }).await.unwrap();
+    let again = next(&mut rx).await;
+    assert_eq!(again.resources[0].name, "a");
+    assert_eq!(again.resources[0].version, h.version("a"));
+    assert_ne!(again.nonce, first.nonce);
 }
