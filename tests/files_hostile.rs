@@ -1,6 +1,6 @@
 //! The file source under hostile and broken files, through the real binary: a FIFO
 //! named `tls.crt` with one worker, links to `/dev/zero` and out of the root, a device
-//! node, a 50 MB certificate, a file that cannot be read.
+//! node, a 50 MB certificate, a file that cannot be read, a secret directory deleted.
 //! Each is refused with a reason in `/status/secrets` and in
 //! `certwire_updates_rejected_total`, the last good version stays served, memory stays
 //! bounded and nothing else stops.
@@ -9,7 +9,7 @@ mod common;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::symlink;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -233,4 +233,26 @@ async fn links_out_of_the_root_and_unreadable_files_show_in_status_and_metrics()
     assert_eq!(served_version(&certwire, "looped").await, Some(version), "last good version kept");
     let log = std::fs::read_to_string(certwire.log_path()).unwrap();
     assert!(log.lines().any(|l| l.contains("ERROR") && l.contains("looped") && l.contains("read_error")), "{log}");
+}
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_secret_directory_logs_no_warning() {
+    let root = util::tempdir();
+    let ca = Ca::new("delete CA");
+    let gone = SecretDir::create_tls(root.path(), "gone", &ca.server("gone.example.com"), Some(ca.cert_pem()));
+    let (certwire, _) = serve(root.path(), &[]).await;
+    wait_served(&certwire, "gone").await;
+    let path: PathBuf = gone.path().to_owned();
+
+    std::fs::remove_dir_all(&path).unwrap();
+    util::wait_for("gone withdrawn", WAIT, || async {
+        certwire.secret_status("gone").await.is_some_and(|s| s["deleted"] == true).then_some(())
+    })
+    .await;
+    // The watch's own bookkeeping reports after the removal; give it time to.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let log = std::fs::read_to_string(certwire.log_path()).unwrap();
+    let noise: Vec<&str> = log.lines().filter(|l| l.contains(" WARN ") || l.contains("notify")).collect();
+    assert!(noise.is_empty(), "deleting a secret directory logged:\n{}", noise.join("\n"));
+    assert!(log.contains("secret removed"), "{log}");
 }
