@@ -335,6 +335,21 @@ impl Store {
         self.demand.subscribe()
     }
 
+    /// Follows `name` if the store knows it (served, rejected, deleted or subscribed),
+    /// like [`Store::subscribe`] but never creating an entry nor announcing demand: for
+    /// observers (the rollout watch), so asking about a name mints or keeps nothing. The
+    /// caller calls [`Store::release`] once the receiver is dropped.
+    pub fn watch_known(&self, name: &str) -> Option<watch::Receiver<Current>> {
+        let mut entry = self.entries.get_mut(name)?;
+        let current = entry.current();
+        Some(entry.tx.get_or_insert_with(|| watch::channel(current).0).subscribe())
+    }
+
+    /// How many receivers follow `name` now (streams and observers).
+    pub fn subscribers(&self, name: &str) -> usize {
+        self.entries.get(name).map_or(0, |e| e.subscribers())
+    }
+
     /// Names some stream waits for that no source serves (yet).
     pub fn wanted_unserved(&self) -> Vec<String> {
         self.entries

@@ -68,18 +68,26 @@ impl StatusService for Admin {
 
     type WatchRolloutStream = Pin<Box<dyn Stream<Item = Result<RolloutProgress, Status>> + Send>>;
 
+    /// Follows one name's rollout. At most `status_max_watchers` at once (RESOURCE_EXHAUSTED
+    /// beyond); each look is O(1) (counts the streams keep), and a name nobody serves or
+    /// subscribes is polled, never subscribed in the store: asking makes nothing minted.
     async fn watch_rollout(
         &self,
         request: Request<WatchRolloutRequest>,
     ) -> Result<Response<Self::WatchRolloutStream>, Status> {
+        let slot = self.proxies.watch_rollout().map_err(|e| Status::resource_exhausted(e.to_string()))?;
         let name = request.into_inner().name;
         let (tx, rx) = mpsc::channel(1);
         let admin = self.clone();
         tokio::spawn(async move {
-            let mut secret = admin.store.subscribe(&name);
+            let _slot = slot;
+            let mut secret = admin.store.watch_known(&name);
             let mut last = None;
             'watch: loop {
-                let version = secret.borrow_and_update().as_ref().map(|s| s.version);
+                if secret.is_none() {
+                    secret = admin.store.watch_known(&name);
+                }
+                let version = secret.as_mut().and_then(|s| s.borrow_and_update().as_ref().map(|s| s.version));
                 let (subscribed, acked, nacked) = admin.proxies.rollout(&name, version);
                 let progress = RolloutProgress {
                     name: name.clone(),
@@ -96,16 +104,127 @@ impl StatusService for Admin {
                 }
                 // Streams do not wake watchers (a rollout is thousands of ACKs): look
                 // again every 100 ms, and at once for a new version. Only changes are sent.
+                let changed = async {
+                    match secret.as_mut() {
+                        Some(s) => s.changed().await,
+                        None => std::future::pending().await,
+                    }
+                };
                 tokio::select! {
                     _ = admin.shutdown.cancelled() => break 'watch,
                     _ = tx.closed() => break 'watch,
-                    r = secret.changed() => if r.is_err() { break 'watch },
+                    r = changed => if r.is_err() { break 'watch },
                     _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
                 }
             }
-            drop(secret);
-            admin.store.release(&name);
+            if secret.take().is_some() {
+                admin.store.release(&name);
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use futures_util::StreamExt;
+    use tokio_util::sync::CancellationToken;
+
+    use super::*;
+    use crate::health::Health;
+    use crate::ingest::Sink;
+    use crate::metrics::Metrics;
+    use crate::sources::dev::DevCa;
+    use crate::store::Store;
+    use crate::xds::proxies::{MAX_ROLLOUT_WATCHERS, Proxies};
+
+    fn admin() -> Admin {
+        let metrics = Arc::new(Metrics::new());
+        Admin {
+            store: Arc::new(Store::new()),
+            proxies: Arc::new(Proxies::new(metrics.clone())),
+            metrics,
+            health: Arc::new(Health::default()),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    fn watch(name: &str) -> Request<WatchRolloutRequest> {
+        Request::new(WatchRolloutRequest { name: name.to_owned() })
+    }
+
+    async fn until(what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !f() {
+            assert!(Instant::now() < deadline, "never: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn watches_over_the_limit_are_refused_until_one_ends() {
+        let a = admin();
+        let mut open = Vec::new();
+        for _ in 0..MAX_ROLLOUT_WATCHERS {
+            open.push(a.watch_rollout(watch("web")).await.expect("under the limit").into_inner());
+        }
+        let refused = a.watch_rollout(watch("web")).await.err().expect("one over the limit is refused");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
+        assert!(refused.message().contains("64 rollout watches are open"), "{}", refused.message());
+        assert!(a.metrics.encode().contains("certwire_rollout_watchers_refused_total 1\n"));
+
+        // A client that goes away gives its place back.
+        open.pop();
+        let mut admitted = None;
+        until("a place given back", || {
+            admitted = futures_util::FutureExt::now_or_never(a.watch_rollout(watch("web"))).and_then(Result::ok);
+            admitted.is_some()
+        })
+        .await;
+        a.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn watching_a_name_nobody_serves_subscribes_and_mints_nothing() {
+        let a = admin();
+        let mut demand = a.store.demand();
+        let mut progress = a.watch_rollout(watch("made-up")).await.unwrap().into_inner();
+        let first = progress.next().await.unwrap().unwrap();
+        assert_eq!((first.version.as_str(), first.streams_subscribed), ("", 0));
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        assert!(demand.try_recv().is_err(), "no source is asked to mint a name only a watch asked about");
+        assert_eq!(a.store.subscribers("made-up"), 0, "no store subscription for it");
+        a.shutdown.cancel();
+    }
+
+    #[tokio::test]
+    async fn a_watch_follows_the_acks_of_the_current_version() {
+        let a = admin();
+        let sink = Sink::new(a.store.clone(), a.metrics.clone(), "dev", false);
+        let ca = DevCa::new(Duration::from_secs(600)).unwrap();
+        sink.update("web", &ca.material("web").unwrap(), Instant::now()).unwrap();
+        let v1 = a.store.get("web").unwrap().version;
+        let peer = crate::xds::Peer { address: "test".into(), identity: crate::authz::Identity::Anonymous };
+        let stream = a.proxies.open("sotw", &peer);
+        stream.with_name("web", |n| n.acked_version = Some(v1));
+
+        let mut progress = a.watch_rollout(watch("web")).await.unwrap().into_inner();
+        let p = progress.next().await.unwrap().unwrap();
+        assert_eq!((p.version, p.streams_subscribed, p.streams_acked), (v1.to_string(), 1, 1));
+        assert_eq!(a.store.subscribers("web"), 1, "a served name is followed in the store");
+
+        sink.update("web", &ca.material("web").unwrap(), Instant::now()).unwrap();
+        let v2 = a.store.get("web").unwrap().version;
+        let p = progress.next().await.unwrap().unwrap();
+        assert_eq!((p.version, p.streams_subscribed, p.streams_acked), (v2.to_string(), 1, 0));
+        stream.with_name("web", |n| n.acked_version = Some(v2));
+        let p = progress.next().await.unwrap().unwrap();
+        assert_eq!((p.streams_subscribed, p.streams_acked), (1, 1));
+
+        drop(progress);
+        until("the watch lets go of the store", || a.store.subscribers("web") == 0).await;
     }
 }

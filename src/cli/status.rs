@@ -21,7 +21,11 @@ pub async fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         .await
         .map_err(|e| anyhow::anyhow!("connecting to certwire admin at {url}: {e}"))?;
     if let Some(name) = &args.watch {
-        let mut stream = client.watch_rollout(WatchRolloutRequest { name: name.clone() }).await?.into_inner();
+        let mut stream = client
+            .watch_rollout(WatchRolloutRequest { name: name.clone() })
+            .await
+            .map_err(|s| anyhow::anyhow!("certwire refused the rollout watch: {}", s.message()))?
+            .into_inner();
         while let Some(p) = stream.message().await? {
             let version = if p.version.is_empty() { "-" } else { &p.version };
             println!(
