@@ -350,6 +350,16 @@ impl Store {
         self.entries.get(name).map_or(0, |e| e.subscribers())
     }
 
+    /// Forgets `name` entirely, without the "deleted" mark a removal leaves, when no source
+    /// offers it, none recorded an error and nobody subscribes: an on-demand source (dev
+    /// CA) withdraws a name it made up, and the store keeps nothing of every name a client
+    /// once asked for. Returns whether it was forgotten.
+    pub fn purge(&self, name: &str) -> bool {
+        self.entries
+            .remove_if(name, |_, e| e.candidates.is_empty() && e.errors.is_none() && e.subscribers() == 0)
+            .is_some()
+    }
+
     /// Names some stream waits for that no source serves (yet).
     pub fn wanted_unserved(&self) -> Vec<String> {
         self.entries

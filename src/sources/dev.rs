@@ -2,17 +2,20 @@
 //! name a proxy asks for (`NAME-cacert` gets the CA bundle) and re-mints all of them on an
 //! interval, so hot rotation can be tried with nothing but certwire and Envoy.
 
-use std::collections::BTreeSet;
-use std::time::{Duration, Instant};
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
 use tokio::sync::broadcast::error::RecvError;
+use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use crate::ingest::Sink;
+use crate::metrics::Metrics;
 use crate::pki::{KeyBytes, Material};
 
 /// Clock skew allowance for freshly minted certificates.
@@ -88,53 +91,182 @@ fn host_part(name: &str) -> &str {
     if ok { last } else { "localhost" }
 }
 
-/// Runs the dev source until `shutdown`: mints on demand and re-mints on `rotate_every`.
+/// Default of how long the dev CA keeps minting a name nobody subscribes to any more.
+pub const FORGET_AFTER: Duration = Duration::from_secs(10 * 60);
+
+/// Default of the most names the dev CA mints at once.
+pub const MAX_NAMES: usize = 1_000;
+
+/// How the dev CA runs.
+#[derive(Debug, Clone)]
+pub struct DevSettings {
+    /// Every certificate is minted again this often.
+    pub rotate_every: Duration,
+    /// A name nobody subscribes to is withdrawn after this long (checked every quarter of
+    /// it, so between this and 1.5 times this after its last subscriber went).
+    pub forget_after: Duration,
+    /// The most names minted at once; further names wait, unanswered, for a place.
+    pub max_names: usize,
+}
+
+impl DevSettings {
+    pub fn new(rotate_every: Duration) -> Self {
+        Self { rotate_every, forget_after: FORGET_AFTER, max_names: MAX_NAMES }
+    }
+}
+
+/// Runs the dev source with the default [`DevSettings`] and its own metrics (refusals
+/// are logged but not exported): [`start_with`] is the full form.
 pub fn start(
     sink: Sink,
     rotate_every: Duration,
     shutdown: CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, DevError> {
+    start_with(sink, DevSettings::new(rotate_every), Arc::new(Metrics::new()), shutdown)
+}
+
+/// Runs the dev source until `shutdown`: mints on demand, re-mints on `rotate_every`,
+/// withdraws names nobody subscribes to after `forget_after`, and mints at most
+/// `max_names` (counted in `dev_ca_names_refused_total` beyond).
+pub fn start_with(
+    sink: Sink,
+    settings: DevSettings,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<tokio::task::JoinHandle<()>, DevError> {
     // The certificate outlives two rotations so a slow proxy never holds an expired one.
-    let ca = DevCa::new(rotate_every * 2 + BACKDATE)?;
+    let ca = DevCa::new(settings.rotate_every * 2 + BACKDATE)?;
     let mut demand = sink.store().demand();
     let handle = tokio::spawn(async move {
-        let mut names = BTreeSet::new();
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + rotate_every, rotate_every);
-        for name in sink.store().wanted_unserved() {
-            mint(&ca, &sink, &name);
-            names.insert(name);
-        }
+        let mut dev = Minted { ca, sink, metrics, settings, names: HashMap::new(), waiting: false, told: false };
+        let rotate_every = dev.settings.rotate_every;
+        let mut rotate = tokio::time::interval_at(Instant::now() + rotate_every, rotate_every);
+        let sweep_every = (dev.settings.forget_after / 4).max(Duration::from_secs(1));
+        let mut sweep = tokio::time::interval_at(Instant::now() + sweep_every, sweep_every);
+        sweep.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        dev.mint_wanted();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => break,
                 wanted = demand.recv() => match wanted {
-                    Ok(name) => {
-                        if names.insert(name.clone()) {
-                            mint(&ca, &sink, &name);
-                        }
-                    }
-                    Err(RecvError::Lagged(_)) => {
-                        for name in sink.store().wanted_unserved() {
-                            names.insert(name.clone());
-                            mint(&ca, &sink, &name);
-                        }
-                    }
+                    Ok(name) => dev.demanded(name),
+                    Err(RecvError::Lagged(_)) => dev.mint_wanted(),
                     Err(RecvError::Closed) => break,
                 },
-                _ = tick.tick() => {
-                    tracing::info!(secrets = names.len(), "dev CA rotating all certificates");
-                    for name in &names {
-                        mint(&ca, &sink, name);
-                    }
-                }
+                _ = rotate.tick() => dev.rotate(),
+                _ = sweep.tick() => dev.sweep(),
             }
         }
     });
     Ok(handle)
 }
 
+/// What the dev CA serves: per name, since when nobody subscribes to it (None: someone
+/// does, as of the last sweep).
+struct Minted {
+    ca: DevCa,
+    sink: Sink,
+    metrics: Arc<Metrics>,
+    settings: DevSettings,
+    names: HashMap<String, Option<Instant>>,
+    /// A name was refused for want of a place: the next sweep that frees one looks for it.
+    waiting: bool,
+    /// The limit was logged (once).
+    told: bool,
+}
+
+impl Minted {
+    fn demanded(&mut self, name: String) {
+        if self.names.contains_key(&name) {
+            return;
+        }
+        if self.names.len() >= self.settings.max_names {
+            self.refuse(&name);
+            return;
+        }
+        mint(&self.ca, &self.sink, &name);
+        self.names.insert(name, None);
+    }
+
+    fn refuse(&mut self, name: &str) {
+        self.metrics.dev_ca_names_refused.inc();
+        self.waiting = true;
+        if !self.told {
+            self.told = true;
+            tracing::warn!(
+                max_names = self.settings.max_names,
+                secret = name,
+                "dev CA serves its maximum number of names: further names are not minted until one \
+                 nobody subscribes to is forgotten (refusals counted in certwire_dev_ca_names_refused_total; \
+                 logged once)"
+            );
+        } else {
+            tracing::debug!(secret = name, "dev CA at its maximum number of names: not minted");
+        }
+    }
+
+    /// Every name some stream waits for and no source serves, up to the limit.
+    fn mint_wanted(&mut self) {
+        self.waiting = false;
+        for name in self.sink.store().wanted_unserved() {
+            if self.names.contains_key(&name) {
+                // Known but not in the store (withdrawn meanwhile): mint it again.
+                mint(&self.ca, &self.sink, &name);
+            } else {
+                self.demanded(name);
+            }
+        }
+    }
+
+    fn rotate(&mut self) {
+        tracing::info!(secrets = self.names.len(), "dev CA rotating all certificates");
+        for name in self.names.keys() {
+            mint(&self.ca, &self.sink, name);
+        }
+    }
+
+    /// Withdraws the names nobody subscribed to for `forget_after`.
+    fn sweep(&mut self) {
+        let now = Instant::now();
+        let store = self.sink.store().clone();
+        let mut forget = Vec::new();
+        for (name, idle_since) in &mut self.names {
+            if store.subscribers(name) > 0 {
+                *idle_since = None;
+            } else {
+                let since = *idle_since.get_or_insert(now);
+                if now.duration_since(since) >= self.settings.forget_after {
+                    forget.push(name.clone());
+                }
+            }
+        }
+        for name in &forget {
+            self.names.remove(name);
+            self.sink.remove(name);
+            // A stream that subscribed just before the removal has been told the name is
+            // gone and announces no demand: mint it again. One that subscribes after it
+            // announces demand, and `purge` keeps the entry it waits on.
+            if store.subscribers(name) > 0 {
+                self.demanded(name.clone());
+            } else {
+                store.purge(name);
+            }
+        }
+        if !forget.is_empty() {
+            tracing::info!(
+                forgotten = forget.len(),
+                secrets = self.names.len(),
+                "dev CA withdrew names nobody subscribes to"
+            );
+            if self.waiting {
+                self.mint_wanted();
+            }
+        }
+    }
+}
+
 fn mint(ca: &DevCa, sink: &Sink, name: &str) {
-    let detected = Instant::now();
+    let detected = std::time::Instant::now();
     match ca.material(name) {
         // Rejections are logged and counted by the sink.
         Ok(material) => {
@@ -166,5 +298,95 @@ mod tests {
         assert_eq!(host_part("kubernetes://ns/web-tls"), "web-tls");
         assert_eq!(host_part("example.com"), "example.com");
         assert_eq!(host_part("has space"), "localhost");
+    }
+}
+
+#[cfg(test)]
+mod lifecycle_tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn dev_sink() -> (Arc<Store>, Arc<Metrics>, Sink) {
+        let store = Arc::new(Store::new());
+        let metrics = Arc::new(Metrics::new());
+        let sink = Sink::new(store.clone(), metrics.clone(), "dev", false);
+        (store, metrics, sink)
+    }
+
+    async fn until(what: &str, f: impl Fn() -> bool) {
+        for _ in 0..1000 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("never: {what}");
+    }
+
+    fn listed(store: &Store, name: &str) -> bool {
+        store.status().iter().any(|s| s.name == name)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn names_nobody_subscribes_to_are_withdrawn_after_the_grace_period() {
+        let (store, _, sink) = dev_sink();
+        let shutdown = CancellationToken::new();
+        let _kept = store.subscribe("kept");
+        let dropped = store.subscribe("dropped");
+        start(sink, Duration::from_secs(300), shutdown.clone()).unwrap();
+        until("both minted", || store.get("kept").is_some() && store.get("dropped").is_some()).await;
+
+        drop(dropped);
+        store.release("dropped");
+        tokio::time::sleep(FORGET_AFTER - Duration::from_secs(60)).await;
+        assert!(store.get("dropped").is_some(), "kept during the grace period");
+        // Checked every quarter of the period: gone by 1.5 times it.
+        tokio::time::sleep(FORGET_AFTER / 2 + Duration::from_secs(61)).await;
+        assert!(store.get("dropped").is_none(), "withdrawn once nobody subscribed for the grace period");
+        assert!(!listed(&store, "dropped"), "and not kept as a deleted entry either");
+        assert!(store.get("kept").is_some(), "a subscribed name stays");
+
+        // Asked for again, it is minted again.
+        let _again = store.subscribe("dropped");
+        until("minted again", || store.get("dropped").is_some()).await;
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_most_max_names_are_minted_by_default() {
+        let (store, _, sink) = dev_sink();
+        let shutdown = CancellationToken::new();
+        start(sink, Duration::from_secs(300), shutdown.clone()).unwrap();
+        // CA bundles: no key to generate, so a thousand are quick.
+        let subs: Vec<_> = (0..=MAX_NAMES).map(|i| store.subscribe(&format!("n{i}-cacert"))).collect();
+        until("the first thousand minted", || store.served_count() >= MAX_NAMES).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(store.served_count(), MAX_NAMES, "one name over the limit is not minted");
+        drop(subs);
+        shutdown.cancel();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_name_is_counted_and_minted_once_a_place_is_free() {
+        let (store, metrics, sink) = dev_sink();
+        let shutdown = CancellationToken::new();
+        let settings =
+            DevSettings { rotate_every: Duration::from_secs(300), forget_after: Duration::from_secs(60), max_names: 2 };
+        start_with(sink, settings, metrics.clone(), shutdown.clone()).unwrap();
+        let a = store.subscribe("a-cacert");
+        let _b = store.subscribe("b-cacert");
+        until("a and b minted", || store.served_count() == 2).await;
+        let _c = store.subscribe("c-cacert");
+        until("c refused", || metrics.dev_ca_names_refused.get() == 1).await;
+        assert!(store.get("c-cacert").is_none());
+        assert!(metrics.encode().contains("certwire_dev_ca_names_refused_total 1\n"));
+
+        drop(a);
+        store.release("a-cacert");
+        tokio::time::sleep(Duration::from_secs(91)).await;
+        assert!(store.get("a-cacert").is_none() && !listed(&store, "a-cacert"), "a withdrawn");
+        assert!(store.get("c-cacert").is_some(), "c minted in a's place");
+        assert_eq!(store.served_count(), 2);
+        shutdown.cancel();
     }
 }
