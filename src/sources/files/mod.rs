@@ -154,7 +154,11 @@ pub async fn start_with(
 /// `Ok(None)`: the files are absent. `Err`: a file exists but was not read (see
 /// [`FilesError::reason`]).
 pub fn read_secret_dir(dir: &Path) -> (Result<Option<Material>, FilesError>, Result<Option<Material>, FilesError>) {
-    let root = dir.parent().unwrap_or(dir);
+    let root = match dir.parent() {
+        Some(parent) if parent.as_os_str().is_empty() => Path::new("."),
+        Some(parent) => parent,
+        None => dir,
+    };
     match canonical_root(root) {
         Ok(root) => read_secret_dir_within(Limits { root: &root, max_file_bytes: DEFAULT_MAX_FILE_BYTES }, dir),
         Err(e) => {
