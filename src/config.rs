@@ -30,6 +30,8 @@ pub struct FileConfig {
     pub drain_timeout: Option<Duration>,
     #[serde(default, with = "humantime_serde_opt")]
     pub files_rescan_every: Option<Duration>,
+    /// Largest file the file source reads (certificate, key, CA bundle, CRL).
+    pub files_max_file_bytes: Option<u64>,
     pub workers: Option<NonZeroUsize>,
     pub kubernetes: Option<KubeConfig>,
     /// `[acme]`: certificates certwire orders and renews itself.
@@ -45,6 +47,13 @@ pub struct FileConfig {
     pub status_addr: Option<SocketAddr>,
     /// `[limits]`: bounds on what peers can make certwire hold or compute.
     pub limits: Option<crate::xds::limits::Limits>,
+    /// Rollout watches (`certwire status --watch`) served at once.
+    pub status_max_watchers: Option<usize>,
+    /// The dev CA withdraws a name nobody subscribed to for this long.
+    #[serde(default, with = "humantime_serde_opt")]
+    pub dev_forget_after: Option<Duration>,
+    /// The most names the dev CA mints.
+    pub dev_max_names: Option<usize>,
 }
 
 /// `[sds]` table.
@@ -194,6 +203,7 @@ pub struct Settings {
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
     pub files_rescan_every: Duration,
+    pub files_max_file_bytes: u64,
     /// Runtime worker threads; `None`: one per CPU.
     pub workers: Option<NonZeroUsize>,
     /// `None` when the Kubernetes source is off.
@@ -206,6 +216,9 @@ pub struct Settings {
     pub insecure_open_sds: bool,
     pub status_addr: Option<SocketAddr>,
     pub limits: crate::xds::limits::Limits,
+    pub status_max_watchers: usize,
+    pub dev_forget_after: Duration,
+    pub dev_max_names: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -277,6 +290,7 @@ impl Settings {
             log_format: log_format.or(file.log_format).unwrap_or_default(),
             drain_timeout: flags.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(5)),
             files_rescan_every: file.files_rescan_every.unwrap_or(Duration::from_secs(30)),
+            files_max_file_bytes: file.files_max_file_bytes.unwrap_or(crate::sources::files::DEFAULT_MAX_FILE_BYTES),
             workers: flags.workers.or(file.workers),
             kubernetes,
             acme,
@@ -285,6 +299,9 @@ impl Settings {
             insecure_open_sds,
             status_addr: flags.status_addr.or(file.status_addr),
             limits,
+            status_max_watchers: file.status_max_watchers.unwrap_or(crate::xds::proxies::MAX_ROLLOUT_WATCHERS),
+            dev_forget_after: file.dev_forget_after.unwrap_or(crate::sources::dev::FORGET_AFTER),
+            dev_max_names: file.dev_max_names.unwrap_or(crate::sources::dev::MAX_NAMES),
         })
     }
 }

@@ -27,7 +27,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let store = Arc::new(Store::new());
     let metrics = Arc::new(Metrics::with_store(store.clone()));
     let health = Arc::new(Health::default());
-    let proxies = Arc::new(Proxies::new(metrics.clone()));
+    let proxies = Arc::new(Proxies::new(metrics.clone()).with_max_rollout_watchers(settings.status_max_watchers));
     let stop = Shutdown::new();
     let shutdown = stop.token();
 
@@ -52,7 +52,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         let name = format!("files:{}", root.display());
         health.not_ready(&name, "initial load");
         let sink = Sink::new(store.clone(), metrics.clone(), &name, settings.allow_expired);
-        let options = sources::files::Options { rescan: settings.files_rescan_every, ..Default::default() };
+        let options = sources::files::Options {
+            rescan: settings.files_rescan_every,
+            max_file_bytes: settings.files_max_file_bytes,
+            ..Default::default()
+        };
         sources::files::start_with(root.clone(), sink, shutdown.clone(), options)
             .await
             .with_context(|| format!("starting file source {}", root.display()))?;
@@ -77,7 +81,12 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     }
     if settings.dev {
         let sink = Sink::new(store.clone(), metrics.clone(), "dev", settings.allow_expired);
-        sources::dev::start(sink, settings.dev_rotate_every, shutdown.clone())?;
+        let dev = sources::dev::DevSettings {
+            rotate_every: settings.dev_rotate_every,
+            forget_after: settings.dev_forget_after,
+            max_names: settings.dev_max_names,
+        };
+        sources::dev::start_with(sink, dev, metrics.clone(), shutdown.clone())?;
         tracing::warn!(rotate_every = ?settings.dev_rotate_every, "dev CA source enabled: certificates are for testing only");
     }
 

@@ -48,6 +48,27 @@ pub fn refuse<T>(req: &Request<T>) -> Option<Response<()>> {
     Some(response)
 }
 
+/// The call's `grpc-timeout` (gRPC over HTTP/2: up to 8 digits and a unit, H M S m u
+/// n). A value that does not parse is ignored, as gRPC servers do.
+pub fn timeout<T>(req: &Request<T>) -> Option<std::time::Duration> {
+    use std::time::Duration;
+    let value = req.headers().get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
 /// Headers that open a gRPC response.
 pub fn response_headers() -> Response<()> {
     let mut response = Response::new(());
@@ -283,6 +304,20 @@ mod tests {
         let too_big = check_prefix(&[0, big[0], big[1], big[2], big[3]], MAX).unwrap_err();
         assert_eq!(too_big.code(), tonic::Code::ResourceExhausted);
         assert!(too_big.message().contains("limit"));
+    }
+
+    #[test]
+    fn grpc_timeouts_parse_as_the_spec_says() {
+        use std::time::Duration;
+        let req = |v: &str| Request::builder().header("grpc-timeout", v).body(()).unwrap();
+        assert_eq!(timeout(&req("100m")), Some(Duration::from_millis(100)));
+        assert_eq!(timeout(&req("2S")), Some(Duration::from_secs(2)));
+        assert_eq!(timeout(&req("1H")), Some(Duration::from_secs(3600)));
+        assert_eq!(timeout(&req("99999999n")), Some(Duration::from_nanos(99_999_999)));
+        for bad in ["", "S", "123456789S", "10x", "-1S", "1.5S"] {
+            assert_eq!(timeout(&req(bad)), None, "{bad:?}");
+        }
+        assert_eq!(timeout(&Request::new(())), None);
     }
 
     #[test]

@@ -41,7 +41,10 @@ pub fn route(
     match req.uri().path() {
         STREAM => open::<Sotw>(shared, peer, req, respond),
         DELTA => open::<Delta>(shared, peer, req, respond),
-        FETCH => Some(Box::pin(unary(shared, peer.clone(), req.into_body(), respond))),
+        FETCH => {
+            let deadline = grpc::timeout(&req);
+            Some(Box::pin(unary(shared, peer.clone(), req.into_body(), respond, deadline)))
+        }
         other => {
             let status = Status::unimplemented(format!("{other} is not served: certwire serves SDS v3"));
             let _ = respond.send_response(grpc::trailers_only(&status), true);
@@ -56,23 +59,39 @@ fn open<P: Protocol>(
     req: Request<RecvStream>,
     mut respond: SendResponse<Frame>,
 ) -> Option<Call> {
+    let deadline = grpc::timeout(&req);
     let send: SendStream<Frame> = respond.send_response(grpc::response_headers(), false).ok()?;
-    Some(Box::pin(stream::run::<P>(shared, peer.clone(), req.into_body(), send)))
+    Some(Box::pin(stream::run::<P>(shared, peer.clone(), req.into_body(), send, deadline)))
 }
 
 /// FetchSecrets: one request message, one response (or a status).
-async fn unary(shared: Shared, peer: Arc<Peer>, body: RecvStream, mut respond: SendResponse<Frame>) {
-    let mut inbound = Inbound::new(body, shared.budget.clone());
-    let outcome = match poll_fn(|cx| inbound.poll_request::<DiscoveryRequest>(cx)).await {
-        Some(Ok(mut req)) => match fetch::check_names(&shared, &req) {
-            Ok(()) => {
-                fetch::authorize(&shared, &peer, &mut req).await;
-                fetch::fetch(&shared, req)
-            }
-            Err(status) => Err(status),
-        },
-        Some(Err(status)) => Err(status),
-        None => Err(Status::invalid_argument("FetchSecrets needs a request message")),
+/// Past the call's `grpc-timeout` (if it has one) the answer is DEADLINE_EXCEEDED.
+async fn unary(
+    shared: Shared,
+    peer: Arc<Peer>,
+    body: RecvStream,
+    mut respond: SendResponse<Frame>,
+    deadline: Option<std::time::Duration>,
+) {
+    let work = async {
+        let mut inbound = Inbound::new(body, shared.budget.clone());
+        match poll_fn(|cx| inbound.poll_request::<DiscoveryRequest>(cx)).await {
+            Some(Ok(mut req)) => match fetch::check_names(&shared, &req) {
+                Ok(()) => {
+                    fetch::authorize(&shared, &peer, &mut req).await;
+                    fetch::fetch(&shared, req)
+                }
+                Err(status) => Err(status),
+            },
+            Some(Err(status)) => Err(status),
+            None => Err(Status::invalid_argument("FetchSecrets needs a request message")),
+        }
+    };
+    let outcome = match deadline {
+        None => work.await,
+        Some(deadline) => tokio::time::timeout(deadline, work)
+            .await
+            .unwrap_or_else(|_| Err(Status::deadline_exceeded("the call's grpc-timeout passed"))),
     };
     match outcome {
         Ok(response) => {

@@ -25,6 +25,9 @@ use crate::metrics::ProtocolLabel;
 use crate::store::{Current, Served};
 use crate::version::Version;
 
+/// A NACK's message is kept (status) and logged up to this many bytes.
+const NACK_MESSAGE_MAX: usize = 1024;
+
 /// Past this many names a stream keeps a set of them for lookups.
 const INDEX_FROM: usize = 8;
 
@@ -56,7 +59,9 @@ pub struct Session {
     watches: StreamMap<Arc<str>, Watched>,
     /// The watched names as a set, once there are more than a few: `StreamMap` finds a
     /// key by scanning, and a stream of thousands of names would make every request
-    /// quadratic. Envoy's streams carry one name and never build it.
+    /// quadratic. Envoy's streams carry one name and never build it; boxed so that the
+    /// absent set costs one word per stream, not a whole empty set.
+    #[allow(clippy::box_collection)]
     index: Option<Box<std::collections::HashSet<Arc<str>>>>,
     /// Responses awaiting an ACK, oldest first. Envoy acks each before the next push, so
     /// one is held inline: no allocation per stream or per push.
@@ -276,25 +281,31 @@ impl Session {
         match error {
             None => {
                 self.counters.acks.inc();
-                for served in resources {
+                // A name unsubscribed since it was sent is no longer this stream's.
+                for served in resources.iter().filter(|s| self.watches(&s.name)) {
                     self.status.with_name(&served.name, |n| n.acked_version = Some(served.version));
                 }
             }
             Some(err) => {
                 self.counters.nacks.inc();
+                // The proxy's words, kept and logged at a bounded length.
+                let message = crate::xds::limits::truncate(&err.message, NACK_MESSAGE_MAX).into_owned();
                 for served in resources {
+                    if !self.watches(&served.name) {
+                        continue;
+                    }
                     tracing::warn!(
                         stream = self.id,
                         secret = %served.name,
                         version = %served.version,
-                        error = %err.message,
+                        error = %message,
                         "proxy rejected secret (NACK); not resending this version"
                     );
                     if let Some((_, watched)) = self.watches.iter_mut().find(|(name, _)| *name == served.name) {
                         watched.nacked = Some(served.version);
                     }
                     self.status.with_name(&served.name, |n| {
-                        n.last_nack = Some(err.message.clone());
+                        n.last_nack = Some(message.clone());
                         n.nacked_version = Some(served.version);
                     });
                 }

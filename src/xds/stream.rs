@@ -34,7 +34,15 @@ pub trait Protocol: Send + 'static {
 }
 
 /// The future of one StreamSecrets or DeltaSecrets call whose response headers are sent.
-pub fn run<P: Protocol>(shared: Shared, peer: Arc<Peer>, body: RecvStream, send: SendStream<Frame>) -> StreamTask<P> {
+/// With `deadline` (the call's `grpc-timeout`) the stream ends with DEADLINE_EXCEEDED
+/// when it passes.
+pub fn run<P: Protocol>(
+    shared: Shared,
+    peer: Arc<Peer>,
+    body: RecvStream,
+    send: SendStream<Frame>,
+    deadline: Option<std::time::Duration>,
+) -> StreamTask<P> {
     let stopping = StopWatch::new(&shared.shutdown);
     let shared_budget = shared.budget.clone();
     let session = Session::open(shared, P::NAME, peer);
@@ -45,6 +53,7 @@ pub fn run<P: Protocol>(shared: Shared, peer: Arc<Peer>, body: RecvStream, send:
         departed: Departed::new(),
         held: None,
         stopping,
+        deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
         _protocol: std::marker::PhantomData,
     }
 }
@@ -60,6 +69,8 @@ pub struct StreamTask<P: Protocol> {
     held: Option<Change>,
     /// SIGTERM: the stream ends cleanly so the proxy reconnects to another replica.
     stopping: StopWatch,
+    /// The call's `grpc-timeout`, when it has one (Envoy's SDS streams do not).
+    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _protocol: std::marker::PhantomData<fn() -> P>,
 }
 
@@ -81,6 +92,9 @@ impl<P: Protocol> Future for StreamTask<P> {
         let this = self.get_mut();
         if this.stopping.stopped(cx) {
             return this.end("shutting down", Status::ok(""));
+        }
+        if this.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready()) {
+            return this.end("deadline", Status::deadline_exceeded("the call's grpc-timeout passed"));
         }
         // Requests first: an ACK or a new subscription changes what is due.
         loop {

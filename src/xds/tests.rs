@@ -1012,3 +1012,49 @@ async fn delta_subscribing_again_sends_the_name_again() {
     assert_eq!(again.resources[0].version, h.version("a"));
     assert_ne!(again.nonce, first.nonce);
 }
+
+/// `grpc-timeout` is honoured: a stream ends with DEADLINE_EXCEEDED when it passes, and
+/// a FetchSecrets still waiting (here for a review that never answers) answers so.
+#[tokio::test]
+async fn grpc_timeout_ends_calls_with_deadline_exceeded() {
+    use crate::authz::review::{ReviewFuture, Reviewer, Reviews, Ttls};
+    struct Never;
+    impl Reviewer for Never {
+        fn review(&self, _: &str, _: &str) -> ReviewFuture {
+            Box::pin(std::future::pending())
+        }
+    }
+    fn kubernetes(metrics: Arc<Metrics>) -> Authorizer {
+        let ttls = Ttls { allow: Duration::from_secs(60), deny: Duration::from_secs(60) };
+        let reviews = Reviews::new(Arc::new(Never), ttls);
+        Authorizer::new(crate::authz::Mode::Kubernetes, Vec::new(), "gw".into(), Some(reviews), metrics)
+    }
+    // Raw HTTP/2: tonic's client gives up at the deadline itself, before the server speaks.
+    let h = harness_as(Some((kubernetes, gw_identity()))).await;
+    h.put("kubernetes://gw/web", "1");
+    let mut client = h2_client(h.addr).await;
+    for (method, body, end) in [
+        ("FetchSecrets", prost::Message::encode_to_vec(&request(&["kubernetes://gw/web"], "", "")), true),
+        ("StreamSecrets", Vec::new(), false),
+    ] {
+        let req =
+            http::Request::post(format!("http://{}/envoy.service.secret.v3.SecretDiscoveryService/{method}", h.addr))
+                .header("content-type", "application/grpc")
+                .header("grpc-timeout", "200m")
+                .body(())
+                .unwrap();
+        let (response, mut send) = client.send_request(req, false).unwrap();
+        let mut framed = vec![0];
+        framed.extend_from_slice(&(body.len() as u32).to_be_bytes());
+        framed.extend_from_slice(&body);
+        if end {
+            send.send_data(framed.into(), true).unwrap();
+        }
+        let (head, recv) = tokio::time::timeout(ARRIVE, response).await.unwrap().unwrap().into_parts();
+        let status = match head.headers.get("grpc-status") {
+            Some(status) => status.clone(),
+            None => trailers_after(recv).await["grpc-status"].clone(),
+        };
+        assert_eq!(status, "4", "{method}: DEADLINE_EXCEEDED");
+    }
+}

@@ -8,14 +8,6 @@
 //! by digest, so the burst of events of one swap pushes once. A periodic full rescan is
 //! the safety net for events the watch missed.
 //!
-//! Two doubtful states wait `settle` (500 ms) for a second look instead: files gone (a
-//! writer that deletes and then creates, or renames the old file away first, would
-//! otherwise withdraw the secret and serve it again a moment later, and nothing is
-//! gained by withdrawing early: Envoy keeps what it has either way), and a pair changed
-//! in one file only that does not match (a certificate written before its key), which
-//! is reported as a rejection only if it still does not match then. Content that passes
-//! the checks is never held back.
-//!
 //! Every file is read off the async workers, refused without being opened when it is not
 //! a regular file inside the root, and read up to a cap (see [`read`]). A file that
 //! cannot be read is a rejection like a failed check: logged, counted and shown in
@@ -25,19 +17,19 @@
 //! kubelet's swap is a rename of `..data_tmp` onto `..data` in the secret directory, and
 //! plain writes of `tls.crt` and `tls.key` happen there too, so the `..TIMESTAMP`
 //! directories below need no watch. That halves the watches, and their bookkeeping is
-//! much of the memory a stored secret costs. inotify is used directly (see [`watch`]).
+//! much of the memory a stored secret costs.
 
 mod read;
-mod watch;
 
 use std::collections::{BTreeSet, HashMap};
-use std::ffi::OsStr;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use smallvec::SmallVec;
+use notify::event::{AccessKind, AccessMode, ModifyKind};
+use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
@@ -47,7 +39,6 @@ use crate::version::Version;
 
 pub use read::DEFAULT_MAX_FILE_BYTES;
 use read::Limits;
-use watch::{Watcher, Wd};
 
 /// Tuning of the file source. `Options::default()` is meant for production.
 #[derive(Debug, Clone, Copy)]
@@ -93,7 +84,7 @@ pub enum FilesError {
     )]
     OutsideRoot { path: PathBuf, target: PathBuf, root: PathBuf },
     #[error("cannot watch {}: {source}", path.display())]
-    Watch { path: PathBuf, source: io::Error },
+    Watch { path: PathBuf, source: notify::Error },
 }
 
 impl FilesError {
@@ -122,31 +113,45 @@ pub async fn start_with(
     shutdown: CancellationToken,
     options: Options,
 ) -> Result<JoinHandle<()>, FilesError> {
+    let (tx, events) = mpsc::unbounded_channel();
     // The watch setup and the first load are blocking I/O over many files.
-    let (source, events) = tokio::task::spawn_blocking(move || {
+    let source = tokio::task::spawn_blocking(move || {
         std::fs::read_dir(&root).map_err(|source| FilesError::Read { path: root.clone(), source })?;
-        let watch_error = |source| FilesError::Watch { path: root.clone(), source };
-        let (watcher, events) = watch::new().map_err(watch_error)?;
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<Event>| {
+            if !is_only_access(&event) {
+                let _ = tx.send((Instant::now(), event));
+            }
+        })
+        .map_err(|source| FilesError::Watch { path: root.clone(), source })?;
         // Watch before loading so that a change in between is not lost.
-        let root_wd = watcher.watch_root(&root).map_err(watch_error)?;
+        watcher
+            .watch(&root, RecursiveMode::NonRecursive)
+            .map_err(|source| FilesError::Watch { path: root.clone(), source })?;
         let mut source = FileSource {
             root,
             sink,
             watcher,
-            root_wd: Some(root_wd),
-            watched: DirWatches::default(),
             settle: options.settle,
             max_file_bytes: options.max_file_bytes,
             dirs: HashMap::new(),
             settling: HashMap::new(),
         };
-        source.scan(Pass::Initial, Instant::now(), false);
-        Ok::<_, FilesError>((source, events))
+        source.scan(Pass::Initial, Instant::now());
+        Ok::<_, FilesError>(source)
     })
     .await
     .expect("file source setup panicked")?;
     tracing::info!(source = source.sink.source(), directories = source.dirs.len(), "file source loaded");
     Ok(tokio::spawn(source.run(events, shutdown, options.rescan)))
+}
+
+/// Our own reads show up as open and close events; of all accesses only a finished write
+/// matters. Dropping them here keeps every scan from flooding the channel.
+fn is_only_access(event: &notify::Result<Event>) -> bool {
+    match event {
+        Ok(e) => matches!(e.kind, EventKind::Access(k) if k != AccessKind::Close(AccessMode::Write)),
+        Err(_) => false,
+    }
 }
 
 /// Reads directory `dir` into its pair (`NAME`) and its CA bundle (`NAME-cacert`), as
@@ -262,7 +267,7 @@ struct Slot {
 enum Watch {
     #[default]
     None,
-    Added(Wd),
+    Added,
     /// Adding it failed (e.g. the inotify watch limit); retried on each read of the
     /// directory, which the periodic rescan keeps doing meanwhile.
     Failed,
@@ -280,10 +285,7 @@ struct Dir {
 struct FileSource {
     root: PathBuf,
     sink: Sink,
-    watcher: Watcher,
-    /// The root's own watch; `None` once the root is gone (added again by a scan).
-    root_wd: Option<Wd>,
-    watched: DirWatches,
+    watcher: RecommendedWatcher,
     settle: Duration,
     max_file_bytes: u64,
     /// Per directory NAME that exists or still has something reported. The name is
@@ -293,34 +295,23 @@ struct FileSource {
     settling: HashMap<String, (Instant, Instant)>,
 }
 
-/// Directories touched by a batch of events, in the order they were first seen, with
-/// that moment and whether the directory itself appeared (see `handle_events`).
+/// Directories touched by a batch of events, with the earliest detection and whether
+/// the directory itself appeared (see `handle_events`).
 #[derive(Default)]
 struct Batch {
-    dirs: Vec<(Arc<str>, Instant, bool)>,
-    index: HashMap<Arc<str>, usize>,
+    dirs: HashMap<String, (Instant, bool)>,
     rescan: Option<Instant>,
 }
 
-impl Batch {
-    fn touch(&mut self, name: &Arc<str>, at: Instant, appeared: bool) {
-        match self.index.get(name) {
-            Some(&i) => self.dirs[i].2 |= appeared,
-            None => {
-                self.index.insert(name.clone(), self.dirs.len());
-                self.dirs.push((name.clone(), at, appeared));
-            }
-        }
-    }
-}
-
 impl FileSource {
-    async fn run(mut self, mut events: watch::Events, shutdown: CancellationToken, rescan: Duration) {
+    async fn run(
+        mut self,
+        mut events: mpsc::UnboundedReceiver<(Instant, notify::Result<Event>)>,
+        shutdown: CancellationToken,
+        rescan: Duration,
+    ) {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + rescan, rescan);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // Kept across iterations: reading is cancelled only before anything was read.
-        let mut raw = Vec::new();
-        let mut watching = true;
         loop {
             let next_settle = self.settling.values().map(|(at, _)| *at).min();
             let settled = async {
@@ -331,63 +322,53 @@ impl FileSource {
             };
             tokio::select! {
                 _ = shutdown.cancelled() => break,
-                read = events.read(&mut raw), if watching => {
-                    // One read drains the burst: one swap is a dozen events for one directory.
-                    let at = Instant::now();
+                Some(first) = events.recv() => {
+                    // Drain the burst first: one swap is a dozen events for one directory.
                     let mut batch = Batch::default();
-                    match read {
-                        Ok(()) => raw.drain(..).for_each(|event| self.classify(event, at, &mut batch)),
-                        Err(err) => {
-                            tracing::error!(source = self.sink.source(), error = %err, "cannot read file watch events; changes are seen by the periodic rescan only");
-                            watching = false;
-                            batch.rescan = Some(at);
-                        }
+                    self.classify(first, &mut batch);
+                    while let Ok(more) = events.try_recv() {
+                        self.classify(more, &mut batch);
                     }
                     self = self.off_workers(move |source| source.handle_events(batch)).await;
                 }
-                _ = ticker.tick() => self = self.off_workers(|source| source.scan(Pass::Periodic, Instant::now(), false)).await,
+                _ = ticker.tick() => self = self.off_workers(|source| source.scan(Pass::Periodic, Instant::now())).await,
                 _ = settled => self = self.off_workers(Self::settle_due).await,
             }
         }
         tracing::debug!(source = self.sink.source(), "file source stopped");
     }
 
-    fn classify(&mut self, event: watch::Event, at: Instant, batch: &mut Batch) {
-        if event.overflowed() {
-            tracing::warn!(source = self.sink.source(), "file watch lost events (kernel queue full); rescanning");
-            batch.rescan.get_or_insert(at);
-            return;
-        }
-        if Some(event.wd) == self.root_wd {
-            if event.watch_gone() {
-                self.root_wd = None;
-            }
-            // The root itself changed (moved, deleted, unmounted): look at everything.
-            if event.watch_gone() || event.about_itself() {
+    fn classify(&self, (at, event): (Instant, notify::Result<Event>), batch: &mut Batch) {
+        let event = match event {
+            Ok(event) if !event.need_rescan() => event,
+            Ok(_) => {
+                tracing::warn!(source = self.sink.source(), "file watch lost events; rescanning");
                 batch.rescan.get_or_insert(at);
                 return;
             }
-            let Some(name) = event.name.as_deref().and_then(OsStr::to_str) else { return };
-            if !name.starts_with('.') {
-                batch.touch(&Arc::from(name), at, event.entry_appeared());
+            Err(err) => {
+                tracing::warn!(source = self.sink.source(), error = %err, "file watch error; rescanning");
+                batch.rescan.get_or_insert(at);
+                return;
             }
-            return;
-        }
-        if event.watch_gone() {
-            // Its directory was deleted (or replaced, or unmounted): read again, which
-            // watches what is there now or withdraws the secrets.
-            for name in self.watched.0.remove(&event.wd).unwrap_or_default() {
-                if let Some(dir) = self.dirs.get_mut(&name)
-                    && dir.watch == Watch::Added(event.wd)
-                {
-                    dir.watch = Watch::None;
+        };
+        for path in &event.paths {
+            let Ok(rel) = path.strip_prefix(&self.root) else { continue };
+            let mut parts = rel.components();
+            let name = match parts.next() {
+                Some(Component::Normal(name)) => name.to_str(),
+                // The root itself changed (moved, deleted, remounted): look at everything.
+                None => {
+                    batch.rescan.get_or_insert(at);
+                    continue;
                 }
-                batch.touch(&name, at, false);
-            }
-            return;
-        }
-        for name in self.watched.0.get(&event.wd).into_iter().flatten() {
-            batch.touch(name, at, false);
+                _ => None,
+            };
+            let Some(name) = name.filter(|n| !n.starts_with('.')) else { continue };
+            let appeared = parts.next().is_none()
+                && matches!(event.kind, EventKind::Create(_) | EventKind::Modify(ModifyKind::Name(_)));
+            let entry = batch.dirs.entry(name.to_owned()).or_insert((at, false));
+            entry.1 |= appeared;
         }
     }
 
@@ -404,12 +385,23 @@ impl FileSource {
 
     fn handle_events(&mut self, batch: Batch) {
         if let Some(at) = batch.rescan {
-            // Lost events may hide a directory replaced in between: check every watch.
-            return self.scan(Pass::Event, at, true);
+            // Lost events may hide a directory replaced in between, whose old watch notify
+            // dropped: watch them all again (adding an existing watch is harmless).
+            self.dirs.values_mut().for_each(|dir| dir.watch = Watch::None);
+            return self.scan(Pass::Event, at);
         }
         let root = self.canonical_root();
-        for (name, at, appeared) in batch.dirs {
-            self.refresh(&root, &name, Pass::Event, at, appeared);
+        // In the order the changes were seen: one directory's burst of events may span
+        // another's.
+        let mut dirs: Vec<_> = batch.dirs.into_iter().collect();
+        dirs.sort_unstable_by_key(|(_, (at, _))| *at);
+        for (name, (at, appeared)) in dirs {
+            // A directory deleted and created again under the same name lost its watch
+            // with the old one.
+            if appeared && let Some(dir) = self.dirs.get_mut(name.as_str()) {
+                dir.watch = Watch::None;
+            }
+            self.refresh(&root, &name, Pass::Event, at);
         }
     }
 
@@ -418,7 +410,7 @@ impl FileSource {
         let due: Vec<_> = self.settling.extract_if(|_, (at, _)| *at <= now).collect();
         let root = self.canonical_root();
         for (name, (_, detected_at)) in due {
-            self.refresh(&root, &name, Pass::Confirm, detected_at, false);
+            self.refresh(&root, &name, Pass::Confirm, detected_at);
         }
     }
 
@@ -429,14 +421,8 @@ impl FileSource {
         canonical_root(&self.root).unwrap_or_else(|_| self.root.clone())
     }
 
-    /// Reads every directory under the root, and every one known before (to notice
-    /// removals). `recheck_watches`: whether each watch still is on the directory now at
-    /// its path, after events were lost.
-    fn scan(&mut self, pass: Pass, detected_at: Instant, recheck_watches: bool) {
-        if self.root_wd.is_none() {
-            // The root went away (deleted, unmounted); if it is back, so is its watch.
-            self.root_wd = self.watcher.watch_root(&self.root).ok();
-        }
+    /// Reads every directory under the root, and every one known before (to notice removals).
+    fn scan(&mut self, pass: Pass, detected_at: Instant) {
         let mut names: BTreeSet<String> = self.dirs.keys().map(|name| name.to_string()).collect();
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
@@ -457,15 +443,13 @@ impl FileSource {
         }
         let root = self.canonical_root();
         for name in names {
-            self.refresh(&root, &name, pass, detected_at, recheck_watches);
+            self.refresh(&root, &name, pass, detected_at);
         }
     }
 
     /// Watches directory `name` if it exists, re-reads it (files inside `root`, the
-    /// canonical root) and reports what changed through the sink. `appeared`: an entry
-    /// was created or renamed under that name, so the directory there may be another one
-    /// than the one watched.
-    fn refresh(&mut self, root: &Path, name: &str, pass: Pass, detected_at: Instant, appeared: bool) {
+    /// canonical root) and reports what changed through the sink.
+    fn refresh(&mut self, root: &Path, name: &str, pass: Pass, detected_at: Instant) {
         let path = self.root.join(name);
         let exists = path.is_dir();
         let name = match self.dirs.get_key_value(name) {
@@ -480,19 +464,17 @@ impl FileSource {
         let dir = self.dirs.get_mut(&name).expect("found or inserted above");
         // The watch comes before the read: a write after it raises an event, one before it
         // is in what we read.
-        let watch = match (exists, dir.watch) {
-            (true, Watch::Added(wd)) if !appeared => Watch::Added(wd),
-            // Watching the directory at the path again returns the same watch if it is the
-            // same directory, and a new one if it was replaced.
-            (true, before) => self.watched.add(&self.watcher, self.root_wd, &path, &name, before, &self.sink),
-            (false, _) => Watch::None,
-        };
-        if let Watch::Added(old) = dir.watch
-            && watch != dir.watch
-        {
-            self.watched.release(&self.watcher, self.root_wd, old, &name);
+        match (exists, dir.watch) {
+            (true, Watch::None | Watch::Failed) => {
+                dir.watch = watch_dir(&mut self.watcher, &path, dir.watch, &self.sink)
+            }
+            // notify drops the watch of a deleted directory by itself, hence no error here.
+            (false, Watch::Added) => {
+                let _ = self.watcher.unwatch(&path);
+                dir.watch = Watch::None;
+            }
+            _ => {}
         }
-        dir.watch = watch;
         let limits = Limits { root, max_file_bytes: self.max_file_bytes };
         let (pair, ca) = read_secret_dir_within(limits, &path);
         let pair_waits = report(&self.sink, &name, &mut dir.tls, pair, pass, detected_at);
@@ -509,53 +491,15 @@ impl FileSource {
     }
 }
 
-/// The secret directories each watch is for: one, or several names of one directory
-/// (links to it).
-#[derive(Default)]
-struct DirWatches(HashMap<Wd, SmallVec<[Arc<str>; 1]>>);
-
-impl DirWatches {
-    /// Watches the directory at `path` for `name`. A failure is logged once, not on every
-    /// retry; a directory gone meanwhile is not a failure.
-    fn add(
-        &mut self,
-        watcher: &Watcher,
-        root_wd: Option<Wd>,
-        path: &Path,
-        name: &Arc<str>,
-        before: Watch,
-        sink: &Sink,
-    ) -> Watch {
-        match watcher.watch_dir(path) {
-            Ok(wd) => {
-                // A link to the root itself: its events are the root's.
-                if Some(wd) != root_wd {
-                    let names = self.0.entry(wd).or_default();
-                    if !names.contains(name) {
-                        names.push(name.clone());
-                    }
-                }
-                Watch::Added(wd)
+/// Adds the watch of one secret directory. A failure is logged once, not on every retry.
+fn watch_dir(watcher: &mut RecommendedWatcher, path: &Path, before: Watch, sink: &Sink) -> Watch {
+    match watcher.watch(path, RecursiveMode::NonRecursive) {
+        Ok(()) => Watch::Added,
+        Err(err) => {
+            if before != Watch::Failed {
+                tracing::warn!(source = sink.source(), path = %path.display(), error = %err, "cannot watch secret directory; its changes are seen by the periodic rescan only");
             }
-            Err(err) if matches!(err.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => Watch::None,
-            Err(err) => {
-                if before != Watch::Failed {
-                    tracing::warn!(source = sink.source(), path = %path.display(), error = %err, "cannot watch secret directory; its changes are seen by the periodic rescan only");
-                }
-                Watch::Failed
-            }
-        }
-    }
-
-    /// `name` no longer uses watch `wd`; the watch is removed with its last name.
-    fn release(&mut self, watcher: &Watcher, root_wd: Option<Wd>, wd: Wd, name: &Arc<str>) {
-        let Some(names) = self.0.get_mut(&wd) else { return };
-        names.retain(|n| n != name);
-        if names.is_empty() {
-            self.0.remove(&wd);
-            if Some(wd) != root_wd {
-                watcher.unwatch(wd);
-            }
+            Watch::Failed
         }
     }
 }
