@@ -7,7 +7,7 @@ use std::sync::{Arc, LazyLock};
 use bytes::BufMut;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 
-use super::grpc::{Frame, FrameBuilder};
+use super::transport::grpc::{Frame, FrameBuilder};
 use crate::pki::{SECRET_TYPE_URL, SharedKeyBytes};
 use crate::store::Served;
 use crate::version::Version;

@@ -6,6 +6,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use tonic::Status;
 
 use super::codec::Outgoing;
+use super::transport::Unary;
 use super::{Peer, Shared, check_type_url};
 use crate::authz::{Decision, Verdict};
 use crate::metrics::ProtocolLabel;
@@ -35,6 +36,16 @@ pub fn check_names(shared: &Shared, req: &DiscoveryRequest) -> Result<(), Status
         )));
     }
     Ok(())
+}
+
+/// FetchSecrets: one request, the current content of the names the peer may read.
+pub async fn serve(shared: Shared, peer: Arc<Peer>, call: Unary) {
+    call.answer(|mut req: DiscoveryRequest| async move {
+        check_names(&shared, &req)?;
+        authorize(&shared, &peer, &mut req).await;
+        fetch(&shared, req).map(|response| response.frame())
+    })
+    .await
 }
 
 pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status> {

@@ -2,20 +2,17 @@
 //! One task per connection ([`conn`]); state per stream lives in [`session::Session`].
 
 mod codec;
-mod conn;
 mod delta;
 mod fetch;
-mod grpc;
-mod inbound;
-pub mod limits;
-pub mod listen;
-mod parts;
 pub mod proxies;
 mod requests;
 mod service;
 mod session;
 mod sotw;
 mod stream;
+pub mod transport;
+
+pub use transport::{limits, listen};
 
 use std::sync::Arc;
 
@@ -26,8 +23,8 @@ use crate::metrics::Metrics;
 use crate::pki::SECRET_TYPE_URL;
 use crate::shutdown::Shutdown;
 use crate::store::Store;
-use limits::{Budget, Limits};
 use proxies::Proxies;
+use transport::limits::{Budget, Limits};
 
 /// What every stream task needs. Cloned per stream (all `Arc`s).
 #[derive(Clone)]

@@ -9,15 +9,14 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use h2::{RecvStream, SendStream};
 use prost::Message;
 use tonic::Status;
 
 use super::codec::Outgoing;
-use super::grpc::{self, Departed, Frame};
-use super::inbound::{self, Inbound};
 use super::requests::NodeOf;
 use super::session::{Change, Session};
+use super::transport::Call;
+use super::transport::inbound;
 use super::{Peer, Shared};
 use crate::shutdown::StopWatch;
 
@@ -34,43 +33,22 @@ pub trait Protocol: Send + 'static {
 }
 
 /// The future of one StreamSecrets or DeltaSecrets call whose response headers are sent.
-/// With `deadline` (the call's `grpc-timeout`) the stream ends with DEADLINE_EXCEEDED
-/// when it passes.
-pub fn run<P: Protocol>(
-    shared: Shared,
-    peer: Arc<Peer>,
-    body: RecvStream,
-    send: SendStream<Frame>,
-    deadline: Option<std::time::Duration>,
-) -> StreamTask<P> {
+/// The future of one StreamSecrets or DeltaSecrets call. Past the call's
+/// `grpc-timeout`, if it has one, it ends with DEADLINE_EXCEEDED.
+pub fn run<P: Protocol>(shared: Shared, peer: Arc<Peer>, call: Call) -> StreamTask<P> {
     let stopping = StopWatch::new(&shared.shutdown);
-    let shared_budget = shared.budget.clone();
     let session = Session::open(shared, P::NAME, peer);
-    StreamTask {
-        session,
-        inbound: Inbound::new(body, shared_budget),
-        send,
-        departed: Departed::new(),
-        held: None,
-        stopping,
-        deadline: deadline.map(|d| Box::pin(tokio::time::sleep(d))),
-        _protocol: std::marker::PhantomData,
-    }
+    StreamTask { session, call, held: None, stopping, _protocol: std::marker::PhantomData }
 }
 
 pub struct StreamTask<P: Protocol> {
     session: Session,
-    inbound: Inbound,
-    send: SendStream<Frame>,
-    /// Whether the last response has left h2: the next one is handed over only then.
-    departed: Arc<Departed>,
+    call: Call,
     /// A change that came while the last response was still in h2. Later changes wait
     /// in the watches, where only the latest is kept.
     held: Option<Change>,
     /// SIGTERM: the stream ends cleanly so the proxy reconnects to another replica.
     stopping: StopWatch,
-    /// The call's `grpc-timeout`, when it has one (Envoy's SDS streams do not).
-    deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     _protocol: std::marker::PhantomData<fn() -> P>,
 }
 
@@ -78,8 +56,7 @@ impl<P: Protocol> StreamTask<P> {
     /// Ends the call with `status` in the trailers.
     fn end(&mut self, why: &str, status: Status) -> Poll<()> {
         tracing::debug!(stream = self.session.id, protocol = P::NAME, why, "stream ended");
-        // Fails only when the peer is already gone.
-        let _ = self.send.send_trailers(grpc::trailers(&status));
+        self.call.end(&status);
         Poll::Ready(())
     }
 }
@@ -93,12 +70,12 @@ impl<P: Protocol> Future for StreamTask<P> {
         if this.stopping.stopped(cx) {
             return this.end("shutting down", Status::ok(""));
         }
-        if this.deadline.as_mut().is_some_and(|d| d.as_mut().poll(cx).is_ready()) {
+        if this.call.poll_deadline(cx) {
             return this.end("deadline", Status::deadline_exceeded("the call's grpc-timeout passed"));
         }
         // Requests first: an ACK or a new subscription changes what is due.
         loop {
-            match this.inbound.poll_message(cx) {
+            match this.call.poll_message(cx) {
                 Poll::Ready(Some(Ok(message))) => {
                     if !this.session.identified() {
                         // Until a request names the proxy; a node that does not decode
@@ -129,12 +106,12 @@ impl<P: Protocol> Future for StreamTask<P> {
             };
             // Only a due change waits for the last response to leave: checking on every
             // poll would wake the connection again each time a response is written.
-            if !this.departed.poll_gone(cx) {
+            if !this.call.poll_departed(cx) {
                 this.held = Some(change);
                 return Poll::Pending;
             }
             if let Some(response) = P::response(&mut this.session, change)
-                && let Err(e) = this.send.send_data(response.frame().departing(&this.departed), false)
+                && let Err(e) = this.call.send(response.frame())
             {
                 tracing::debug!(stream = this.session.id, error = %e, "stream broken");
                 return Poll::Ready(());

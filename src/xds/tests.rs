@@ -85,7 +85,7 @@ async fn harness_with(authorized: Option<(MakeAuthorizer, Identity)>, limits: su
             tokio::spawn(async move {
                 while let Ok((sock, addr)) = listener.accept().await {
                     let peer = Arc::new(super::Peer { address: addr.to_string(), identity: identity.clone() });
-                    tokio::spawn(super::conn::serve(sock, shared.clone(), peer));
+                    tokio::spawn(super::transport::conn::serve(sock, shared.clone(), peer));
                 }
             });
         }

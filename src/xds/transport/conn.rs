@@ -15,10 +15,10 @@ use h2::server::{Connection, Handshake};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::time::Sleep;
 
-use super::grpc::Frame;
-use super::service::{self, Call};
-use super::{Peer, Shared};
+use super::call::CallFuture as Call;
+use super::grpc::{self, Frame};
 use crate::shutdown::StopWatch;
+use crate::xds::{Peer, Shared, service};
 
 /// How long an idle connection closed with GOAWAY gets to close its side.
 const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -148,8 +148,14 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
                 };
             }
             match conn.poll_accept(cx) {
-                Poll::Ready(Some(Ok((req, respond)))) => {
-                    if let Some(call) = service::route(&this.shared, &this.peer, req, respond) {
+                Poll::Ready(Some(Ok((req, mut respond)))) => {
+                    // Not a gRPC call this server takes: answered without a stream.
+                    if let Some(refusal) = grpc::refuse(&req) {
+                        let _ = respond.send_response(refusal, true);
+                        continue;
+                    }
+                    let incoming = super::Incoming::new(req, respond, this.shared.budget.clone());
+                    if let Some(call) = service::route(&this.shared, &this.peer, incoming) {
                         this.calls.push(call);
                     }
                 }

@@ -13,10 +13,11 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use super::{Peer, Shared, conn};
+use super::conn;
 use crate::authz::Identity;
 use crate::metrics::ReasonLabel;
 use crate::tls::ServerTls;
+use crate::xds::{Peer, Shared};
 
 /// `127.0.0.1:18000` or `unix:/run/certwire/sds.sock`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
