@@ -105,7 +105,7 @@ async fn proxies(State(a): State<Admin>) -> Response {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::time::Instant;
 
     use axum::body::Body;
@@ -123,7 +123,8 @@ mod tests {
         (status, String::from_utf8(body.to_vec()).unwrap())
     }
 
-    fn admin() -> Admin {
+    /// An admin over an empty store, for the tests of this module and of the status API.
+    pub(crate) fn admin() -> Admin {
         let metrics = Arc::new(Metrics::new());
         Admin {
             store: Arc::new(Store::new()),

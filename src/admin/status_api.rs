@@ -127,30 +127,15 @@ impl StatusService for Admin {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
     use futures_util::StreamExt;
-    use tokio_util::sync::CancellationToken;
 
     use super::*;
-    use crate::health::Health;
+    use crate::admin::tests::admin;
     use crate::ingest::Sink;
-    use crate::metrics::Metrics;
     use crate::sources::dev::DevCa;
-    use crate::store::Store;
-    use crate::xds::proxies::{MAX_ROLLOUT_WATCHERS, Proxies};
-
-    fn admin() -> Admin {
-        let metrics = Arc::new(Metrics::new());
-        Admin {
-            store: Arc::new(Store::new()),
-            proxies: Arc::new(Proxies::new(metrics.clone())),
-            metrics,
-            health: Arc::new(Health::default()),
-            shutdown: CancellationToken::new(),
-        }
-    }
+    use crate::xds::proxies::MAX_ROLLOUT_WATCHERS;
 
     fn watch(name: &str) -> Request<WatchRolloutRequest> {
         Request::new(WatchRolloutRequest { name: name.to_owned() })
