@@ -1,4 +1,5 @@
-//! Load generator and the fan-out, many-secrets and cold-start scenarios of issue 3.
+//! Load generator and the fan-out, many-secrets and cold-start scenarios of issue 3, and
+//! the fan-out over mutual TLS with per-name authorization against plaintext.
 //!
 //! One binary, three roles (see `Role`):
 //! - the **coordinator** (`cargo bench --bench loadgen [-- OPTIONS]`) starts the servers
@@ -39,6 +40,8 @@ mod fanout;
 mod fleet;
 #[path = "loadgen/many_secrets.rs"]
 mod many_secrets;
+#[path = "loadgen/mtls.rs"]
+mod mtls;
 #[path = "loadgen/naive_server.rs"]
 mod naive_server;
 #[path = "loadgen/node.rs"]
@@ -90,7 +93,9 @@ enum Role {
 pub struct Options {
     /// Scenarios, comma separated: fanout (certwire SotW), nodeonce (the same, the node
     /// with the first request only), workers1 (certwire --workers 1 SotW), baseline (naive
-    /// server SotW), delta (certwire Delta), many, cold.
+    /// server SotW), delta (certwire Delta), many, cold; not by default: mtls (certwire
+    /// plaintext --authz open, mTLS --authz policy and mTLS --authz open back to back,
+    /// SotW, node with every request), mtlsnodeonce (the same, node once).
     #[arg(
         long,
         env = "LOADGEN_SCENARIOS",
@@ -108,6 +113,17 @@ pub struct Options {
     /// Stream counts of the Delta fan-out.
     #[arg(long, env = "LOADGEN_DELTA_SIZES", value_delimiter = ',', default_value = "10000")]
     pub delta_sizes: Vec<usize>,
+    /// Stream counts of the mtls and mtlsnodeonce scenarios (one connection each).
+    #[arg(long, env = "LOADGEN_MTLS_SIZES", value_delimiter = ',', default_value = "1000,10000")]
+    pub mtls_sizes: Vec<usize>,
+    /// Rounds of the mtls scenarios: each runs the three setups once per size, in
+    /// reverse order every other round.
+    #[arg(long, env = "LOADGEN_MTLS_ROUNDS", default_value_t = 1)]
+    pub mtls_rounds: usize,
+    /// TLS version the mtls scenarios' clients offer: 1.2 (at most 1.2, what Envoy offers
+    /// an upstream by default, e.g. its SDS cluster) or 1.3.
+    #[arg(long, env = "LOADGEN_TLS_VERSION", default_value = "1.2", value_parser = ["1.2", "1.3"])]
+    pub tls_version: String,
     /// Measured rotations per fan-out size (after one warm-up rotation).
     #[arg(long, env = "LOADGEN_ROTATIONS", default_value_t = 5)]
     pub rotations: usize,
@@ -145,6 +161,10 @@ pub struct Options {
     /// One extra cold start under `perf record` (bench/out/perf-cold.data), not measured.
     #[arg(long, env = "LOADGEN_PERF_COLD")]
     pub perf_cold: bool,
+    /// The report's file in bench/out, without `.md` [default: loadgen, or loadgen-pinned
+    /// with --pin].
+    #[arg(long, env = "LOADGEN_OUT", value_name = "NAME")]
+    pub out: Option<String>,
     /// The certwire binary (default: the one cargo built for this bench, i.e.
     /// target/release/certwire under `cargo bench`).
     #[arg(long, env = "CERTWIRE_BIN")]
@@ -154,6 +174,10 @@ pub struct Options {
 impl Options {
     pub fn wants(&self, scenario: &str) -> bool {
         self.scenarios.iter().any(|s| s.trim() == scenario)
+    }
+
+    pub fn tls13(&self) -> bool {
+        self.tls_version == "1.3"
     }
 }
 

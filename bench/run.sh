@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Every benchmark in one command, about 7 minutes on the project's 2-core machine:
+# Every benchmark in one command, about 8-9 minutes on the project's 2-core machine:
 #   bash bench/run.sh
 # rotation to served (a real Envoy; certwire vs Envoy's own file watch), then fan-out,
 # many secrets and cold start (certwire vs a plain tonic SDS server), then the same
-# with the server pinned to CPU 0 and the clients to CPU 1. Each writes its table to
+# with the server pinned to CPU 0 and the clients to CPU 1, then the 10,000-stream
+# fan-out over mutual TLS with --authz policy against plaintext (the short form of the
+# mtls scenarios; bench/README.md has the full command). Each writes its table to
 # bench/out/; this script assembles them into bench/RESULTS.md with the machine, the
 # commit and the commands. Needs the Envoy that `bash tests/run.sh` installs into
 # .tools/venv (or CERTWIRE_ENVOY). `cargo bench` builds certwire in release itself.
@@ -21,6 +23,7 @@ mkdir -p bench/out
 ROTATIONS="${ROTATIONS:-30}" cargo bench --bench rotation
 cargo bench --bench loadgen
 cargo bench --bench loadgen -- --pin
+cargo bench --bench loadgen -- --scenarios mtlsnodeonce --mtls-sizes 10000 --out loadgen-mtls
 
 {
     echo "# Benchmark results"
@@ -31,10 +34,11 @@ cargo bench --bench loadgen -- --pin
     echo "Targets, what was tried and what limits the figures: [README.md](README.md)."
     echo
     echo "Commands: \`ROTATIONS=30 cargo bench --bench rotation\`, \`cargo bench --bench loadgen\`," \
-        "\`cargo bench --bench loadgen -- --pin\`."
+        "\`cargo bench --bench loadgen -- --pin\`," \
+        "\`cargo bench --bench loadgen -- --scenarios mtlsnodeonce --mtls-sizes 10000 --out loadgen-mtls\`."
     echo
     # Each part starts with its own level-1 title: demote it under this page's.
-    for part in rotation loadgen loadgen-pinned; do
+    for part in rotation loadgen loadgen-pinned loadgen-mtls; do
         sed -e 's/^### /#### /;t' -e 's/^## /### /;t' -e 's/^# /## /' "bench/out/$part.md"
         echo
     done

@@ -1,6 +1,7 @@
 //! One simulated proxy: its own HTTP/2 connection (a tonic `Channel` of its own, from a
-//! chosen 127.0.0.x source address), one SDS stream per secret, every response ACKed
-//! the way Envoy does. Each stream writes what it received into a [`Slot`].
+//! source address of its own in 127.0.0.0/8), plaintext or over mutual TLS with a client
+//! certificate of its own, one SDS stream per secret, every response ACKed the way
+//! Envoy does. Each stream writes what it received into a [`Slot`].
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,7 +14,9 @@ use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryResponse, Dis
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpSocket;
 use tokio::sync::{Notify, mpsc};
+use tokio_rustls::TlsConnector;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::either::Either;
 use tonic::transport::{Channel, Endpoint, Uri};
 
 use crate::node::{DeltaRequest, SotwRequest};
@@ -135,20 +138,36 @@ impl Tracker {
     }
 }
 
-/// Opens one HTTP/2 connection from `source` (port chosen by the kernel) to `target`.
-pub async fn connect(source: IpAddr, target: SocketAddr) -> anyhow::Result<Channel> {
-    let connector = tower::service_fn(move |_: Uri| async move {
-        let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
-        socket.bind(SocketAddr::new(source, 0))?;
-        let stream = socket.connect(target).await?;
-        stream.set_nodelay(true)?;
-        Ok::<_, std::io::Error>(TokioIo::new(stream))
+/// Opens one HTTP/2 connection from `source` (port chosen by the kernel) to `target`;
+/// over TLS with `tls` (ALPN h2, the client certificate in its config). Returns what the
+/// TLS handshake negotiated, if any.
+pub async fn connect(
+    source: IpAddr,
+    target: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<(Channel, Option<String>)> {
+    let negotiated = Arc::new(Mutex::new(None));
+    let seen = negotiated.clone();
+    let connector = tower::service_fn(move |_: Uri| {
+        let (tls, seen) = (tls.clone(), seen.clone());
+        async move {
+            let socket = if source.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+            socket.bind(SocketAddr::new(source, 0))?;
+            let stream = socket.connect(target).await?;
+            stream.set_nodelay(true)?;
+            let Some(config) = tls else { return Ok::<_, std::io::Error>(TokioIo::new(Either::Left(stream))) };
+            let stream = TlsConnector::from(config).connect(crate::mtls::server_name(), stream).await?;
+            *seen.lock().expect("negotiated lock") = Some(crate::mtls::negotiated(stream.get_ref().1));
+            Ok(TokioIo::new(Either::Right(stream)))
+        }
     });
     let endpoint = Endpoint::from_shared(format!("http://{target}"))?.connect_timeout(CONNECT_TIMEOUT);
-    tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect_with_connector(connector))
+    let channel = tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect_with_connector(connector))
         .await
         .context("connect timed out")?
-        .with_context(|| format!("connect {source} -> {target}"))
+        .with_context(|| format!("connect {source} -> {target}"))?;
+    let negotiated = negotiated.lock().expect("negotiated lock").take();
+    Ok((channel, negotiated))
 }
 
 /// What a proxy sends about itself: its encoded node, and whether every request carries

@@ -10,6 +10,7 @@ use crate::Options;
 use crate::client::Protocol;
 use crate::files::SecretDir;
 use crate::fleet::{Fleet, FleetSpec};
+use crate::mtls::Security;
 use crate::perf::Perf;
 use crate::pki::{Ca, Issued};
 use crate::proc::system_time_us;
@@ -32,6 +33,8 @@ pub struct Row {
     pub protocol: Protocol,
     /// The clients sent the node with every request (Envoy's default), else with the first.
     pub node_every_request: bool,
+    /// Plaintext or mutual TLS, and the authorization mode.
+    pub security: Security,
     pub streams: usize,
     /// Medians over rotations, µs.
     pub last_from_detect: f64,
@@ -46,6 +49,15 @@ pub struct Row {
     /// KiB, idle streams again after the rotations: buffers touched by traffic count.
     pub rss_after_per_stream: f64,
     pub connect_s: f64,
+    /// Opening the N connections and streams up to every first response (s).
+    pub setup_s: f64,
+    /// Over that setup, per connection (µs): the server's CPU and every client's.
+    pub setup_server_cpu_per_conn: f64,
+    pub setup_client_cpu_per_conn: f64,
+    /// What the TLS handshakes negotiated.
+    pub tls: Option<String>,
+    /// With `--authz policy`: what [`crate::mtls::check_authz`] found.
+    pub authz_check: Option<String>,
     pub missing: usize,
 }
 
@@ -68,9 +80,17 @@ impl Clients {
     }
 }
 
-pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, clients: Clients, n: usize) -> anyhow::Result<Row> {
+pub async fn run(
+    launcher: &Launcher,
+    opts: &Options,
+    kind: Kind,
+    clients: Clients,
+    security: Security,
+    n: usize,
+) -> anyhow::Result<Row> {
     let Clients { protocol, node_every_request } = clients;
-    eprintln!("== fan-out: {} {} N={n}", kind.label(), clients.label());
+    let listener = if security == Security::Default { String::new() } else { format!(" {}", security.label()) };
+    eprintln!("== fan-out: {} {}{listener} N={n}", kind.label(), clients.label());
     let dir = crate::util::tempdir();
     let root = dir.path().join("secrets");
     std::fs::create_dir_all(&root)?;
@@ -79,14 +99,18 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, clients: Clien
     // Minted up front: key generation stays out of the measured loop.
     let leaves: Vec<Issued> = (0..WARMUP + opts.rotations).map(|_| leaf(&ca, SECRET)).collect();
 
+    let (server_args, tls) = security.server_args(dir.path(), SECRET, opts.tls13())?;
     let mut server = match kind {
         Kind::Certwire { workers } => {
-            let mut s = launcher.certwire_with(workers, &root)?;
+            let mut s = launcher.certwire_args(workers, &root, &server_args)?;
             s.wait_healthy().await?;
             s.poll_admin("/readyz", Duration::from_secs(30), Duration::from_millis(10)).await?;
             s
         }
-        Kind::Naive => launcher.naive(&root).await?,
+        Kind::Naive => {
+            anyhow::ensure!(security == Security::Default, "the baseline serves plaintext only");
+            launcher.naive(&root).await?
+        }
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     let rss_before = server.rss_kib();
@@ -95,22 +119,37 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, clients: Clien
         protocol,
         conns: vec![vec![SECRET.to_owned()]; n],
         node_every_request,
+        tls: tls.clone(),
+        server_pid: server.pid,
         per_worker: opts.per_worker,
         min_workers: 2,
         pin: launcher.pin,
     };
     let mut fleet = Fleet::start(spec).await?;
+    let setup = fleet.setup;
     eprintln!(
-        "   {} streams on {} connections ready in {:.1} s",
+        "   {} streams on {} connections ready in {:.1} s (setup {:.2} s, {:.0} conn/s, server {:.1} µs/conn, \
+         clients {:.1} µs/conn{})",
         fleet.streams,
         fleet.conns,
-        fleet.connect_time.as_secs_f64()
+        fleet.connect_time.as_secs_f64(),
+        setup.wall.as_secs_f64(),
+        n as f64 / setup.wall.as_secs_f64(),
+        setup.server_cpu_us / n as f64,
+        setup.client_cpu_us / n as f64,
+        fleet.tls.as_deref().map(|t| format!(", {t}")).unwrap_or_default()
     );
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_idle = server.rss_kib();
 
     let perf = match opts.perf_at {
-        Some(at) if at == n && kind == Kind::CERTWIRE && protocol == Protocol::Sotw && node_every_request => {
+        Some(at)
+            if at == n
+                && kind == Kind::CERTWIRE
+                && protocol == Protocol::Sotw
+                && node_every_request
+                && security == Security::Default =>
+        {
             Some(Perf::start(server.pid, &format!("fanout-{n}")).await?)
         }
         _ => None,
@@ -141,6 +180,15 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, clients: Clien
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_after = server.rss_kib();
     let connect_s = fleet.connect_time.as_secs_f64();
+    let authz_check = match (&tls, security) {
+        (Some(side), Security::MtlsPolicy) => {
+            let check = crate::mtls::check_authz(&server, side, SECRET).await?;
+            eprintln!("   authorization: {check}");
+            Some(check)
+        }
+        _ => None,
+    };
+    let negotiated = fleet.tls.clone();
     fleet.shutdown().await;
     server.stop().await;
 
@@ -148,6 +196,7 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, clients: Clien
         kind,
         protocol,
         node_every_request,
+        security,
         streams: n,
         last_from_detect: median(samples.iter().map(|s| s.spread.max)),
         last_from_change: median(samples.iter().map(|s| s.last_from_change)),
@@ -158,6 +207,11 @@ pub async fn run(launcher: &Launcher, opts: &Options, kind: Kind, clients: Clien
         rss_per_stream: rss_idle.saturating_sub(rss_before) as f64 / n as f64,
         rss_after_per_stream: rss_after.saturating_sub(rss_before) as f64 / n as f64,
         connect_s,
+        setup_s: setup.wall.as_secs_f64(),
+        setup_server_cpu_per_conn: setup.server_cpu_us / n as f64,
+        setup_client_cpu_per_conn: setup.client_cpu_us / n as f64,
+        tls: negotiated,
+        authz_check,
         missing: samples.iter().map(|s| s.missing).sum(),
     })
 }

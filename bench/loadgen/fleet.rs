@@ -1,5 +1,6 @@
-//! The coordinator's side of the worker processes: spawn them (each with its own
-//! 127.0.0.x source address), hand out the proxies, arm a measurement, collect it.
+//! The coordinator's side of the worker processes: spawn them, hand out the proxies
+//! (each connection from a 127.x.y.z source address of its own), time the connection
+//! setup, arm a measurement, collect it.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Stdio;
@@ -11,11 +12,14 @@ use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 use crate::client::Protocol;
+use crate::mtls::ClientSide;
 use crate::proc::{self, CpuSnapshot};
 use crate::worker::WorkerConfig;
 
 /// In-flight connection attempts per worker.
 const CONNECT_CONCURRENCY: usize = 64;
+/// How long a worker may take to get ready to connect (minting its proxies' certificates).
+const PREPARE_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a worker may take to connect everything and get every first response.
 const READY_TIMEOUT: Duration = Duration::from_secs(150);
 /// How long a worker waits for every armed stream before reporting the missing ones.
@@ -23,13 +27,23 @@ const DONE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Extra patience of the coordinator for a worker's answer.
 const SLACK: Duration = Duration::from_secs(30);
 
-/// Every worker gets a source address never used before in this run, so sockets in
-/// TIME_WAIT from an earlier fleet never take ports from a new one.
+/// Every connection gets a source address of its own, never used before in this run:
+/// each simulated proxy is a host of its own, as far as certwire can tell (it limits
+/// connections per IP address), and sockets in TIME_WAIT from an earlier fleet never
+/// take ports from a new one.
 static NEXT_SOURCE: AtomicUsize = AtomicUsize::new(0);
 
-fn next_source() -> IpAddr {
-    let k = NEXT_SOURCE.fetch_add(1, Ordering::Relaxed);
-    IpAddr::V4(Ipv4Addr::new(127, 0, (k / 250) as u8, (2 + k % 250) as u8))
+/// `count` fresh source addresses: the index of the first, for [`source_addr`].
+fn next_sources(count: usize) -> usize {
+    NEXT_SOURCE.fetch_add(count, Ordering::Relaxed)
+}
+
+/// The `k`-th source address: 127.1.0.1 onwards in 127.0.0.0/8 (all of it is loopback
+/// on Linux), skipping last octets 0 and 255.
+pub fn source_addr(k: usize) -> IpAddr {
+    let base = u32::from(Ipv4Addr::new(127, 1, 0, 0));
+    let k = k as u32;
+    IpAddr::V4(Ipv4Addr::from(base + (k / 254) * 256 + 1 + k % 254))
 }
 
 pub struct FleetSpec {
@@ -40,6 +54,10 @@ pub struct FleetSpec {
     /// The node with every request (Envoy's default) or the first only
     /// (`set_node_on_first_message_only`, as `certwire bootstrap` writes).
     pub node_every_request: bool,
+    /// Mutual TLS, each proxy with a certificate of its own; plaintext when `None`.
+    pub tls: Option<ClientSide>,
+    /// The server, whose CPU time is taken over the connection setup.
+    pub server_pid: u32,
     pub per_worker: usize,
     /// At least this many workers (2 lets the clients use both cores when not pinned).
     pub min_workers: usize,
@@ -73,7 +91,21 @@ pub struct Fleet {
     workers: Vec<WorkerProc>,
     pub streams: usize,
     pub conns: usize,
+    /// From spawning the workers until every stream had its first response.
     pub connect_time: Duration,
+    /// The connection setup alone, from `connect` until every stream had its first response.
+    pub setup: Setup,
+    /// What the TLS handshakes negotiated (version, cipher suite, key exchange), if any.
+    pub tls: Option<String>,
+}
+
+/// Opening every connection and stream, up to every first response: wall time, and
+/// the CPU the server and the clients spent in it.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Setup {
+    pub wall: Duration,
+    pub server_cpu_us: f64,
+    pub client_cpu_us: f64,
 }
 
 impl Fleet {
@@ -88,11 +120,12 @@ impl Fleet {
         for (i, chunk) in spec.conns.chunks(per.max(1)).enumerate() {
             let config = WorkerConfig {
                 target: spec.target,
-                source: next_source(),
+                first_source: next_sources(chunk.len()),
                 protocol: spec.protocol,
                 first_proxy: i * per,
                 conns: chunk.to_vec(),
                 node_every_request: spec.node_every_request,
+                tls: spec.tls.clone(),
                 connect_concurrency: CONNECT_CONCURRENCY,
                 ready_timeout_ms: READY_TIMEOUT.as_millis() as u64,
                 done_timeout_ms: DONE_TIMEOUT.as_millis() as u64,
@@ -116,9 +149,27 @@ impl Fleet {
             let names = config.conns.into_iter().flatten().collect();
             workers.push(WorkerProc { child, stdin, lines: BufReader::new(stdout).lines(), names, pid });
         }
-        let mut fleet = Fleet { workers, streams: 0, conns, connect_time: Duration::ZERO };
+        let mut fleet =
+            Fleet { workers, streams: 0, conns, connect_time: Duration::ZERO, setup: Setup::default(), tls: None };
+        fleet.expect_all("prepared", PREPARE_TIMEOUT + SLACK).await?;
+        let server_before = proc::cpu(spec.server_pid);
+        let clients_before = fleet.cpu();
+        let setup_started = Instant::now();
+        for w in &mut fleet.workers {
+            w.stdin.write_all(b"connect\n").await.context("starting a worker")?;
+            w.stdin.flush().await?;
+        }
         let ready = fleet.expect_all("ready", READY_TIMEOUT + SLACK).await?;
+        fleet.setup = Setup {
+            wall: setup_started.elapsed(),
+            server_cpu_us: server_before.used_us_until(&proc::cpu(spec.server_pid)),
+            client_cpu_us: proc::used_us(&clients_before, &fleet.cpu()),
+        };
         fleet.streams = ready.iter().map(|l| field(l, "streams=")).sum();
+        fleet.tls = ready
+            .iter()
+            .find_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("tls=")))
+            .map(|t| t.replace('/', " "));
         fleet.connect_time = started.elapsed();
         Ok(fleet)
     }

@@ -64,6 +64,8 @@ pub async fn run(launcher: &Launcher, opts: &Options, root: &Path, set: &SecretS
         protocol: Protocol::Sotw,
         conns,
         node_every_request: true,
+        tls: None,
+        server_pid: server.pid,
         per_worker: opts.per_worker,
         min_workers: 2,
         pin: launcher.pin,

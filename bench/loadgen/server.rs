@@ -85,6 +85,16 @@ impl Launcher {
 
     /// Like [`Launcher::certwire`], with `--workers` when `workers` is set.
     pub fn certwire_with(&self, workers: Option<u16>, files: &Path) -> anyhow::Result<Server> {
+        self.certwire_args(workers, files, &[])
+    }
+
+    /// Like [`Launcher::certwire_with`], with more arguments (TLS, authorization).
+    pub fn certwire_args(
+        &self,
+        workers: Option<u16>,
+        files: &Path,
+        extra: &[std::ffi::OsString],
+    ) -> anyhow::Result<Server> {
         let [sds, admin] = free_addrs()?;
         let (log, file) = self.log_file("certwire")?;
         let mut command = self.command(&self.certwire);
@@ -97,6 +107,7 @@ impl Launcher {
             .arg("--files")
             .arg(files)
             .args(workers.map(|n| ["--workers".to_owned(), n.to_string()]).into_iter().flatten())
+            .args(extra)
             .env("NO_COLOR", "1")
             .env_remove("CERTWIRE_CONFIG")
             .env_remove("CERTWIRE_WORKERS")
@@ -189,6 +200,27 @@ impl Server {
         anyhow::ensure!(r.status == 200, "/status/secrets answered {}", r.status);
         let json = r.json()?;
         json.as_array().cloned().context("/status/secrets is not an array")
+    }
+
+    /// certwire's `/status/proxies`: one entry per open stream.
+    pub async fn proxies_status(&self) -> anyhow::Result<Vec<serde_json::Value>> {
+        let admin = self.admin.context("no admin port")?;
+        let r = http::get(admin, "/status/proxies").await?;
+        anyhow::ensure!(r.status == 200, "/status/proxies answered {}", r.status);
+        r.json()?.as_array().cloned().context("/status/proxies is not an array")
+    }
+
+    /// The sum of every sample of `metric` (all label sets) on certwire's `/metrics`.
+    pub async fn metric_sum(&self, metric: &str) -> anyhow::Result<f64> {
+        let admin = self.admin.context("no admin port")?;
+        let r = http::get(admin, "/metrics").await?;
+        anyhow::ensure!(r.status == 200, "/metrics answered {}", r.status);
+        let sample = |line: &str| {
+            let rest = line.strip_prefix(metric)?;
+            let rest = if rest.starts_with('{') { &rest[rest.find('}')? + 1..] } else { rest };
+            rest.split_whitespace().next()?.parse::<f64>().ok()
+        };
+        Ok(r.body.lines().filter_map(sample).sum())
     }
 
     /// The baseline's reload: returns when it began (µs since the epoch).

@@ -3,11 +3,17 @@
 //!
 //! ```text
 //! coordinator -> worker                 worker -> coordinator
-//! {WorkerConfig as JSON}                ready conns=C streams=S ms=T
+//! {WorkerConfig as JSON}                prepared ms=T
+//! connect                               ready conns=C streams=S ms=T [tls=NEGOTIATED]
 //! arm R NAME,NAME,...                   armed R COUNT
 //!                                       done R EXPECTED MISSING SLOT:UNIX_US SLOT:UNIX_US ...
 //! quit (or end of input)                error MESSAGE
 //! ```
+//!
+//! `prepared` comes once the worker has what it needs to connect (with mutual TLS, a
+//! key and certificate per proxy), so that the coordinator can time the connection
+//! setup alone: from `connect` to `ready`, every connection open and every stream with
+//! its first response.
 //!
 //! After `arm`, every stream of those names records the wall-clock time (µs since the
 //! epoch, comparable with other processes) of the first response carrying a version
@@ -24,13 +30,13 @@ use futures_util::{StreamExt as _, TryStreamExt as _};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 
 use crate::client::{self, Protocol, Tracker};
-use crate::node;
+use crate::{mtls, node};
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct WorkerConfig {
     pub target: SocketAddr,
-    /// Source address of every connection of this worker (its own ephemeral ports).
-    pub source: IpAddr,
+    /// Connection i of this worker comes from `fleet::source_addr(first_source + i)`.
+    pub first_source: usize,
     pub protocol: Protocol,
     /// Index of the first proxy, for node ids unique across workers.
     pub first_proxy: usize,
@@ -38,6 +44,8 @@ pub struct WorkerConfig {
     pub conns: Vec<Vec<String>>,
     /// The node with every request, as Envoy by default; else with the first only.
     pub node_every_request: bool,
+    /// Mutual TLS (a certificate per proxy, minted by the worker), else plaintext.
+    pub tls: Option<mtls::ClientSide>,
     pub connect_concurrency: usize,
     pub ready_timeout_ms: u64,
     pub done_timeout_ms: u64,
@@ -66,14 +74,20 @@ async fn run() -> anyhow::Result<()> {
     let mut lines = BufReader::new(tokio::io::stdin()).lines();
     let first = lines.next_line().await?.context("no configuration on stdin")?;
     let config: WorkerConfig = serde_json::from_str(&first).context("parsing worker configuration")?;
+    let prepare_started = Instant::now();
+    let tls = prepare_tls(&config)?;
+    say(&format!("prepared ms={}", prepare_started.elapsed().as_millis()));
+    let go = lines.next_line().await?.context("no connect command")?;
+    anyhow::ensure!(go.trim() == "connect", "expected connect, got {go:?}");
     let started = Instant::now();
     let tracker = Tracker::new(config.conns.iter().flatten().cloned());
-    connect_all(&config, &tracker).await?;
+    let negotiated = connect_all(&config, &tracker, tls).await?;
     wait_until(&tracker, Duration::from_millis(config.ready_timeout_ms), |t| t.initial_pending() == 0)
         .await
         .with_context(|| format!("{} streams got no first response", tracker.initial_pending()))?;
+    let tls_note = negotiated.map(|n| format!(" tls={}", n.replace(' ', "/"))).unwrap_or_default();
     say(&format!(
-        "ready conns={} streams={} ms={}",
+        "ready conns={} streams={} ms={}{tls_note}",
         config.conns.len(),
         tracker.slots.len(),
         started.elapsed().as_millis()
@@ -108,20 +122,43 @@ async fn run() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// With mutual TLS, each proxy's client configuration: its own key and certificate.
+fn prepare_tls(config: &WorkerConfig) -> anyhow::Result<Option<Vec<Arc<rustls::ClientConfig>>>> {
+    let Some(side) = &config.tls else { return Ok(None) };
+    let issuer = mtls::ClientIssuer::new(side)?;
+    let clients = (0..config.conns.len())
+        .map(|i| issuer.client(&mtls::identity(config.first_proxy + i)))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    Ok(Some(clients))
+}
+
 /// Opens every connection and its streams, a bounded number at a time so the
 /// server's accept backlog never overflows (an overflow costs a 1 s SYN retry).
-async fn connect_all(config: &WorkerConfig, tracker: &Arc<Tracker>) -> anyhow::Result<()> {
+/// Returns what the first TLS handshake negotiated.
+async fn connect_all(
+    config: &WorkerConfig,
+    tracker: &Arc<Tracker>,
+    tls: Option<Vec<Arc<rustls::ClientConfig>>>,
+) -> anyhow::Result<Option<String>> {
     let mut first_slot = 0;
     let mut jobs = Vec::with_capacity(config.conns.len());
     for (i, names) in config.conns.iter().enumerate() {
-        jobs.push((config.first_proxy + i, first_slot, names.len()));
+        let tls = tls.as_ref().map(|t| t[i].clone());
+        jobs.push((i, first_slot, names.len(), tls));
         first_slot += names.len();
     }
+    let negotiated = std::sync::Mutex::new(None);
     futures_util::stream::iter(jobs)
-        .map(|(proxy, first_slot, streams)| {
+        .map(|(i, first_slot, streams, tls)| {
             let tracker = tracker.clone();
+            let negotiated = &negotiated;
+            let proxy = config.first_proxy + i;
+            let source = crate::fleet::source_addr(config.first_source + i);
             async move {
-                let channel = connect_retry(config.source, config.target).await?;
+                let (channel, seen) = connect_retry(source, config.target, tls).await?;
+                if let Some(seen) = seen {
+                    negotiated.lock().expect("negotiated lock").get_or_insert(seen);
+                }
                 let identity = client::Identity {
                     node: node::envoy_like(&format!("loadgen-proxy-{proxy}")),
                     every_request: config.node_every_request,
@@ -136,15 +173,20 @@ async fn connect_all(config: &WorkerConfig, tracker: &Arc<Tracker>) -> anyhow::R
         })
         .buffer_unordered(config.connect_concurrency.max(1))
         .try_collect::<()>()
-        .await
+        .await?;
+    Ok(negotiated.into_inner().expect("negotiated lock"))
 }
 
-async fn connect_retry(source: IpAddr, target: SocketAddr) -> anyhow::Result<tonic::transport::Channel> {
+async fn connect_retry(
+    source: IpAddr,
+    target: SocketAddr,
+    tls: Option<Arc<rustls::ClientConfig>>,
+) -> anyhow::Result<(tonic::transport::Channel, Option<String>)> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match client::connect(source, target).await {
-            Ok(channel) => return Ok(channel),
+        match client::connect(source, target, tls.clone()).await {
+            Ok(connected) => return Ok(connected),
             Err(err) if attempt < 3 => {
                 eprintln!("loadgen worker: {err:#}; retrying");
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
