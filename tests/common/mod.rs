@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod acme;
+pub mod attack;
 pub mod bootstrap;
 pub mod certwire;
 pub mod envoy;
