@@ -119,6 +119,7 @@ impl<IO: AsyncRead + AsyncWrite + Unpin> Future for ConnTask<IO> {
                     }
                     if this.timer.as_mut().is_some_and(|t| t.as_mut().poll(cx).is_ready()) {
                         tracing::debug!(peer = %this.peer.address, "no HTTP/2 preface in time; closing");
+                        super::limits::hit(&this.shared.metrics, "handshake_timeout");
                         return Poll::Ready(());
                     }
                     return Poll::Pending;
