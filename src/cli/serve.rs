@@ -105,6 +105,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
 
     release_load_garbage();
     let shared = Shared::new(store.clone(), proxies, metrics, stop.clone(), authz, settings.limits.clone());
+    tokio::spawn(trim_after_churn(shared.connections.clone(), shutdown.clone()));
     for (addr, b) in bound {
         let shared = shared.clone();
         let token = shutdown.clone();
@@ -190,6 +191,31 @@ async fn warn_insecure(settings: Settings, tls: bool, shutdown: tokio_util::sync
                 authz = settings.authz.mode.as_str(),
                 "--insecure-open-sds: SDS is reachable from the network without the protection certwire requires by default; anyone who reaches it may get private keys"
             ),
+        }
+    }
+}
+
+/// Connections that come and go (an attack, a fleet reconnecting) free their memory,
+/// but glibc keeps the freed pages: after a drop of many connections they are handed
+/// back to the kernel, so RSS returns to what the open connections need.
+async fn trim_after_churn(
+    connections: Arc<crate::xds::listen::Connections>,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    /// Closed connections (from the highest count since the last trim) that warrant one.
+    const CLOSED: usize = 256;
+    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+    let mut high = 0;
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let open = connections.open();
+        high = high.max(open);
+        if high - open >= CLOSED {
+            release_load_garbage();
+            high = open;
         }
     }
 }
