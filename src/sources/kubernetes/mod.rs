@@ -6,7 +6,7 @@
 //! with what is served, not with every Secret in the cluster.
 
 mod events;
-mod names;
+pub mod names;
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
