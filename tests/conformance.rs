@@ -4,27 +4,10 @@
 
 mod common;
 
+use common::attack::{frame, literal};
 use common::certwire::Certwire;
 use common::util::{self, WAIT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// An HPACK literal header field without indexing, new name, no Huffman coding.
-fn literal(out: &mut Vec<u8>, name: &str, value: &str) {
-    out.push(0);
-    for s in [name, value] {
-        assert!(s.len() < 127, "a one-byte length");
-        out.push(s.len() as u8);
-        out.extend_from_slice(s.as_bytes());
-    }
-}
-
-fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
-    let len = payload.len() as u32;
-    let mut out = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
-    out.extend_from_slice(&stream.to_be_bytes());
-    out.extend_from_slice(payload);
-    out
-}
 
 /// gRPC C-core (grpcio >= 1.57), grpc-java and grpc-swift send a percent-encoded
 /// `:authority` over a Unix socket. HTTP/2 (h2) refuses the stream; certwire says so at

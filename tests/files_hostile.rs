@@ -7,6 +7,8 @@
 
 mod common;
 
+use common::attack::{certwire_pid, rss_kib};
+
 use std::net::SocketAddr;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
@@ -70,29 +72,6 @@ async fn wait_last_error(certwire: &Certwire, name: &str, words: &[&str]) -> Str
 
 async fn rejected(certwire: &Certwire, reason: &str) -> f64 {
     certwire.metric_sum("certwire_updates_rejected_total", &[("reason", reason)]).await
-}
-
-/// The pid of the certwire child serving admin address `admin` (the harness keeps its
-/// `Child` to itself; the address is unique to this test).
-fn certwire_pid(admin: SocketAddr) -> u32 {
-    let admin = admin.to_string();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.windows(2).any(|w| w[0] == b"--admin" && w[1] == admin.as_bytes())
-            && args.first().is_some_and(|a| a.ends_with(b"certwire"))
-        {
-            return pid;
-        }
-    }
-    panic!("no certwire process with --admin {admin}");
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("certwire is running");
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).expect("VmRSS in /proc/PID/status");
-    line.split_whitespace().nth(1).and_then(|kib| kib.parse().ok()).expect("VmRSS in kB")
 }
 
 /// The HTTP/2 connection preface and an empty SETTINGS frame; true if the server answers

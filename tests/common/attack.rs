@@ -235,7 +235,7 @@ pub async fn connect_from(sds: SocketAddr, from: IpAddr) -> std::io::Result<TcpS
 }
 
 /// An HPACK literal header field without indexing, new name, no Huffman coding.
-fn literal(out: &mut Vec<u8>, name: &str, value: &str) {
+pub fn literal(out: &mut Vec<u8>, name: &str, value: &str) {
     out.push(0);
     for s in [name, value] {
         assert!(s.len() < 127, "a one-byte length");
