@@ -69,7 +69,7 @@ struct Unfinished {
 /// `/healthz` and a legitimate fetch are tried, then closed; once certwire has closed
 /// them too, the same again. What the first wave held was freed if the second costs
 /// (almost) nothing more: glibc keeps freed pages in the process, so RSS itself does
-/// not fall back (see `rss_goes_back_down_once_idle_connections_are_closed`).
+/// not fall back until certwire trims it (see `idle_connections_are_closed_and_their_memory_freed`).
 async fn unfinished_requests_twice(target: &Target, connections: usize) -> Unfinished {
     target.assert_serving("before the attack").await;
     let fds = target.open_fds();
@@ -335,12 +335,14 @@ async fn idle_wave(target: &Target, fds: usize) {
 
 /// Attack 4: 3,000 HTTP/2 connections without a stream (before the limits: 42 MiB held
 /// forever). With `idle_timeout = "3s"` each is closed (GOAWAY, then the socket) and
-/// counted, and certwire's descriptors go back to where they were. What the connections
-/// held is freed but glibc keeps the pages (see
-/// `rss_goes_back_down_once_idle_connections_are_closed`), and reuses only part of them
-/// for the next wave: waves of 3,000 cost about +44, +24, +12 MiB, converging (a leak
-/// would add the same at every wave). Bounds: less than 64 MiB of growth for the first
-/// wave; the third costs less than half of what the first did.
+/// counted, and certwire's descriptors go back to where they were. Three waves, then
+/// what they held must go back to the system: glibc keeps freed pages, and how much of
+/// them a next wave reuses depends on which worker's arena it lands in (measured +2 to
+/// +26 MiB per later wave), so the leak check is not per wave but after the last one:
+/// certwire hands freed pages back once many connections have closed (`malloc_trim`,
+/// looked at every 5 s; without it RSS stayed at its peak, +44 MiB after one wave).
+/// Bounds: less than 64 MiB of growth for the first wave; back within 16 MiB of the
+/// baseline after the third (a leak would keep 3 x 44 MiB).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_connections_are_closed_and_their_memory_freed() {
     let target = Target::start("idle_timeout = \"3s\"", &[], |_| {}).await;
@@ -349,46 +351,30 @@ async fn idle_connections_are_closed_and_their_memory_freed() {
     let baseline = target.rss_kib();
     let peak = RssPeak::start(target.pid);
 
-    let mut peaks = vec![baseline];
-    for _ in 0..3 {
-        idle_wave(&target, fds).await;
-        peaks.push(peak.peak_kib());
-    }
+    idle_wave(&target, fds).await;
+    let first = peak.peak_kib().saturating_sub(baseline);
+    idle_wave(&target, fds).await;
+    idle_wave(&target, fds).await;
     let hits = target.limit_hits("idle_timeout").await;
     assert!(hits >= 9_000.0, "certwire_limits_hit_total{{limit=\"idle_timeout\"}} = {hits}");
-    let waves: Vec<u64> = peaks.windows(2).map(|w| w[1] - w[0]).collect();
-    eprintln!(
-        "3 waves of 3,000 idle connections: RSS {:.1} MiB, then +{:.1}, +{:.1}, +{:.1} MiB; {:.1} MiB after",
-        mib(baseline),
-        mib(waves[0]),
-        mib(waves[1]),
-        mib(waves[2]),
-        mib(target.rss_kib())
-    );
-    assert_growth("3,000 idle connections", waves[0], 64 * 1024);
-    assert_growth("a third wave", waves[2], waves[0] / 2);
-    target.assert_serving("after the attack").await;
-}
-
-/// What the attacks held goes back to the system once they end. certwire frees it, but
-/// glibc's allocator keeps freed pages: without certwire handing them back after many
-/// connections closed (`malloc_trim`, checked every 5 s), RSS stayed at its peak
-/// (+44 MiB after 3,000 idle connections). Bound: back within 16 MiB of the baseline.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rss_goes_back_down_once_idle_connections_are_closed() {
-    let target = Target::start("idle_timeout = \"3s\"", &[], |_| {}).await;
-    target.assert_serving("before the attack").await;
-    let fds = target.open_fds();
-    let baseline = target.rss_kib();
-    idle_wave(&target, fds).await;
+    let highest = peak.peak_kib().saturating_sub(baseline);
     let target = &target;
     let settled = util::poll_until(WAIT, || async move {
         let grown = target.rss_kib().saturating_sub(baseline);
         (grown < 16 * 1024).then_some(grown)
     })
     .await;
-    let grown = settled.unwrap_or_else(|| target.rss_kib().saturating_sub(baseline));
-    assert_growth("once the idle connections are closed", grown, 16 * 1024);
+    let after = settled.unwrap_or_else(|| target.rss_kib().saturating_sub(baseline));
+    eprintln!(
+        "3 waves of 3,000 idle connections: RSS {:.1} MiB, first wave +{:.1}, highest +{:.1}, after +{:.1} MiB",
+        mib(baseline),
+        mib(first),
+        mib(highest),
+        mib(after)
+    );
+    assert_growth("3,000 idle connections", first, 64 * 1024);
+    assert_growth("once the idle connections are closed", after, 16 * 1024);
+    target.assert_serving("after the attack").await;
 }
 
 /// Attack 4 from one address: with `max_connections_per_ip = 100`, of 300 connections

@@ -202,20 +202,19 @@ async fn trim_after_churn(
     connections: Arc<crate::xds::listen::Connections>,
     shutdown: tokio_util::sync::CancellationToken,
 ) {
-    /// Closed connections (from the highest count since the last trim) that warrant one.
-    const CLOSED: usize = 256;
+    /// Connections closed since the last trim that warrant one.
+    const CLOSED: u64 = 256;
     let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
-    let mut high = 0;
+    let mut trimmed_at = 0;
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
             _ = every.tick() => {}
         }
-        let open = connections.open();
-        high = high.max(open);
-        if high - open >= CLOSED {
+        let closed = connections.closed();
+        if closed - trimmed_at >= CLOSED {
             release_load_garbage();
-            high = open;
+            trimmed_at = closed;
         }
     }
 }

@@ -907,6 +907,8 @@ async fn connections_per_ip_are_capped_and_idle_ones_closed() {
     let _ = tokio::time::timeout(ARRIVE, conn).await.expect("an idle connection is closed");
     wait_until(|| h.shared.connections.open() == 0).await;
     assert!(hits(&h, "idle_timeout") >= 1);
+    // Closes are counted, refused connections are not (they were never admitted).
+    assert_eq!(h.shared.connections.closed(), 3);
 }
 
 #[tokio::test]

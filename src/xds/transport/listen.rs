@@ -101,6 +101,9 @@ pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Bound> {
 #[derive(Default)]
 pub struct Connections {
     total: std::sync::atomic::AtomicUsize,
+    /// Connections closed since start; counted, not sampled, so that a wave that opens
+    /// and closes between two looks is still seen (see `cli::serve::trim_after_churn`).
+    closed: std::sync::atomic::AtomicU64,
     per_ip: dashmap::DashMap<std::net::IpAddr, usize>,
 }
 
@@ -139,11 +142,17 @@ impl Connections {
     pub fn open(&self) -> usize {
         self.total.load(std::sync::atomic::Ordering::Acquire)
     }
+
+    /// Admitted connections closed since start.
+    pub fn closed(&self) -> u64 {
+        self.closed.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
         self.connections.total.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        self.connections.closed.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         if let Some(ip) = self.ip {
             self.connections.per_ip.remove_if_mut(&ip, |_, n| {
                 *n -= 1;
