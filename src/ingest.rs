@@ -102,6 +102,17 @@ impl Sink {
         self.record_rejection(std::slice::from_ref(&name), reason, error);
     }
 
+    /// Like [`Sink::reject`] for many names that failed for one reason (a files root that
+    /// cannot be listed): logged and counted once, recorded in status for every name.
+    pub fn reject_all<N>(&self, names: &[N], reason: &'static str, error: &dyn std::fmt::Display)
+    where
+        N: AsRef<str> + Clone + Into<Arc<str>>,
+    {
+        if !names.is_empty() {
+            self.record_rejection(names, reason, error);
+        }
+    }
+
     fn record_rejection<N>(&self, names: &[N], reason: &'static str, error: &dyn std::fmt::Display)
     where
         N: AsRef<str> + Clone + Into<Arc<str>>,

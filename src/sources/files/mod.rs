@@ -85,6 +85,8 @@ pub enum FilesError {
     OutsideRoot { path: PathBuf, target: PathBuf, root: PathBuf },
     #[error("cannot watch {}: {source}", path.display())]
     Watch { path: PathBuf, source: notify::Error },
+    #[error("cannot list the files root {}: {source}; every secret read from it keeps its last good version", path.display())]
+    Root { path: PathBuf, source: io::Error },
 }
 
 impl FilesError {
@@ -97,6 +99,7 @@ impl FilesError {
             FilesError::TooLarge { .. } => "too_large",
             FilesError::OutsideRoot { .. } => "outside_root",
             FilesError::Watch { .. } => "watch_error",
+            FilesError::Root { .. } => "root_unreadable",
         }
     }
 }
@@ -135,6 +138,7 @@ pub async fn start_with(
             max_file_bytes: options.max_file_bytes,
             dirs: HashMap::new(),
             settling: HashMap::new(),
+            root_error: None,
         };
         source.scan(Pass::Initial, Instant::now());
         Ok::<_, FilesError>(source)
@@ -293,6 +297,8 @@ struct FileSource {
     dirs: HashMap<Arc<str>, Dir>,
     /// Directories to read again once settled: (when, first detection of the change).
     settling: HashMap<String, (Instant, Instant)>,
+    /// Why the root could not be listed at the last scan, while it cannot.
+    root_error: Option<String>,
 }
 
 /// Directories touched by a batch of events, with the earliest detection and whether
@@ -384,6 +390,12 @@ impl FileSource {
     }
 
     fn handle_events(&mut self, batch: Batch) {
+        let earliest = batch.dirs.values().map(|(at, _)| *at).chain(batch.rescan).min();
+        if let Some(at) = earliest
+            && !self.root_lists_as_before()
+        {
+            return self.scan(Pass::Event, at);
+        }
         if let Some(at) = batch.rescan {
             // Lost events may hide a directory replaced in between, whose old watch notify
             // dropped: watch them all again (adding an existing watch is harmless).
@@ -407,11 +419,21 @@ impl FileSource {
 
     fn settle_due(&mut self) {
         let now = Instant::now();
+        if !self.root_lists_as_before() {
+            return self.scan(Pass::Confirm, now);
+        }
         let due: Vec<_> = self.settling.extract_if(|_, (at, _)| *at <= now).collect();
         let root = self.canonical_root();
         for (name, (_, detected_at)) in due {
             self.refresh(&root, &name, Pass::Confirm, detected_at);
         }
+    }
+
+    /// False when the root cannot be listed, or could not be until now: then only a
+    /// full scan may decide anything, since a secret that cannot be read in an unreadable
+    /// root is not a secret that was deleted.
+    fn root_lists_as_before(&self) -> bool {
+        self.root_error.is_none() && std::fs::read_dir(&self.root).is_ok()
     }
 
     /// The root without links, which every file read must stay inside. Taken again for
@@ -426,11 +448,11 @@ impl FileSource {
         let mut names: BTreeSet<String> = self.dirs.keys().map(|name| name.to_string()).collect();
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
-            Err(err) => {
-                tracing::warn!(source = self.sink.source(), path = %self.root.display(), error = %err, "cannot list secret directories; last good versions kept");
-                return;
-            }
+            Err(err) => return self.root_unreadable(err),
         };
+        if self.root_error.take().is_some() {
+            self.root_readable_again();
+        }
         for entry in entries.flatten() {
             let file_name = entry.file_name();
             let Some(name) = file_name.to_str() else {
@@ -444,6 +466,45 @@ impl FileSource {
         let root = self.canonical_root();
         for name in names {
             self.refresh(&root, &name, pass, detected_at);
+        }
+    }
+
+    /// The root cannot be listed (its permissions changed, its volume went away): that
+    /// says nothing about the secrets, so none is withdrawn. Each one read from it keeps
+    /// its last good version and shows the reason in status, recorded once per distinct
+    /// failure (one log line and one count for the whole root), until a rescan lists it
+    /// again and reads every secret anew.
+    fn root_unreadable(&mut self, err: io::Error) {
+        let error = FilesError::Root { path: self.root.clone(), source: err };
+        let message = error.to_string();
+        if self.root_error.as_deref() == Some(message.as_str()) {
+            return;
+        }
+        let unread = Reported::Unread(Version::of(message.as_bytes()));
+        let mut names: Vec<Arc<str>> = Vec::new();
+        for (name, dir) in &mut self.dirs {
+            if dir.tls.last.is_some() {
+                dir.tls = Slot { last: Some(unread), retry: false };
+                names.push(name.clone());
+            }
+            if let Some(ca) = dir.ca.as_deref_mut() {
+                *ca = Slot { last: Some(unread), retry: false };
+                names.push(format!("{name}-cacert").into());
+            }
+        }
+        self.settling.clear();
+        self.root_error = Some(message);
+        self.sink.reject_all(&names, error.reason(), &error);
+    }
+
+    /// The root lists again: it may be another directory than before (a volume mounted
+    /// anew), whose watch is then gone; watch it again. The scan that follows reads every
+    /// secret, since each was marked unread.
+    fn root_readable_again(&mut self) {
+        tracing::info!(source = self.sink.source(), path = %self.root.display(), "files root readable again; reading every secret");
+        let _ = self.watcher.unwatch(&self.root);
+        if let Err(err) = self.watcher.watch(&self.root, RecursiveMode::NonRecursive) {
+            tracing::warn!(source = self.sink.source(), path = %self.root.display(), error = %err, "cannot watch the files root; new secret directories are seen by the periodic rescan only");
         }
     }
 

@@ -554,3 +554,59 @@ async fn a_file_deleted_and_written_again_is_not_withdrawn_in_between() {
     std::fs::remove_file(dir.join("tls.crt")).unwrap();
     wait_for(&mut rx, "flap withdrawn", |c| c.is_none()).await;
 }
+
+#[tokio::test]
+async fn a_root_that_cannot_be_listed_withdraws_nothing_and_says_why() {
+    let outer = tempdir();
+    let root = outer.path().join("certs");
+    let (a, b, rotated) = (pair("a.test"), pair("b.test"), pair("a2.test"));
+    let ca = ca_pem();
+    kubelet_write(&root.join("a"), &[("tls.crt", &a.cert), ("tls.key", &a.key), ("ca.crt", &ca)]);
+    kubelet_write(&root.join("b"), &pair_files(&b));
+    let store = Arc::new(Store::new());
+    let metrics = Arc::new(Metrics::new());
+    let sink = Sink::new(store.clone(), metrics.clone(), "files:test", false);
+    let shutdown = CancellationToken::new();
+    let _stop = shutdown.clone().drop_guard();
+    let options = Options { rescan: Duration::from_millis(50), ..Options::default() };
+    start_with(root.clone(), sink, shutdown, options).await.unwrap();
+    let rejected = || {
+        let label = RejectLabel { source: "files:test".into(), reason: "root_unreadable" };
+        metrics.updates_rejected.get_or_create(&label).get()
+    };
+    let last_error = |name: &str| store.status().into_iter().find(|s| s.name == name).and_then(|s| s.last_error);
+
+    // The volume goes away (here: the root is moved; a chmod needs a user other than root).
+    let moved = outer.path().join("moved");
+    std::fs::rename(&root, &moved).unwrap();
+    let deadline = Instant::now() + PATIENCE;
+    while rejected() == 0 {
+        assert!(Instant::now() < deadline, "an unlistable root was not reported");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    for name in ["a", "a-cacert", "b"] {
+        let error = last_error(name).unwrap_or_else(|| panic!("{name}: no error in status"));
+        assert!(error.contains("cannot list the files root"), "{name}: {error}");
+        assert!(store.get(name).is_some(), "{name} withdrawn with an unreadable root");
+    }
+    // The periodic rescan keeps failing the same way: counted once for the whole root,
+    // and nothing is withdrawn after the settle time either.
+    tokio::time::sleep(Options::default().settle * 2).await;
+    assert_eq!(rejected(), 1);
+    assert_eq!(fingerprint(&store.get("a")).as_deref(), Some(a.fingerprint.as_str()));
+
+    // Rotated while away, then back: read anew, errors cleared.
+    kubelet_write(&moved.join("a"), &[("tls.crt", &rotated.cert), ("tls.key", &rotated.key), ("ca.crt", &ca)]);
+    std::fs::rename(&moved, &root).unwrap();
+    let mut rx = store.subscribe("a");
+    wait_for(&mut rx, "the rotation made while the root was away", |c| {
+        fingerprint(c).as_deref() == Some(rotated.fingerprint.as_str())
+    })
+    .await;
+    let deadline = Instant::now() + PATIENCE;
+    while ["a", "a-cacert", "b"].iter().any(|name| last_error(name).is_some()) {
+        assert!(Instant::now() < deadline, "errors not cleared once the root lists again");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(store.get("b").is_some());
+}
