@@ -34,6 +34,8 @@ pub struct Certwire {
     admin: SocketAddr,
     args: Vec<String>,
     log: PathBuf,
+    /// Run as this uid and gid (see [`Certwire::serve_unprivileged`]).
+    user: Option<u32>,
     _dir: TempDir,
 }
 
@@ -45,6 +47,27 @@ impl Certwire {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
+        Self::serve_as(args, None).await
+    }
+
+    /// Like [`Certwire::serve`], but as user and group `nobody` (65534) when the tests
+    /// run as root: permissions then apply to certwire (root reads anything). Whatever
+    /// it must read has to be readable by that user.
+    pub async fn serve_unprivileged<I, S>(args: I) -> Certwire
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        // SAFETY: geteuid(2) has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        Self::serve_as(args, root.then_some(65534)).await
+    }
+
+    async fn serve_as<I, S>(args: I, user: Option<u32>) -> Certwire
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
         let dir = util::tempdir();
         let log = dir.path().join("certwire.log");
         let mut certwire = Certwire {
@@ -52,6 +75,7 @@ impl Certwire {
             admin: util::free_addr(),
             args: args.into_iter().map(Into::into).collect(),
             log,
+            user,
             _dir: dir,
         };
         certwire.start().await;
@@ -79,6 +103,11 @@ impl Certwire {
         // A log file, not a terminal: no colour codes. And a config file from the
         // environment of whoever runs the tests must not change what is tested.
         command.env("NO_COLOR", "1").env_remove("CERTWIRE_CONFIG");
+        if let Some(id) = self.user {
+            use std::os::unix::process::CommandExt as _;
+            // std drops the supplementary groups too when root sets a uid.
+            command.uid(id).gid(id);
+        }
         self.child = Some(command.spawn().expect("spawn certwire"));
 
         let deadline = std::time::Instant::now() + WAIT;
@@ -133,6 +162,11 @@ impl Certwire {
 
     pub fn is_running(&mut self) -> bool {
         self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// The running process's pid.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     pub fn admin_addr(&self) -> SocketAddr {

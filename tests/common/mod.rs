@@ -16,6 +16,7 @@ pub mod bootstrap;
 pub mod certwire;
 pub mod envoy;
 pub mod files;
+pub mod fleet;
 pub mod http;
 pub mod kubeapi;
 pub mod pki;
