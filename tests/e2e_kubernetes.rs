@@ -673,6 +673,27 @@ async fn bad_secrets_are_rejected_everywhere_and_the_old_certificate_stays() {
         .count();
     assert!(rejected >= 3, "kubectl get events shows the three rejections: {events}");
 
+    // An error over the API server's 1024-byte note limit (a long subject) still gets
+    // its Event, the note cut with " ...".
+    let long = cluster.ca.issue(&LeafSpec::server(SNI).common_name(&"x".repeat(1_000)));
+    cluster.apply_tls(NS, NAME, &long.cert_pem, &good.key_pem).await;
+    wait_rejected(&s.certwire, "key_mismatch", 2.0).await;
+    let cut = util::wait_for("an Event for the rejection with a long subject", WAIT, || async {
+        api.events().into_iter().find_map(|e| {
+            let note = e["note"].as_str()?;
+            (e["regarding"]["name"] == NAME && note.contains("xxxxxxxx")).then(|| note.to_owned())
+        })
+    })
+    .await;
+    assert!(cut.len() <= 1024 && cut.ends_with(" ..."), "a {}-byte note: {cut}", cut.len());
+
+    // What the README tells users to run: `kubectl describe secret` does not look up
+    // Events for Secrets, `kubectl events --for` does.
+    let listed = cluster.kubectl(&["events", "-n", NS, "--for", &format!("secret/{NAME}")]).await;
+    for (reason, ..) in cases {
+        assert!(listed.contains(reason), "kubectl events --for secret/{NAME} shows {reason}:\n{listed}");
+    }
+
     // A good Secret afterwards clears the error and is served.
     let next = cluster.ca.server(SNI);
     cluster.apply_tls(NS, NAME, &next.cert_pem, &next.key_pem).await;

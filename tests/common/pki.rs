@@ -84,6 +84,11 @@ impl LeafSpec {
         LeafSpec { uris: vec![uri.to_string()], ..LeafSpec::client("spiffe workload") }
     }
 
+    pub fn common_name(mut self, common_name: &str) -> LeafSpec {
+        self.common_name = common_name.to_owned();
+        self
+    }
+
     pub fn serial(mut self, serial: u64) -> LeafSpec {
         self.serial = Some(serial);
         self

@@ -1,5 +1,5 @@
-//! Kubernetes Events on a rejected Secret, so `kubectl describe secret` shows why
-//! certwire keeps serving the previous version.
+//! Kubernetes Events on a rejected Secret, so `kubectl events --for secret/NAME` shows
+//! why certwire keeps serving the previous version.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -34,8 +34,10 @@ impl Rejections {
     /// `key` is the Secret's `ns/name`.
     pub fn rejected(&self, secret: &Secret, key: &str, err: &PkiError) {
         let key = key.to_owned();
-        let note =
-            format!("certwire refused this Secret ({}): {err}; the last good version stays served", err.reason());
+        let note = truncate_note(format!(
+            "certwire refused this Secret ({}): {err}; the last good version stays served",
+            err.reason()
+        ));
         {
             let mut published = self.published.lock().expect("events lock");
             if published.get(&key) == Some(&note) {
@@ -61,5 +63,39 @@ impl Rejections {
                 tracing::warn!(secret = %key, error = %e, "could not publish a Kubernetes event");
             }
         });
+    }
+}
+
+/// The API server refuses an Event whose note is over 1024 bytes (`NoteLengthLimit`),
+/// and kube-rs sends it as it is: an error naming a long subject would leave no Event
+/// at all. Cut as kube-scheduler does (`truncateMessage`: the limit, the last bytes
+/// replaced by " ..."), on a character boundary.
+fn truncate_note(note: String) -> String {
+    const NOTE_LENGTH_LIMIT: usize = 1024;
+    const SUFFIX: &str = " ...";
+    if note.len() <= NOTE_LENGTH_LIMIT {
+        return note;
+    }
+    let mut end = NOTE_LENGTH_LIMIT - SUFFIX.len();
+    while !note.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}{SUFFIX}", &note[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::truncate_note;
+
+    #[test]
+    fn notes_over_the_api_servers_limit_are_cut_like_kube_scheduler_does() {
+        let short = "x".repeat(1024);
+        assert_eq!(truncate_note(short.clone()), short, "at the limit: unchanged");
+        let long = truncate_note("y".repeat(1072));
+        assert_eq!(long.len(), 1024);
+        assert!(long.ends_with("y ..."), "{long}");
+        // Multi-byte characters straddling the cut are not split.
+        let wide = truncate_note("é".repeat(600));
+        assert!(wide.len() <= 1024 && wide.ends_with("é ..."), "{} bytes", wide.len());
     }
 }

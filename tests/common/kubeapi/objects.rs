@@ -168,6 +168,7 @@ pub fn admit(def: &ResourceDef, obj: &mut Value, old: Option<&Value>) -> Result<
         "Secret" => admit_secret(def, obj, old)?,
         "Namespace" => admit_namespace(obj, old),
         "Role" | "ClusterRole" | "RoleBinding" | "ClusterRoleBinding" => rbac::admit(def, obj, old)?,
+        "Event" if def.group == "events.k8s.io" => admit_event_v1(def, obj)?,
         _ => {}
     }
     if let (true, Some(old)) = (def.generation, old)
@@ -194,6 +195,18 @@ pub fn changed(new: &Value, old: &Value) -> bool {
     let mut old = old.clone();
     metadata_mut(&mut old).remove("resourceVersion");
     *new != old
+}
+
+/// Upstream's `NoteLengthLimit`: an `events.k8s.io/v1` Event's note is at most 1024
+/// bytes (apis/core/validation/events.go), and a longer one is refused, not cut.
+fn admit_event_v1(def: &ResourceDef, obj: &Value) -> Result<(), ApiError> {
+    const NOTE_LENGTH_LIMIT: usize = 1024;
+    let note = obj.get("note").and_then(Value::as_str).unwrap_or_default();
+    if note.len() <= NOTE_LENGTH_LIMIT {
+        return Ok(());
+    }
+    let problem = format!("Too long: may not be more than {NOTE_LENGTH_LIMIT} bytes");
+    Err(ApiError::invalid(def, name_of(obj), &[("note".into(), "FieldValueTooLong", problem)]))
 }
 
 fn admit_secret(def: &ResourceDef, obj: &mut Value, old: Option<&Value>) -> Result<(), ApiError> {
