@@ -189,6 +189,10 @@ pub struct ServeFlags {
     /// Serve /status/* and the status gRPC API on this address instead of --admin
     #[arg(long, value_name = "ADDR")]
     pub status_addr: Option<SocketAddr>,
+    /// Once ready, write the addresses really bound (port 0 picks a free one) to this
+    /// file as JSON: {"pid", "sds": [...], "admin", "status"}
+    #[arg(long, value_name = "FILE")]
+    pub ready_file: Option<PathBuf>,
 }
 
 /// Resolved settings.
@@ -215,6 +219,8 @@ pub struct Settings {
     pub authz: AuthzSettings,
     pub insecure_open_sds: bool,
     pub status_addr: Option<SocketAddr>,
+    /// Where to write the bound addresses once ready (`--ready-file`).
+    pub ready_file: Option<PathBuf>,
     pub limits: crate::xds::limits::Limits,
     pub status_max_watchers: usize,
     pub dev_forget_after: Duration,
@@ -298,6 +304,7 @@ impl Settings {
             authz,
             insecure_open_sds,
             status_addr: flags.status_addr.or(file.status_addr),
+            ready_file: flags.ready_file.clone(),
             limits,
             status_max_watchers: file.status_max_watchers.unwrap_or(crate::xds::proxies::MAX_ROLLOUT_WATCHERS),
             dev_forget_after: file.dev_forget_after.unwrap_or(crate::sources::dev::FORGET_AFTER),

@@ -17,13 +17,22 @@ pub struct Sink {
     rank: Rank,
     source: Arc<str>,
     allow_expired: bool,
+    /// The source is loading what already exists: one summary line from the source
+    /// says what it loaded, not one line per secret (1,000 Secrets made 3,000 lines).
+    loading: bool,
 }
 
 impl Sink {
     /// Registers a source named `source` (e.g. `files:/etc/certs`); earlier sinks win.
     pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, source: &str, allow_expired: bool) -> Self {
         let (rank, source) = store.register_source(source);
-        Self { store, metrics, rank, source, allow_expired }
+        Self { store, metrics, rank, source, allow_expired, loading: false }
+    }
+
+    /// Marks the start (true) or the end (false) of this sink's initial load: while
+    /// loading, accepted updates are logged at debug. Rejections are always errors.
+    pub fn set_loading(&mut self, loading: bool) {
+        self.loading = loading;
     }
 
     pub fn source(&self) -> &str {
@@ -54,6 +63,7 @@ impl Sink {
     {
         let opts = CheckOptions { allow_expired: self.allow_expired, now: std::time::SystemTime::now() };
         let mut first = None;
+        let mut fingerprint = None;
         for name in names {
             // The Envoy Secret carries its name, so each alias is encoded on its own;
             // the checks cannot pass for one name and fail for another.
@@ -61,29 +71,37 @@ impl Sink {
                 Ok(checked) => checked,
                 Err(err) => return Err(self.rejected(names, err)),
             };
-            let outcome = self.store_checked(name.clone().into(), checked, detected_at);
+            fingerprint.get_or_insert_with(|| checked.identity.fingerprint_sha256.clone());
+            let outcome = self.store.upsert(self.rank, &self.source, name.clone().into(), checked, detected_at);
             first.get_or_insert(outcome);
         }
-        Ok(first.unwrap_or(Outcome::Unchanged))
+        let outcome = first.unwrap_or(Outcome::Unchanged);
+        let fingerprint = fingerprint.flatten();
+        self.log_outcome(names, &outcome, fingerprint.as_deref());
+        Ok(outcome)
     }
 
-    fn store_checked(&self, name: Arc<str>, checked: pki::Checked, detected_at: Instant) -> Outcome {
-        let fingerprint = checked.identity.fingerprint_sha256.clone();
-        let outcome = self.store.upsert(self.rank, &self.source, name.clone(), checked, detected_at);
-        let name = &*name;
-        match &outcome {
+    /// One line per update, however many names it is served under.
+    fn log_outcome<N: AsRef<str>>(&self, names: &[N], outcome: &Outcome, fingerprint: Option<&str>) {
+        let name = names.first().map(AsRef::as_ref).unwrap_or_default();
+        let aliases = names.len();
+        match outcome {
             Outcome::Changed => {
                 self.metrics.updates_applied.get_or_create(&SourceLabel { source: self.source.to_string() }).inc();
-                tracing::info!(secret = name, source = %self.source, fingerprint = fingerprint.as_deref().unwrap_or("-"), "secret updated");
+                let fingerprint = fingerprint.unwrap_or("-");
+                if self.loading {
+                    tracing::debug!(secret = name, aliases, source = %self.source, fingerprint, "secret loaded");
+                } else {
+                    tracing::info!(secret = name, aliases, source = %self.source, fingerprint, "secret updated");
+                }
             }
             Outcome::Shadowed { by } => {
-                tracing::warn!(secret = name, source = %self.source, served_by = %by, "secret offered by two sources; the first configured one is served");
+                tracing::warn!(secret = name, aliases, source = %self.source, served_by = %by, "secret offered by two sources; the first configured one is served");
             }
             Outcome::Unchanged => {
-                tracing::debug!(secret = name, source = %self.source, "secret unchanged");
+                tracing::debug!(secret = name, aliases, source = %self.source, "secret unchanged");
             }
         }
-        outcome
     }
 
     fn rejected<N: AsRef<str> + Clone + Into<Arc<str>>>(&self, names: &[N], err: PkiError) -> PkiError {
@@ -132,6 +150,19 @@ impl Sink {
         for name in names {
             self.store.reject(self.rank, &self.source, name.clone(), error.to_string());
         }
+    }
+
+    /// A failure of the source itself for `name` that is about no content (an ACME order
+    /// that failed): shown as the name's `last_error` in status until [`Sink::clear_error`]
+    /// or the next good update; what is served does not change, and no update is counted
+    /// as rejected. `message` must not carry key material.
+    pub fn report_error(&self, name: &str, message: String) {
+        self.store.reject(self.rank, &self.source, name, message);
+    }
+
+    /// Clears what [`Sink::report_error`] recorded for `name`.
+    pub fn clear_error(&self, name: &str) {
+        self.store.clear_error(self.rank, name);
     }
 
     /// The source no longer has `name`. Proxies keep what they have (Envoy semantics).

@@ -276,6 +276,13 @@ impl Store {
         entry.set_error(rank, source.clone(), reason);
     }
 
+    /// Drops `rank`'s recorded error for `name`; what is served does not change.
+    pub fn clear_error(&self, rank: Rank, name: &str) {
+        if let Some(mut entry) = self.entries.get_mut(name) {
+            entry.clear_error(rank);
+        }
+    }
+
     /// `source` no longer offers `name`. Returns true when what is served changed.
     pub fn remove(&self, rank: Rank, name: &str) -> bool {
         let Some(mut entry) = self.entries.get_mut(name) else { return false };

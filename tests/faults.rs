@@ -63,12 +63,11 @@ impl Stack {
         let config = dir.path().join("certwire.toml");
         // The periodic rescan is what notices a root readable again without an event.
         std::fs::write(&config, "files_rescan_every = \"1s\"\n").unwrap();
-        let sds = util::free_addr();
         let args = [
             "--config".to_string(),
             config.display().to_string(),
             "--listen".into(),
-            sds.to_string(),
+            "127.0.0.1:0".into(),
             "--files".into(),
             root.display().to_string(),
         ];
@@ -78,6 +77,8 @@ impl Stack {
         } else {
             Certwire::serve(args).await
         };
+        // A restart binds the same port again: proxies come back where they were.
+        let sds = certwire.sds_addr();
         let tls_port = util::free_port();
         let envoy = Envoy::start(&SdsBootstrap::new(EDGE, SdsTarget::Tcp(sds), tls_port).to_yaml()).await;
         let tls = SocketAddr::from(([127, 0, 0, 1], tls_port));

@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::attack::{certwire_pid, rss_kib};
+use common::attack::rss_kib;
 
 use std::net::SocketAddr;
 use std::os::unix::fs::symlink;
@@ -134,7 +134,7 @@ async fn endless_huge_and_device_files_are_refused_with_bounded_memory() {
     for name in names {
         versions.push(wait_served(&certwire, name).await);
     }
-    let pid = certwire_pid(certwire.admin_addr());
+    let pid = certwire.pid().expect("certwire is running");
     let baseline = rss_kib(pid);
 
     replace(dirs[0].path(), "tls.crt", |tmp| symlink("/dev/zero", tmp).unwrap());

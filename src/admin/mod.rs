@@ -13,6 +13,7 @@ use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
@@ -56,17 +57,25 @@ impl Admin {
 
     /// Serves on `addr`; with `status_addr`, the status endpoints there instead, so the
     /// probe port can be open to the cluster and the status port kept closer.
-    pub async fn serve(self, addr: SocketAddr, status_addr: Option<SocketAddr>) -> anyhow::Result<()> {
-        let Some(status_addr) = status_addr else { return serve_on(addr, self.clone().router(), &self.shutdown).await };
-        let probes = serve_on(addr, self.clone().probes(), &self.shutdown);
-        let status = serve_on(status_addr, self.clone().status(), &self.shutdown);
+    /// Serves on `probes` (everything, or health and metrics only when `status` has a
+    /// listener of its own) until shutdown.
+    pub async fn serve(self, probes: TcpListener, status: Option<TcpListener>) -> anyhow::Result<()> {
+        let Some(status) = status else { return serve_on(probes, self.clone().router(), &self.shutdown).await };
+        let probes = serve_on(probes, self.clone().probes(), &self.shutdown);
+        let status = serve_on(status, self.clone().status(), &self.shutdown);
         tokio::try_join!(probes, status).map(|_| ())
     }
 }
 
-async fn serve_on(addr: SocketAddr, router: Router, shutdown: &CancellationToken) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding admin on {addr}"))?;
-    tracing::info!(%addr, "admin listening");
+/// Binds an admin listener (port 0: a free one), so that a taken port fails the start.
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr).await.with_context(|| format!("binding admin on {addr}"))
+}
+
+async fn serve_on(listener: TcpListener, router: Router, shutdown: &CancellationToken) -> anyhow::Result<()> {
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "admin listening");
+    }
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown.clone().cancelled_owned())
         .await

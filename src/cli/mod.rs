@@ -3,6 +3,7 @@
 mod bootstrap;
 mod certgen;
 mod check;
+mod ready_file;
 mod serve;
 mod status;
 

@@ -31,11 +31,25 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let stop = Shutdown::new();
     let shutdown = stop.token();
 
+    if let Some(path) = &settings.ready_file {
+        super::ready_file::clear(path)?;
+    }
     // Bind everything first: a taken port fails the start with a clear message.
     let mut bound = Vec::new();
     for addr in &settings.listen {
         bound.push((addr.clone(), listen::bind(addr).await?));
     }
+    let admin_listener = crate::admin::bind(settings.admin).await?;
+    let status_listener = match settings.status_addr {
+        Some(addr) => Some(crate::admin::bind(addr).await?),
+        None => None,
+    };
+    let ready = super::ready_file::Ready {
+        pid: std::process::id(),
+        sds: bound.iter().map(|(_, b)| b.local_addr().to_string()).collect(),
+        admin: local_addr(&admin_listener),
+        status: status_listener.as_ref().map(local_addr),
+    };
     let admin = Admin {
         store: store.clone(),
         proxies: proxies.clone(),
@@ -44,8 +58,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         shutdown: shutdown.clone(),
     };
     let mut tasks = JoinSet::new();
-    let (admin_addr, status_addr) = (settings.admin, settings.status_addr);
-    tasks.spawn(async move { admin.serve(admin_addr, status_addr).await });
+    tasks.spawn(async move { admin.serve(admin_listener, status_listener).await });
 
     // Sources in precedence order: the first configured wins a name.
     for root in &settings.files {
@@ -106,7 +119,9 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     release_load_garbage();
     let shared = Shared::new(store.clone(), proxies, metrics, stop.clone(), authz, settings.limits.clone());
     tokio::spawn(trim_after_churn(shared.connections.clone(), shutdown.clone()));
-    for (addr, b) in bound {
+    for (_, b) in bound {
+        // As bound: with port 0, the port the kernel chose.
+        let addr = b.local_addr();
         let shared = shared.clone();
         let token = shutdown.clone();
         let tls = tls.clone();
@@ -122,7 +137,17 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     }
 
     let workers = tokio::runtime::Handle::current().metrics().num_workers();
-    tracing::info!(secrets = store.served_count(), workers, "certwire ready");
+    tracing::info!(
+        secrets = store.served_count(),
+        workers,
+        sds = ready.sds.join(" "),
+        admin = ready.admin,
+        status = ready.status.as_deref(),
+        "certwire ready"
+    );
+    if let Some(path) = &settings.ready_file {
+        super::ready_file::write(path, &ready)?;
+    }
     let failed = tokio::select! {
         _ = terminated() => None,
         Some(res) = tasks.join_next() => Some(res),
@@ -143,6 +168,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     drain(&mut tasks, background, settings.drain_timeout).await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
+}
+
+fn local_addr(listener: &tokio::net::TcpListener) -> String {
+    listener.local_addr().map(|a| a.to_string()).unwrap_or_default()
 }
 
 /// The authorizer of `settings.authz`; `kubernetes` mode connects to the API server

@@ -49,7 +49,7 @@ impl Protocol for Delta {
                 Outgoing::Delta { nonce, resources, removed: Vec::new() }
             }
             Change::Gone(name) => Outgoing::Delta {
-                nonce: session.next_nonce(),
+                nonce: session.record_removed(&name),
                 resources: Default::default(),
                 removed: vec![name.to_string()],
             },

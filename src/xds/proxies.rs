@@ -32,6 +32,9 @@ pub struct NameStatus {
     pub nacked_version: Option<Version>,
     /// Why this proxy may not read the name (authorization); nothing is sent while set.
     pub denied: Option<Arc<str>>,
+    /// Delta: announced in `removed_resources` (its source withdrew it, or the grant was
+    /// revoked) since it was last sent; the proxy holds no version of it.
+    pub removed: bool,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]

@@ -255,7 +255,10 @@ impl Session {
     pub fn record_sent(&mut self, resources: &[Arc<Served>]) -> u64 {
         let nonce = self.next_nonce();
         for served in resources {
-            self.status.with_name(&served.name, |n| n.sent_version = Some(served.version));
+            self.status.with_name(&served.name, |n| {
+                n.sent_version = Some(served.version);
+                n.removed = false;
+            });
             self.shared.metrics.change_to_push.observe(served.detected_at.elapsed().as_secs_f64());
         }
         self.counters.pushes.inc();
@@ -264,6 +267,21 @@ impl Session {
         }
         self.pending.push((nonce, resources.iter().cloned().collect()));
         nonce
+    }
+
+    /// Delta: `name` goes out in `removed_resources` with the returned nonce. The proxy
+    /// then holds nothing of it: status says so, and a late ACK of an earlier response
+    /// does not bring its version back.
+    pub fn record_removed(&mut self, name: &str) -> u64 {
+        for (_, sent) in &mut self.pending {
+            sent.retain(|served| &*served.name != name);
+        }
+        self.status.with_name(name, |n| {
+            n.sent_version = None;
+            n.acked_version = None;
+            n.removed = true;
+        });
+        self.next_nonce()
     }
 
     /// A fresh nonce (also for a response that carries only removals). Never 0.

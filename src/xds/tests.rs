@@ -333,6 +333,16 @@ async fn delta_subscribe_unsubscribe_and_removal() {
     let r = next(&mut rx).await;
     assert_eq!(r.removed_resources, ["a"]);
     assert!(r.resources.is_empty());
+    // Status says the proxy holds nothing of it, also once the removal is ACKed.
+    tx.send(DeltaDiscoveryRequest { response_nonce: r.nonce.clone(), ..Default::default() }).await.unwrap();
+    let a = || h.shared.proxies.status()[0].secrets.iter().find(|n| &*n.name == "a").cloned().expect("a");
+    wait_until(|| a().removed).await;
+    assert_eq!((a().sent_version, a().acked_version), (None, None));
+    // Back: sent again, no longer removed.
+    h.put("a", "3");
+    let r = next(&mut rx).await;
+    assert_eq!(r.resources[0].name, "a");
+    wait_until(|| !a().removed && a().sent_version.is_some()).await;
 }
 
 #[tokio::test]

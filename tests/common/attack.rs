@@ -60,15 +60,15 @@ impl Target {
         setup(&root);
         let config = dir.path().join("certwire.toml");
         std::fs::write(&config, format!("[limits]\n{limits}\n")).unwrap();
-        let sds = util::free_addr();
-        let mut all: Vec<String> = ["--config", path_str(&config), "--files", path_str(&root), "--listen"]
-            .iter()
-            .map(|s| s.to_string())
-            .collect();
-        all.push(sds.to_string());
+        let mut all: Vec<String> =
+            ["--config", path_str(&config), "--files", path_str(&root), "--listen", "127.0.0.1:0"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
         all.extend(args.iter().map(|a| a.to_string()));
         let certwire = Certwire::serve(all).await;
-        let pid = certwire_pid(certwire.admin_addr());
+        let sds = certwire.sds_addr();
+        let pid = certwire.pid().expect("certwire is running");
         let target = Target { certwire, sds, pid, root, _dir: dir };
         target.wait_served(WEB).await;
         target
@@ -130,23 +130,6 @@ impl Target {
 
 fn path_str(path: &Path) -> &str {
     path.to_str().expect("UTF-8 temp path")
-}
-
-/// The pid of the certwire child serving admin address `admin` (the harness keeps its
-/// `Child` to itself; the address is unique to the test).
-pub fn certwire_pid(admin: SocketAddr) -> u32 {
-    let admin = admin.to_string();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
-        if args.windows(2).any(|w| w[0] == b"--admin" && w[1] == admin.as_bytes())
-            && args.first().is_some_and(|a| a.ends_with(b"certwire"))
-        {
-            return pid;
-        }
-    }
-    panic!("no certwire process with --admin {admin}");
 }
 
 /// VmRSS of `pid`, in KiB.

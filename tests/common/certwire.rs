@@ -31,7 +31,10 @@ pub fn run(args: &[&str]) -> String {
 
 pub struct Certwire {
     child: Option<Child>,
-    admin: SocketAddr,
+    /// Learned from the ready file at the first start, kept across restarts.
+    admin: Option<SocketAddr>,
+    /// The SDS addresses bound, in `--listen` order (idem).
+    sds: Vec<String>,
     args: Vec<String>,
     log: PathBuf,
     /// Run as this uid and gid (see [`Certwire::serve_unprivileged`]).
@@ -69,10 +72,15 @@ impl Certwire {
         S: Into<String>,
     {
         let dir = util::tempdir();
+        if let Some(id) = user {
+            // certwire writes its ready file there.
+            std::os::unix::fs::chown(dir.path(), Some(id), Some(id)).expect("chown the certwire directory");
+        }
         let log = dir.path().join("certwire.log");
         let mut certwire = Certwire {
             child: None,
-            admin: util::free_addr(),
+            admin: None,
+            sds: Vec::new(),
             args: args.into_iter().map(Into::into).collect(),
             log,
             user,
@@ -82,17 +90,22 @@ impl Certwire {
         certwire
     }
 
-    /// Spawns the process (again, after [`Certwire::kill`]) with the same arguments
-    /// and admin address, appending to the same log, and waits for `/healthz`.
+    /// Spawns the process (again, after [`Certwire::kill`]) and waits until it is
+    /// ready. At the first start the admin API (and any `--listen` on port 0) takes a
+    /// free port the kernel picks, learned from `--ready-file`; a restart binds the
+    /// same addresses again, so proxies reconnect where they were. Same log file.
     pub async fn start(&mut self) {
         assert!(self.child.is_none(), "certwire is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open certwire log");
+        let ready_file = self.log.with_file_name("ready.json");
         let mut command = Command::new(certwire_bin());
         command
             .arg("serve")
-            .args(&self.args)
+            .args(self.args_to_start())
             .arg("--admin")
-            .arg(self.admin.to_string())
+            .arg(self.admin.map_or("127.0.0.1:0".to_string(), |a| a.to_string()))
+            .arg("--ready-file")
+            .arg(&ready_file)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log);
@@ -111,22 +124,53 @@ impl Certwire {
         self.child = Some(command.spawn().expect("spawn certwire"));
 
         let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            if let Ok(response) = http::get(self.admin, "/healthz").await
-                && response.status == 200
+        let ready = loop {
+            // certwire removes an old file at start and writes the new one whole.
+            if let Ok(text) = std::fs::read(&ready_file)
+                && let Ok(ready) = serde_json::from_slice::<serde_json::Value>(&text)
+                && ready["pid"].as_u64() == self.pid().map(u64::from)
             {
-                return;
+                break ready;
             }
             if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
                 panic!("certwire exited at start ({status}); its log follows");
             }
             assert!(
                 std::time::Instant::now() < deadline,
-                "certwire /healthz on {} did not answer 200 within {WAIT:?}",
-                self.admin
+                "certwire did not write {} within {WAIT:?}",
+                ready_file.display()
             );
             tokio::time::sleep(util::POLL).await;
+        };
+        let admin: SocketAddr =
+            ready["admin"].as_str().and_then(|a| a.parse().ok()).expect("admin address in the ready file");
+        self.admin = Some(admin);
+        self.sds =
+            ready["sds"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(str::to_owned)).collect();
+        let response = http::get(admin, "/healthz").await;
+        assert!(matches!(&response, Ok(r) if r.status == 200), "certwire /healthz on {admin} once ready: {response:?}");
+    }
+
+    /// The arguments, with each `--listen` on port 0 replaced by what it bound the first
+    /// time, if it ran before.
+    fn args_to_start(&self) -> Vec<String> {
+        let mut listens = self.sds.iter();
+        let mut after_listen = false;
+        let mut args = Vec::with_capacity(self.args.len());
+        for arg in &self.args {
+            let bound = if after_listen { listens.next() } else { None };
+            args.push(match bound {
+                Some(bound) if arg.ends_with(":0") => bound.clone(),
+                _ => arg.clone(),
+            });
+            after_listen = arg == "--listen";
         }
+        args
+    }
+
+    /// The first TCP SDS address certwire bound (`--listen 127.0.0.1:0` picks a free port).
+    pub fn sds_addr(&self) -> SocketAddr {
+        self.sds.iter().find_map(|a| a.parse().ok()).expect("certwire listens on TCP")
     }
 
     /// Sends SIGKILL (a crash, no graceful shutdown) and reaps the process.
@@ -170,7 +214,7 @@ impl Certwire {
     }
 
     pub fn admin_addr(&self) -> SocketAddr {
-        self.admin
+        self.admin.expect("certwire started once")
     }
 
     pub fn log_path(&self) -> &Path {
@@ -179,7 +223,7 @@ impl Certwire {
 
     /// `GET path` on the admin API, any status.
     pub async fn get(&self, path: &str) -> Response {
-        http::get(self.admin, path).await.unwrap_or_else(|e| panic!("certwire admin {path}: {e:#}"))
+        http::get(self.admin_addr(), path).await.unwrap_or_else(|e| panic!("certwire admin {path}: {e:#}"))
     }
 
     /// `GET path`, asserting 200 and a JSON body.

@@ -140,7 +140,10 @@ pub async fn start_with(
             settling: HashMap::new(),
             root_error: None,
         };
+        // One summary line for the initial load ("file source loaded"), not one per secret.
+        source.sink.set_loading(true);
         source.scan(Pass::Initial, Instant::now());
+        source.sink.set_loading(false);
         Ok::<_, FilesError>(source)
     })
     .await

@@ -73,6 +73,16 @@ pub enum Bound {
     Unix(UnixListener, PathBuf),
 }
 
+impl Bound {
+    /// Where it listens: with port 0 in the configuration, the port the kernel chose.
+    pub fn local_addr(&self) -> ListenAddr {
+        match self {
+            Bound::Tcp(l) => l.local_addr().map(ListenAddr::Tcp).unwrap_or(ListenAddr::Tcp(([0, 0, 0, 0], 0).into())),
+            Bound::Unix(_, path) => ListenAddr::Unix(path.clone()),
+        }
+    }
+}
+
 pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Bound> {
     match addr {
         ListenAddr::Tcp(a) => {

@@ -1,0 +1,198 @@
+//! One watch of Kubernetes Secrets as a plain control loop: it is fed the events of a
+//! kube-runtime watcher stream (list, relist, apply, delete, errors) and reports what
+//! each Secret offers to the store. Built by `super::start` with a real watcher; unit
+//! tests feed it a fixed list of events.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures_util::{Stream, StreamExt as _};
+use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt as _;
+use kube::runtime::watcher::{self, Event};
+use ring::digest;
+use tokio_util::sync::CancellationToken;
+
+use super::events::Rejections;
+use super::names::{self, cacert_name, served_names};
+use crate::health::Health;
+use crate::ingest::Sink;
+use crate::pki::{Material, PkiError};
+
+/// The names one Secret currently offers, and the digest of their content.
+struct Offered {
+    digest: [u8; 32],
+    names: Vec<String>,
+}
+
+pub struct Watch {
+    sink: Sink,
+    default_ns: String,
+    /// Keyed by `ns/name`.
+    offered: HashMap<String, Offered>,
+    health: Arc<Health>,
+    component: String,
+    /// Kubernetes Events on rejected Secrets; none in unit tests.
+    recorder: Option<Rejections>,
+}
+
+impl Watch {
+    /// A watch reporting to `sink`, not ready (`component` in /readyz) until its first
+    /// list is complete. Secrets in `default_ns` are also served by their bare names.
+    pub fn new(mut sink: Sink, default_ns: String, health: Arc<Health>, component: String) -> Self {
+        health.not_ready(&component, "waiting for the first list from the API server");
+        sink.set_loading(true);
+        Self { sink, default_ns, offered: HashMap::new(), health, component, recorder: None }
+    }
+
+    /// Posts a Warning Event on each rejected Secret.
+    pub fn report_rejections(&mut self, recorder: Rejections) {
+        self.recorder = Some(recorder);
+    }
+
+    /// Follows `events` until `shutdown` or their end.
+    pub async fn run<S>(mut self, events: S, shutdown: CancellationToken)
+    where
+        S: Stream<Item = Result<Event<Secret>, watcher::Error>> + Send,
+    {
+        let mut stream = std::pin::pin!(events);
+        // Keys listed since the last (re)list started; the rest are gone at InitDone.
+        let mut listed: Option<HashSet<String>> = None;
+        let mut ready = false;
+        loop {
+            let event = tokio::select! {
+                _ = shutdown.cancelled() => return,
+                event = stream.next() => match event {
+                    Some(e) => e,
+                    None => return,
+                },
+            };
+            match event {
+                Ok(Event::Init) => listed = Some(HashSet::new()),
+                Ok(Event::InitApply(secret)) => {
+                    let key = self.apply(&secret);
+                    if let Some(l) = listed.as_mut() {
+                        l.insert(key);
+                    }
+                }
+                Ok(Event::InitDone) => {
+                    // A relist after a dropped watch or 410 Gone: only Secrets that
+                    // really vanished are withdrawn; the rest were re-applied, which
+                    // pushes nothing when unchanged.
+                    if let Some(l) = listed.take() {
+                        let gone: Vec<String> = self.offered.keys().filter(|k| !l.contains(*k)).cloned().collect();
+                        for key in gone {
+                            self.withdraw(&key);
+                        }
+                    }
+                    if !ready {
+                        ready = true;
+                        self.sink.set_loading(false);
+                        self.health.ready(&self.component);
+                        tracing::info!(scope = %self.component, secrets = self.offered.len(), "kubernetes source listed");
+                    }
+                }
+                Ok(Event::Apply(secret)) => {
+                    self.apply(&secret);
+                }
+                Ok(Event::Delete(secret)) => {
+                    let key = key_of(&secret);
+                    self.withdraw(&key);
+                }
+                Err(err) => {
+                    tracing::warn!(scope = %self.component, error = %err, "kubernetes watch error; retrying with backoff");
+                    if !ready {
+                        self.health.not_ready(&self.component, format!("API server: {err}"));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reports a Secret's content; returns its key.
+    fn apply(&mut self, secret: &Secret) -> String {
+        let key = key_of(secret);
+        let extracted = names::extract(secret.data.as_ref());
+        if extracted.is_empty() {
+            // Not (or no longer) a certificate secret.
+            self.withdraw(&key);
+            return key;
+        }
+        let digest = digest_of(&extracted);
+        if self.offered.get(&key).is_some_and(|s| s.digest == digest) {
+            return key;
+        }
+        let detected = Instant::now();
+        let ns = secret.namespace().unwrap_or_default();
+        let bases = served_names(&ns, &secret.name_any(), &self.default_ns);
+        let mut names = Vec::new();
+        let mut error: Option<PkiError> = None;
+        for (aliases, material) in
+            [(bases.clone(), &extracted.tls), (bases.iter().map(|b| cacert_name(b)).collect::<Vec<_>>(), &extracted.ca)]
+        {
+            let Some(material) = material else { continue };
+            let refs: Vec<&str> = aliases.iter().map(String::as_str).collect();
+            if let Err(e) = self.sink.update_aliases(&refs, material, detected) {
+                error.get_or_insert(e);
+            }
+            names.extend(aliases);
+        }
+        // Names this Secret no longer offers (ca.crt removed, say).
+        if let Some(old) = self.offered.get(&key) {
+            for name in old.names.iter().filter(|n| !names.contains(n)) {
+                self.sink.remove(name);
+            }
+        }
+        if let Some(recorder) = &self.recorder {
+            match error {
+                Some(err) => recorder.rejected(secret, &key, &err),
+                None => recorder.forget(&key),
+            }
+        }
+        self.offered.insert(key.clone(), Offered { digest, names });
+        key
+    }
+
+    fn withdraw(&mut self, key: &str) {
+        if let Some(recorder) = &self.recorder {
+            recorder.forget(key);
+        }
+        if let Some(old) = self.offered.remove(key) {
+            tracing::info!(secret = key, "kubernetes secret deleted; proxies keep what they have");
+            for name in &old.names {
+                self.sink.remove(name);
+            }
+        }
+    }
+}
+
+fn key_of(secret: &Secret) -> String {
+    format!("{}/{}", secret.namespace().unwrap_or_default(), secret.name_any())
+}
+
+/// Digest of what is served from a Secret, to skip re-checking unchanged ones on relists.
+fn digest_of(e: &names::Extracted) -> [u8; 32] {
+    let mut ctx = digest::Context::new(&digest::SHA256);
+    for m in [&e.tls, &e.ca] {
+        match m {
+            Some(Material::Tls { cert_chain_pem, key_pem }) => {
+                ctx.update(b"tls");
+                ctx.update(&(cert_chain_pem.len() as u64).to_be_bytes());
+                ctx.update(cert_chain_pem);
+                ctx.update(key_pem.as_slice());
+            }
+            Some(Material::Validation { ca_pem, crl_pem }) => {
+                ctx.update(b"ca");
+                ctx.update(&(ca_pem.len() as u64).to_be_bytes());
+                ctx.update(ca_pem);
+                ctx.update(crl_pem.as_deref().unwrap_or_default());
+            }
+            _ => ctx.update(b"-"),
+        }
+    }
+    ctx.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
+}
+
+#[cfg(test)]
+mod tests;
