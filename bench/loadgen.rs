@@ -1,5 +1,7 @@
-//! Load generator and the fan-out, many-secrets and cold-start scenarios of issue 3, and
-//! the fan-out over mutual TLS with per-name authorization against plaintext.
+//! Load generator and the fan-out, many-secrets and cold-start scenarios of issue 3, the
+//! fan-out over mutual TLS with per-name authorization against plaintext, and the
+//! recovery from faults of issue 12 (certwire killed and restarted, a reconnection
+//! herd, an unreadable files root).
 //!
 //! One binary, three roles (see `Role`):
 //! - the **coordinator** (`cargo bench --bench loadgen [-- OPTIONS]`) starts the servers
@@ -36,6 +38,8 @@ mod client;
 mod cold_start;
 #[path = "loadgen/fanout.rs"]
 mod fanout;
+#[path = "loadgen/faults.rs"]
+mod faults;
 #[path = "loadgen/fleet.rs"]
 mod fleet;
 #[path = "loadgen/many_secrets.rs"]
@@ -50,6 +54,8 @@ mod node;
 mod perf;
 #[path = "loadgen/proc.rs"]
 mod proc;
+#[path = "loadgen/proxy.rs"]
+mod proxy;
 #[path = "loadgen/report.rs"]
 mod report;
 #[path = "loadgen/secrets.rs"]
@@ -95,7 +101,8 @@ pub struct Options {
     /// with the first request only), workers1 (certwire --workers 1 SotW), baseline (naive
     /// server SotW), delta (certwire Delta), many, cold; not by default: mtls (certwire
     /// plaintext --authz open, mTLS --authz policy and mTLS --authz open back to back,
-    /// SotW, node with every request), mtlsnodeonce (the same, node once).
+    /// SotW, node with every request), mtlsnodeonce (the same, node once), faults (the
+    /// cases of --faults).
     #[arg(
         long,
         env = "LOADGEN_SCENARIOS",
@@ -116,6 +123,26 @@ pub struct Options {
     /// Stream counts of the mtls and mtlsnodeonce scenarios (one connection each).
     #[arg(long, env = "LOADGEN_MTLS_SIZES", value_delimiter = ',', default_value = "1000,10000")]
     pub mtls_sizes: Vec<usize>,
+    /// Cases of the faults scenario: kill (certwire killed with SIGKILL under load and
+    /// restarted), herd (every proxy drops its connection and reconnects at once),
+    /// unreadable (the files root chmod 000 for a while; needs root).
+    #[arg(
+        long,
+        env = "LOADGEN_FAULTS",
+        value_delimiter = ',',
+        default_value = "kill,herd,unreadable",
+        value_parser = faults::CASES
+    )]
+    pub faults: Vec<String>,
+    /// Streams when certwire is killed: proxies with four secrets each.
+    #[arg(long, env = "LOADGEN_FAULTS_STREAMS", default_value_t = 10_000)]
+    pub faults_streams: usize,
+    /// Proxies (one stream each) of the herd and of the unreadable files root.
+    #[arg(long, env = "LOADGEN_FAULTS_PROXIES", default_value_t = 1_000)]
+    pub faults_proxies: usize,
+    /// How long certwire stays down between the SIGKILL and the restart (ms).
+    #[arg(long, env = "LOADGEN_FAULTS_DOWNTIME_MS", default_value_t = 2_000)]
+    pub faults_downtime_ms: u64,
     /// Rounds of the mtls scenarios: each runs the three setups once per size, in
     /// reverse order every other round.
     #[arg(long, env = "LOADGEN_MTLS_ROUNDS", default_value_t = 1)]
@@ -162,7 +189,7 @@ pub struct Options {
     #[arg(long, env = "LOADGEN_PERF_COLD")]
     pub perf_cold: bool,
     /// The report's file in bench/out, without `.md` [default: loadgen, or loadgen-pinned
-    /// with --pin].
+    /// with --pin, or faults when faults is the only scenario].
     #[arg(long, env = "LOADGEN_OUT", value_name = "NAME")]
     pub out: Option<String>,
     /// The certwire binary (default: the one cargo built for this bench, i.e.

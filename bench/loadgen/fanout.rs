@@ -124,6 +124,7 @@ pub async fn run(
         per_worker: opts.per_worker,
         min_workers: 2,
         pin: launcher.pin,
+        reconnect: false,
     };
     let mut fleet = Fleet::start(spec).await?;
     let setup = fleet.setup;

@@ -1,6 +1,6 @@
 //! The coordinator's side of the worker processes: spawn them, hand out the proxies
 //! (each connection from a 127.x.y.z source address of its own), time the connection
-//! setup, arm a measurement, collect it.
+//! setup, arm a measurement, collect it, count the streams holding given versions.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::process::Stdio;
@@ -11,7 +11,7 @@ use anyhow::{Context as _, bail};
 use tokio::io::{AsyncBufReadExt as _, AsyncWriteExt as _, BufReader, Lines};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
-use crate::client::Protocol;
+use crate::client::{Census, Protocol};
 use crate::mtls::ClientSide;
 use crate::proc::{self, CpuSnapshot};
 use crate::worker::WorkerConfig;
@@ -62,6 +62,26 @@ pub struct FleetSpec {
     /// At least this many workers (2 lets the clients use both cores when not pinned).
     pub min_workers: usize,
     pub pin: bool,
+    /// Proxies connect again when their connection is lost (Envoy's jittered backoff),
+    /// and `Measure::drop` can be used; else a stream the server ends stays ended.
+    pub reconnect: bool,
+}
+
+/// What an `arm` measures besides the streams of the rotated names getting a new version.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Measure {
+    /// Every stream's first response on the next connection of its proxy.
+    pub reconnect: bool,
+    /// Every proxy closes its connection right after arming and connects again at once.
+    pub drop: bool,
+}
+
+/// An armed measurement: streams armed for a new version, and when the workers dropped
+/// their connections (the earliest, µs since the epoch) with `Measure::drop`.
+#[derive(Debug, Clone, Copy)]
+pub struct Armed {
+    pub streams: usize,
+    pub dropped_us: Option<i64>,
 }
 
 /// One stream got the new version at `at_us` (µs since the epoch).
@@ -127,6 +147,7 @@ impl Fleet {
                 node_every_request: spec.node_every_request,
                 tls: spec.tls.clone(),
                 connect_concurrency: CONNECT_CONCURRENCY,
+                reconnect: spec.reconnect,
                 ready_timeout_ms: READY_TIMEOUT.as_millis() as u64,
                 done_timeout_ms: DONE_TIMEOUT.as_millis() as u64,
             };
@@ -155,10 +176,7 @@ impl Fleet {
         let server_before = proc::cpu(spec.server_pid);
         let clients_before = fleet.cpu();
         let setup_started = Instant::now();
-        for w in &mut fleet.workers {
-            w.stdin.write_all(b"connect\n").await.context("starting a worker")?;
-            w.stdin.flush().await?;
-        }
+        fleet.tell_all("connect\n").await.context("starting a worker")?;
         let ready = fleet.expect_all("ready", READY_TIMEOUT + SLACK).await?;
         fleet.setup = Setup {
             wall: setup_started.elapsed(),
@@ -176,18 +194,42 @@ impl Fleet {
 
     /// Arms the streams of `names` in every worker; returns how many were armed.
     pub async fn arm(&mut self, round: usize, names: &[String]) -> anyhow::Result<usize> {
-        let line = format!("arm {round} {}\n", names.join(","));
-        for w in &mut self.workers {
-            w.stdin.write_all(line.as_bytes()).await.context("arming a worker")?;
-            w.stdin.flush().await?;
-        }
+        Ok(self.arm_with(round, names, Measure::default()).await?.streams)
+    }
+
+    /// Arms the streams of `names` (none: `-`) and what `measure` asks in every worker.
+    pub async fn arm_with(&mut self, round: usize, names: &[String], measure: Measure) -> anyhow::Result<Armed> {
+        let names = if names.is_empty() { "-".to_owned() } else { names.join(",") };
+        let flags = [(measure.reconnect, " reconnect"), (measure.drop, " drop")];
+        let flags: String = flags.iter().filter(|(on, _)| *on).map(|(_, flag)| *flag).collect();
+        self.tell_all(&format!("arm {round} {names}{flags}\n")).await.context("arming a worker")?;
         let armed = self.expect_all(&format!("armed {round} "), SLACK).await?;
-        Ok(armed.iter().map(|l| l.split_whitespace().nth(2).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0)).sum())
+        Ok(Armed {
+            streams: armed
+                .iter()
+                .map(|l| l.split_whitespace().nth(2).and_then(|n| n.parse::<usize>().ok()).unwrap_or(0))
+                .sum(),
+            dropped_us: armed
+                .iter()
+                .filter_map(|l| l.split_whitespace().find_map(|w| w.strip_prefix("dropped_us=")))
+                .filter_map(|t| t.parse::<i64>().ok())
+                .min(),
+        })
     }
 
     /// Waits for the arrivals of `round` from every worker.
     pub async fn collect(&mut self, round: usize) -> anyhow::Result<Collected> {
-        let prefix = format!("done {round} ");
+        self.collect_arrivals("done", round).await
+    }
+
+    /// Waits for the reconnections of `round` (armed with `Measure::reconnect`), which
+    /// every worker reports before its arrivals.
+    pub async fn collect_reconnected(&mut self, round: usize) -> anyhow::Result<Collected> {
+        self.collect_arrivals("reconnected", round).await
+    }
+
+    async fn collect_arrivals(&mut self, word: &str, round: usize) -> anyhow::Result<Collected> {
+        let prefix = format!("{word} {round} ");
         let lines = self.expect_all(&prefix, DONE_TIMEOUT + SLACK).await?;
         let mut out = Collected::default();
         for (w, line) in self.workers.iter().zip(lines) {
@@ -202,6 +244,26 @@ impl Fleet {
             }
         }
         Ok(out)
+    }
+
+    /// Every stream of every worker against `latest` (secret name, version served).
+    pub async fn census(&mut self, latest: &[(String, String)]) -> anyhow::Result<Census> {
+        let pairs: Vec<String> = latest.iter().map(|(name, version)| format!("{name}={version}")).collect();
+        self.tell_all(&format!("check {}\n", pairs.join(","))).await.context("asking a worker")?;
+        let mut census = Census::default();
+        for line in self.expect_all("checked ", SLACK).await? {
+            census.add_words(&line);
+        }
+        Ok(census)
+    }
+
+    /// Writes `line` to every worker.
+    async fn tell_all(&mut self, line: &str) -> std::io::Result<()> {
+        for w in &mut self.workers {
+            w.stdin.write_all(line.as_bytes()).await?;
+            w.stdin.flush().await?;
+        }
+        Ok(())
     }
 
     /// CPU time of every worker, to tell the clients' share from the server's.

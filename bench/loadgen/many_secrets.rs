@@ -69,6 +69,7 @@ pub async fn run(launcher: &Launcher, opts: &Options, root: &Path, set: &SecretS
         per_worker: opts.per_worker,
         min_workers: 2,
         pin: launcher.pin,
+        reconnect: false,
     };
     let mut fleet = Fleet::start(spec).await?;
     eprintln!("   {} streams ready in {:.1} s", fleet.streams, fleet.connect_time.as_secs_f64());

@@ -262,10 +262,11 @@ pub async fn check_authz(server: &crate::server::Server, side: &ClientSide, secr
     let denials_before = server.metric_sum("certwire_authz_denials_total").await?;
     let config = ClientIssuer::new(side)?.client(INTRUDER)?;
     let source = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
-    let (channel, _) = client::connect(source, server.sds, Some(config)).await?;
+    let conn = client::connect(source, server.sds, Some(config)).await?;
     let tracker = Tracker::new([secret.to_owned()]);
     let identity = Identity { node: crate::node::envoy_like("loadgen-intruder"), every_request: true };
-    client::open_stream(channel, Protocol::Sotw, identity, tracker.clone(), 0).await?;
+    let mut stream = tokio::task::JoinSet::new();
+    client::open_stream(&mut stream, conn.channel, Protocol::Sotw, identity, tracker.clone(), 0).await?;
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let refused = tracker.initial_pending() == 1;
     let denials = (server.metric_sum("certwire_authz_denials_total").await? - denials_before) as u64;

@@ -1,6 +1,6 @@
 //! The coordinator: runs the chosen scenarios in order and prints the markdown report
-//! (also written to bench/out/loadgen.md, or loadgen-pinned.md with `--pin`, or the
-//! name given with `--out`).
+//! (also written to bench/out/loadgen.md, or loadgen-pinned.md with `--pin`, faults.md
+//! for the faults scenario alone, or the name given with `--out`).
 
 use std::fmt::Write as _;
 use std::path::PathBuf;
@@ -13,7 +13,7 @@ use crate::mtls::Security;
 use crate::pki::Ca;
 use crate::server::{Kind, Launcher};
 use crate::stats::{median, ms, num, ratio};
-use crate::{cold_start, fanout, many_secrets, proc, secrets};
+use crate::{cold_start, fanout, faults, many_secrets, proc, secrets};
 
 pub fn out_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("bench/out")
@@ -51,8 +51,11 @@ pub fn main(opts: Options) {
 
     let mut report = String::new();
     let only_mtls = opts.scenarios.iter().all(|s| s.trim().starts_with("mtls"));
+    let only_faults = opts.scenarios.iter().all(|s| s.trim() == "faults");
     let title = if only_mtls {
         "certwire over mutual TLS with authorization, against plaintext (bench/loadgen.rs)"
+    } else if only_faults {
+        "certwire under faults: recovery times (bench/loadgen.rs)"
     } else {
         "certwire load benchmarks (bench/loadgen.rs)"
     };
@@ -79,6 +82,7 @@ pub fn main(opts: Options) {
     let name = match &opts.out {
         Some(name) => format!("{name}.md"),
         None if opts.pin => "loadgen-pinned.md".into(),
+        None if only_faults => "faults.md".into(),
         None => "loadgen.md".into(),
     };
     let out = out_dir().join(name);
@@ -232,6 +236,9 @@ async fn run(launcher: &Launcher, opts: &Options) -> String {
                 }
             }
         }
+    }
+    if opts.wants("faults") {
+        out.push_str(&faults::run(launcher, opts, &mut failures).await);
     }
     if !failures.is_empty() {
         out.push_str("## Failures\n\n");

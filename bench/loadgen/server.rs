@@ -1,6 +1,8 @@
 //! The servers under test as child processes: certwire (release build) and the naive
-//! baseline (this binary's `naive-server`). Killed on drop, pinned to CPU 0 on request.
+//! baseline (this binary's `naive-server`). Killed on drop, pinned to CPU 0 on request;
+//! certwire can be killed and started again the same way, and run as another user.
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -48,14 +50,36 @@ pub struct Launcher {
     pub logs: PathBuf,
 }
 
+/// How certwire is started, kept so that a restart starts it the same way.
+#[derive(Debug, Clone)]
+pub struct CertwireSpec {
+    /// `--workers N` when set (one runtime thread per CPU otherwise).
+    pub workers: Option<u16>,
+    pub files: PathBuf,
+    /// More arguments (TLS, authorization, `--config`).
+    pub extra: Vec<OsString>,
+    /// Run as this uid and gid: root reads through permissions, so a fault such as an
+    /// unreadable directory needs certwire to run as an ordinary user.
+    pub user: Option<(u32, u32)>,
+}
+
+impl CertwireSpec {
+    pub fn files(files: &Path) -> CertwireSpec {
+        CertwireSpec { workers: None, files: files.to_owned(), extra: Vec::new(), user: None }
+    }
+}
+
 pub struct Server {
     pub kind: Kind,
     child: Child,
     pub pid: u32,
     pub sds: SocketAddr,
     pub admin: Option<SocketAddr>,
-    /// Moment just before the spawn.
+    /// Moment just before the spawn, and the same on the wall clock (µs since the epoch).
     pub spawned: Instant,
+    pub spawned_unix_us: i64,
+    /// certwire's: for [`Launcher::restart`].
+    spec: Option<CertwireSpec>,
     stdin: Option<ChildStdin>,
     lines: Option<Lines<BufReader<ChildStdout>>>,
     log: PathBuf,
@@ -89,13 +113,23 @@ impl Launcher {
     }
 
     /// Like [`Launcher::certwire_with`], with more arguments (TLS, authorization).
-    pub fn certwire_args(
-        &self,
-        workers: Option<u16>,
-        files: &Path,
-        extra: &[std::ffi::OsString],
-    ) -> anyhow::Result<Server> {
+    pub fn certwire_args(&self, workers: Option<u16>, files: &Path, extra: &[OsString]) -> anyhow::Result<Server> {
+        self.certwire_spec(CertwireSpec { workers, extra: extra.to_vec(), ..CertwireSpec::files(files) })
+    }
+
+    /// certwire as `spec` says, on free ports, not waited for.
+    pub fn certwire_spec(&self, spec: CertwireSpec) -> anyhow::Result<Server> {
         let [sds, admin] = free_addrs()?;
+        self.spawn_certwire(spec, sds, admin)
+    }
+
+    /// certwire again as `old` was started, same arguments and ports (`old` has exited).
+    pub fn restart(&self, old: &Server) -> anyhow::Result<Server> {
+        let spec = old.spec.clone().context("only certwire is restarted")?;
+        self.spawn_certwire(spec, old.sds, old.admin.context("certwire without an admin port")?)
+    }
+
+    fn spawn_certwire(&self, spec: CertwireSpec, sds: SocketAddr, admin: SocketAddr) -> anyhow::Result<Server> {
         let (log, file) = self.log_file("certwire")?;
         let mut command = self.command(&self.certwire);
         command
@@ -105,9 +139,9 @@ impl Launcher {
             .arg("--admin")
             .arg(admin.to_string())
             .arg("--files")
-            .arg(files)
-            .args(workers.map(|n| ["--workers".to_owned(), n.to_string()]).into_iter().flatten())
-            .args(extra)
+            .arg(&spec.files)
+            .args(spec.workers.map(|n| ["--workers".to_owned(), n.to_string()]).into_iter().flatten())
+            .args(&spec.extra)
             .env("NO_COLOR", "1")
             .env_remove("CERTWIRE_CONFIG")
             .env_remove("CERTWIRE_WORKERS")
@@ -115,15 +149,31 @@ impl Launcher {
             .stdout(file.try_clone()?)
             .stderr(file)
             .kill_on_drop(true);
+        if let Some((uid, gid)) = spec.user {
+            // std drops the supplementary groups too when root changes user.
+            command.uid(uid).gid(gid);
+        }
         // Production logging unless the caller asks for more.
         if std::env::var_os("RUST_LOG").is_none() {
             command.env("RUST_LOG", "info");
         }
-        let spawned = Instant::now();
+        let (spawned, spawned_unix_us) = (Instant::now(), proc::unix_us());
         let child = command.spawn().with_context(|| format!("spawning {}", self.certwire.display()))?;
         let pid = child.id().context("certwire pid")?;
-        let kind = Kind::Certwire { workers };
-        Ok(Server { kind, child, pid, sds, admin: Some(admin), spawned, stdin: None, lines: None, log })
+        let kind = Kind::Certwire { workers: spec.workers };
+        Ok(Server {
+            kind,
+            child,
+            pid,
+            sds,
+            admin: Some(admin),
+            spawned,
+            spawned_unix_us,
+            spec: Some(spec),
+            stdin: None,
+            lines: None,
+            log,
+        })
     }
 
     /// The baseline on the secrets of `files`, waited for until it listens.
@@ -142,12 +192,24 @@ impl Launcher {
             .stdout(Stdio::piped())
             .stderr(file)
             .kill_on_drop(true);
-        let spawned = Instant::now();
+        let (spawned, spawned_unix_us) = (Instant::now(), proc::unix_us());
         let mut child = command.spawn().context("spawning the naive server")?;
         let pid = child.id().context("naive server pid")?;
         let stdin = child.stdin.take();
         let lines = child.stdout.take().map(|s| BufReader::new(s).lines());
-        let mut server = Server { kind: Kind::Naive, child, pid, sds, admin: None, spawned, stdin, lines, log };
+        let mut server = Server {
+            kind: Kind::Naive,
+            child,
+            pid,
+            sds,
+            admin: None,
+            spawned,
+            spawned_unix_us,
+            spec: None,
+            stdin,
+            lines,
+            log,
+        };
         server.expect_line("listening").await?;
         Ok(server)
     }
@@ -260,6 +322,12 @@ impl Server {
 
     pub fn log_tail(&self) -> String {
         util::log_tail(&self.log, 20)
+    }
+
+    /// SIGKILL, as a crash or an OOM kill would, and waits until it is gone: the kernel
+    /// then closes every connection at once.
+    pub async fn kill(&mut self) -> anyhow::Result<()> {
+        self.child.kill().await.with_context(|| format!("killing {}", self.kind.label()))
     }
 
     /// SIGTERM, as in production (and so that a profiler wrapping the server writes its

@@ -5,8 +5,10 @@
 //! coordinator -> worker                 worker -> coordinator
 //! {WorkerConfig as JSON}                prepared ms=T
 //! connect                               ready conns=C streams=S ms=T [tls=NEGOTIATED]
-//! arm R NAME,NAME,...                   armed R COUNT
+//! arm R NAME,NAME,... [reconnect] [drop] armed R COUNT [dropped_us=UNIX_US]
+//!                                       [reconnected R EXPECTED MISSING SLOT:UNIX_US ...]
 //!                                       done R EXPECTED MISSING SLOT:UNIX_US SLOT:UNIX_US ...
+//! check NAME=VERSION,...                checked held=N stale=N withdrawn=N down=N responses=N ...
 //! quit (or end of input)                error MESSAGE
 //! ```
 //!
@@ -18,18 +20,25 @@
 //! After `arm`, every stream of those names records the wall-clock time (µs since the
 //! epoch, comparable with other processes) of the first response carrying a version
 //! other than the one it held; `done` follows once all have one or the timeout passed.
+//! `-` stands for no names. With `reconnect`, every stream also records the first
+//! response on the next stream its proxy opens (after the server went away or the
+//! connection was dropped), reported in `reconnected`; with `drop`, every proxy closes
+//! its connection right after arming and connects again at once (`dropped_us` is when).
+//! `check` counts the streams holding the versions given (see [`crate::client::Census`]).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use futures_util::{StreamExt as _, TryStreamExt as _};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
+use tokio::sync::watch;
 
 use crate::client::{self, Protocol, Tracker};
+use crate::proxy::{Proxy, Session};
 use crate::{mtls, node};
 
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -47,6 +56,9 @@ pub struct WorkerConfig {
     /// Mutual TLS (a certificate per proxy, minted by the worker), else plaintext.
     pub tls: Option<mtls::ClientSide>,
     pub connect_concurrency: usize,
+    /// Connect again when the connection is lost, with Envoy's jittered backoff; else a
+    /// stream the server ends stays ended.
+    pub reconnect: bool,
     pub ready_timeout_ms: u64,
     pub done_timeout_ms: u64,
 }
@@ -81,7 +93,9 @@ async fn run() -> anyhow::Result<()> {
     anyhow::ensure!(go.trim() == "connect", "expected connect, got {go:?}");
     let started = Instant::now();
     let tracker = Tracker::new(config.conns.iter().flatten().cloned());
-    let negotiated = connect_all(&config, &tracker, tls).await?;
+    // Every proxy watches it; `arm ... drop` bumps it.
+    let (drops, _) = watch::channel(0u64);
+    let negotiated = connect_all(&config, &tracker, tls, &drops).await?;
     wait_until(&tracker, Duration::from_millis(config.ready_timeout_ms), |t| t.initial_pending() == 0)
         .await
         .with_context(|| format!("{} streams got no first response", tracker.initial_pending()))?;
@@ -98,21 +112,23 @@ async fn run() -> anyhow::Result<()> {
         match words.next() {
             Some("arm") => {
                 let round = words.next().context("arm needs a round")?.to_owned();
-                let names: HashSet<&str> = words.next().unwrap_or("").split(',').collect();
-                let expected = tracker.arm(&names);
-                say(&format!("armed {round} {expected}"));
-                // A timeout is reported as missing streams, not as an error.
-                let _ = wait_until(&tracker, Duration::from_millis(config.done_timeout_ms), |t| t.armed_pending() == 0)
-                    .await;
-                let results = tracker.disarm();
-                let missing = results.iter().filter(|(_, t)| t.is_none()).count();
-                let mut out = format!("done {round} {expected} {missing}");
-                for (slot, at) in results {
-                    if let Some(at) = at {
-                        out.push_str(&format!(" {slot}:{at}"));
-                    }
-                }
-                say(&out);
+                let names: HashSet<&str> = words.next().unwrap_or("-").split(',').filter(|n| *n != "-").collect();
+                let flags: Vec<&str> = words.collect();
+                measure(
+                    &config,
+                    &tracker,
+                    &drops,
+                    &round,
+                    &names,
+                    flags.contains(&"reconnect"),
+                    flags.contains(&"drop"),
+                )
+                .await;
+            }
+            Some("check") => {
+                let latest: HashMap<&str, &str> =
+                    words.next().unwrap_or("").split(',').filter_map(|pair| pair.split_once('=')).collect();
+                say(&format!("checked {}", tracker.census(&latest).to_words()));
             }
             Some("quit") => break,
             Some(other) => anyhow::bail!("unknown command {other:?}"),
@@ -120,6 +136,48 @@ async fn run() -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// One `arm` command: arms, drops every connection if asked, waits until every armed
+/// stream has what it waits for (or the timeout) and reports the arrivals.
+async fn measure(
+    config: &WorkerConfig,
+    tracker: &Tracker,
+    drops: &watch::Sender<u64>,
+    round: &str,
+    names: &HashSet<&str>,
+    reconnect: bool,
+    drop: bool,
+) {
+    let expected = tracker.arm(names);
+    if reconnect {
+        tracker.arm_rejoin();
+    }
+    let mut armed = format!("armed {round} {expected}");
+    if drop {
+        armed.push_str(&format!(" dropped_us={}", crate::proc::unix_us()));
+        drops.send_modify(|n| *n += 1);
+    }
+    say(&armed);
+    // A timeout is reported as missing streams, not as an error.
+    let timeout = Duration::from_millis(config.done_timeout_ms);
+    let _ = wait_until(tracker, timeout, |t| t.armed_pending() == 0 && t.rejoin_pending() == 0).await;
+    if reconnect {
+        say(&arrivals("reconnected", round, tracker.disarm_rejoin()));
+    }
+    say(&arrivals("done", round, tracker.disarm()));
+}
+
+/// `WORD R EXPECTED MISSING SLOT:UNIX_US ...`
+fn arrivals(word: &str, round: &str, results: Vec<(usize, Option<i64>)>) -> String {
+    let missing = results.iter().filter(|(_, t)| t.is_none()).count();
+    let mut out = format!("{word} {round} {} {missing}", results.len());
+    for (slot, at) in results {
+        if let Some(at) = at {
+            out.push_str(&format!(" {slot}:{at}"));
+        }
+    }
+    out
 }
 
 /// With mutual TLS, each proxy's client configuration: its own key and certificate.
@@ -133,41 +191,43 @@ fn prepare_tls(config: &WorkerConfig) -> anyhow::Result<Option<Vec<Arc<rustls::C
 }
 
 /// Opens every connection and its streams, a bounded number at a time so the
-/// server's accept backlog never overflows (an overflow costs a 1 s SYN retry).
-/// Returns what the first TLS handshake negotiated.
+/// server's accept backlog never overflows (an overflow costs a 1 s SYN retry), and
+/// leaves each proxy running on its own. Returns what the first TLS handshake negotiated.
 async fn connect_all(
     config: &WorkerConfig,
     tracker: &Arc<Tracker>,
     tls: Option<Vec<Arc<rustls::ClientConfig>>>,
+    drops: &watch::Sender<u64>,
 ) -> anyhow::Result<Option<String>> {
     let mut first_slot = 0;
     let mut jobs = Vec::with_capacity(config.conns.len());
     for (i, names) in config.conns.iter().enumerate() {
-        let tls = tls.as_ref().map(|t| t[i].clone());
-        jobs.push((i, first_slot, names.len(), tls));
+        jobs.push((i, first_slot..first_slot + names.len()));
         first_slot += names.len();
     }
     let negotiated = std::sync::Mutex::new(None);
     futures_util::stream::iter(jobs)
-        .map(|(i, first_slot, streams, tls)| {
-            let tracker = tracker.clone();
+        .map(|(i, slots)| {
             let negotiated = &negotiated;
-            let proxy = config.first_proxy + i;
-            let source = crate::fleet::source_addr(config.first_source + i);
+            let tls = tls.as_ref().map(|t| t[i].clone());
             async move {
-                let (channel, seen) = connect_retry(source, config.target, tls).await?;
-                if let Some(seen) = seen {
-                    negotiated.lock().expect("negotiated lock").get_or_insert(seen);
-                }
-                let identity = client::Identity {
-                    node: node::envoy_like(&format!("loadgen-proxy-{proxy}")),
-                    every_request: config.node_every_request,
+                // The node is built here, as the proxy connects, not for all proxies first.
+                let proxy = Proxy {
+                    source: crate::fleet::source_addr(config.first_source + i),
+                    target: config.target,
+                    tls,
+                    protocol: config.protocol,
+                    identity: client::Identity {
+                        node: node::envoy_like(&format!("loadgen-proxy-{}", config.first_proxy + i)),
+                        every_request: config.node_every_request,
+                    },
+                    slots,
                 };
-                for slot in first_slot..first_slot + streams {
-                    client::open_stream(channel.clone(), config.protocol, identity.clone(), tracker.clone(), slot)
-                        .await
-                        .with_context(|| format!("opening stream {slot} of proxy {proxy}"))?;
+                let session = first_session(&proxy, tracker).await?;
+                if let Some(seen) = &session.conn.negotiated {
+                    negotiated.lock().expect("negotiated lock").get_or_insert_with(|| seen.clone());
                 }
+                tokio::spawn(proxy.live(session, tracker.clone(), drops.subscribe(), config.reconnect));
                 anyhow::Ok(())
             }
         })
@@ -177,16 +237,14 @@ async fn connect_all(
     Ok(negotiated.into_inner().expect("negotiated lock"))
 }
 
-async fn connect_retry(
-    source: IpAddr,
-    target: SocketAddr,
-    tls: Option<Arc<rustls::ClientConfig>>,
-) -> anyhow::Result<(tonic::transport::Channel, Option<String>)> {
+/// The proxy's first session, tried three times: a setup that keeps failing fails the
+/// worker rather than waiting on backoff.
+async fn first_session(proxy: &Proxy, tracker: &Arc<Tracker>) -> anyhow::Result<Session> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        match client::connect(source, target, tls.clone()).await {
-            Ok(connected) => return Ok(connected),
+        match proxy.session(tracker).await {
+            Ok(session) => return Ok(session),
             Err(err) if attempt < 3 => {
                 eprintln!("loadgen worker: {err:#}; retrying");
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
