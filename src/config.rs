@@ -22,13 +22,13 @@ pub struct FileConfig {
     pub admin: Option<SocketAddr>,
     pub files: Option<Vec<PathBuf>>,
     pub dev: Option<bool>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde")]
     pub dev_rotate_every: Option<Duration>,
     pub allow_expired: Option<bool>,
     pub log_format: Option<LogFormat>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde")]
     pub files_rescan_every: Option<Duration>,
     /// Largest file the file source reads (certificate, key, CA bundle, CRL).
     pub files_max_file_bytes: Option<u64>,
@@ -50,7 +50,7 @@ pub struct FileConfig {
     /// Rollout watches (`certwire status --watch`) served at once.
     pub status_max_watchers: Option<usize>,
     /// The dev CA withdraws a name nobody subscribed to for this long.
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde")]
     pub dev_forget_after: Option<Duration>,
     /// The most names the dev CA mints.
     pub dev_max_names: Option<usize>,
@@ -76,7 +76,7 @@ pub struct TlsConfig {
     pub client_crl: Option<PathBuf>,
     /// The client CA from the store, by secret name (a `validation_context`).
     pub client_ca_secret: Option<String>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde")]
     pub reload_every: Option<Duration>,
 }
 
@@ -87,9 +87,9 @@ pub struct AuthzConfig {
     pub mode: Option<crate::authz::Mode>,
     /// `kubernetes` mode: the SubjectAccessReview verb, `list` (istiod's) or `get`.
     pub verb: Option<String>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde")]
     pub allow_ttl: Option<Duration>,
-    #[serde(default, with = "humantime_serde_opt")]
+    #[serde(default, with = "humantime_serde")]
     pub deny_ttl: Option<Duration>,
     #[serde(default)]
     pub rules: Vec<crate::authz::policy::Rule>,
@@ -407,16 +407,6 @@ fn kube_options(flags: &ServeFlags, file: KubeConfig) -> Option<crate::sources::
 }
 
 /// serde adapter for optional humantime durations ("30s", "5m").
-mod humantime_serde_opt {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
-        let s: Option<String> = Option::deserialize(d)?;
-        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom)).transpose()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

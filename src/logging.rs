@@ -1,7 +1,7 @@
 //! Structured logs: one line per event, text or JSON, to stderr. `RUST_LOG` filters.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use tracing::field::{Field, Visit};
 use tracing_subscriber::EnvFilter;
@@ -59,7 +59,7 @@ impl<S: tracing::Subscriber> Layer<S> for RefusedByH2 {
         if !message.0.starts_with("malformed headers") {
             return;
         }
-        let now = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let now = u64::try_from(crate::unix_time::secs(SystemTime::now())).unwrap_or(0);
         let last = self.last_unix_s.load(Ordering::Relaxed);
         if now < last + REFUSED_EVERY_S
             || self.last_unix_s.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_err()

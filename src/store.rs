@@ -16,6 +16,7 @@ use smallvec::SmallVec;
 use tokio::sync::{broadcast, watch};
 
 use crate::pki::{self, CertIdentity, Checked, SecretKind, SecretMeta, SharedKeyBytes};
+use crate::unix_time;
 use crate::version::Version;
 
 /// One good version of a secret, as served. Cheap to clone through `Arc`.
@@ -407,8 +408,10 @@ impl Store {
                     meta: current.as_ref().map(|c| c.meta).unwrap_or_default(),
                     deleted: e.deleted,
                     subscribers: e.subscribers(),
-                    updated_unix_ms: current.as_ref().map(|c| unix_ms(c.updated)),
-                    detected_unix_us: current.as_ref().map(|c| unix_us(SystemTime::now() - c.detected_at.elapsed())),
+                    updated_unix_ms: current.as_ref().map(|c| unix_time::millis(c.updated)),
+                    detected_unix_us: current
+                        .as_ref()
+                        .map(|c| unix_time::micros(SystemTime::now() - c.detected_at.elapsed())),
                     last_error,
                     shadowed_sources,
                 };
@@ -424,14 +427,6 @@ impl Store {
         out.sort_by(|a, b| a.name.cmp(&b.name));
         out
     }
-}
-
-pub fn unix_us(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
-}
-
-pub fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
 }
 
 #[cfg(test)]

@@ -435,7 +435,7 @@ impl Authority {
                 "the CA ({}, from {}) expired at {}: run with --rotate-ca",
                 current.subject,
                 stored.origin,
-                super::rfc3339(current.not_after)
+                crate::unix_time::rfc3339(current.not_after)
             );
         }
         let key = KeyPair::from_pem(&stored.key_pem).context("reading the CA key")?;
@@ -465,7 +465,7 @@ fn new_ca(
     let mut dn = DistinguishedName::new();
     // The creation time tells a rotated CA from the one before it, in `openssl x509`
     // output and in status pages.
-    dn.push(DnType::CommonName, format!("certwire CA {}", super::rfc3339(now.unix_timestamp())));
+    dn.push(DnType::CommonName, format!("certwire CA {}", crate::unix_time::rfc3339(now.unix_timestamp())));
     dn.push(DnType::OrganizationName, "certwire");
     params.distinguished_name = dn;
     params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
@@ -871,8 +871,7 @@ struct Kube {
 
 impl Kube {
     async fn connect(namespace: &str, kubeconfig: Option<&PathBuf>) -> anyhow::Result<Kube> {
-        let config = crate::sources::kubernetes::client_config(kubeconfig).await?;
-        let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+        let client = crate::kube_client::connect(kubeconfig).await?.client;
         Ok(Kube { api: kube::Api::namespaced(client, namespace), namespace: namespace.to_owned() })
     }
 
@@ -995,7 +994,7 @@ pub fn run(args: &CertgenArgs) -> anyhow::Result<ExitCode> {
         eprintln!(
             "certwire certgen: warning: the CA expires at {}, before --validity ends; the certificates end with it \
              (--rotate-ca makes a new CA)",
-            super::rfc3339(ca.cert().not_after)
+            crate::unix_time::rfc3339(ca.cert().not_after)
         );
     }
     let bundle = bundle_pem(&ca.bundle);
@@ -1071,19 +1070,24 @@ fn summary(
         out,
         "CA      {} ({how}; not after {}; ca.crt bundle: {} CA{}{})",
         ca.cert().subject,
-        super::rfc3339(ca.cert().not_after),
+        crate::unix_time::rfc3339(ca.cert().not_after),
         ca.bundle.len(),
         if ca.bundle.len() == 1 { "" } else { "s, newest first" },
         if ca.dropped > 0 { format!("; {} old CA(s) dropped", ca.dropped) } else { String::new() },
     );
-    let _ = writeln!(out, "server  {} (not after {})", server.names.join(", "), super::rfc3339(server.not_after));
+    let _ = writeln!(
+        out,
+        "server  {} (not after {})",
+        server.names.join(", "),
+        crate::unix_time::rfc3339(server.not_after)
+    );
     for (client, leaf) in clients {
         let _ = writeln!(
             out,
             "client  {}: {} (not after {})",
             client.label,
             leaf.names.join(", "),
-            super::rfc3339(leaf.not_after)
+            crate::unix_time::rfc3339(leaf.not_after)
         );
     }
     for dir in written {

@@ -110,7 +110,7 @@ fn print_ok(name: &str, kind: &str, meta: &SecretMeta, identity: &CertIdentity) 
     );
     if let Some(t) = meta.not_after_unix {
         let left = t - time::OffsetDateTime::now_utc().unix_timestamp();
-        println!("  expires:     {} ({})", super::rfc3339(t), human_left(left));
+        println!("  expires:     {} ({})", crate::unix_time::rfc3339(t), human_left(left));
     }
     if let Some(f) = &identity.fingerprint_sha256 {
         println!("  sha256:      {f}");

@@ -67,11 +67,3 @@ fn serve_runtime(workers: Option<std::num::NonZeroUsize>) -> anyhow::Result<toki
 fn runtime(mut builder: tokio::runtime::Builder) -> anyhow::Result<tokio::runtime::Runtime> {
     builder.enable_all().build().context("starting the async runtime")
 }
-
-/// Unix seconds as RFC 3339, for humans.
-fn rfc3339(unix: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_else(|| unix.to_string())
-}

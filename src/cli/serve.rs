@@ -116,9 +116,10 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         tokio::spawn(warn_insecure(settings.clone(), tls.is_some(), shutdown.clone()));
     }
 
-    release_load_garbage();
+    // The initial load parsed every secret once; its temporaries are garbage now.
+    crate::memory::release_free_pages();
     let shared = Shared::new(store.clone(), proxies, metrics, stop.clone(), authz, settings.limits.clone());
-    tokio::spawn(trim_after_churn(shared.connections.clone(), shutdown.clone()));
+    tokio::spawn(crate::memory::trim_after_churn(shared.connections.clone(), shutdown.clone()));
     for (_, b) in bound {
         // As bound: with port 0, the port the kernel chose.
         let addr = b.local_addr();
@@ -184,15 +185,15 @@ async fn authorizer(
     let a = &settings.authz;
     let (reviews, default_namespace) = match a.mode {
         Mode::Kubernetes => {
-            let config = sources::kubernetes::client_config(a.kubeconfig.as_ref())
+            let connected = crate::kube_client::connect(a.kubeconfig.as_ref())
                 .await
                 .context("--authz kubernetes needs Kubernetes credentials")?;
             let default_namespace = settings
                 .kubernetes
                 .as_ref()
                 .and_then(|k| k.default_namespace.clone())
-                .unwrap_or_else(|| config.default_namespace.clone());
-            let client = kube::Client::try_from(config).context("building the Kubernetes client for reviews")?;
+                .unwrap_or(connected.default_namespace);
+            let client = connected.client;
             let reviewer = Arc::new(KubeReviewer { client, verb: a.verb.clone() });
             let reviews = Reviews::new(reviewer, a.ttls.clone());
             tokio::spawn(reviews.clone().run(shutdown));
@@ -224,40 +225,6 @@ async fn warn_insecure(settings: Settings, tls: bool, shutdown: tokio_util::sync
     }
 }
 
-/// Connections that come and go (an attack, a fleet reconnecting) free their memory,
-/// but glibc keeps the freed pages: after a drop of many connections they are handed
-/// back to the kernel, so RSS returns to what the open connections need.
-async fn trim_after_churn(
-    connections: Arc<crate::xds::listen::Connections>,
-    shutdown: tokio_util::sync::CancellationToken,
-) {
-    /// Connections closed since the last trim that warrant one.
-    const CLOSED: u64 = 256;
-    let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
-    let mut trimmed_at = 0;
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = every.tick() => {}
-        }
-        let closed = connections.closed();
-        if closed - trimmed_at >= CLOSED {
-            release_load_garbage();
-            trimmed_at = closed;
-        }
-    }
-}
-
-/// The initial load parses every secret once; its temporaries would otherwise stay in
-/// the allocator's free lists and count as resident memory for the life of the process.
-fn release_load_garbage() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only returns free heap pages to the kernel.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 async fn drain(
     tasks: &mut JoinSet<anyhow::Result<()>>,
     background: Vec<tokio::task::JoinHandle<()>>,
@@ -270,7 +237,8 @@ async fn drain(
         }
     };
     if tokio::time::timeout(timeout, all).await.is_err() {
-        tracing::warn!("drain timeout reached; closing remaining connections");
+        // Returning ends the process, and with it the connections still open.
+        tracing::warn!("drain timeout reached; exiting with streams still open");
         tasks.abort_all();
     }
 }

@@ -46,7 +46,7 @@ pub async fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
     println!("SECRETS");
     println!("{:<40} {:<18} {:<34} {:<20} SOURCE / ERROR", "NAME", "KIND", "VERSION", "EXPIRES");
     for s in &secrets {
-        let expires = if s.not_after_unix == 0 { "-".to_owned() } else { super::rfc3339(s.not_after_unix) };
+        let expires = if s.not_after_unix == 0 { "-".to_owned() } else { crate::unix_time::rfc3339(s.not_after_unix) };
         let version = if s.deleted { "(deleted)".to_owned() } else { s.version.clone() };
         let mut tail = s.source.clone();
         if !s.shadowed_sources.is_empty() {

@@ -4,15 +4,13 @@
 use ring::digest::{SHA256, digest};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, CertificateRevocationListDer};
-use std::time::{SystemTime, UNIX_EPOCH};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
 use x509_parser::certificate::X509Certificate;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::{parse_x509_certificate, parse_x509_crl};
 
 use super::key::{KeyPublic, describe_pem_error};
 use super::{CertIdentity, CheckOptions, PkiError, SecretMeta};
+use crate::unix_time;
 
 /// Certificates re-encoded as PEM in serving order, with their public facts.
 #[derive(Debug)]
@@ -156,14 +154,14 @@ fn check_validity(certs: &[&X509Certificate<'_>], opts: &CheckOptions) -> Result
     if opts.allow_expired {
         return Ok(());
     }
-    let now = unix(opts.now);
+    let now = unix_time::secs(opts.now);
     for cert in certs {
         let (not_before, not_after) = (cert.validity().not_before.timestamp(), cert.validity().not_after.timestamp());
         if now < not_before {
-            return Err(PkiError::NotYetValid { subject: subject(cert), not_before: rfc3339(not_before) });
+            return Err(PkiError::NotYetValid { subject: subject(cert), not_before: unix_time::rfc3339(not_before) });
         }
         if now > not_after {
-            return Err(PkiError::Expired { subject: subject(cert), not_after: rfc3339(not_after) });
+            return Err(PkiError::Expired { subject: subject(cert), not_after: unix_time::rfc3339(not_after) });
         }
     }
     Ok(())
@@ -227,40 +225,14 @@ fn serial_hex(raw: &[u8]) -> String {
     if start == raw.len() { "0".into() } else { hex::encode(&raw[start..]) }
 }
 
-fn unix(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
-}
-
-fn rfc3339(unix: i64) -> String {
-    OffsetDateTime::from_unix_timestamp(unix)
-        .ok()
-        .and_then(|t| t.format(&Rfc3339).ok())
-        .unwrap_or_else(|| format!("@{unix}"))
-}
-
 /// PEM with 64-column base64 lines, as OpenSSL writes it.
 fn to_pem<'a>(label: &str, ders: impl Iterator<Item = &'a [u8]>) -> Vec<u8> {
-    const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    use base64::Engine as _;
     let mut out = Vec::new();
     for der in ders {
         out.extend_from_slice(format!("-----BEGIN {label}-----\n").as_bytes());
-        let mut line = 0;
-        for chunk in der.chunks(3) {
-            let n = chunk.iter().enumerate().fold(0u32, |n, (i, &b)| n | (u32::from(b) << (16 - 8 * i)));
-            for i in 0..4 {
-                let c = if i <= chunk.len() { B64[((n >> (18 - 6 * i)) & 63) as usize] } else { b'=' };
-                out.push(c);
-            }
-            line += 4;
-            if line == 64 {
-                out.push(b'\n');
-                line = 0;
-            }
-        }
-        if line != 0 {
+        for line in base64::engine::general_purpose::STANDARD.encode(der).as_bytes().chunks(64) {
+            out.extend_from_slice(line);
             out.push(b'\n');
         }
         out.extend_from_slice(format!("-----END {label}-----\n").as_bytes());
@@ -434,6 +406,9 @@ mod tests {
     use super::*;
     use crate::pki::material::KeyBytes;
     use std::time::Duration;
+    use std::time::SystemTime;
+    use time::OffsetDateTime;
+    use time::format_description::well_known::Rfc3339;
 
     struct Pki {
         root: Authority,

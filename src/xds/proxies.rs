@@ -15,7 +15,7 @@ use std::time::SystemTime;
 use dashmap::DashMap;
 
 use crate::metrics::{Metrics, ProtocolLabel};
-use crate::store::unix_ms;
+use crate::unix_time;
 use crate::version::Version;
 
 /// Default of the most rollout watches served at once (`certwire status --watch`, the
@@ -251,7 +251,7 @@ impl StreamHandle {
             address: s.address.to_string(),
             identity: s.identity.to_string(),
             protocol: self.protocol,
-            connected_unix_ms: unix_ms(s.connected),
+            connected_unix_ms: unix_time::millis(s.connected),
             secrets: s.secrets.list.clone(),
         }
     }

@@ -12,11 +12,10 @@ mod watch;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use anyhow::Context;
 use k8s_openapi::api::core::v1::Secret;
+use kube::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
-use kube::{Api, Client, Config};
 use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
@@ -42,9 +41,8 @@ pub async fn start(
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
-    let config = client_config(options.kubeconfig.as_ref()).await?;
-    let client_ns = config.default_namespace.clone();
-    let client = Client::try_from(config).context("building the Kubernetes client")?;
+    let crate::kube_client::Connected { client, default_namespace: client_ns } =
+        crate::kube_client::connect(options.kubeconfig.as_ref()).await?;
     let default_ns = options.default_namespace.clone().unwrap_or_else(|| client_ns.clone());
     let scopes: Vec<Option<String>> = if options.all_namespaces {
         vec![None]
@@ -71,18 +69,4 @@ pub async fn start(
         tasks.push(tokio::spawn(watch.run(events, shutdown.clone())));
     }
     Ok(tasks)
-}
-
-pub(crate) async fn client_config(kubeconfig: Option<&PathBuf>) -> anyhow::Result<Config> {
-    match kubeconfig {
-        Some(path) => {
-            let kc = kube::config::Kubeconfig::read_from(path)
-                .with_context(|| format!("reading kubeconfig {}", path.display()))?;
-            Config::from_custom_kubeconfig(kc, &Default::default())
-                .await
-                .with_context(|| format!("using kubeconfig {}", path.display()))
-        }
-        // In-cluster service account, else KUBECONFIG / ~/.kube/config.
-        None => Config::infer().await.context("no Kubernetes credentials (in-cluster or KUBECONFIG)"),
-    }
 }

@@ -158,16 +158,6 @@ pub fn truncate(text: &str, max: usize) -> std::borrow::Cow<'_, str> {
     format!("{}... ({} bytes)", &text[..end], text.len()).into()
 }
 
-mod humantime_serde {
-    use serde::{Deserialize, Deserializer};
-    use std::time::Duration;
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let s = String::deserialize(d)?;
-        humantime::parse_duration(&s).map_err(serde::de::Error::custom)
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -112,7 +112,7 @@ pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Bound> {
 pub struct Connections {
     total: std::sync::atomic::AtomicUsize,
     /// Connections closed since start; counted, not sampled, so that a wave that opens
-    /// and closes between two looks is still seen (see `cli::serve::trim_after_churn`).
+    /// and closes between two looks is still seen (see `memory::trim_after_churn`).
     closed: std::sync::atomic::AtomicU64,
     per_ip: dashmap::DashMap<std::net::IpAddr, usize>,
 }
