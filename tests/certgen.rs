@@ -407,11 +407,9 @@ fn uri_san(der: &[u8]) -> Option<String> {
 /// the client directory `dir`; checked with `envoy --mode validate`.
 fn tls_bootstrap(sds: SocketAddr, dir: &Path, extra: &[&str]) -> String {
     let sds = sds.to_string();
-    let admin = util::free_port().to_string();
-    let listen = util::free_port().to_string();
     let args = [
         &["bootstrap", "--sds", &sds, "--sds-tls-dir", dir.to_str().unwrap()][..],
-        &["--admin-port", &admin, "--listen-address", "127.0.0.1", "--listen-port", &listen],
+        &["--admin-port", "0", "--listen-address", "127.0.0.1", "--listen-port", "0"],
         extra,
     ]
     .concat();

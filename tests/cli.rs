@@ -71,14 +71,12 @@ fn check_fails_on_a_mismatched_key_and_on_an_expired_certificate() {
 
 /// certwire on the dev CA with one Envoy asking for `localhost`.
 async fn dev_stack(extra: &[&str]) -> (Certwire, Envoy, SocketAddr) {
-    let sds = util::free_addr();
-    let mut args = vec!["--listen".to_string(), sds.to_string(), "--drain-timeout".into(), "3s".into()];
+    let mut args = vec!["--listen".to_string(), "127.0.0.1:0".into(), "--drain-timeout".into(), "3s".into()];
     args.extend(extra.iter().map(|s| s.to_string()));
     let certwire = Certwire::serve(args).await;
-    let port = util::free_port();
-    let bootstrap = SdsBootstrap::new("localhost", SdsTarget::Tcp(sds), port).node("cli-envoy", "edge");
+    let bootstrap = SdsBootstrap::new("localhost", SdsTarget::Tcp(certwire.sds_addr()), 0).node("cli-envoy", "edge");
     let envoy = Envoy::start(&bootstrap.to_yaml()).await;
-    let tls: SocketAddr = ([127, 0, 0, 1], port).into();
+    let tls = envoy.listener_addr("localhost");
     util::wait_for("Envoy serving the dev certificate", WAIT, || async move {
         handshake(tls, "localhost", None).await.ok()
     })

@@ -110,10 +110,6 @@ fn write_config(dir: &Path, rules: &str) -> String {
     path.display().to_string()
 }
 
-fn addr(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
-
 /// Holds for [`HOLD`] that `addr` completes no TLS handshake: its listener has no
 /// certificate.
 async fn never_served(addr: SocketAddr, sni: &str) {
@@ -187,29 +183,29 @@ async fn each_proxy_gets_only_what_its_identity_may_read() {
              [[authz.rules]]\nidentities = [\"spiffe://e2e.test/ns/b/*\"]\nsecrets = [\"app-b\"]\n"
         ),
     );
-    let sds = util::free_addr();
-    let mut args = vec!["--listen".into(), sds.to_string(), "--files".into(), secrets.root.display().to_string()];
+    let mut args = vec!["--listen".into(), "127.0.0.1:0".into(), "--files".into(), secrets.root.display().to_string()];
     args.extend(["--config".into(), config]);
     args.extend(pki.serve_args());
     let certwire = Certwire::serve(args).await;
+    let sds = certwire.sds_addr();
 
     let clients = dir.path().join("clients");
     let leaf_a = pki.client_ca.issue(&LeafSpec::spiffe(ID_A));
     let dir_a = pki.client_dir(&clients, "a", &leaf_a);
-    let (pa, pb, ps) = (util::free_port(), util::free_port(), util::free_port());
     let envoy_a = Envoy::start(
-        &SdsBootstrap::new("app-a", SdsTarget::Tcp(sds), pa)
+        &SdsBootstrap::new("app-a", SdsTarget::Tcp(sds), 0)
             .node("envoy-a", "e2e")
             .initial_fetch_timeout(WARMING)
-            .listener("app-b", pb)
-            .listener("shared", ps)
+            .listener("app-b")
+            .listener("shared")
             .upstream_tls(dir_a.path(), SERVER_NAME)
             .to_yaml(),
     )
     .await;
-    wait_served_serial(addr(pa), "app-a.test", &secrets.leaf("app-a").serial_hex, WAIT).await;
-    wait_served_serial(addr(ps), "shared.test", &secrets.leaf("shared").serial_hex, WAIT).await;
-    never_served(addr(pb), "app-b.test").await;
+    let [pa, pb, ps] = ["app-a", "app-b", "shared"].map(|secret| envoy_a.listener_addr(secret));
+    wait_served_serial(pa, "app-a.test", &secrets.leaf("app-a").serial_hex, WAIT).await;
+    wait_served_serial(ps, "shared.test", &secrets.leaf("shared").serial_hex, WAIT).await;
+    never_served(pb, "app-b.test").await;
 
     let denied = name_status(&certwire, ID_A, "app-b").await.expect("A's app-b stream in /status/proxies");
     assert!(denied["denied"].as_str().is_some_and(|d| d.contains("no authz rule")), "{denied}");
@@ -221,41 +217,41 @@ async fn each_proxy_gets_only_what_its_identity_may_read() {
 
     // A's allowed names keep rotating beside the denied one.
     let next = secrets.rotate("app-a");
-    wait_served_serial(addr(pa), "app-a.test", &next.serial_hex, WAIT).await;
+    wait_served_serial(pa, "app-a.test", &next.serial_hex, WAIT).await;
     let next_b = secrets.rotate("app-b");
-    never_served(addr(pb), "app-b.test").await;
+    never_served(pb, "app-b.test").await;
 
     // B, with its own identity, gets app-b and not app-a.
     let leaf_b = pki.client_ca.issue(&LeafSpec::spiffe(ID_B));
     let dir_b = pki.client_dir(&clients, "b", &leaf_b);
-    let (qb, qa) = (util::free_port(), util::free_port());
-    let _envoy_b = Envoy::start(
-        &SdsBootstrap::new("app-b", SdsTarget::Tcp(sds), qb)
+    let envoy_b = Envoy::start(
+        &SdsBootstrap::new("app-b", SdsTarget::Tcp(sds), 0)
             .node("envoy-b", "e2e")
             .initial_fetch_timeout(WARMING)
-            .listener("app-a", qa)
+            .listener("app-a")
             .upstream_tls(dir_b.path(), SERVER_NAME)
             .to_yaml(),
     )
     .await;
-    wait_served_serial(addr(qb), "app-b.test", &next_b.serial_hex, WAIT).await;
-    never_served(addr(qa), "app-a.test").await;
+    let [qb, qa] = ["app-b", "app-a"].map(|secret| envoy_b.listener_addr(secret));
+    wait_served_serial(qb, "app-b.test", &next_b.serial_hex, WAIT).await;
+    never_served(qa, "app-a.test").await;
 
     // An Envoy whose client certificate another CA issued: refused at the handshake.
     let rogue_ca = Ca::new("not the client CA");
     let rogue = rogue_ca.issue(&LeafSpec::spiffe(ID_A));
     let dir_rogue = pki.client_dir(&clients, "rogue", &rogue);
-    let pr = util::free_port();
-    let _envoy_rogue = Envoy::start(
-        &SdsBootstrap::new("app-a", SdsTarget::Tcp(sds), pr)
+    let envoy_rogue = Envoy::start(
+        &SdsBootstrap::new("app-a", SdsTarget::Tcp(sds), 0)
             .node("envoy-rogue", "e2e")
             .initial_fetch_timeout(WARMING)
             .upstream_tls(dir_rogue.path(), SERVER_NAME)
             .to_yaml(),
     )
     .await;
+    let pr = envoy_rogue.listener_addr("app-a");
     wait_metric(&certwire, "certwire_tls_handshake_failures_total", &[("reason", "bad_client_certificate")]).await;
-    never_served(addr(pr), "app-a.test").await;
+    never_served(pr, "app-a.test").await;
     assert!(
         !certwire.get_json("/status/proxies").await.to_string().contains("envoy-rogue"),
         "the rogue proxy never got a stream"
@@ -290,19 +286,19 @@ async fn server_certificate_and_client_ca_rotate_under_open_streams() {
         ),
     )
     .unwrap();
-    let sds = util::free_addr();
-    let mut args = vec!["--listen".into(), sds.to_string(), "--files".into(), secrets.root.display().to_string()];
+    let mut args = vec!["--listen".into(), "127.0.0.1:0".into(), "--files".into(), secrets.root.display().to_string()];
     args.extend(["--config".into(), config.display().to_string()]);
     args.extend(pki.serve_args());
     let certwire = Certwire::serve(args).await;
+    let sds = certwire.sds_addr();
     let leaf_a = pki.client_ca.issue(&LeafSpec::spiffe(ID_A));
     let dir_a = pki.client_dir(&dir.path().join("clients"), "a", &leaf_a);
-    let pa = util::free_port();
-    let _envoy = Envoy::start(
-        &SdsBootstrap::new("app-a", SdsTarget::Tcp(sds), pa).upstream_tls(dir_a.path(), SERVER_NAME).to_yaml(),
+    let envoy = Envoy::start(
+        &SdsBootstrap::new("app-a", SdsTarget::Tcp(sds), 0).upstream_tls(dir_a.path(), SERVER_NAME).to_yaml(),
     )
     .await;
-    wait_served_serial(addr(pa), "app-a.test", &secrets.leaf("app-a").serial_hex, WAIT).await;
+    let pa = envoy.listener_addr("app-a");
+    wait_served_serial(pa, "app-a.test", &secrets.leaf("app-a").serial_hex, WAIT).await;
     let stream_ids = || async {
         let streams = streams_of(&certwire, ID_A).await;
         streams.iter().map(|s| s["stream_id"].as_u64().unwrap()).collect::<Vec<_>>()
@@ -318,7 +314,7 @@ async fn server_certificate_and_client_ca_rotate_under_open_streams() {
     })
     .await;
     let next = secrets.rotate("app-a");
-    wait_served_serial(addr(pa), "app-a.test", &next.serial_hex, WAIT).await;
+    wait_served_serial(pa, "app-a.test", &next.serial_hex, WAIT).await;
     assert_eq!(stream_ids().await, before, "the open stream was not dropped");
 
     // A new client CA: A's old certificate no longer opens a connection, one from the
@@ -332,7 +328,7 @@ async fn server_certificate_and_client_ca_rotate_under_open_streams() {
     let new_client = client_ca2.issue(&LeafSpec::spiffe(ID_A));
     sds_handshake(sds, Some(&new_client)).await.expect("a certificate of the new client CA is accepted");
     let next = secrets.rotate("app-a");
-    wait_served_serial(addr(pa), "app-a.test", &next.serial_hex, WAIT).await;
+    wait_served_serial(pa, "app-a.test", &next.serial_hex, WAIT).await;
     assert_eq!(stream_ids().await, before, "the open stream was not dropped");
     assert!(certwire.metric_sum("certwire_tls_reloads_total", &[("reason", "loaded")]).await >= 3.0);
 
@@ -370,16 +366,16 @@ async fn a_unix_socket_peer_is_authorized_by_its_uid() {
         config,
     ])
     .await;
-    let (pa, pb) = (util::free_port(), util::free_port());
-    let _envoy = Envoy::start(
-        &SdsBootstrap::new("app-a", SdsTarget::Unix(socket), pa)
+    let envoy = Envoy::start(
+        &SdsBootstrap::new("app-a", SdsTarget::Unix(socket), 0)
             .initial_fetch_timeout(WARMING)
-            .listener("app-b", pb)
+            .listener("app-b")
             .to_yaml(),
     )
     .await;
-    wait_served_serial(addr(pa), "app-a.test", &secrets.leaf("app-a").serial_hex, WAIT).await;
-    never_served(addr(pb), "app-b.test").await;
+    let [pa, pb] = ["app-a", "app-b"].map(|secret| envoy.listener_addr(secret));
+    wait_served_serial(pa, "app-a.test", &secrets.leaf("app-a").serial_hex, WAIT).await;
+    never_served(pb, "app-b.test").await;
     let proxies = certwire.get_json("/status/proxies").await;
     let identity = proxies[0]["identity"].as_str().unwrap().to_owned();
     assert!(identity.starts_with(&format!("unix:uid={uid},")), "{identity}");
@@ -391,8 +387,7 @@ async fn a_unix_socket_peer_is_authorized_by_its_uid() {
 #[tokio::test]
 async fn an_exposed_listener_without_mtls_is_refused() {
     let output = std::process::Command::new(certwire::certwire_bin())
-        .args(["serve", "--listen", &format!("0.0.0.0:{}", util::free_port())])
-        .args(["--admin", &util::free_addr().to_string()])
+        .args(["serve", "--listen", "0.0.0.0:0", "--admin", "127.0.0.1:0"])
         .env_remove("CERTWIRE_CONFIG")
         .output()
         .unwrap();
@@ -406,12 +401,7 @@ async fn an_exposed_listener_without_mtls_is_refused() {
 /// `--insecure-open-sds` is the explicit way out, and it is said out loud.
 #[tokio::test]
 async fn insecure_open_sds_is_allowed_and_warned_about() {
-    let certwire = Certwire::serve([
-        "--listen".to_string(),
-        format!("0.0.0.0:{}", util::free_port()),
-        "--insecure-open-sds".into(),
-    ])
-    .await;
+    let certwire = Certwire::serve(["--listen", "0.0.0.0:0", "--insecure-open-sds"]).await;
     util::wait_for("the warning in certwire's log", WAIT, || async {
         let log = std::fs::read_to_string(certwire.log_path()).unwrap_or_default();
         log.lines().any(|l| l.contains("WARN") && l.contains("--insecure-open-sds")).then_some(())
@@ -449,8 +439,8 @@ async fn kubernetes_mode_follows_rbac_through_subject_access_reviews() {
     let pki = Pki::new(dir.path());
     let config = dir.path().join("certwire.toml");
     std::fs::write(&config, "[authz]\nmode = \"kubernetes\"\nallow_ttl = \"2s\"\ndeny_ttl = \"1s\"\n").unwrap();
-    let sds = util::free_addr();
-    let mut serve = vec!["--listen".into(), sds.to_string(), "--kubeconfig".into(), kubeconfig.display().to_string()];
+    let mut serve =
+        vec!["--listen".into(), "127.0.0.1:0".into(), "--kubeconfig".into(), kubeconfig.display().to_string()];
     serve.extend(args("--namespace edge --namespace other --default-namespace edge --config"));
     serve.push(config.display().to_string());
     serve.extend(pki.serve_args());
@@ -458,16 +448,16 @@ async fn kubernetes_mode_follows_rbac_through_subject_access_reviews() {
 
     let leaf = pki.client_ca.issue(&LeafSpec::spiffe(ID));
     let client = pki.client_dir(&dir.path().join("clients"), "envoy", &leaf);
-    let (pa, pb) = (util::free_port(), util::free_port());
-    let _envoy = Envoy::start(
-        &SdsBootstrap::new("kubernetes://edge/web", SdsTarget::Tcp(sds), pa)
+    let envoy = Envoy::start(
+        &SdsBootstrap::new("kubernetes://edge/web", SdsTarget::Tcp(certwire.sds_addr()), 0)
             .delta()
             .initial_fetch_timeout(WARMING)
-            .listener("kubernetes://other/web", pb)
+            .listener("kubernetes://other/web")
             .upstream_tls(client.path(), SERVER_NAME)
             .to_yaml(),
     )
     .await;
+    let [pa, pb] = ["kubernetes://edge/web", "kubernetes://other/web"].map(|secret| envoy.listener_addr(secret));
 
     // No RoleBinding yet: denied by the review.
     util::wait_for("a denial by SubjectAccessReview", WAIT, || async {
@@ -475,19 +465,19 @@ async fn kubernetes_mode_follows_rbac_through_subject_access_reviews() {
         s["denied"].as_str().filter(|d| d.contains("SubjectAccessReview")).map(|_| ())
     })
     .await;
-    never_served(addr(pa), "web.test").await;
+    never_served(pa, "web.test").await;
 
     kubectl(args("create role read-secrets --verb=list --resource=secrets -n edge")).await;
     kubectl(args("create rolebinding envoy-reads --role=read-secrets --serviceaccount=edge:envoy -n edge")).await;
-    wait_served_serial(addr(pa), "web.test", &web.serial_hex, WAIT).await;
+    wait_served_serial(pa, "web.test", &web.serial_hex, WAIT).await;
     let next = ca.server("web.test");
     apply("edge", "web", &next).await;
-    wait_served_serial(addr(pa), "web.test", &next.serial_hex, WAIT).await;
+    wait_served_serial(pa, "web.test", &next.serial_hex, WAIT).await;
 
     // Another namespace: never, whatever RBAC says there.
     kubectl(args("create role read-secrets --verb=list --resource=secrets -n other")).await;
     kubectl(args("create rolebinding envoy-reads --role=read-secrets --serviceaccount=edge:envoy -n other")).await;
-    never_served(addr(pb), "other.test").await;
+    never_served(pb, "other.test").await;
     let other = name_status(&certwire, ID, "kubernetes://other/web").await.unwrap();
     assert!(other["denied"].as_str().unwrap().contains("namespace"), "{other}");
 
@@ -500,7 +490,7 @@ async fn kubernetes_mode_follows_rbac_through_subject_access_reviews() {
     .await;
     let after = ca.server("web.test");
     apply("edge", "web", &after).await;
-    tls::keeps_serving(addr(pa), "web.test", None, &next.serial_hex, HOLD).await;
+    tls::keeps_serving(pa, "web.test", None, &next.serial_hex, HOLD).await;
     wait_metric(&certwire, "certwire_authz_denials_total", &[("reason", "review")]).await;
     wait_metric(&certwire, "certwire_authz_denials_total", &[("reason", "namespace")]).await;
 
@@ -525,10 +515,9 @@ async fn the_listener_certificate_can_come_from_the_store() {
     let first = server_ca.server(SERVER_NAME);
     let mut own = SecretDir::create_tls(&root, "certwire-tls", &first, Some(client_ca.cert_pem()));
     let config = write_config(dir.path(), "[[authz.rules]]\nidentities = [\"*\"]\nsecrets = [\"app-*\"]\n");
-    let sds = util::free_addr();
     let certwire = Certwire::serve([
         "--listen".to_string(),
-        sds.to_string(),
+        "127.0.0.1:0".into(),
         "--files".into(),
         root.display().to_string(),
         "--config".into(),
@@ -539,6 +528,7 @@ async fn the_listener_certificate_can_come_from_the_store() {
         "certwire-tls-cacert".into(),
     ])
     .await;
+    let sds = certwire.sds_addr();
     let client = client_ca.issue(&LeafSpec::spiffe(ID_A));
     let served = sds_handshake(sds, Some(&client)).await.expect("TLS from the stored secret");
     assert_eq!(served.serial_hex, first.serial_hex);
@@ -575,11 +565,10 @@ async fn certgen_output_is_used_as_is_by_envoy_and_certwire() {
         ),
     )
     .unwrap();
-    let sds = util::free_addr();
     let f = |d: &Path, n: &str| d.join(n).display().to_string();
     let mut certwire = Certwire::serve([
         "--listen".to_string(),
-        sds.to_string(),
+        "127.0.0.1:0".into(),
         "--config".into(),
         config.display().to_string(),
         "--tls-cert".into(),
@@ -590,11 +579,12 @@ async fn certgen_output_is_used_as_is_by_envoy_and_certwire() {
         f(&server, "ca.crt"),
     ])
     .await;
-    let port = util::free_port();
+    // certwire's restart below binds the same port again (see `Certwire::start`): the
+    // bootstrap names it.
     let yaml = certwire::run(&[
         "bootstrap",
         "--sds",
-        &sds.to_string(),
+        &certwire.sds_addr().to_string(),
         "--sds-tls-dir",
         client.to_str().unwrap(),
         "--secret",
@@ -602,12 +592,13 @@ async fn certgen_output_is_used_as_is_by_envoy_and_certwire() {
         "--listen-address",
         "127.0.0.1",
         "--listen-port",
-        &port.to_string(),
+        "0",
         "--admin-port",
-        &util::free_port().to_string(),
+        "0",
     ]);
     let envoy = Envoy::start(&yaml).await;
-    let first = tls::wait_served(addr(port), "localhost", None).await;
+    let tls_addr = envoy.listener_addr("https");
+    let first = tls::wait_served(tls_addr, "localhost", None).await;
     assert_eq!(streams_of(&certwire, ID).await.len(), 1, "Envoy is known by its SPIFFE ID");
 
     certgen();
@@ -619,7 +610,7 @@ async fn certgen_output_is_used_as_is_by_envoy_and_certwire() {
     // A new dev CA on restart: a new certificate once Envoy is back on a new connection.
     certwire.restart().await;
     util::wait_for("Envoy to reconnect with its new certificate", WAIT, || async {
-        let served = handshake(addr(port), "localhost", None).await.ok()?;
+        let served = handshake(tls_addr, "localhost", None).await.ok()?;
         (served.serial_hex != first.serial_hex).then_some(())
     })
     .await;

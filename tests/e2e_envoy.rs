@@ -2,7 +2,7 @@
 //! TLS with them, and every expectation is checked where a user would see it: on a
 //! fresh TLS handshake, in Envoy's admin API, and in certwire's admin API.
 //!
-//! Each test starts its own certwire and Envoy on free ports. Nothing here asserts
+//! Each test starts its own certwire and Envoy on ports the kernel picks (port 0). Nothing here asserts
 //! on durations: waits poll with generous timeouts, and "never happens" is checked
 //! by holding an expectation over a window while the torn state is on disk.
 
@@ -79,16 +79,19 @@ async fn stack(options: Options) -> Stack {
     let first = if options.first_expired { ca.issue(&LeafSpec::server(SNI).expired()) } else { ca.server(SNI) };
     let secret = SecretDir::create_tls(&root, NAME, &first, options.client_ca.as_deref());
 
-    let sds = match options.transport {
-        Transport::Tcp => SdsTarget::Tcp(util::free_addr()),
-        Transport::Unix => SdsTarget::Unix(dir.path().join("sds.sock")),
+    let listen = match options.transport {
+        Transport::Tcp => "127.0.0.1:0".to_string(),
+        Transport::Unix => format!("unix:{}", dir.path().join("sds.sock").display()),
     };
-    let mut args = vec!["--listen".to_string(), sds.listen_arg(), "--files".to_string(), root.display().to_string()];
+    let mut args = vec!["--listen".to_string(), listen, "--files".to_string(), root.display().to_string()];
     args.extend(options.extra_args.iter().map(|a| a.to_string()));
     let certwire = Certwire::serve(args).await;
+    let sds = match options.transport {
+        Transport::Tcp => SdsTarget::Tcp(certwire.sds_addr()),
+        Transport::Unix => SdsTarget::Unix(dir.path().join("sds.sock")),
+    };
 
-    let tls_port = util::free_port();
-    let mut bootstrap = SdsBootstrap::new(NAME, sds, tls_port);
+    let mut bootstrap = SdsBootstrap::new(NAME, sds, 0);
     if options.delta {
         bootstrap = bootstrap.delta();
     }
@@ -97,7 +100,7 @@ async fn stack(options: Options) -> Stack {
     }
     let node_id = bootstrap.node_id.clone();
     let envoy = Envoy::start(&bootstrap.to_yaml()).await;
-    let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    let tls_addr = envoy.listener_addr(NAME);
 
     let stack = Stack { envoy, certwire, secret, ca, first, tls_addr, node_id, _dir: dir };
     if options.client_ca.is_none() {
@@ -280,12 +283,10 @@ async fn mutual_tls_follows_the_ca_bundle() {
 
 #[tokio::test]
 async fn dev_source_serves_and_rotates() {
-    let sds = util::free_addr();
-    let _certwire = Certwire::serve(["--listen", sds.to_string().as_str(), "--dev", "--dev-rotate-every", "2s"]).await;
-    let tls_port = util::free_port();
-    let bootstrap = SdsBootstrap::new(NAME, SdsTarget::Tcp(sds), tls_port);
-    let _envoy = Envoy::start(&bootstrap.to_yaml()).await;
-    let addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    let certwire = Certwire::serve(["--listen", "127.0.0.1:0", "--dev", "--dev-rotate-every", "2s"]).await;
+    let bootstrap = SdsBootstrap::new(NAME, SdsTarget::Tcp(certwire.sds_addr()), 0);
+    let envoy = Envoy::start(&bootstrap.to_yaml()).await;
+    let addr = envoy.listener_addr(NAME);
 
     let first = wait_served(addr, SNI, None).await;
     let rotated = tls::poll_handshakes(addr, SNI, None, WAIT, |served| served.serial_hex != first.serial_hex)
@@ -296,26 +297,24 @@ async fn dev_source_serves_and_rotates() {
 
 #[tokio::test]
 async fn printed_bootstrap_runs_in_envoy() {
-    let sds = util::free_addr();
-    let server = Certwire::serve(["--listen", sds.to_string().as_str(), "--dev"]).await;
-    let tls_port = util::free_port();
-    let admin_port = util::free_port();
+    let server = Certwire::serve(["--listen", "127.0.0.1:0", "--dev"]).await;
+    let sds = server.sds_addr().to_string();
     let yaml = certwire::run(&[
         "bootstrap",
         "--sds",
-        sds.to_string().as_str(),
+        &sds,
         "--secret",
         NAME,
         "--listen-address",
         "127.0.0.1",
         "--listen-port",
-        &tls_port.to_string(),
+        "0",
         "--admin-port",
-        &admin_port.to_string(),
+        "0",
     ]);
     assert!(yaml.contains("set_node_on_first_message_only: true"));
     let envoy = Envoy::start(&yaml).await;
-    let served = wait_served(SocketAddr::from(([127, 0, 0, 1], tls_port)), SNI, None).await;
+    let served = wait_served(envoy.listener_addr("https"), SNI, None).await;
     assert_eq!(served.http_status, 200);
     assert!(envoy.served_serials().await.contains(&served.serial_hex));
     // The node comes with the first request only, and the proxy is still known by it.
@@ -408,13 +407,12 @@ async fn secret_created_after_envoy_asked_is_pushed_at_once() {
     let dir = util::tempdir();
     let root = dir.path().join("secrets");
     std::fs::create_dir(&root).unwrap();
-    let sds = util::free_addr();
-    let certwire = Certwire::serve(["--listen", sds.to_string().as_str(), "--files", root.to_str().unwrap()]).await;
-    let tls_port = util::free_port();
+    let certwire = Certwire::serve(["--listen", "127.0.0.1:0", "--files", root.to_str().unwrap()]).await;
     // The listener must keep waiting for the secret however long this takes.
-    let bootstrap = SdsBootstrap::new(NAME, SdsTarget::Tcp(sds), tls_port).initial_fetch_timeout(Duration::ZERO);
-    let _envoy = Envoy::start(&bootstrap.to_yaml()).await;
-    let addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    let bootstrap =
+        SdsBootstrap::new(NAME, SdsTarget::Tcp(certwire.sds_addr()), 0).initial_fetch_timeout(Duration::ZERO);
+    let envoy = Envoy::start(&bootstrap.to_yaml()).await;
+    let addr = envoy.listener_addr(NAME);
 
     let certwire_ref = &certwire;
     util::wait_for("certwire to see Envoy's subscription", WAIT, move || async move {

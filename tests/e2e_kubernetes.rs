@@ -2,7 +2,7 @@
 //! protocol (tests/common/kubeapi), the real `kubectl` writing Secrets into it, certwire
 //! watching it, and a real Envoy terminating TLS with what certwire serves.
 //!
-//! Each test starts its own emulator, certwire and Envoy on free ports. As in
+//! Each test starts its own emulator, certwire and Envoy on ports the kernel picks. As in
 //! e2e_envoy.rs nothing asserts on durations: waits poll with generous timeouts, and
 //! "never happens" (a flap, a rejected certificate served) is shown by holding an
 //! expectation over a window.
@@ -103,13 +103,15 @@ impl Cluster {
         assert!(out.trim().starts_with(&format!("secret/{name} ")), "kubectl apply: {out}");
     }
 
-    /// Starts certwire watching this cluster: `certwire serve --listen SDS
+    /// Starts certwire watching this cluster: `certwire serve --listen 127.0.0.1:0
     /// --kubeconfig KUBECONFIG ARGS`.
     async fn certwire(&self, args: &[&str]) -> Served {
-        let sds = util::free_addr();
-        let mut all = vec!["--listen".to_string(), sds.to_string(), "--kubeconfig".to_string(), self.kubeconfig_arg()];
+        let mut all =
+            vec!["--listen".to_string(), "127.0.0.1:0".into(), "--kubeconfig".to_string(), self.kubeconfig_arg()];
         all.extend(args.iter().map(|a| a.to_string()));
-        Served { certwire: Certwire::serve(all).await, sds }
+        let certwire = Certwire::serve(all).await;
+        let sds = certwire.sds_addr();
+        Served { certwire, sds }
     }
 
     fn kubeconfig_arg(&self) -> String {
@@ -161,15 +163,13 @@ struct Proxy {
 /// Its listener waits for the secret however long it takes (`initial_fetch_timeout`
 /// 0), so a Secret created after Envoy asked is pushed, not missed.
 async fn envoy(sds: SocketAddr, secret: &str, mtls: bool) -> Proxy {
-    let port = util::free_port();
-    let mut bootstrap = SdsBootstrap::new(secret, SdsTarget::Tcp(sds), port).initial_fetch_timeout(Duration::ZERO);
-    // The default node id embeds the secret name, which here holds `://`.
-    bootstrap = bootstrap.node(&format!("e2e-kube-{port}"), "e2e");
+    let mut bootstrap = SdsBootstrap::new(secret, SdsTarget::Tcp(sds), 0).initial_fetch_timeout(Duration::ZERO);
     if mtls {
         bootstrap = bootstrap.mtls();
     }
     let envoy = Envoy::start(&bootstrap.to_yaml()).await;
-    Proxy { envoy, addr: SocketAddr::from(([127, 0, 0, 1], port)) }
+    let addr = envoy.listener_addr(secret);
+    Proxy { envoy, addr }
 }
 
 // ---------------------------------------------------------------------------------

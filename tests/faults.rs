@@ -79,9 +79,8 @@ impl Stack {
         };
         // A restart binds the same port again: proxies come back where they were.
         let sds = certwire.sds_addr();
-        let tls_port = util::free_port();
-        let envoy = Envoy::start(&SdsBootstrap::new(EDGE, SdsTarget::Tcp(sds), tls_port).to_yaml()).await;
-        let tls = SocketAddr::from(([127, 0, 0, 1], tls_port));
+        let envoy = Envoy::start(&SdsBootstrap::new(EDGE, SdsTarget::Tcp(sds), 0).to_yaml()).await;
+        let tls = envoy.listener_addr(EDGE);
         wait_served_serial(tls, "edge.test", &first.serial_hex, WAIT).await;
         Stack { certwire, envoy, sds, tls, root, ca, edge, first, _dir: dir }
     }

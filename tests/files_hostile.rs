@@ -26,12 +26,13 @@ use common::util::{self, WAIT};
 /// certificate cost ~130 MiB and `/dev/zero` grew without end.
 const RSS_GROWTH_LIMIT_KIB: u64 = 16 * 1024;
 
-/// `certwire serve --files ROOT --listen SDS ARGS`.
+/// `certwire serve --files ROOT --listen 127.0.0.1:0 ARGS` and the SDS address it bound.
 async fn serve(root: &Path, args: &[&str]) -> (Certwire, SocketAddr) {
-    let sds = util::free_addr();
-    let mut all = vec!["--files".to_owned(), root.display().to_string(), "--listen".into(), sds.to_string()];
+    let mut all = vec!["--files".to_owned(), root.display().to_string(), "--listen".into(), "127.0.0.1:0".into()];
     all.extend(args.iter().map(|a| a.to_string()));
-    (Certwire::serve(all).await, sds)
+    let certwire = Certwire::serve(all).await;
+    let sds = certwire.sds_addr();
+    (certwire, sds)
 }
 
 fn run(program: &str, args: &[&str]) {

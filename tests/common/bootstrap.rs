@@ -3,11 +3,14 @@
 //! from certwire over SDS or from Envoy's own file watch (the benchmark baseline).
 //!
 //! The admin listener is always `127.0.0.1:0`; [`super::envoy::Envoy`] learns the
-//! real port from `--admin-address-path`, which cannot race with other tests.
+//! real port from `--admin-address-path`, which cannot race with other tests. The TLS
+//! listeners are named after their secret and take port 0 unless told otherwise:
+//! [`super::envoy::Envoy::listener_addr`] gives the address Envoy bound.
 
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 /// Where Envoy reaches certwire's SDS.
@@ -32,6 +35,7 @@ impl SdsTarget {
 pub struct SdsBootstrap {
     pub node_id: String,
     pub node_cluster: String,
+    /// 0: Envoy binds a free port, see [`super::envoy::Envoy::listener_addr`].
     pub listen_port: u16,
     pub secret: String,
     pub sds: SdsTarget,
@@ -44,8 +48,8 @@ pub struct SdsBootstrap {
     pub initial_fetch_timeout: Option<Duration>,
     /// TLS to certwire: Envoy's client certificate and the CA it checks certwire with.
     pub upstream_tls: Option<UpstreamTls>,
-    /// More listeners on the same SDS cluster: (secret, port).
-    pub more_listeners: Vec<(String, u16)>,
+    /// More listeners on the same SDS cluster, one per secret, each on a free port.
+    pub more_listeners: Vec<String>,
 }
 
 /// The SDS cluster's `UpstreamTlsContext`: files in a directory (`tls.crt`, `tls.key`,
@@ -57,9 +61,11 @@ pub struct UpstreamTls {
 }
 
 impl SdsBootstrap {
+    /// A listener named `secret` serving it on 127.0.0.1:`listen_port`; pass 0 and ask
+    /// [`super::envoy::Envoy::listener_addr`] which port Envoy bound.
     pub fn new(secret: &str, sds: SdsTarget, listen_port: u16) -> SdsBootstrap {
         SdsBootstrap {
-            node_id: format!("e2e-{secret}-{listen_port}"),
+            node_id: unique_node_id(secret),
             node_cluster: "e2e".to_string(),
             listen_port,
             secret: secret.to_string(),
@@ -77,8 +83,9 @@ impl SdsBootstrap {
         self
     }
 
-    pub fn listener(mut self, secret: &str, port: u16) -> SdsBootstrap {
-        self.more_listeners.push((secret.to_string(), port));
+    /// One more listener, named `secret` and serving it, on a free port.
+    pub fn listener(mut self, secret: &str) -> SdsBootstrap {
+        self.more_listeners.push(secret.to_string());
         self
     }
 
@@ -129,10 +136,10 @@ api_config_source:
             SdsTarget::Unix(path) => format!("pipe: {{path: \"{}\"}}", path.display()),
         };
         let tls = tls_context(&self.secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
-        let mut listeners = listener(self.listen_port, &tls);
-        for (i, (secret, port)) in self.more_listeners.iter().enumerate() {
+        let mut listeners = listener(&self.secret, self.listen_port, &tls);
+        for secret in &self.more_listeners {
             let tls = tls_context(secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
-            listeners.push_str(&listener(*port, &tls).replacen("- name: tls", &format!("- name: tls{}", i + 2), 1));
+            listeners.push_str(&listener(secret, 0, &tls));
         }
         let transport = match &self.upstream_tls {
             None => String::new(),
@@ -235,13 +242,25 @@ pub fn file_watch_bootstrap(work_dir: &Path, secret: &str, secret_dir: &Path, li
     let ca_sds = path_sds_config(&ca_file);
     let tls = tls_context(secret, &cert_sds, mtls.then_some(ca_sds.as_str()));
     format!(
-        "node: {{id: \"filewatch-{secret}-{listen_port}\", cluster: \"e2e\"}}
+        "node: {{id: \"{node_id}\", cluster: \"e2e\"}}
 {ADMIN}
 static_resources:
   listeners:
 {listener}",
-        listener = listener(listen_port, &tls)
+        node_id = unique_node_id(&format!("filewatch-{secret}")),
+        listener = listener(secret, listen_port, &tls)
     )
+}
+
+/// `e2e-SECRET-N`, N counting the bootstraps of this test process (each test starts
+/// its own certwire), with the characters of a secret such as `kubernetes://ns/name`
+/// that do not belong in an id replaced by `-`.
+fn unique_node_id(secret: &str) -> String {
+    static NEXT: AtomicU32 = AtomicU32::new(1);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let secret: String =
+        secret.chars().map(|c| if c.is_ascii_alphanumeric() || c == '.' || c == '-' { c } else { '-' }).collect();
+    format!("e2e-{secret}-{n}")
 }
 
 const ADMIN: &str = "admin:
@@ -276,10 +295,11 @@ fn tls_context(secret: &str, cert_sds: &str, ca_sds: Option<&str>) -> String {
     tls
 }
 
-/// A static listener on 127.0.0.1:`port` with the given DownstreamTlsContext body.
-fn listener(port: u16, tls_context: &str) -> String {
+/// A static listener `name` on 127.0.0.1:`port` (0: any free port) with the given
+/// DownstreamTlsContext body.
+fn listener(name: &str, port: u16, tls_context: &str) -> String {
     format!(
-        "  - name: tls
+        "  - name: \"{name}\"
     address: {{socket_address: {{address: \"127.0.0.1\", port_value: {port}}}}}
     filter_chains:
     - filters:

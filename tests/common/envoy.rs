@@ -55,14 +55,17 @@ pub fn validate(yaml: &str) -> Result<(), String> {
 pub struct Envoy {
     child: Option<Child>,
     admin: SocketAddr,
+    /// Each listener's name and the address it bound, from the admin API at start.
+    listeners: Vec<(String, SocketAddr)>,
     log: PathBuf,
     config: PathBuf,
     _dir: TempDir,
 }
 
 impl Envoy {
-    /// Starts Envoy with `yaml` and waits until its admin API answers. The listener
-    /// may still be warming (waiting for its secret): wait on a handshake for that.
+    /// Starts Envoy with `yaml` and waits until its admin API answers. The listeners
+    /// are bound (see [`Envoy::listener_addr`]) but may still be warming (waiting for
+    /// their secret): wait on a handshake for that.
     pub async fn start(yaml: &str) -> Envoy {
         let dir = util::tempdir();
         let config = dir.path().join("envoy.yaml");
@@ -86,14 +89,24 @@ impl Envoy {
             .stderr(log_file)
             .spawn()
             .unwrap_or_else(|e| panic!("spawn envoy: {e}"));
-        let mut envoy =
-            Envoy { child: Some(child), admin: SocketAddr::from(([127, 0, 0, 1], 0)), log, config, _dir: dir };
+        let mut envoy = Envoy {
+            child: Some(child),
+            admin: SocketAddr::from(([127, 0, 0, 1], 0)),
+            listeners: Vec::new(),
+            log,
+            config,
+            _dir: dir,
+        };
         envoy.admin = envoy.wait_admin_address(&admin_path).await;
         let admin = envoy.admin;
         util::wait_for("Envoy admin to answer", WAIT, move || async move {
             http::get(admin, "/ready").await.ok().map(|_| ())
         })
         .await;
+        // The admin API answers once the static listeners are added, and a listener
+        // binds its port (port 0: a free one) when it is added, warming or not.
+        let listeners = envoy.admin_get("/listeners?format=json").await;
+        envoy.listeners = parse_listeners(&listeners);
         envoy
     }
 
@@ -115,6 +128,15 @@ impl Envoy {
 
     pub fn admin_addr(&self) -> SocketAddr {
         self.admin
+    }
+
+    /// The address the listener `name` bound. The test bootstraps name each TLS
+    /// listener after its secret; `certwire bootstrap` names its listener `https`.
+    pub fn listener_addr(&self, name: &str) -> SocketAddr {
+        match self.listeners.iter().find(|(n, _)| n == name) {
+            Some((_, addr)) => *addr,
+            None => panic!("Envoy has no listener {name:?}; it has {:?}", self.listeners),
+        }
     }
 
     pub fn log_path(&self) -> &Path {
@@ -199,6 +221,19 @@ impl Drop for Envoy {
             self.dump_log();
         }
     }
+}
+
+/// The TCP listeners of `/listeners?format=json`: `{"listener_statuses": [{"name",
+/// "local_address": {"socket_address": {"address", "port_value"}}}]}`.
+fn parse_listeners(json: &str) -> Vec<(String, SocketAddr)> {
+    let value: serde_json::Value = serde_json::from_str(json).expect("/listeners?format=json is JSON");
+    let listener = |l: &serde_json::Value| {
+        let socket = &l["local_address"]["socket_address"];
+        let ip = socket["address"].as_str()?.parse::<std::net::IpAddr>().ok()?;
+        let port = u16::try_from(socket["port_value"].as_u64()?).ok()?;
+        Some((l["name"].as_str()?.to_string(), SocketAddr::new(ip, port)))
+    };
+    value["listener_statuses"].as_array().into_iter().flatten().filter_map(listener).collect()
 }
 
 fn unique_base_id() -> u32 {

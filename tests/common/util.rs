@@ -15,9 +15,10 @@ pub const POLL: Duration = Duration::from_millis(25);
 /// generous: a correct system answers in milliseconds, a broken one never does.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-/// A port that was free a moment ago on 127.0.0.1. The kernel hands out ephemeral
-/// ports in a rotating order, so a port released here is unlikely to be handed to a
-/// parallel test before the process we start binds it.
+/// A port that was free a moment ago on 127.0.0.1. Racy: another process may bind it
+/// before ours does. Prefer port 0 and asking the process what it bound
+/// ([`super::certwire::Certwire::sds_addr`], [`super::envoy::Envoy::listener_addr`]);
+/// this is for servers that cannot say (acme2certifier) and tests not converted yet.
 pub fn free_port() -> u16 {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
     listener.local_addr().expect("local_addr").port()
