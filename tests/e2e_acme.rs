@@ -581,8 +581,8 @@ async fn kubernetes_secret_store_holds_the_certificate_and_a_restart_loads_it() 
     let chain = secret_data(&secret, "tls.crt").unwrap();
     let key = secret_data(&secret, "tls.key").unwrap();
     let ca = secret_data(&secret, "ca.crt").expect("ca.crt: the issuer chain");
-    assert_eq!(split_certs(&chain).len(), 2, "leaf and issuer");
-    assert_eq!(split_certs(&chain)[1].trim(), env.ca.ca_cert_pem().trim(), "the chain ends with the issuer");
+    assert_eq!(certs_der(&chain).len(), 2, "leaf and issuer");
+    assert_eq!(certs_der(&chain)[1], certs_der(env.ca.ca_cert_pem())[0], "the chain ends with the issuer");
     assert_eq!(ca.trim(), env.ca.ca_cert_pem().trim(), "ca.crt is the issuer chain");
     assert_eq!(dns_names(&chain), [domain("stored")]);
     // The key is the leaf's: the same public key.
@@ -648,7 +648,7 @@ async fn replicas_share_a_lease_only_the_holder_orders_and_the_other_takes_over(
     assert_eq!(std::fs::read_dir(env.ca.issued_dir()).unwrap().count(), 1, "the CA issued once");
     let lease = api.get_object("coordination.k8s.io/v1", "Lease", ACME_NS, "certwire-acme").expect("the Lease");
     let first_holder = lease["spec"]["holderIdentity"].as_str().unwrap().to_string();
-    let (mut leader, follower) = if a_orders == 1.0 { (a, b) } else { (b, a) };
+    let (mut leader, mut follower) = if a_orders == 1.0 { (a, b) } else { (b, a) };
     assert!(log_of(&follower).contains("not the ACME lease holder"));
 
     // The holder dies without releasing the Lease: the other takes over once it
@@ -675,9 +675,32 @@ async fn replicas_share_a_lease_only_the_holder_orders_and_the_other_takes_over(
     })
     .await
     .unwrap();
+
+    // SIGTERM to the holder: the drain waits for the release (no holder once the
+    // process is gone), and the other replica takes over without waiting the 10 s.
+    let holder = |api: &KubeApi| {
+        let lease = api.get_object("coordination.k8s.io/v1", "Lease", ACME_NS, "certwire-acme").unwrap();
+        lease["spec"]["holderIdentity"].as_str().map(str::to_string)
+    };
+    let released_by = holder(&api).expect("a holder");
+    follower.terminate(WAIT).await.expect("exits on SIGTERM");
+    assert_eq!(holder(&api), None, "released before the process exited");
+    assert!(log_of(&follower).contains("ACME lease released"));
+    let taken = std::time::Instant::now();
+    util::wait_for("the other replica holding the Lease", Duration::from_secs(8), || async {
+        holder(&api).filter(|h| *h != released_by).map(drop)
+    })
+    .await;
+    assert!(taken.elapsed() < Duration::from_secs(8), "handed over in {:?}", taken.elapsed());
+    util::wait_for("the new holder saying so", WAIT, || async {
+        log_of(&leader).contains("ACME lease acquired").then_some(())
+    })
+    .await;
 }
 
-/// The PEM certificates in `pem`.
-fn split_certs(pem: &str) -> Vec<String> {
-    certwire::sources::acme::renew::split_pem_certificates(pem)
+/// The DER of each certificate in `pem`.
+fn certs_der(pem: &str) -> Vec<Vec<u8>> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    CertificateDer::pem_slice_iter(pem.as_bytes()).map(|c| c.expect("PEM certificate").to_vec()).collect()
 }

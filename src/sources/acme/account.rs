@@ -1,6 +1,6 @@
 //! The ACME account: created once (with External Account Binding when configured),
 //! its credentials kept in the state directory (mode 0600) and reused on every start;
-//! and the HTTP client that talks to the CA (ring-backed rustls, HTTPS only unless the
+//! the CA's ARI answers it fetches; and the HTTP client that talks to the CA (ring-backed rustls, HTTPS only unless the
 //! config opts into a plain-HTTP test CA).
 
 use std::future::Future;
@@ -17,7 +17,8 @@ use hyper_util::client::legacy::Client as HyperClient;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use instant_acme::{
-    Account, AccountCredentials, BodyWrapper, BytesResponse, ExternalAccountKey, HttpClient, NewAccount,
+    Account, AccountCredentials, BodyWrapper, BytesResponse, CertificateIdentifier, ExternalAccountKey, HttpClient,
+    NewAccount,
 };
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -25,8 +26,9 @@ use tokio::sync::Mutex;
 use zeroize::Zeroizing;
 
 use super::config::{AcmeConfig, read_secret};
-use super::k8s_store::KubeStore;
-use super::store::{StateDir, account_file_name};
+use super::kube_secrets::KubeSecrets;
+use super::schedule::{AriAnswer, Window};
+use super::state_dir::{StateDir, account_file_name};
 
 /// One request to the CA may take this long (connect included) before it fails.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
@@ -39,13 +41,48 @@ pub struct Accounts {
     eab: Option<(String, Zeroizing<Vec<u8>>)>,
     state: StateDir,
     /// The Kubernetes account Secret, read before the state directory.
-    kube: Option<KubeStore>,
+    kube: Option<KubeSecrets>,
     http: Http,
     account: Mutex<Option<Account>>,
 }
 
 impl Accounts {
-    pub fn new(config: &AcmeConfig, state: StateDir, kube: Option<KubeStore>) -> anyhow::Result<Self> {
+    /// The CA's ARI answer for the certificate `leaf_der`; `None` when the CA offers no
+    /// ARI or cannot be asked now (then 2/3 of the lifetime applies).
+    pub async fn renewal_window(&self, certificate: &str, leaf_der: &[u8]) -> Option<AriAnswer> {
+        let leaf = CertificateDer::from(leaf_der);
+        let id = match CertificateIdentifier::try_from(&leaf) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::debug!(certificate, error = %e, "no ARI identifier for the certificate");
+                return None;
+            }
+        };
+        let account = match self.get().await {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(
+                    certificate,
+                    error = format!("{e:#}"),
+                    "cannot reach the CA for its ARI window; renewing at 2/3 of the lifetime"
+                );
+                return None;
+            }
+        };
+        match account.renewal_info(&id).await {
+            Ok((info, retry_after)) => {
+                let w = info.suggested_window;
+                Some(AriAnswer { window: Window { start: w.start.into(), end: w.end.into() }, retry_after })
+            }
+            Err(instant_acme::Error::Unsupported(_)) => None,
+            Err(e) => {
+                tracing::warn!(certificate, error = %e, "ARI request failed; renewing at 2/3 of the lifetime");
+                None
+            }
+        }
+    }
+
+    pub fn new(config: &AcmeConfig, state: StateDir, kube: Option<KubeSecrets>) -> anyhow::Result<Self> {
         let eab = match &config.eab {
             Some(eab) => {
                 let text = read_secret(eab.hmac_key.as_ref(), eab.hmac_key_file.as_deref()).context("acme.eab")?;

@@ -179,8 +179,8 @@ impl ChallengeKind {
     }
 }
 
-/// The certificate's key. RSA is refused: certwire's one crypto backend (ring) cannot
-/// generate RSA keys.
+/// The certificate's key. ring cannot generate RSA keys: the `rsa` crate makes them
+/// (see `order.rs`), ring signs with them like any other key.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub enum KeyType {
     #[default]

@@ -7,9 +7,17 @@
 //!
 //! A holder that cannot renew within 2/3 of `duration` steps down before anyone
 //! else may take over. On shutdown the holder releases the Lease (no holder), so a
-//! rolling update hands over at once instead of after `duration`.
+//! rolling update hands over at once instead of after `duration`; the task's handle
+//! goes to the shutdown drain so that the release is awaited.
+//!
+//! Hand-written rather than kube-lease-manager (0.13, which does match kube 5 /
+//! k8s-openapi 0.29): that crate decides expiry from the holder's `renewTime` against
+//! the local wall clock (skew between nodes shifts the handover, which client-go's
+//! rule above avoids), and reads `SystemTime`, so its loop cannot run under tokio's
+//! paused clock like the tests below; it has no step-down at 2/3 of the duration
+//! either. The election is ~200 lines, with its acquire, renew, lose and release tests.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
@@ -17,6 +25,8 @@ use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::watch;
+// tokio's clock, so that tests drive the election under a paused clock.
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Whether this replica holds the Lease, updated as it changes.
@@ -50,29 +60,44 @@ pub fn identity() -> String {
     format!("{host}_{}", hex::encode(bytes))
 }
 
-/// Starts the election task; the receiver says whether this replica holds the Lease.
+/// A running election: whether this replica holds the Lease, and the task, which
+/// releases the Lease on shutdown: the drain must await it, or the release is lost.
+pub struct Election {
+    pub leadership: Leadership,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts the election task under a random identity ([`identity`]).
 pub fn start(
     client: kube::Client,
     namespace: &str,
     name: &str,
     duration: Duration,
     shutdown: CancellationToken,
-) -> (Leadership, tokio::task::JoinHandle<()>) {
-    let (tx, rx) = watch::channel(false);
-    let elector = Elector {
-        api: Api::namespaced(client, namespace),
-        name: name.to_string(),
-        namespace: namespace.to_string(),
-        identity: identity(),
-        duration,
-        tx,
-        observed: None,
-        renewed: None,
-    };
-    (rx, tokio::spawn(elector.run(shutdown)))
+) -> Election {
+    Elector::new(client, namespace, name, identity(), duration).spawn(shutdown)
 }
 
 impl Elector {
+    pub fn new(client: kube::Client, namespace: &str, name: &str, identity: String, duration: Duration) -> Self {
+        let (tx, _) = watch::channel(false);
+        Elector {
+            api: Api::namespaced(client, namespace),
+            name: name.to_string(),
+            namespace: namespace.to_string(),
+            identity,
+            duration,
+            tx,
+            observed: None,
+            renewed: None,
+        }
+    }
+
+    pub fn spawn(self, shutdown: CancellationToken) -> Election {
+        let leadership = self.tx.subscribe();
+        Election { leadership, task: tokio::spawn(self.run(shutdown)) }
+    }
+
     async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(
             lease = %format!("{}/{}", self.namespace, self.name),
@@ -83,10 +108,19 @@ impl Elector {
         let period = (self.duration / 5).max(Duration::from_millis(200));
         let renew_deadline = self.duration * 2 / 3;
         loop {
-            let holding = match self.try_acquire_or_renew().await {
-                Ok(holding) => holding,
-                Err(e) => {
-                    tracing::warn!(lease = %self.name, error = %e, "ACME lease request failed");
+            // A request that hangs counts as a failed one: the deadline below still applies.
+            let round = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                round = tokio::time::timeout(period, self.try_acquire_or_renew()) => round,
+            };
+            let holding = match round {
+                Ok(Ok(holding)) => holding,
+                failed => {
+                    let error = match failed {
+                        Ok(Err(e)) => e.to_string(),
+                        _ => format!("no answer within {period:?}"),
+                    };
+                    tracing::warn!(lease = %self.name, error = %error, "ACME lease request failed");
                     // Keep holding until the renew deadline passes without a renewal.
                     self.renewed.is_some_and(|t| t.elapsed() < renew_deadline)
                 }
@@ -201,5 +235,139 @@ impl Elector {
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
         self.api.replace(&self.name, &PostParams::default(), &lease).await.map(drop)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use http::Method;
+    use serde_json::json;
+
+    use super::*;
+    use crate::sources::acme::fake_kube::{Action, FakeApi, lease_path};
+
+    const DURATION: Duration = Duration::from_secs(10);
+
+    fn elector(api: &FakeApi, identity: &str, shutdown: &CancellationToken) -> Election {
+        Elector::new(api.client(), "acme", "lock", identity.to_string(), DURATION).spawn(shutdown.clone())
+    }
+
+    fn holder(api: &FakeApi) -> Option<String> {
+        api.get(&lease_path("acme", "lock"))?["spec"]["holderIdentity"].as_str().map(str::to_string)
+    }
+
+    /// Someone else's Lease, as another replica writes it.
+    fn held_by(api: &FakeApi, identity: &str) {
+        let mut lease = api.get(&lease_path("acme", "lock")).unwrap_or_else(|| {
+            json!({"apiVersion": "coordination.k8s.io/v1", "kind": "Lease", "metadata": {"name": "lock", "namespace": "acme"}, "spec": {}})
+        });
+        lease["spec"]["holderIdentity"] = json!(identity);
+        lease["spec"]["leaseDurationSeconds"] = json!(10);
+        api.put(&lease_path("acme", "lock"), lease);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acme_lease_acquire_renew_release() {
+        let api = FakeApi::default();
+        let shutdown = CancellationToken::new();
+        let mut election = elector(&api, "a", &shutdown);
+        election.leadership.wait_for(|holding| *holding).await.unwrap();
+        assert_eq!(holder(&api).as_deref(), Some("a"), "created with this replica as holder");
+        let first = api.get(&lease_path("acme", "lock")).unwrap();
+
+        // Renewed every duration / 5.
+        tokio::time::sleep(DURATION).await;
+        let renewed = api.get(&lease_path("acme", "lock")).unwrap();
+        assert_ne!(renewed["metadata"]["resourceVersion"], first["metadata"]["resourceVersion"]);
+        assert_eq!(renewed["spec"]["acquireTime"], first["spec"]["acquireTime"], "acquireTime kept on renewal");
+        assert!(*election.leadership.borrow());
+        let puts = api.requests().iter().filter(|r| r.starts_with("PUT")).count();
+        assert!((4..=6).contains(&puts), "{puts} renewals in one duration");
+
+        // Released on shutdown: no holder, so a waiting replica takes over at once.
+        shutdown.cancel();
+        election.task.await.unwrap();
+        assert_eq!(holder(&api), None);
+        assert!(!*election.leadership.borrow());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acme_lease_taken_over_only_after_a_whole_unchanged_duration() {
+        let api = FakeApi::default();
+        held_by(&api, "old");
+        let shutdown = CancellationToken::new();
+        let started = Instant::now();
+        let mut election = elector(&api, "b", &shutdown);
+        // A holder that keeps renewing keeps it.
+        for _ in 0..10 {
+            tokio::time::sleep(Duration::from_secs(3)).await;
+            assert!(!*election.leadership.borrow(), "taken while the holder renews");
+            held_by(&api, "old");
+        }
+        // It stops: taken over once seen unchanged for a whole duration, by this clock.
+        let stopped = Instant::now();
+        election.leadership.wait_for(|holding| *holding).await.unwrap();
+        assert!(
+            stopped.elapsed() >= DURATION && stopped.elapsed() <= DURATION + DURATION / 5 * 2,
+            "{:?}",
+            stopped.elapsed()
+        );
+        assert!(started.elapsed() < Duration::from_secs(60));
+        let lease = api.get(&lease_path("acme", "lock")).unwrap();
+        assert_eq!(lease["spec"]["holderIdentity"], "b");
+        assert_eq!(lease["spec"]["leaseTransitions"], 1);
+        shutdown.cancel();
+        election.task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acme_lease_lost_to_another_writer_and_not_released_then() {
+        let api = FakeApi::default();
+        let shutdown = CancellationToken::new();
+        let mut election = elector(&api, "a", &shutdown);
+        election.leadership.wait_for(|holding| *holding).await.unwrap();
+        // Another replica wrote itself in (say, after a partition): this one steps down.
+        held_by(&api, "b");
+        election.leadership.wait_for(|holding| !*holding).await.unwrap();
+        shutdown.cancel();
+        election.task.await.unwrap();
+        assert_eq!(holder(&api).as_deref(), Some("b"), "a Lease held by another is never released");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acme_lease_holder_steps_down_before_the_lease_can_expire() {
+        for action in [Action::Status(500), Action::Hang] {
+            let api = FakeApi::default();
+            let shutdown = CancellationToken::new();
+            let mut election = elector(&api, "a", &shutdown);
+            election.leadership.wait_for(|holding| *holding).await.unwrap();
+            let last_renewal = Instant::now();
+            api.fault(Method::GET, "/leases/lock", action, usize::MAX);
+            election.leadership.wait_for(|holding| !*holding).await.unwrap();
+            let held = last_renewal.elapsed();
+            // Others take over after DURATION unchanged; this one is gone well before.
+            assert!(held >= DURATION * 2 / 3 && held < DURATION, "{action:?}: held {held:?} without renewing");
+            shutdown.cancel();
+            tokio::time::timeout(Duration::from_secs(5), election.task).await.expect("ends").unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn acme_lease_two_candidates_one_holder() {
+        let api = FakeApi::default();
+        let shutdown = CancellationToken::new();
+        let a = elector(&api, "a", &shutdown);
+        let b = elector(&api, "b", &shutdown);
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let (ha, hb) = (*a.leadership.borrow(), *b.leadership.borrow());
+            assert!(!(ha && hb), "both hold the Lease");
+        }
+        let winner = holder(&api).expect("one of them holds it");
+        assert!(if winner == "a" { *a.leadership.borrow() } else { *b.leadership.borrow() });
+        shutdown.cancel();
+        a.task.await.unwrap();
+        b.task.await.unwrap();
+        assert_eq!(holder(&api), None, "the holder released it");
     }
 }

@@ -3,7 +3,7 @@
 //! (`NAME/tls.crt` leaf + chain, `NAME/tls.key`, `NAME/ca.crt` issuer chain), written
 //! with the kubelet's atomic `..data` symlink swap so that a reader (certwire's file
 //! source on another replica, Envoy's own file watch, a backup tool) never sees a
-//! half-written pair.
+//! half-written pair. The backoff after failed orders is kept under `.backoff/NAME.json`.
 
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
@@ -19,6 +19,8 @@ pub const TLS_KEY: &str = "tls.key";
 pub const CA_CRT: &str = "ca.crt";
 const DATA: &str = "..data";
 const ACCOUNT_DIR: &str = ".account";
+/// Hidden, so that `--files state_dir` does not take it for a certificate.
+const BACKOFF_DIR: &str = ".backoff";
 
 /// What is stored for one certificate.
 pub struct Stored {
@@ -46,6 +48,7 @@ impl StateDir {
         std::fs::create_dir_all(root).with_context(|| format!("creating acme state_dir {}", root.display()))?;
         let dir = Self { root: root.to_path_buf() };
         create_private_dir(&dir.root.join(ACCOUNT_DIR))?;
+        create_private_dir(&dir.root.join(BACKOFF_DIR))?;
         Ok(dir)
     }
 
@@ -108,6 +111,40 @@ impl StateDir {
             let _ = std::fs::remove_dir_all(&data_dir);
         }
         result.with_context(|| format!("writing certificate {name} to {}", dir.display()))
+    }
+}
+
+impl StateDir {
+    fn backoff_path(&self, name: &str) -> PathBuf {
+        self.root.join(BACKOFF_DIR).join(format!("{name}.json"))
+    }
+
+    /// The backoff record of certificate `name`, if any.
+    pub fn load_backoff(&self, name: &str) -> anyhow::Result<Option<Vec<u8>>> {
+        let path = self.backoff_path(name);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+    }
+
+    /// Writes the backoff record of `name` atomically (temp file + rename).
+    pub fn save_backoff(&self, name: &str, json: &[u8]) -> anyhow::Result<()> {
+        let path = self.backoff_path(name);
+        let tmp = path.with_extension("json.tmp");
+        write_file(&tmp, json)?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("renaming {} into place", tmp.display()))
+    }
+
+    pub fn remove_backoff(&self, name: &str) -> anyhow::Result<()> {
+        let path = self.backoff_path(name);
+        match std::fs::remove_file(&path) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(e).with_context(|| format!("removing {}", path.display()))
+            }
+            _ => Ok(()),
+        }
     }
 }
 
@@ -248,6 +285,21 @@ mod tests {
         std::fs::write(dir.join(TLS_CRT), "old").unwrap();
         state.save_cert("web", &stored("new")).unwrap();
         assert_eq!(std::fs::read(dir.join(TLS_CRT)).unwrap(), b"chain new");
+    }
+
+    #[test]
+    fn acme_backoff_file_round_trips_and_is_hidden_from_the_file_source() {
+        let tmp = tempfile::tempdir().unwrap();
+        let state = StateDir::open(tmp.path()).unwrap();
+        assert!(state.load_backoff("web").unwrap().is_none());
+        state.save_backoff("web", b"{\"failures\":1}").unwrap();
+        state.save_backoff("web", b"{\"failures\":2}").unwrap();
+        assert_eq!(state.load_backoff("web").unwrap().unwrap(), b"{\"failures\":2}");
+        assert!(state.load_backoff("api").unwrap().is_none());
+        state.remove_backoff("web").unwrap();
+        state.remove_backoff("web").unwrap();
+        assert!(state.load_backoff("web").unwrap().is_none());
+        assert!(BACKOFF_DIR.starts_with('.'));
     }
 
     #[test]
