@@ -11,7 +11,7 @@ use crate::store::{Outcome, Rank, Store};
 
 /// Handed to each source: reports what the source found for a name.
 #[derive(Clone)]
-pub struct Sink {
+pub struct Intake {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     rank: Rank,
@@ -22,14 +22,14 @@ pub struct Sink {
     loading: bool,
 }
 
-impl Sink {
-    /// Registers a source named `source` (e.g. `files:/etc/certs`); earlier sinks win.
+impl Intake {
+    /// Registers a source named `source` (e.g. `files:/etc/certs`); earlier intakes win.
     pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, source: &str, allow_expired: bool) -> Self {
         let (rank, source) = store.register_source(source);
         Self { store, metrics, rank, source, allow_expired, loading: false }
     }
 
-    /// Marks the start (true) or the end (false) of this sink's initial load: while
+    /// Marks the start (true) or the end (false) of this intake's initial load: while
     /// loading, accepted updates are logged at debug. Rejections are always errors.
     pub fn set_loading(&mut self, loading: bool) {
         self.loading = loading;
@@ -53,7 +53,7 @@ impl Sink {
         self.update_aliases(std::slice::from_ref(&name), material, detected_at)
     }
 
-    /// Like [`Sink::update`] for one piece of material served under several names (a
+    /// Like [`Intake::update`] for one piece of material served under several names (a
     /// Kubernetes Secret is `kubernetes://ns/name`, `kubernetes://name` and `name`): a
     /// rejection is logged and counted once, and recorded for every name. The outcome is
     /// that of the first name.
@@ -120,7 +120,7 @@ impl Sink {
         self.record_rejection(std::slice::from_ref(&name), reason, error);
     }
 
-    /// Like [`Sink::reject`] for many names that failed for one reason (a files root that
+    /// Like [`Intake::reject`] for many names that failed for one reason (a files root that
     /// cannot be listed): logged and counted once, recorded in status for every name.
     pub fn reject_all<N>(&self, names: &[N], reason: &'static str, error: &dyn std::fmt::Display)
     where
@@ -153,14 +153,14 @@ impl Sink {
     }
 
     /// A failure of the source itself for `name` that is about no content (an ACME order
-    /// that failed): shown as the name's `last_error` in status until [`Sink::clear_error`]
+    /// that failed): shown as the name's `last_error` in status until [`Intake::clear_error`]
     /// or the next good update; what is served does not change, and no update is counted
     /// as rejected. `message` must not carry key material.
     pub fn report_error(&self, name: &str, message: String) {
         self.store.reject(self.rank, &self.source, name, message);
     }
 
-    /// Clears what [`Sink::report_error`] recorded for `name`.
+    /// Clears what [`Intake::report_error`] recorded for `name`.
     pub fn clear_error(&self, name: &str) {
         self.store.clear_error(self.rank, name);
     }

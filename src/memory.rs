@@ -9,7 +9,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use crate::shutdown::Shutdown;
 
 use crate::xds::listen::Connections;
 
@@ -49,7 +49,7 @@ impl Churn {
 
 /// Connections that come and go (an attack, a fleet reconnecting) free their memory;
 /// after many closed, hand the pages back so RSS returns to what the open ones need.
-pub async fn trim_after_churn(connections: Arc<Connections>, shutdown: CancellationToken) {
+pub async fn trim_after_churn(connections: Arc<Connections>, shutdown: Shutdown) {
     let mut every = tokio::time::interval(EVERY);
     let mut churn = Churn::default();
     loop {

@@ -1,5 +1,6 @@
-//! The process-wide stop signal (SIGTERM): a cancellation token for async waits, and a
-//! flag that the per-stream hot path reads without taking the token's lock.
+//! The process-wide stop signal (SIGTERM), the one type every part that must stop is
+//! given: a cancellation token for async waits, and a flag that the per-stream hot path
+//! reads without taking the token's lock.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -7,7 +8,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Waker};
 
-use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture, WaitForCancellationFutureOwned};
 
 #[derive(Clone, Default)]
 pub struct Shutdown {
@@ -30,21 +31,45 @@ impl Shutdown {
         self.flag.load(Ordering::Acquire)
     }
 
-    pub fn token(&self) -> CancellationToken {
+    fn token(&self) -> CancellationToken {
         self.token.clone()
+    }
+
+    /// Completes once the signal is given.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.token.cancelled()
+    }
+
+    /// [`Shutdown::cancelled`] for a `'static` future (e.g. axum's graceful shutdown).
+    pub fn cancelled_owned(self) -> WaitForCancellationFutureOwned {
+        self.token.cancelled_owned()
+    }
+
+    /// Gives the signal when the returned guard is dropped (tests stopping what they
+    /// started, whichever way they end).
+    pub fn trigger_on_drop(self) -> TriggerOnDrop {
+        TriggerOnDrop(self)
+    }
+}
+
+pub struct TriggerOnDrop(Shutdown);
+
+impl Drop for TriggerOnDrop {
+    fn drop(&mut self) {
+        self.0.trigger();
     }
 }
 
 /// The stop signal for a hand-written future polled on every rotation (a connection, a
 /// stream). Polling the token takes its lock, one lock for the whole process; here it is
 /// polled only to register a new waker, and every other poll reads the flag.
-pub struct StopWatch {
+pub struct StopPoll {
     shutdown: Shutdown,
     wait: Pin<Box<WaitForCancellationFutureOwned>>,
     registered: Option<Waker>,
 }
 
-impl StopWatch {
+impl StopPoll {
     pub fn new(shutdown: &Shutdown) -> Self {
         Self { shutdown: shutdown.clone(), wait: Box::pin(shutdown.token().cancelled_owned()), registered: None }
     }
@@ -78,7 +103,7 @@ mod tests {
     #[tokio::test]
     async fn stop_watch_wakes_its_task_once_triggered() {
         let s = Shutdown::new();
-        let mut watch = StopWatch::new(&s);
+        let mut watch = StopPoll::new(&s);
         let waiting =
             std::future::poll_fn(
                 move |cx| if watch.stopped(cx) { std::task::Poll::Ready(()) } else { std::task::Poll::Pending },

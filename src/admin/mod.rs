@@ -7,6 +7,7 @@ mod status_api;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use crate::shutdown::Shutdown;
 use anyhow::Context;
 use axum::Router;
 use axum::extract::State;
@@ -14,7 +15,6 @@ use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tokio::net::TcpListener;
-use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
 use crate::metrics::Metrics;
@@ -27,7 +27,7 @@ pub struct Admin {
     pub proxies: Arc<Proxies>,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
-    pub shutdown: CancellationToken,
+    pub shutdown: Shutdown,
 }
 
 impl Admin {
@@ -72,7 +72,7 @@ pub async fn bind(addr: SocketAddr) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr).await.with_context(|| format!("binding admin on {addr}"))
 }
 
-async fn serve_on(listener: TcpListener, router: Router, shutdown: &CancellationToken) -> anyhow::Result<()> {
+async fn serve_on(listener: TcpListener, router: Router, shutdown: &Shutdown) -> anyhow::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "admin listening");
     }
@@ -122,7 +122,7 @@ pub(crate) mod tests {
     use tower::ServiceExt;
 
     use super::*;
-    use crate::ingest::Sink;
+    use crate::ingest::Intake;
     use crate::sources::dev::DevCa;
 
     async fn get(router: Router, path: &str) -> (StatusCode, String) {
@@ -140,7 +140,7 @@ pub(crate) mod tests {
             proxies: Arc::new(Proxies::new(metrics.clone())),
             metrics,
             health: Arc::new(Health::default()),
-            shutdown: CancellationToken::new(),
+            shutdown: Shutdown::new(),
         }
     }
 
@@ -171,14 +171,14 @@ pub(crate) mod tests {
         let material = ca.material("web").unwrap();
         let crate::pki::Material::Tls { key_pem, .. } = &material else { panic!("tls material") };
         let key_b64_line = String::from_utf8(key_pem.as_slice().to_vec()).unwrap().lines().nth(1).unwrap().to_owned();
-        let sink = Sink::new(a.store.clone(), a.metrics.clone(), "dev", false);
-        sink.update("web", &material, Instant::now()).unwrap();
+        let intake = Intake::new(a.store.clone(), a.metrics.clone(), "dev", false);
+        intake.update("web", &material, Instant::now()).unwrap();
         // A rejected update too: its error text must not echo the key either.
         let mut bad = material.clone();
         if let crate::pki::Material::Tls { cert_chain_pem, .. } = &mut bad {
             cert_chain_pem.extend_from_slice(key_pem.as_slice());
         }
-        let _ = sink.update("web", &bad, Instant::now());
+        let _ = intake.update("web", &bad, Instant::now());
         for path in ["/status/secrets", "/status/proxies", "/metrics", "/readyz"] {
             let (code, body) = get(a.clone().router(), path).await;
             assert_eq!(code, StatusCode::OK, "{path}");

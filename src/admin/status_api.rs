@@ -133,7 +133,7 @@ mod tests {
 
     use super::*;
     use crate::admin::tests::admin;
-    use crate::ingest::Sink;
+    use crate::ingest::Intake;
     use crate::sources::dev::DevCa;
     use crate::xds::proxies::MAX_ROLLOUT_WATCHERS;
 
@@ -169,7 +169,7 @@ mod tests {
             admitted.is_some()
         })
         .await;
-        a.shutdown.cancel();
+        a.shutdown.trigger();
     }
 
     #[tokio::test]
@@ -182,15 +182,15 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(250)).await;
         assert!(demand.try_recv().is_err(), "no source is asked to mint a name only a watch asked about");
         assert_eq!(a.store.subscribers("made-up"), 0, "no store subscription for it");
-        a.shutdown.cancel();
+        a.shutdown.trigger();
     }
 
     #[tokio::test]
     async fn a_watch_follows_the_acks_of_the_current_version() {
         let a = admin();
-        let sink = Sink::new(a.store.clone(), a.metrics.clone(), "dev", false);
+        let intake = Intake::new(a.store.clone(), a.metrics.clone(), "dev", false);
         let ca = DevCa::new(Duration::from_secs(600)).unwrap();
-        sink.update("web", &ca.material("web").unwrap(), Instant::now()).unwrap();
+        intake.update("web", &ca.material("web").unwrap(), Instant::now()).unwrap();
         let v1 = a.store.get("web").unwrap().version;
         let peer = crate::xds::Peer { address: "test".into(), identity: crate::authz::Identity::Anonymous };
         let stream = a.proxies.open("sotw", &peer);
@@ -201,7 +201,7 @@ mod tests {
         assert_eq!((p.version, p.streams_subscribed, p.streams_acked), (v1.to_string(), 1, 1));
         assert_eq!(a.store.subscribers("web"), 1, "a served name is followed in the store");
 
-        sink.update("web", &ca.material("web").unwrap(), Instant::now()).unwrap();
+        intake.update("web", &ca.material("web").unwrap(), Instant::now()).unwrap();
         let v2 = a.store.get("web").unwrap().version;
         let p = progress.next().await.unwrap().unwrap();
         assert_eq!((p.version, p.streams_subscribed, p.streams_acked), (v2.to_string(), 1, 0));

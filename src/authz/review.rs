@@ -10,10 +10,10 @@ use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::shutdown::Shutdown;
 use dashmap::DashMap;
 use tokio::sync::watch;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 use super::{Decision, Reason};
 
@@ -135,7 +135,7 @@ impl Reviews {
 
     /// Runs the refresher until shutdown, a tenth of the shorter TTL apart (at least
     /// 100 ms), so an answer is asked again at most 10 % after it expired.
-    pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
+    pub async fn run(self: Arc<Self>, shutdown: Shutdown) {
         let tick = (self.ttls.allow.min(self.ttls.deny) / 10).max(Duration::from_millis(100));
         let mut every = tokio::time::interval(tick);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -11,7 +11,7 @@ use crate::authz::review::{KubeReviewer, Reviews};
 use crate::authz::{Authorizer, Mode};
 use crate::config::Settings;
 use crate::health::Health;
-use crate::ingest::Sink;
+use crate::ingest::Intake;
 use crate::logging;
 use crate::metrics::Metrics;
 use crate::shutdown::Shutdown;
@@ -19,7 +19,7 @@ use crate::sources;
 use crate::store::Store;
 use crate::xds::listen::ListenAddr;
 use crate::xds::proxies::Proxies;
-use crate::xds::{Shared, listen};
+use crate::xds::{ServerState, listen};
 
 pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     logging::init(settings.log_format);
@@ -29,7 +29,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let health = Arc::new(Health::default());
     let proxies = Arc::new(Proxies::new(metrics.clone()).with_max_rollout_watchers(settings.status_max_watchers));
     let stop = Shutdown::new();
-    let shutdown = stop.token();
+    let shutdown = stop.clone();
 
     if let Some(path) = &settings.ready_file {
         super::ready_file::clear(path)?;
@@ -64,20 +64,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     for root in &settings.files {
         let name = format!("files:{}", root.display());
         health.not_ready(&name, "initial load");
-        let sink = Sink::new(store.clone(), metrics.clone(), &name, settings.allow_expired);
+        let intake = Intake::new(store.clone(), metrics.clone(), &name, settings.allow_expired);
         let options = sources::files::Options {
             rescan: settings.files_rescan_every,
             max_file_bytes: settings.files_max_file_bytes,
             ..Default::default()
         };
-        sources::files::start_with(root.clone(), sink, shutdown.clone(), options)
+        sources::files::start_with(root.clone(), intake, shutdown.clone(), options)
             .await
             .with_context(|| format!("starting file source {}", root.display()))?;
         health.ready(&name);
     }
     if let Some(options) = settings.kubernetes.clone() {
-        let sink = Sink::new(store.clone(), metrics.clone(), "kubernetes", settings.allow_expired);
-        sources::kubernetes::start(options, sink, health.clone(), shutdown.clone())
+        let intake = Intake::new(store.clone(), metrics.clone(), "kubernetes", settings.allow_expired);
+        sources::kubernetes::start(options, intake, health.clone(), shutdown.clone())
             .await
             .context("starting the Kubernetes source")?;
     }
@@ -85,21 +85,21 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     // and releases its Lease): drained with the servers on SIGTERM.
     let mut background = Vec::new();
     if let Some(acme) = settings.acme.clone() {
-        let sink = Sink::new(store.clone(), metrics.clone(), "acme", settings.allow_expired);
+        let intake = Intake::new(store.clone(), metrics.clone(), "acme", settings.allow_expired);
         background.extend(
-            sources::acme::start(acme, sink, metrics.clone(), health.clone(), shutdown.clone())
+            sources::acme::start(acme, intake, metrics.clone(), health.clone(), shutdown.clone())
                 .await
                 .context("starting the ACME source")?,
         );
     }
     if settings.dev {
-        let sink = Sink::new(store.clone(), metrics.clone(), "dev", settings.allow_expired);
+        let intake = Intake::new(store.clone(), metrics.clone(), "dev", settings.allow_expired);
         let dev = sources::dev::DevSettings {
             rotate_every: settings.dev_rotate_every,
             forget_after: settings.dev_forget_after,
             max_names: settings.dev_max_names,
         };
-        sources::dev::start_with(sink, dev, metrics.clone(), shutdown.clone())?;
+        sources::dev::start_with(intake, dev, metrics.clone(), shutdown.clone())?;
         tracing::warn!(rotate_every = ?settings.dev_rotate_every, "dev CA source enabled: certificates are for testing only");
     }
 
@@ -118,7 +118,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
 
     // The initial load parsed every secret once; its temporaries are garbage now.
     crate::memory::release_free_pages();
-    let shared = Shared::new(store.clone(), proxies, metrics, stop.clone(), authz, settings.limits.clone());
+    let shared = ServerState::new(store.clone(), proxies, metrics, stop.clone(), authz, settings.limits.clone());
     tokio::spawn(crate::memory::trim_after_churn(shared.connections.clone(), shutdown.clone()));
     for (_, b) in bound {
         // As bound: with port 0, the port the kernel chose.
@@ -180,7 +180,7 @@ fn local_addr(listener: &tokio::net::TcpListener) -> String {
 async fn authorizer(
     settings: &Settings,
     metrics: Arc<Metrics>,
-    shutdown: tokio_util::sync::CancellationToken,
+    shutdown: crate::shutdown::Shutdown,
 ) -> anyhow::Result<Authorizer> {
     let a = &settings.authz;
     let (reviews, default_namespace) = match a.mode {
@@ -209,7 +209,7 @@ async fn authorizer(
 
 /// `--insecure-open-sds` on an exposed address: said at start and every hour, so that
 /// nobody runs it by accident for long.
-async fn warn_insecure(settings: Settings, tls: bool, shutdown: tokio_util::sync::CancellationToken) {
+async fn warn_insecure(settings: Settings, tls: bool, shutdown: crate::shutdown::Shutdown) {
     let exposed: Vec<String> = settings.listen.iter().filter(|l| !l.is_local()).map(|l| l.to_string()).collect();
     let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
     loop {

@@ -6,15 +6,15 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::shutdown::Shutdown;
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
     KeyUsagePurpose, SanType,
 };
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::{Instant, MissedTickBehavior};
-use tokio_util::sync::CancellationToken;
 
-use crate::ingest::Sink;
+use crate::ingest::Intake;
 use crate::metrics::Metrics;
 use crate::pki::{KeyBytes, Material};
 
@@ -118,27 +118,27 @@ impl DevSettings {
 /// Runs the dev source with the default [`DevSettings`] and its own metrics (refusals
 /// are logged but not exported): [`start_with`] is the full form.
 pub fn start(
-    sink: Sink,
+    intake: Intake,
     rotate_every: Duration,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>, DevError> {
-    start_with(sink, DevSettings::new(rotate_every), Arc::new(Metrics::new()), shutdown)
+    start_with(intake, DevSettings::new(rotate_every), Arc::new(Metrics::new()), shutdown)
 }
 
 /// Runs the dev source until `shutdown`: mints on demand, re-mints on `rotate_every`,
 /// withdraws names nobody subscribes to after `forget_after`, and mints at most
 /// `max_names` (counted in `dev_ca_names_refused_total` beyond).
 pub fn start_with(
-    sink: Sink,
+    intake: Intake,
     settings: DevSettings,
     metrics: Arc<Metrics>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> Result<tokio::task::JoinHandle<()>, DevError> {
     // The certificate outlives two rotations so a slow proxy never holds an expired one.
     let ca = DevCa::new(settings.rotate_every * 2 + BACKDATE)?;
-    let mut demand = sink.store().demand();
+    let mut demand = intake.store().demand();
     let handle = tokio::spawn(async move {
-        let mut dev = Minted { ca, sink, metrics, settings, names: HashMap::new(), waiting: false, told: false };
+        let mut dev = Minted { ca, intake, metrics, settings, names: HashMap::new(), waiting: false, told: false };
         let rotate_every = dev.settings.rotate_every;
         let mut rotate = tokio::time::interval_at(Instant::now() + rotate_every, rotate_every);
         let sweep_every = (dev.settings.forget_after / 4).max(Duration::from_secs(1));
@@ -165,7 +165,7 @@ pub fn start_with(
 /// does, as of the last sweep).
 struct Minted {
     ca: DevCa,
-    sink: Sink,
+    intake: Intake,
     metrics: Arc<Metrics>,
     settings: DevSettings,
     names: HashMap<String, Option<Instant>>,
@@ -184,7 +184,7 @@ impl Minted {
             self.refuse(&name);
             return;
         }
-        mint(&self.ca, &self.sink, &name);
+        mint(&self.ca, &self.intake, &name);
         self.names.insert(name, None);
     }
 
@@ -208,10 +208,10 @@ impl Minted {
     /// Every name some stream waits for and no source serves, up to the limit.
     fn mint_wanted(&mut self) {
         self.waiting = false;
-        for name in self.sink.store().wanted_unserved() {
+        for name in self.intake.store().wanted_unserved() {
             if self.names.contains_key(&name) {
                 // Known but not in the store (withdrawn meanwhile): mint it again.
-                mint(&self.ca, &self.sink, &name);
+                mint(&self.ca, &self.intake, &name);
             } else {
                 self.demanded(name);
             }
@@ -221,14 +221,14 @@ impl Minted {
     fn rotate(&mut self) {
         tracing::info!(secrets = self.names.len(), "dev CA rotating all certificates");
         for name in self.names.keys() {
-            mint(&self.ca, &self.sink, name);
+            mint(&self.ca, &self.intake, name);
         }
     }
 
     /// Withdraws the names nobody subscribed to for `forget_after`.
     fn sweep(&mut self) {
         let now = Instant::now();
-        let store = self.sink.store().clone();
+        let store = self.intake.store().clone();
         let mut forget = Vec::new();
         for (name, idle_since) in &mut self.names {
             if store.subscribers(name) > 0 {
@@ -242,7 +242,7 @@ impl Minted {
         }
         for name in &forget {
             self.names.remove(name);
-            self.sink.remove(name);
+            self.intake.remove(name);
             // A stream that subscribed just before the removal has been told the name is
             // gone and announces no demand: mint it again. One that subscribes after it
             // announces demand, and `purge` keeps the entry it waits on.
@@ -265,12 +265,12 @@ impl Minted {
     }
 }
 
-fn mint(ca: &DevCa, sink: &Sink, name: &str) {
+fn mint(ca: &DevCa, intake: &Intake, name: &str) {
     let detected = std::time::Instant::now();
     match ca.material(name) {
-        // Rejections are logged and counted by the sink.
+        // Rejections are logged and counted by the intake.
         Ok(material) => {
-            let _ = sink.update(name, &material, detected);
+            let _ = intake.update(name, &material, detected);
         }
         Err(err) => tracing::error!(secret = name, error = %err, "dev CA could not mint a certificate"),
     }
@@ -306,11 +306,11 @@ mod lifecycle_tests {
     use super::*;
     use crate::store::Store;
 
-    fn dev_sink() -> (Arc<Store>, Arc<Metrics>, Sink) {
+    fn dev_sink() -> (Arc<Store>, Arc<Metrics>, Intake) {
         let store = Arc::new(Store::new());
         let metrics = Arc::new(Metrics::new());
-        let sink = Sink::new(store.clone(), metrics.clone(), "dev", false);
-        (store, metrics, sink)
+        let intake = Intake::new(store.clone(), metrics.clone(), "dev", false);
+        (store, metrics, intake)
     }
 
     async fn until(what: &str, f: impl Fn() -> bool) {
@@ -329,11 +329,11 @@ mod lifecycle_tests {
 
     #[tokio::test(start_paused = true)]
     async fn names_nobody_subscribes_to_are_withdrawn_after_the_grace_period() {
-        let (store, _, sink) = dev_sink();
-        let shutdown = CancellationToken::new();
+        let (store, _, intake) = dev_sink();
+        let shutdown = Shutdown::new();
         let _kept = store.subscribe("kept");
         let dropped = store.subscribe("dropped");
-        start(sink, Duration::from_secs(300), shutdown.clone()).unwrap();
+        start(intake, Duration::from_secs(300), shutdown.clone()).unwrap();
         until("both minted", || store.get("kept").is_some() && store.get("dropped").is_some()).await;
 
         drop(dropped);
@@ -349,30 +349,30 @@ mod lifecycle_tests {
         // Asked for again, it is minted again.
         let _again = store.subscribe("dropped");
         until("minted again", || store.get("dropped").is_some()).await;
-        shutdown.cancel();
+        shutdown.trigger();
     }
 
     #[tokio::test(start_paused = true)]
     async fn at_most_max_names_are_minted_by_default() {
-        let (store, _, sink) = dev_sink();
-        let shutdown = CancellationToken::new();
-        start(sink, Duration::from_secs(300), shutdown.clone()).unwrap();
+        let (store, _, intake) = dev_sink();
+        let shutdown = Shutdown::new();
+        start(intake, Duration::from_secs(300), shutdown.clone()).unwrap();
         // CA bundles: no key to generate, so a thousand are quick.
         let subs: Vec<_> = (0..=MAX_NAMES).map(|i| store.subscribe(&format!("n{i}-cacert"))).collect();
         until("the first thousand minted", || store.served_count() >= MAX_NAMES).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         assert_eq!(store.served_count(), MAX_NAMES, "one name over the limit is not minted");
         drop(subs);
-        shutdown.cancel();
+        shutdown.trigger();
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_refused_name_is_counted_and_minted_once_a_place_is_free() {
-        let (store, metrics, sink) = dev_sink();
-        let shutdown = CancellationToken::new();
+        let (store, metrics, intake) = dev_sink();
+        let shutdown = Shutdown::new();
         let settings =
             DevSettings { rotate_every: Duration::from_secs(300), forget_after: Duration::from_secs(60), max_names: 2 };
-        start_with(sink, settings, metrics.clone(), shutdown.clone()).unwrap();
+        start_with(intake, settings, metrics.clone(), shutdown.clone()).unwrap();
         let a = store.subscribe("a-cacert");
         let _b = store.subscribe("b-cacert");
         until("a and b minted", || store.served_count() == 2).await;
@@ -387,6 +387,6 @@ mod lifecycle_tests {
         assert!(store.get("a-cacert").is_none() && !listed(&store, "a-cacert"), "a withdrawn");
         assert!(store.get("c-cacert").is_some(), "c minted in a's place");
         assert_eq!(store.served_count(), 2);
-        shutdown.cancel();
+        shutdown.trigger();
     }
 }

@@ -1,5 +1,5 @@
 //! Sources turn the outside world into "secret NAME now has CONTENT" or "NAME is gone",
-//! reported through an [`crate::ingest::Sink`]. A source knows nothing of xDS.
+//! reported through an [`crate::ingest::Intake`]. A source knows nothing of xDS.
 
 pub mod acme;
 pub mod dev;

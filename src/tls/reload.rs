@@ -6,9 +6,9 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
+use crate::shutdown::Shutdown;
 use anyhow::Context;
 use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 use super::{CaFrom, CertFrom, Pems, ServerTls, Settings, build};
 use crate::health::Health;
@@ -31,7 +31,7 @@ pub async fn start(
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> anyhow::Result<Arc<ServerTls>> {
     let tls = Arc::new(ServerTls::new(settings.client_ca.is_some()));
     let mut reloader = Reloader { settings, store, tls: tls.clone(), metrics, health, last: None };
@@ -56,7 +56,7 @@ struct Reloader {
 }
 
 impl Reloader {
-    async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: Shutdown) {
         let mut cert_rx = match &self.settings.cert {
             CertFrom::Secret(name) => Some(self.store.subscribe(name)),
             CertFrom::Files { .. } => None,
@@ -268,8 +268,8 @@ mod tests {
             cert_chain_pem: cert.pem().into_bytes(),
             key_pem: KeyBytes::new(key.serialize_pem().into_bytes()),
         };
-        let sink = crate::ingest::Sink::new(r.store.clone(), r.metrics.clone(), "test", false);
-        sink.update("certwire-tls", &material, std::time::Instant::now()).unwrap();
+        let intake = crate::ingest::Intake::new(r.store.clone(), r.metrics.clone(), "test", false);
+        intake.update("certwire-tls", &material, std::time::Instant::now()).unwrap();
         assert_eq!(r.reload().await, Ok(true));
         assert!(r.health.check().is_ok());
     }

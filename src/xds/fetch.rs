@@ -7,7 +7,7 @@ use tonic::Status;
 
 use super::codec::Outgoing;
 use super::transport::Unary;
-use super::{Peer, Shared, check_type_url};
+use super::{Peer, ServerState, check_type_url};
 use crate::authz::{Decision, Verdict};
 use crate::metrics::ProtocolLabel;
 use crate::store::Served;
@@ -19,7 +19,7 @@ const NAMES_SHOWN: usize = 4;
 /// Checks the names of a FetchSecrets before anything is looked up: at most
 /// `[limits] max_names_per_request`, none twice (the xDS protocol calls a duplicate an
 /// error; served twice, one name could multiply a response).
-pub fn check_names(shared: &Shared, req: &DiscoveryRequest) -> Result<(), Status> {
+pub fn check_names(shared: &ServerState, req: &DiscoveryRequest) -> Result<(), Status> {
     let max = shared.limits.max_names_per_request;
     if req.resource_names.len() > max {
         super::limits::hit(&shared.metrics, "max_names_per_request");
@@ -39,7 +39,7 @@ pub fn check_names(shared: &Shared, req: &DiscoveryRequest) -> Result<(), Status
 }
 
 /// FetchSecrets: one request, the current content of the names the peer may read.
-pub async fn serve(shared: Shared, peer: Arc<Peer>, call: Unary) {
+pub async fn serve(shared: ServerState, peer: Arc<Peer>, call: Unary) {
     call.answer(|mut req: DiscoveryRequest| async move {
         check_names(&shared, &req)?;
         authorize(&shared, &peer, &mut req).await;
@@ -48,7 +48,7 @@ pub async fn serve(shared: Shared, peer: Arc<Peer>, call: Unary) {
     .await
 }
 
-pub fn fetch(shared: &Shared, req: DiscoveryRequest) -> Result<Outgoing, Status> {
+pub fn fetch(shared: &ServerState, req: DiscoveryRequest) -> Result<Outgoing, Status> {
     check_type_url(req.type_url.as_bytes())?;
     let found: super::codec::Resources = req.resource_names.iter().filter_map(|n| shared.store.get(n)).collect();
     if found.is_empty() {
@@ -77,7 +77,7 @@ const REVIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Leaves in `req` only the names `peer` may read; the others look absent, as on a
 /// stream.
-pub async fn authorize(shared: &Shared, peer: &Peer, req: &mut DiscoveryRequest) {
+pub async fn authorize(shared: &ServerState, peer: &Peer, req: &mut DiscoveryRequest) {
     let mut allowed = Vec::with_capacity(req.resource_names.len());
     for name in std::mem::take(&mut req.resource_names) {
         let reason = match shared.authz.decide(&peer.identity, &name) {

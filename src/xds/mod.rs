@@ -28,7 +28,7 @@ use transport::limits::{Budget, Limits};
 
 /// What every stream task needs. Cloned per stream (all `Arc`s).
 #[derive(Clone)]
-pub struct Shared {
+pub struct ServerState {
     pub store: Arc<Store>,
     pub proxies: Arc<Proxies>,
     pub metrics: Arc<Metrics>,
@@ -43,7 +43,7 @@ pub struct Shared {
     pub connections: Arc<listen::Connections>,
 }
 
-impl Shared {
+impl ServerState {
     pub fn new(
         store: Arc<Store>,
         proxies: Arc<Proxies>,

@@ -9,7 +9,7 @@ use super::delta::Delta;
 use super::sotw::Sotw;
 use super::stream::{self, Protocol};
 use super::transport::{CallFuture, Incoming};
-use super::{Peer, Shared, fetch};
+use super::{Peer, ServerState, fetch};
 
 const STREAM: &str = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
 const DELTA: &str = "/envoy.service.secret.v3.SecretDiscoveryService/DeltaSecrets";
@@ -17,7 +17,7 @@ const FETCH: &str = "/envoy.service.secret.v3.SecretDiscoveryService/FetchSecret
 
 /// The call for `incoming`, or `None` when it was answered at once (unknown method, or
 /// the peer went away).
-pub fn route(shared: &Shared, peer: &Arc<Peer>, incoming: Incoming) -> Option<CallFuture> {
+pub fn route(shared: &ServerState, peer: &Arc<Peer>, incoming: Incoming) -> Option<CallFuture> {
     let shared = shared.clone();
     match incoming.path() {
         STREAM => open::<Sotw>(shared, peer, incoming),
@@ -34,7 +34,7 @@ pub fn route(shared: &Shared, peer: &Arc<Peer>, incoming: Incoming) -> Option<Ca
     }
 }
 
-fn open<P: Protocol>(shared: Shared, peer: &Arc<Peer>, incoming: Incoming) -> Option<CallFuture> {
+fn open<P: Protocol>(shared: ServerState, peer: &Arc<Peer>, incoming: Incoming) -> Option<CallFuture> {
     let call = incoming.stream()?;
     Some(Box::pin(stream::run::<P>(shared, peer.clone(), call)))
 }

@@ -19,7 +19,7 @@ use tokio_stream::wrappers::WatchStream;
 use super::codec::Resources;
 use super::proxies::StreamHandle;
 use super::requests::{self, NodeIdentity};
-use super::{Peer, Shared};
+use super::{Peer, ServerState};
 use crate::authz::{Decision, Reason, Verdict};
 use crate::metrics::ProtocolLabel;
 use crate::store::{Current, Served};
@@ -50,7 +50,7 @@ struct Counters {
 
 pub struct Session {
     pub id: u64,
-    shared: Shared,
+    shared: ServerState,
     peer: Arc<Peer>,
     status: Arc<StreamHandle>,
     counters: Counters,
@@ -71,7 +71,7 @@ pub struct Session {
 }
 
 impl Session {
-    pub fn open(shared: Shared, protocol: &'static str, peer: Arc<Peer>) -> Self {
+    pub fn open(shared: ServerState, protocol: &'static str, peer: Arc<Peer>) -> Self {
         let status = shared.proxies.open(protocol, &peer);
         let label = ProtocolLabel { protocol };
         let m = &shared.metrics;

@@ -17,8 +17,8 @@ use super::requests::NodeOf;
 use super::session::{Change, Session};
 use super::transport::Call;
 use super::transport::inbound;
-use super::{Peer, Shared};
-use crate::shutdown::StopWatch;
+use super::{Peer, ServerState};
+use crate::shutdown::StopPoll;
 
 pub trait Protocol: Send + 'static {
     type Request: Message + Default + Send + 'static;
@@ -35,8 +35,8 @@ pub trait Protocol: Send + 'static {
 /// The future of one StreamSecrets or DeltaSecrets call whose response headers are sent.
 /// The future of one StreamSecrets or DeltaSecrets call. Past the call's
 /// `grpc-timeout`, if it has one, it ends with DEADLINE_EXCEEDED.
-pub fn run<P: Protocol>(shared: Shared, peer: Arc<Peer>, call: Call) -> StreamTask<P> {
-    let stopping = StopWatch::new(&shared.shutdown);
+pub fn run<P: Protocol>(shared: ServerState, peer: Arc<Peer>, call: Call) -> StreamTask<P> {
+    let stopping = StopPoll::new(&shared.shutdown);
     let session = Session::open(shared, P::NAME, peer);
     StreamTask { session, call, held: None, stopping, _protocol: std::marker::PhantomData }
 }
@@ -48,7 +48,7 @@ pub struct StreamTask<P: Protocol> {
     /// in the watches, where only the latest is kept.
     held: Option<Change>,
     /// SIGTERM: the stream ends cleanly so the proxy reconnects to another replica.
-    stopping: StopWatch,
+    stopping: StopPoll,
     _protocol: std::marker::PhantomData<fn() -> P>,
 }
 

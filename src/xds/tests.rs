@@ -14,11 +14,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Streaming;
 use tonic::transport::Channel;
 
-use super::Shared;
+use super::ServerState;
 use super::proxies::Proxies;
 use crate::authz::Authorizer;
 use crate::authz::Identity;
-use crate::ingest::Sink;
+use crate::ingest::Intake;
 use crate::metrics::Metrics;
 use crate::pki::{KeyBytes, Material, SECRET_TYPE_URL};
 use crate::shutdown::Shutdown;
@@ -31,8 +31,8 @@ const ARRIVE: Duration = Duration::from_secs(10);
 const QUIET: Duration = Duration::from_millis(300);
 
 struct Harness {
-    sink: Sink,
-    shared: Shared,
+    intake: Intake,
+    shared: ServerState,
     client: SecretDiscoveryServiceClient<Channel>,
     addr: std::net::SocketAddr,
     shutdown: Shutdown,
@@ -65,7 +65,7 @@ async fn harness_with(authorized: Option<(MakeAuthorizer, Identity)>, limits: su
         Some((make, _)) => make(metrics.clone()),
         None => Authorizer::open(metrics.clone()),
     };
-    let shared = Shared::new(
+    let shared = ServerState::new(
         store.clone(),
         Arc::new(Proxies::new(metrics.clone())),
         metrics.clone(),
@@ -75,7 +75,7 @@ async fn harness_with(authorized: Option<(MakeAuthorizer, Identity)>, limits: su
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
-    let stop = shutdown.token();
+    let stop = shutdown.clone();
     match authorized {
         None => {
             tokio::spawn(super::listen::serve(super::listen::Bound::Tcp(listener), shared.clone(), None, stop));
@@ -91,13 +91,15 @@ async fn harness_with(authorized: Option<(MakeAuthorizer, Identity)>, limits: su
         }
     }
     let client = SecretDiscoveryServiceClient::connect(format!("http://{addr}")).await.unwrap();
-    let sink = Sink::new(store, metrics, "test", false);
-    Harness { sink, shared, client, addr, shutdown }
+    let intake = Intake::new(store, metrics, "test", false);
+    Harness { intake, shared, client, addr, shutdown }
 }
 
 impl Harness {
     fn put(&self, name: &str, content: &str) {
-        self.sink.update(name, &Material::Generic(KeyBytes::new(content.as_bytes().to_vec())), Instant::now()).unwrap();
+        self.intake
+            .update(name, &Material::Generic(KeyBytes::new(content.as_bytes().to_vec())), Instant::now())
+            .unwrap();
     }
     fn version(&self, name: &str) -> String {
         self.shared.store.get(name).unwrap().version.to_string()
@@ -329,7 +331,7 @@ async fn delta_subscribe_unsubscribe_and_removal() {
     h.put("b", "2");
     silent(&mut rx).await;
 
-    h.sink.remove("a");
+    h.intake.remove("a");
     let r = next(&mut rx).await;
     assert_eq!(r.removed_resources, ["a"]);
     assert!(r.resources.is_empty());
@@ -793,7 +795,7 @@ async fn a_revoked_grant_is_removed_and_a_new_one_sends_again() {
     fn kubernetes(metrics: Arc<Metrics>) -> Authorizer {
         let ttls = Ttls { allow: Duration::from_millis(200), deny: Duration::from_millis(200) };
         let reviews = Reviews::new(Arc::new(Flag), ttls);
-        tokio::spawn(reviews.clone().run(tokio_util::sync::CancellationToken::new()));
+        tokio::spawn(reviews.clone().run(crate::shutdown::Shutdown::new()));
         Authorizer::new(crate::authz::Mode::Kubernetes, Vec::new(), "gw".into(), Some(reviews), metrics)
     }
     let mut h = harness_as(Some((kubernetes, gw_identity()))).await;

@@ -5,8 +5,8 @@
 
 use std::fmt::Display;
 
+use crate::shutdown::Shutdown;
 use futures_util::{Stream, StreamExt};
-use tokio_util::sync::CancellationToken;
 
 use super::lease::Leadership;
 use super::state_dir::Stored;
@@ -27,7 +27,7 @@ pub async fn follow<S, E>(
     name: &str,
     leader: &mut Leadership,
     versions: S,
-    shutdown: &CancellationToken,
+    shutdown: &Shutdown,
     mut adopt: impl FnMut(Stored),
 ) -> Followed
 where
@@ -78,7 +78,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn acme_follower_serves_each_version_until_it_leads() {
         let (tx, mut rx) = watch::channel(false);
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         let mut seen = Vec::new();
         let versions = list(vec![Ok(Some(stored("one"))), Ok(None), Err("watch broke"), Ok(Some(stored("two")))])
             .chain(futures_util::stream::pending());
@@ -95,7 +95,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn acme_follower_returns_at_once_when_leading_and_stops_on_shutdown() {
         let (_tx, mut rx) = watch::channel(true);
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         let mut adopted = 0;
         let followed = follow("web", &mut rx, list(vec![Ok(Some(stored("x")))]), &shutdown, |_| adopted += 1).await;
         assert_eq!((followed, adopted), (Followed::Leading, 0), "a holder serves nothing from the Secret");
@@ -104,7 +104,7 @@ mod tests {
         let (tx, mut rx) = watch::channel(false);
         let stop = async {
             tokio::time::sleep(Duration::from_secs(3)).await;
-            shutdown.cancel();
+            shutdown.trigger();
         };
         let (followed, ()) = tokio::join!(follow("web", &mut rx, list(vec![]), &shutdown, |_| {}), stop);
         assert_eq!(followed, Followed::Stopped);
@@ -113,7 +113,7 @@ mod tests {
         // The election ended (its sender dropped): stop too.
         let (tx, mut rx) = watch::channel(false);
         drop(tx);
-        let running = CancellationToken::new();
+        let running = Shutdown::new();
         assert_eq!(follow("web", &mut rx, list(vec![]), &running, |_| {}).await, Followed::Stopped);
     }
 }

@@ -58,9 +58,9 @@ async fn accept(ctx: &TaskContext, spec: &CertificateConfig, issued: Issued) -> 
         key_pem: issued.key_pem,
     };
     // Cleared before the Kubernetes store, whose failure is shown there.
-    ctx.sink.clear_error(name);
+    ctx.intake.clear_error(name);
     // Served first: a slow API server does not delay the new certificate.
-    serving::serve(&ctx.sink, name, &stored, detected)?;
+    serving::serve(&ctx.intake, name, &stored, detected)?;
     tracing::info!(
         certificate = %name,
         serial = %current.serial,
@@ -76,7 +76,7 @@ async fn accept(ctx: &TaskContext, spec: &CertificateConfig, issued: Issued) -> 
             error = format!("{e:#}"),
             "could not store the issued certificate in its Kubernetes Secret"
         );
-        ctx.sink.report_error(
+        ctx.intake.report_error(
             name,
             format!("certificate issued and served, but not stored in Kubernetes: {}: {e:#}", Step::Store.as_str()),
         );

@@ -26,8 +26,8 @@ use kube::Api;
 use kube::api::{ObjectMeta, PostParams};
 use tokio::sync::watch;
 // tokio's clock, so that tests drive the election under a paused clock.
+use crate::shutdown::Shutdown;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 
 /// Whether this replica holds the Lease, updated as it changes.
 pub type Leadership = watch::Receiver<bool>;
@@ -68,13 +68,7 @@ pub struct Election {
 }
 
 /// Starts the election task under a random identity ([`identity`]).
-pub fn start(
-    client: kube::Client,
-    namespace: &str,
-    name: &str,
-    duration: Duration,
-    shutdown: CancellationToken,
-) -> Election {
+pub fn start(client: kube::Client, namespace: &str, name: &str, duration: Duration, shutdown: Shutdown) -> Election {
     Elector::new(client, namespace, name, identity(), duration).spawn(shutdown)
 }
 
@@ -93,12 +87,12 @@ impl Elector {
         }
     }
 
-    pub fn spawn(self, shutdown: CancellationToken) -> Election {
+    pub fn spawn(self, shutdown: Shutdown) -> Election {
         let leadership = self.tx.subscribe();
         Election { leadership, task: tokio::spawn(self.run(shutdown)) }
     }
 
-    async fn run(mut self, shutdown: CancellationToken) {
+    async fn run(mut self, shutdown: Shutdown) {
         tracing::info!(
             lease = %format!("{}/{}", self.namespace, self.name),
             identity = %self.identity,
@@ -248,7 +242,7 @@ mod tests {
 
     const DURATION: Duration = Duration::from_secs(10);
 
-    fn elector(api: &FakeApi, identity: &str, shutdown: &CancellationToken) -> Election {
+    fn elector(api: &FakeApi, identity: &str, shutdown: &Shutdown) -> Election {
         Elector::new(api.client(), "acme", "lock", identity.to_string(), DURATION).spawn(shutdown.clone())
     }
 
@@ -269,7 +263,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn acme_lease_acquire_renew_release() {
         let api = FakeApi::default();
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         let mut election = elector(&api, "a", &shutdown);
         election.leadership.wait_for(|holding| *holding).await.unwrap();
         assert_eq!(holder(&api).as_deref(), Some("a"), "created with this replica as holder");
@@ -285,7 +279,7 @@ mod tests {
         assert!((4..=6).contains(&puts), "{puts} renewals in one duration");
 
         // Released on shutdown: no holder, so a waiting replica takes over at once.
-        shutdown.cancel();
+        shutdown.trigger();
         election.task.await.unwrap();
         assert_eq!(holder(&api), None);
         assert!(!*election.leadership.borrow());
@@ -295,7 +289,7 @@ mod tests {
     async fn acme_lease_taken_over_only_after_a_whole_unchanged_duration() {
         let api = FakeApi::default();
         held_by(&api, "old");
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         let started = Instant::now();
         let mut election = elector(&api, "b", &shutdown);
         // A holder that keeps renewing keeps it.
@@ -316,20 +310,20 @@ mod tests {
         let lease = api.get(&lease_path("acme", "lock")).unwrap();
         assert_eq!(lease["spec"]["holderIdentity"], "b");
         assert_eq!(lease["spec"]["leaseTransitions"], 1);
-        shutdown.cancel();
+        shutdown.trigger();
         election.task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn acme_lease_lost_to_another_writer_and_not_released_then() {
         let api = FakeApi::default();
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         let mut election = elector(&api, "a", &shutdown);
         election.leadership.wait_for(|holding| *holding).await.unwrap();
         // Another replica wrote itself in (say, after a partition): this one steps down.
         held_by(&api, "b");
         election.leadership.wait_for(|holding| !*holding).await.unwrap();
-        shutdown.cancel();
+        shutdown.trigger();
         election.task.await.unwrap();
         assert_eq!(holder(&api).as_deref(), Some("b"), "a Lease held by another is never released");
     }
@@ -338,7 +332,7 @@ mod tests {
     async fn acme_lease_holder_steps_down_before_the_lease_can_expire() {
         for action in [Action::Status(500), Action::Hang] {
             let api = FakeApi::default();
-            let shutdown = CancellationToken::new();
+            let shutdown = Shutdown::new();
             let mut election = elector(&api, "a", &shutdown);
             election.leadership.wait_for(|holding| *holding).await.unwrap();
             let last_renewal = Instant::now();
@@ -347,7 +341,7 @@ mod tests {
             let held = last_renewal.elapsed();
             // Others take over after DURATION unchanged; this one is gone well before.
             assert!(held >= DURATION * 2 / 3 && held < DURATION, "{action:?}: held {held:?} without renewing");
-            shutdown.cancel();
+            shutdown.trigger();
             tokio::time::timeout(Duration::from_secs(5), election.task).await.expect("ends").unwrap();
         }
     }
@@ -355,7 +349,7 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn acme_lease_two_candidates_one_holder() {
         let api = FakeApi::default();
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         let a = elector(&api, "a", &shutdown);
         let b = elector(&api, "b", &shutdown);
         for _ in 0..20 {
@@ -365,7 +359,7 @@ mod tests {
         }
         let winner = holder(&api).expect("one of them holds it");
         assert!(if winner == "a" { *a.leadership.borrow() } else { *b.leadership.borrow() });
-        shutdown.cancel();
+        shutdown.trigger();
         a.task.await.unwrap();
         b.task.await.unwrap();
         assert_eq!(holder(&api), None, "the holder released it");

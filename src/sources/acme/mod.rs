@@ -9,7 +9,7 @@
 //! - `schedule`: when to order, a pure function returning a `Plan`;
 //! - `backoff`: retry delays after failures, and their record kept across restarts;
 //! - `renew`: the control loop of one certificate; `issue`: one issuance;
-//! - `serving`: the checks of a certificate and serving it through the sink;
+//! - `serving`: the checks of a certificate and serving it through the intake;
 //! - `persist`: the certificate and the backoff in the state directory and Kubernetes;
 //! - `state_dir`: the state directory in the file-source layout;
 //! - `kube_secrets`: the account, the backoff and the certificates as Kubernetes Secrets;
@@ -36,16 +36,16 @@ pub mod state_dir;
 
 use std::sync::Arc;
 
+use crate::shutdown::Shutdown;
 use anyhow::Context;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 pub use config::AcmeConfig;
 use config::{ChallengeKind, normalize_domain, read_secret};
 use dns::DnsProvider;
 
 use crate::health::Health;
-use crate::ingest::Sink;
+use crate::ingest::Intake;
 use crate::metrics::Metrics;
 
 /// Orders in flight at once across all certificates.
@@ -59,10 +59,10 @@ const CONCURRENT_ORDERS: usize = 4;
 /// challenge answers, releasing the Lease): the drain awaits them.
 pub async fn start(
     config: AcmeConfig,
-    sink: Sink,
+    intake: Intake,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     config.validate()?;
     // The Kubernetes client is built without asking the API server anything: an
@@ -73,17 +73,17 @@ pub async fn start(
         ),
         None => None,
     };
-    start_with_client(config, client, sink, metrics, health, shutdown).await
+    start_with_client(config, client, intake, metrics, health, shutdown).await
 }
 
 /// [`start`] with the Kubernetes client given (tests pass one on a fake API server).
 pub async fn start_with_client(
     config: AcmeConfig,
     client: Option<kube::Client>,
-    sink: Sink,
+    intake: Intake,
     metrics: Arc<Metrics>,
     health: Arc<Health>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     config.validate()?;
     let state = state_dir::StateDir::open(&config.state_dir)?;
@@ -139,7 +139,7 @@ pub async fn start_with_client(
     });
 
     let ctx = Arc::new(renew::TaskContext {
-        sink,
+        intake,
         metrics,
         health,
         accounts,
@@ -212,11 +212,11 @@ challenge = "dns-01"
         let api = FakeApi::default();
         let store = Arc::new(Store::new());
         let metrics = Arc::new(Metrics::default());
-        let sink = Sink::new(store, metrics.clone(), "acme", false);
-        let shutdown = CancellationToken::new();
+        let intake = Intake::new(store, metrics.clone(), "acme", false);
+        let shutdown = Shutdown::new();
         let health = Arc::new(Health::default());
         let handles =
-            start_with_client(config(tmp.path()), Some(api.client()), sink, metrics, health, shutdown.clone())
+            start_with_client(config(tmp.path()), Some(api.client()), intake, metrics, health, shutdown.clone())
                 .await
                 .unwrap();
         let lease = lease_path("acme", "certwire-acme");
@@ -225,7 +225,7 @@ challenge = "dns-01"
         }
         // The release takes a moment, as a real API server's round trip does.
         api.fault(Method::PUT, "/leases/", Action::Delay(Duration::from_millis(500)), usize::MAX);
-        shutdown.cancel();
+        shutdown.trigger();
         for handle in handles {
             tokio::time::timeout(Duration::from_secs(5), handle).await.expect("drained in time").unwrap();
         }
@@ -246,13 +246,13 @@ challenge = "dns-01"
         let run = |api: &FakeApi| {
             let store = Arc::new(Store::new());
             let metrics = Arc::new(Metrics::default());
-            let sink = Sink::new(store.clone(), metrics.clone(), "acme", false);
-            let shutdown = CancellationToken::new();
+            let intake = Intake::new(store.clone(), metrics.clone(), "acme", false);
+            let shutdown = Shutdown::new();
             let config = with_lease(tmp.path(), false);
             let started = start_with_client(
                 config,
                 Some(api.client()),
-                sink,
+                intake,
                 metrics.clone(),
                 Default::default(),
                 shutdown.clone(),
@@ -264,7 +264,7 @@ challenge = "dns-01"
         while failed_orders(&metrics) == 0 || !tmp.path().join(".backoff/web.json").exists() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        shutdown.cancel();
+        shutdown.trigger();
         for handle in handles {
             handle.await.unwrap();
         }
@@ -278,7 +278,7 @@ challenge = "dns-01"
         let error = status.last_error.unwrap_or_default();
         assert!(error.contains("ACME order failed at account") && error.contains("failure 1, next try in"), "{error}");
         assert!(error.split("next try in ").nth(1).is_some_and(|t| !t.contains('.')), "whole seconds: {error}");
-        shutdown.cancel();
+        shutdown.trigger();
         for handle in handles {
             handle.await.unwrap();
         }

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use tokio_util::sync::CancellationToken;
+use crate::shutdown::Shutdown;
 
 use super::backoff::Backoff;
 use super::kube_secrets::KubeSecrets;
@@ -25,7 +25,7 @@ pub struct Persist {
 
 impl Persist {
     /// The certificate's Kubernetes Secret, when configured and readable in time.
-    pub async fn cert_from_kube(&self, name: &str, shutdown: &CancellationToken) -> Option<Stored> {
+    pub async fn cert_from_kube(&self, name: &str, shutdown: &Shutdown) -> Option<Stored> {
         let kube = self.kube.as_ref()?;
         let loaded = tokio::select! {
             _ = shutdown.cancelled() => return None,

@@ -11,8 +11,8 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use crate::shutdown::Shutdown;
 use tokio::sync::Semaphore;
-use tokio_util::sync::CancellationToken;
 
 use super::account::Accounts;
 use super::backoff::{self, Backoff, RetryPolicy};
@@ -26,7 +26,7 @@ use super::schedule::{self, Situation, Window, rfc3339};
 use super::serving::{self, ServingCert};
 use super::state_dir::Stored;
 use crate::health::Health;
-use crate::ingest::Sink;
+use crate::ingest::Intake;
 use crate::metrics::{AcmeCertificateLabel, AcmeOrderLabel, Metrics};
 use crate::unix_time;
 
@@ -36,7 +36,7 @@ const MAX_SLEEP: Duration = Duration::from_secs(3600);
 
 /// What every certificate task shares.
 pub struct TaskContext {
-    pub sink: Sink,
+    pub intake: Intake,
     pub metrics: Arc<Metrics>,
     pub health: Arc<Health>,
     pub accounts: Arc<Accounts>,
@@ -45,7 +45,7 @@ pub struct TaskContext {
     pub retry: RetryPolicy,
     /// Orders in flight at once, across certificates.
     pub orders: Semaphore,
-    pub shutdown: CancellationToken,
+    pub shutdown: Shutdown,
     /// Whether this replica holds the ACME Lease; `None`: no Lease, always order.
     pub leader: Option<Leadership>,
 }
@@ -90,7 +90,7 @@ impl Task {
     pub async fn run(mut self) {
         let name = self.spec.name.clone();
         let ctx = &self.ctx;
-        let mut serving = serving::load_and_serve(&self.spec, &ctx.sink, &ctx.persist, &ctx.shutdown).await;
+        let mut serving = serving::load_and_serve(&self.spec, &ctx.intake, &ctx.persist, &ctx.shutdown).await;
         // Ready once the stored certificate is served: the backoff only steers planning,
         // and its Kubernetes read may wait for an unreachable API server.
         self.ctx.health.ready(&self.component);
@@ -175,7 +175,7 @@ impl Task {
                         still_serving = serving,
                         "ACME order failed"
                     );
-                    self.ctx.sink.report_error(&name, next.status_message(SystemTime::now()));
+                    self.ctx.intake.report_error(&name, next.status_message(SystemTime::now()));
                     self.ctx.persist.save_backoff(&name, &next).await;
                     backoff = Some(next);
                 }
@@ -188,7 +188,7 @@ impl Task {
         let Some(b) = backoff else { return };
         let name = &self.spec.name;
         tracing::warn!(certificate = %name, failures = b.failures, next_attempt = %rfc3339(b.next_attempt), last_error = %b.last_error, "{what}");
-        self.ctx.sink.report_error(name, b.status_message(SystemTime::now()));
+        self.ctx.intake.report_error(name, b.status_message(SystemTime::now()));
     }
 
     fn count(&self, result: &'static str) {
@@ -247,7 +247,7 @@ impl Task {
         let adopt = |stored: Stored| {
             if serving::adopt(
                 &self.spec,
-                &self.ctx.sink,
+                &self.ctx.intake,
                 &stored,
                 serving,
                 "the lease holder's stored certificate served",
@@ -266,7 +266,7 @@ impl Task {
         match kube.load_cert(&name).await {
             Ok(Some(stored)) => {
                 let what = "stored certificate served on taking over the lease";
-                serving::adopt(&self.spec, &self.ctx.sink, &stored, serving, what);
+                serving::adopt(&self.spec, &self.ctx.intake, &stored, serving, what);
             }
             Ok(None) => {}
             Err(e) => {

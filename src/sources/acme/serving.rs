@@ -1,20 +1,20 @@
 //! The certificate a task serves: the checks a stored or issued certificate passes
-//! (the sink's own, plus the facts planning needs), and serving it through the sink as
+//! (the intake's own, plus the facts planning needs), and serving it through the intake as
 //! `NAME` (leaf + chain) and `NAME-cacert` (the issuer chain): at start from what is
 //! stored, after an issuance, or as another replica stored it.
 
 use std::time::{Instant, SystemTime};
 
+use crate::shutdown::Shutdown;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::{self, PemObject, SectionKind};
-use tokio_util::sync::CancellationToken;
 
 use super::config::{CertificateConfig, normalize_domain};
 use super::order::{OrderError, Step, fail};
 use super::persist::Persist;
 use super::schedule::{CertFacts, Validity, rfc3339};
 use super::state_dir::Stored;
-use crate::ingest::Sink;
+use crate::ingest::Intake;
 use crate::pki::{self, CheckOptions, KeyBytes, Material};
 
 /// The certificate being served, as far as the task cares.
@@ -33,7 +33,7 @@ impl ServingCert {
     }
 }
 
-/// The same checks the sink runs, plus the facts scheduling needs.
+/// The same checks the intake runs, plus the facts scheduling needs.
 pub fn check(spec: &CertificateConfig, chain_pem: &[u8], key_pem: &KeyBytes) -> Result<ServingCert, OrderError> {
     let material = Material::Tls { cert_chain_pem: chain_pem.to_vec(), key_pem: key_pem.clone() };
     let opts = CheckOptions { allow_expired: false, now: SystemTime::now() };
@@ -58,13 +58,13 @@ pub fn check(spec: &CertificateConfig, chain_pem: &[u8], key_pem: &KeyBytes) -> 
 }
 
 /// Serves `stored` as `name` and its issuer chain as `name-cacert`. A rejection is
-/// logged and counted by the sink.
-pub fn serve(sink: &Sink, name: &str, stored: &Stored, detected: Instant) -> Result<(), OrderError> {
+/// logged and counted by the intake.
+pub fn serve(intake: &Intake, name: &str, stored: &Stored, detected: Instant) -> Result<(), OrderError> {
     let tls = Material::Tls { cert_chain_pem: stored.chain_pem.clone(), key_pem: stored.key_pem.clone() };
-    sink.update(name, &tls, detected).map_err(|e| fail(Step::Check, e))?;
+    intake.update(name, &tls, detected).map_err(|e| fail(Step::Check, e))?;
     if !stored.ca_pem.is_empty() {
         let ca = Material::Validation { ca_pem: stored.ca_pem.clone(), crl_pem: None };
-        let _ = sink.update(format!("{name}-cacert"), &ca, detected);
+        let _ = intake.update(format!("{name}-cacert"), &ca, detected);
     }
     Ok(())
 }
@@ -73,14 +73,14 @@ pub fn serve(sink: &Sink, name: &str, stored: &Stored, detected: Instant) -> Res
 /// served at once when it passes the checks.
 pub async fn load_and_serve(
     spec: &CertificateConfig,
-    sink: &Sink,
+    intake: &Intake,
     persist: &Persist,
-    shutdown: &CancellationToken,
+    shutdown: &Shutdown,
 ) -> Option<ServingCert> {
     let name = &spec.name;
     if let Some(stored) = persist.cert_from_kube(name, shutdown).await {
         match check(spec, &stored.chain_pem, &stored.key_pem) {
-            Ok(current) if serve(sink, name, &stored, Instant::now()).is_ok() => {
+            Ok(current) if serve(intake, name, &stored, Instant::now()).is_ok() => {
                 tracing::info!(
                     certificate = %name,
                     serial = %current.serial,
@@ -98,7 +98,7 @@ pub async fn load_and_serve(
     let stored = persist.cert_from_dir(name)?;
     match check(spec, &stored.chain_pem, &stored.key_pem) {
         Ok(current) => {
-            serve(sink, name, &stored, Instant::now()).ok()?;
+            serve(intake, name, &stored, Instant::now()).ok()?;
             tracing::info!(
                 certificate = %name,
                 serial = %current.serial,
@@ -118,7 +118,7 @@ pub async fn load_and_serve(
 /// `serving` and passes the checks; true when it did.
 pub fn adopt(
     spec: &CertificateConfig,
-    sink: &Sink,
+    intake: &Intake,
     stored: &Stored,
     serving: &mut Option<ServingCert>,
     what: &str,
@@ -129,7 +129,7 @@ pub fn adopt(
             if serving.as_ref().is_some_and(|c| c.leaf_der == new.leaf_der) {
                 return false;
             }
-            if serve(sink, name, stored, Instant::now()).is_err() {
+            if serve(intake, name, stored, Instant::now()).is_err() {
                 return false;
             }
             tracing::info!(certificate = %name, serial = %new.serial, not_after = %rfc3339(new.validity.not_after), "{what}");

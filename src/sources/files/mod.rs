@@ -27,13 +27,13 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::shutdown::Shutdown;
 use notify::event::{AccessKind, AccessMode, ModifyKind};
 use notify::{Event, EventKind, RecommendedWatcher, RecursiveMode, Watcher as _};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
 
-use crate::ingest::Sink;
+use crate::ingest::Intake;
 use crate::pki::{self, CheckOptions, KeyBytes, Material, PkiError};
 use crate::version::Version;
 
@@ -105,15 +105,15 @@ impl FilesError {
 }
 
 /// Loads every secret under `root`, then watches it until `shutdown`, with default options.
-pub async fn start(root: PathBuf, sink: Sink, shutdown: CancellationToken) -> Result<JoinHandle<()>, FilesError> {
-    start_with(root, sink, shutdown, Options::default()).await
+pub async fn start(root: PathBuf, intake: Intake, shutdown: Shutdown) -> Result<JoinHandle<()>, FilesError> {
+    start_with(root, intake, shutdown, Options::default()).await
 }
 
 /// Like [`start`]. Returns once the initial load is in the store.
 pub async fn start_with(
     root: PathBuf,
-    sink: Sink,
-    shutdown: CancellationToken,
+    intake: Intake,
+    shutdown: Shutdown,
     options: Options,
 ) -> Result<JoinHandle<()>, FilesError> {
     let (tx, events) = mpsc::unbounded_channel();
@@ -132,7 +132,7 @@ pub async fn start_with(
             .map_err(|source| FilesError::Watch { path: root.clone(), source })?;
         let mut source = FileSource {
             root,
-            sink,
+            intake,
             watcher,
             settle: options.settle,
             max_file_bytes: options.max_file_bytes,
@@ -141,14 +141,14 @@ pub async fn start_with(
             root_error: None,
         };
         // One summary line for the initial load ("file source loaded"), not one per secret.
-        source.sink.set_loading(true);
+        source.intake.set_loading(true);
         source.scan(Pass::Initial, Instant::now());
-        source.sink.set_loading(false);
+        source.intake.set_loading(false);
         Ok::<_, FilesError>(source)
     })
     .await
     .expect("file source setup panicked")?;
-    tracing::info!(source = source.sink.source(), directories = source.dirs.len(), "file source loaded");
+    tracing::info!(source = source.intake.source(), directories = source.dirs.len(), "file source loaded");
     Ok(tokio::spawn(source.run(events, shutdown, options.rescan)))
 }
 
@@ -253,7 +253,7 @@ impl Digests {
     }
 }
 
-/// What was last reported to the sink for one secret.
+/// What was last reported to the intake for one secret.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Reported {
     /// Material with these digests (accepted or refused by the checks).
@@ -265,7 +265,7 @@ enum Reported {
 #[derive(Default)]
 struct Slot {
     last: Option<Reported>,
-    /// The sink refused it for a reason that depends on the clock.
+    /// The intake refused it for a reason that depends on the clock.
     retry: bool,
 }
 
@@ -291,7 +291,7 @@ struct Dir {
 
 struct FileSource {
     root: PathBuf,
-    sink: Sink,
+    intake: Intake,
     watcher: RecommendedWatcher,
     settle: Duration,
     max_file_bytes: u64,
@@ -316,7 +316,7 @@ impl FileSource {
     async fn run(
         mut self,
         mut events: mpsc::UnboundedReceiver<(Instant, notify::Result<Event>)>,
-        shutdown: CancellationToken,
+        shutdown: Shutdown,
         rescan: Duration,
     ) {
         let mut ticker = tokio::time::interval_at(tokio::time::Instant::now() + rescan, rescan);
@@ -344,19 +344,19 @@ impl FileSource {
                 _ = settled => self = self.off_workers(Self::settle_due).await,
             }
         }
-        tracing::debug!(source = self.sink.source(), "file source stopped");
+        tracing::debug!(source = self.intake.source(), "file source stopped");
     }
 
     fn classify(&self, (at, event): (Instant, notify::Result<Event>), batch: &mut Batch) {
         let event = match event {
             Ok(event) if !event.need_rescan() => event,
             Ok(_) => {
-                tracing::warn!(source = self.sink.source(), "file watch lost events; rescanning");
+                tracing::warn!(source = self.intake.source(), "file watch lost events; rescanning");
                 batch.rescan.get_or_insert(at);
                 return;
             }
             Err(err) => {
-                tracing::warn!(source = self.sink.source(), error = %err, "file watch error; rescanning");
+                tracing::warn!(source = self.intake.source(), error = %err, "file watch error; rescanning");
                 batch.rescan.get_or_insert(at);
                 return;
             }
@@ -459,7 +459,7 @@ impl FileSource {
         for entry in entries.flatten() {
             let file_name = entry.file_name();
             let Some(name) = file_name.to_str() else {
-                tracing::warn!(source = self.sink.source(), path = %entry.path().display(), "ignoring directory: name is not UTF-8");
+                tracing::warn!(source = self.intake.source(), path = %entry.path().display(), "ignoring directory: name is not UTF-8");
                 continue;
             };
             if !name.starts_with('.') && entry.path().is_dir() {
@@ -497,22 +497,22 @@ impl FileSource {
         }
         self.settling.clear();
         self.root_error = Some(message);
-        self.sink.reject_all(&names, error.reason(), &error);
+        self.intake.reject_all(&names, error.reason(), &error);
     }
 
     /// The root lists again: it may be another directory than before (a volume mounted
     /// anew), whose watch is then gone; watch it again. The scan that follows reads every
     /// secret, since each was marked unread.
     fn root_readable_again(&mut self) {
-        tracing::info!(source = self.sink.source(), path = %self.root.display(), "files root readable again; reading every secret");
+        tracing::info!(source = self.intake.source(), path = %self.root.display(), "files root readable again; reading every secret");
         let _ = self.watcher.unwatch(&self.root);
         if let Err(err) = self.watcher.watch(&self.root, RecursiveMode::NonRecursive) {
-            tracing::warn!(source = self.sink.source(), path = %self.root.display(), error = %err, "cannot watch the files root; new secret directories are seen by the periodic rescan only");
+            tracing::warn!(source = self.intake.source(), path = %self.root.display(), error = %err, "cannot watch the files root; new secret directories are seen by the periodic rescan only");
         }
     }
 
     /// Watches directory `name` if it exists, re-reads it (files inside `root`, the
-    /// canonical root) and reports what changed through the sink.
+    /// canonical root) and reports what changed through the intake.
     fn refresh(&mut self, root: &Path, name: &str, pass: Pass, detected_at: Instant) {
         let path = self.root.join(name);
         let exists = path.is_dir();
@@ -530,7 +530,7 @@ impl FileSource {
         // is in what we read.
         match (exists, dir.watch) {
             (true, Watch::None | Watch::Failed) => {
-                dir.watch = watch_dir(&mut self.watcher, &path, dir.watch, &self.sink)
+                dir.watch = watch_dir(&mut self.watcher, &path, dir.watch, &self.intake)
             }
             // notify drops the watch of a deleted directory by itself, hence no error here.
             (false, Watch::Added) => {
@@ -541,10 +541,10 @@ impl FileSource {
         }
         let limits = Limits { root, max_file_bytes: self.max_file_bytes };
         let (pair, ca) = read_secret_dir_within(limits, &path);
-        let pair_waits = report(&self.sink, &name, &mut dir.tls, pair, pass, detected_at);
+        let pair_waits = report(&self.intake, &name, &mut dir.tls, pair, pass, detected_at);
         let mut ca_slot = dir.ca.take().map(|slot| *slot).unwrap_or_default();
         let ca_name = format!("{name}-cacert").into();
-        let ca_waits = report(&self.sink, &ca_name, &mut ca_slot, ca, pass, detected_at);
+        let ca_waits = report(&self.intake, &ca_name, &mut ca_slot, ca, pass, detected_at);
         dir.ca = ca_slot.last.is_some().then(|| Box::new(ca_slot));
         if !exists && dir.tls.last.is_none() && dir.ca.is_none() {
             self.dirs.remove(&name);
@@ -556,12 +556,12 @@ impl FileSource {
 }
 
 /// Adds the watch of one secret directory. A failure is logged once, not on every retry.
-fn watch_dir(watcher: &mut RecommendedWatcher, path: &Path, before: Watch, sink: &Sink) -> Watch {
+fn watch_dir(watcher: &mut RecommendedWatcher, path: &Path, before: Watch, intake: &Intake) -> Watch {
     match watcher.watch(path, RecursiveMode::NonRecursive) {
         Ok(()) => Watch::Added,
         Err(err) => {
             if before != Watch::Failed {
-                tracing::warn!(source = sink.source(), path = %path.display(), error = %err, "cannot watch secret directory; its changes are seen by the periodic rescan only");
+                tracing::warn!(source = intake.source(), path = %path.display(), error = %err, "cannot watch secret directory; its changes are seen by the periodic rescan only");
             }
             Watch::Failed
         }
@@ -571,7 +571,7 @@ fn watch_dir(watcher: &mut RecommendedWatcher, path: &Path, before: Watch, sink:
 /// Reports one secret read from disk, unless it is what was reported last. Returns true
 /// when the read looks like a write in progress and is worth another look once settled.
 fn report(
-    sink: &Sink,
+    intake: &Intake,
     secret: &Arc<str>,
     slot: &mut Slot,
     read: Result<Option<Material>, FilesError>,
@@ -583,7 +583,7 @@ fn report(
             // Read again at every rescan; reported once until it changes.
             let unread = Reported::Unread(Version::of(err.to_string().as_bytes()));
             if slot.last != Some(unread) {
-                sink.reject(secret.clone(), err.reason(), &err);
+                intake.reject(secret.clone(), err.reason(), &err);
                 slot.last = Some(unread);
                 slot.retry = false;
             }
@@ -595,7 +595,7 @@ fn report(
         Ok(None) => {
             slot.last = None;
             slot.retry = false;
-            sink.remove(secret);
+            intake.remove(secret);
             false
         }
         Ok(Some(material)) => {
@@ -607,18 +607,18 @@ fn report(
             // A pair where only one file changed may be half-written (certificate first, key
             // later). Check it quietly, so the transient state is not logged and counted as a
             // rejection, and give it time to settle. A pair swapped whole goes straight to the
-            // sink: the common rotation pays for one check only.
+            // intake: the common rotation pays for one check only.
             let swapped_whole = matches!(slot.last, Some(Reported::Material(last)) if last.all_differ(&digests));
             if pass.settles() && !unchanged && !swapped_whole && pki::check(secret, &material, &quiet_check()).is_err()
             {
                 tracing::debug!(
                     secret = &**secret,
-                    source = sink.source(),
+                    source = intake.source(),
                     "secret files inconsistent; waiting for the write to finish"
                 );
                 return true;
             }
-            let result = sink.update(secret.clone(), &material, detected_at);
+            let result = intake.update(secret.clone(), &material, detected_at);
             slot.retry = matches!(result, Err(PkiError::NotYetValid { .. } | PkiError::Expired { .. }));
             slot.last = Some(Reported::Material(digests));
             false
@@ -626,7 +626,7 @@ fn report(
     }
 }
 
-/// Expiry is not a write in progress; the sink judges it with the configured policy.
+/// Expiry is not a write in progress; the intake judges it with the configured policy.
 fn quiet_check() -> CheckOptions {
     CheckOptions { allow_expired: true, now: SystemTime::now() }
 }

@@ -70,12 +70,12 @@ struct Harness {
     store: Arc<Store>,
     metrics: Arc<Metrics>,
     root: tempfile::TempDir,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 }
 
 impl Drop for Harness {
     fn drop(&mut self) {
-        self.shutdown.cancel();
+        self.shutdown.trigger();
     }
 }
 
@@ -83,9 +83,9 @@ impl Harness {
     async fn start(root: tempfile::TempDir, options: Options) -> Self {
         let store = Arc::new(Store::new());
         let metrics = Arc::new(Metrics::new());
-        let sink = Sink::new(store.clone(), metrics.clone(), "files:test", false);
-        let shutdown = CancellationToken::new();
-        start_with(root.path().to_owned(), sink, shutdown.clone(), options).await.unwrap();
+        let intake = Intake::new(store.clone(), metrics.clone(), "files:test", false);
+        let shutdown = Shutdown::new();
+        start_with(root.path().to_owned(), intake, shutdown.clone(), options).await.unwrap();
         Self { store, metrics, root, shutdown }
     }
 
@@ -187,7 +187,7 @@ async fn cert_then_key_never_serves_mismatched_pair() {
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("tls.crt"), &old.cert).unwrap();
     std::fs::write(dir.join("tls.key"), &old.key).unwrap();
-    // Settling outlasts the test, so the mismatch must never reach the sink.
+    // Settling outlasts the test, so the mismatch must never reach the intake.
     let h = Harness::start(root, Options { settle: Duration::from_secs(60), ..Options::default() }).await;
     let mut rx = h.store.subscribe("inplace");
     rx.borrow_and_update();
@@ -565,11 +565,11 @@ async fn a_root_that_cannot_be_listed_withdraws_nothing_and_says_why() {
     kubelet_write(&root.join("b"), &pair_files(&b));
     let store = Arc::new(Store::new());
     let metrics = Arc::new(Metrics::new());
-    let sink = Sink::new(store.clone(), metrics.clone(), "files:test", false);
-    let shutdown = CancellationToken::new();
-    let _stop = shutdown.clone().drop_guard();
+    let intake = Intake::new(store.clone(), metrics.clone(), "files:test", false);
+    let shutdown = Shutdown::new();
+    let _stop = shutdown.clone().trigger_on_drop();
     let options = Options { rescan: Duration::from_millis(50), ..Options::default() };
-    start_with(root.clone(), sink, shutdown, options).await.unwrap();
+    start_with(root.clone(), intake, shutdown, options).await.unwrap();
     let rejected = || {
         let label = RejectLabel { source: "files:test".into(), reason: "root_unreadable" };
         metrics.updates_rejected.get_or_create(&label).get()

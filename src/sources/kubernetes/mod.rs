@@ -12,14 +12,14 @@ mod watch;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use crate::shutdown::Shutdown;
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
-use tokio_util::sync::CancellationToken;
 
 use crate::health::Health;
-use crate::ingest::Sink;
+use crate::ingest::Intake;
 pub use names::{cacert_name, served_names};
 
 /// What to watch. Empty `namespaces` without `all_namespaces`: the client's namespace.
@@ -37,9 +37,9 @@ pub struct Options {
 /// Fails only on configuration errors; an unreachable API server shows in /readyz.
 pub async fn start(
     options: Options,
-    sink: Sink,
+    intake: Intake,
     health: Arc<Health>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> anyhow::Result<Vec<tokio::task::JoinHandle<()>>> {
     let crate::kube_client::Connected { client, default_namespace: client_ns } =
         crate::kube_client::connect(options.kubeconfig.as_ref()).await?;
@@ -63,7 +63,7 @@ pub async fn start(
         if let Some(sel) = &options.label_selector {
             config = config.labels(sel);
         }
-        let mut watch = watch::Watch::new(sink.clone(), default_ns.clone(), health.clone(), component);
+        let mut watch = watch::Watch::new(intake.clone(), default_ns.clone(), health.clone(), component);
         watch.report_rejections(recorder.clone());
         let events = watcher::watcher(api, config).default_backoff();
         tasks.push(tokio::spawn(watch.run(events, shutdown.clone())));

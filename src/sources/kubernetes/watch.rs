@@ -7,17 +7,17 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::shutdown::Shutdown;
 use futures_util::{Stream, StreamExt as _};
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt as _;
 use kube::runtime::watcher::{self, Event};
 use ring::digest;
-use tokio_util::sync::CancellationToken;
 
 use super::events::Rejections;
 use super::names::{self, cacert_name, served_names};
 use crate::health::Health;
-use crate::ingest::Sink;
+use crate::ingest::Intake;
 use crate::pki::{Material, PkiError};
 
 /// The names one Secret currently offers, and the digest of their content.
@@ -27,7 +27,7 @@ struct Offered {
 }
 
 pub struct Watch {
-    sink: Sink,
+    intake: Intake,
     default_ns: String,
     /// Keyed by `ns/name`.
     offered: HashMap<String, Offered>,
@@ -38,12 +38,12 @@ pub struct Watch {
 }
 
 impl Watch {
-    /// A watch reporting to `sink`, not ready (`component` in /readyz) until its first
+    /// A watch reporting to `intake`, not ready (`component` in /readyz) until its first
     /// list is complete. Secrets in `default_ns` are also served by their bare names.
-    pub fn new(mut sink: Sink, default_ns: String, health: Arc<Health>, component: String) -> Self {
+    pub fn new(mut intake: Intake, default_ns: String, health: Arc<Health>, component: String) -> Self {
         health.not_ready(&component, "waiting for the first list from the API server");
-        sink.set_loading(true);
-        Self { sink, default_ns, offered: HashMap::new(), health, component, recorder: None }
+        intake.set_loading(true);
+        Self { intake, default_ns, offered: HashMap::new(), health, component, recorder: None }
     }
 
     /// Posts a Warning Event on each rejected Secret.
@@ -52,7 +52,7 @@ impl Watch {
     }
 
     /// Follows `events` until `shutdown` or their end.
-    pub async fn run<S>(mut self, events: S, shutdown: CancellationToken)
+    pub async fn run<S>(mut self, events: S, shutdown: Shutdown)
     where
         S: Stream<Item = Result<Event<Secret>, watcher::Error>> + Send,
     {
@@ -88,7 +88,7 @@ impl Watch {
                     }
                     if !ready {
                         ready = true;
-                        self.sink.set_loading(false);
+                        self.intake.set_loading(false);
                         self.health.ready(&self.component);
                         tracing::info!(scope = %self.component, secrets = self.offered.len(), "kubernetes source listed");
                     }
@@ -133,7 +133,7 @@ impl Watch {
         {
             let Some(material) = material else { continue };
             let refs: Vec<&str> = aliases.iter().map(String::as_str).collect();
-            if let Err(e) = self.sink.update_aliases(&refs, material, detected) {
+            if let Err(e) = self.intake.update_aliases(&refs, material, detected) {
                 error.get_or_insert(e);
             }
             names.extend(aliases);
@@ -141,7 +141,7 @@ impl Watch {
         // Names this Secret no longer offers (ca.crt removed, say).
         if let Some(old) = self.offered.get(&key) {
             for name in old.names.iter().filter(|n| !names.contains(n)) {
-                self.sink.remove(name);
+                self.intake.remove(name);
             }
         }
         if let Some(recorder) = &self.recorder {
@@ -161,7 +161,7 @@ impl Watch {
         if let Some(old) = self.offered.remove(key) {
             tracing::info!(secret = key, "kubernetes secret deleted; proxies keep what they have");
             for name in &old.names {
-                self.sink.remove(name);
+                self.intake.remove(name);
             }
         }
     }

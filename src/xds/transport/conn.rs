@@ -17,8 +17,8 @@ use tokio::time::Sleep;
 
 use super::call::CallFuture as Call;
 use super::grpc::{self, Frame};
-use crate::shutdown::StopWatch;
-use crate::xds::{Peer, Shared, service};
+use crate::shutdown::StopPoll;
+use crate::xds::{Peer, ServerState, service};
 
 /// How long an idle connection closed with GOAWAY gets to close its side.
 const GOAWAY_GRACE: std::time::Duration = std::time::Duration::from_secs(1);
@@ -47,11 +47,11 @@ fn builder(limits: &super::limits::Limits) -> h2::server::Builder {
 /// A client that does not send the HTTP/2 preface within `handshake_timeout`, or keeps
 /// a connection with no stream for `idle_timeout`, is dropped: otherwise idle sockets
 /// would pile up until the process runs out of file descriptors.
-pub fn serve<IO>(io: IO, shared: Shared, peer: Arc<Peer>) -> ConnTask<IO>
+pub fn serve<IO>(io: IO, shared: ServerState, peer: Arc<Peer>) -> ConnTask<IO>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
 {
-    let stopping = StopWatch::new(&shared.shutdown);
+    let stopping = StopPoll::new(&shared.shutdown);
     let handshake = builder(&shared.limits).handshake(io);
     ConnTask {
         phase: Phase::Handshake(handshake),
@@ -73,9 +73,9 @@ pub struct ConnTask<IO> {
     /// The handshake's deadline, then the idle deadline while the connection has no call.
     timer: Option<Pin<Box<Sleep>>>,
     calls: Calls,
-    shared: Shared,
+    shared: ServerState,
     peer: Arc<Peer>,
-    stopping: StopWatch,
+    stopping: StopPoll,
     draining: bool,
     /// This connection's place under `[limits] max_connections`.
     _slot: Option<Box<super::listen::Slot>>,
@@ -260,9 +260,9 @@ mod tests {
 
     use tokio::net::TcpStream;
 
-    fn shared() -> super::Shared {
+    fn shared() -> super::ServerState {
         let metrics = Arc::new(crate::metrics::Metrics::new());
-        super::Shared::new(
+        super::ServerState::new(
             Arc::new(crate::store::Store::new()),
             Arc::new(crate::xds::proxies::Proxies::new(metrics.clone())),
             metrics.clone(),

@@ -6,18 +6,18 @@ use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::shutdown::Shutdown;
 use anyhow::Context;
 use socket2::{SockRef, TcpKeepalive};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio_rustls::server::TlsStream;
-use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::conn;
 use crate::authz::Identity;
 use crate::metrics::ReasonLabel;
 use crate::tls::ServerTls;
-use crate::xds::{Peer, Shared};
+use crate::xds::{Peer, ServerState};
 
 /// `127.0.0.1:18000` or `unix:/run/certwire/sds.sock`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize)]
@@ -173,7 +173,7 @@ impl Drop for Slot {
 }
 
 /// Admits a new connection or closes it at once, counting the limit it hit.
-fn admit(shared: &Shared, ip: Option<std::net::IpAddr>, peer: &dyn std::fmt::Display) -> Option<Slot> {
+fn admit(shared: &ServerState, ip: Option<std::net::IpAddr>, peer: &dyn std::fmt::Display) -> Option<Slot> {
     match shared.connections.admit(ip, &shared.limits) {
         Ok(slot) => Some(slot),
         Err(limit) => {
@@ -189,9 +189,9 @@ fn admit(shared: &Shared, ip: Option<std::net::IpAddr>, peer: &dyn std::fmt::Dis
 /// plain, their peer named by the kernel.
 pub async fn serve(
     bound: Bound,
-    shared: Shared,
+    shared: ServerState,
     tls: Option<Arc<ServerTls>>,
-    shutdown: CancellationToken,
+    shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let connections = TaskTracker::new();
     match bound {
@@ -235,7 +235,7 @@ pub async fn serve(
 /// The next connection, or `None` on shutdown. Errors are the process's (out of file
 /// descriptors, memory) or a connection's that died in the queue; neither stops the
 /// server, and a short pause keeps an exhausted process from spinning.
-async fn accept<S, A, F, Fut>(shutdown: &CancellationToken, mut next: F) -> Option<(S, A)>
+async fn accept<S, A, F, Fut>(shutdown: &Shutdown, mut next: F) -> Option<(S, A)>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = std::io::Result<(S, A)>>,
@@ -270,8 +270,8 @@ async fn handshake(
     tls: &ServerTls,
     sock: TcpStream,
     address: String,
-    shared: &Shared,
-    shutdown: &CancellationToken,
+    shared: &ServerState,
+    shutdown: &Shutdown,
 ) -> Option<(TlsStream<TcpStream>, Arc<Peer>)> {
     let failed = |reason: &'static str, detail: &dyn std::fmt::Display| {
         shared.metrics.tls_handshake_failures.get_or_create(&ReasonLabel { reason }).inc();

@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
+use crate::shutdown::Shutdown;
 use anyhow::Context;
 use axum::extract::{Path, State};
 use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use tokio_util::sync::CancellationToken;
 
 /// Tokens currently published: token -> key authorization.
 #[derive(Default)]
@@ -33,7 +33,7 @@ impl Http01 {
     }
 
     /// Binds `addr` now (a taken port fails the start) and serves until `shutdown`.
-    pub async fn serve(self: Arc<Self>, addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn serve(self: Arc<Self>, addr: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the ACME http-01 responder on {addr}"))?;
@@ -83,7 +83,7 @@ mod tests {
             l.local_addr().unwrap()
         };
         let http01 = Arc::new(Http01::default());
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         http01.clone().serve(addr, shutdown.clone()).await.unwrap();
         http01.publish("tok", "tok.thumb");
         let answer = get(addr, "/.well-known/acme-challenge/tok").await;
@@ -92,6 +92,6 @@ mod tests {
         http01.withdraw("tok");
         assert!(get(addr, "/.well-known/acme-challenge/tok").await.starts_with("HTTP/1.1 404"));
         assert!(get(addr, "/other").await.starts_with("HTTP/1.1 404"));
-        shutdown.cancel();
+        shutdown.trigger();
     }
 }

@@ -7,12 +7,12 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 
+use crate::shutdown::Shutdown;
 use anyhow::Context;
 use rcgen::{CertificateParams, CustomExtension, DistinguishedName, KeyPair};
 use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls_pki_types::{PrivateKeyDer, PrivatePkcs8KeyDer};
-use tokio_util::sync::CancellationToken;
 
 pub const ACME_TLS_ALPN: &[u8] = b"acme-tls/1";
 
@@ -36,7 +36,7 @@ impl TlsAlpn01 {
     }
 
     /// Binds `addr` now (a taken port fails the start) and serves until `shutdown`.
-    pub async fn serve(self: Arc<Self>, addr: SocketAddr, shutdown: CancellationToken) -> anyhow::Result<()> {
+    pub async fn serve(self: Arc<Self>, addr: SocketAddr, shutdown: Shutdown) -> anyhow::Result<()> {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
             .with_context(|| format!("binding the ACME tls-alpn-01 responder on {addr}"))?;
@@ -169,7 +169,7 @@ mod tests {
     async fn presents_the_acme_identifier_for_acme_tls_only() {
         let addr = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
         let responder = Arc::new(TlsAlpn01::default());
-        let shutdown = CancellationToken::new();
+        let shutdown = Shutdown::new();
         responder.clone().serve(addr, shutdown.clone()).await.unwrap();
         let digest = [7u8; 32];
         responder.publish("Web.Example.com", &digest).unwrap();
@@ -190,6 +190,6 @@ mod tests {
         assert!(connect(addr, "other.example.com", ACME_TLS_ALPN).await.is_err(), "not for other names");
         responder.withdraw("web.example.com");
         assert!(connect(addr, "web.example.com", ACME_TLS_ALPN).await.is_err(), "withdrawn");
-        shutdown.cancel();
+        shutdown.trigger();
     }
 }

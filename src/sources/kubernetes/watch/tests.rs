@@ -4,16 +4,16 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use crate::shutdown::Shutdown;
 use futures_util::stream;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::ObjectMeta;
 use kube::runtime::watcher::Event;
-use tokio_util::sync::CancellationToken;
 
 use super::Watch;
 use crate::health::Health;
-use crate::ingest::Sink;
+use crate::ingest::Intake;
 use crate::metrics::Metrics;
 use crate::store::Store;
 
@@ -38,23 +38,23 @@ fn tls_secret(name: &str, host: &str) -> Secret {
 struct Fixture {
     store: Arc<Store>,
     health: Arc<Health>,
-    sink: Sink,
+    intake: Intake,
 }
 
 impl Fixture {
     fn new() -> Self {
         let store = Arc::new(Store::new());
-        let sink = Sink::new(store.clone(), Arc::new(Metrics::new()), "kubernetes", false);
-        Self { store, health: Arc::new(Health::default()), sink }
+        let intake = Intake::new(store.clone(), Arc::new(Metrics::new()), "kubernetes", false);
+        Self { store, health: Arc::new(Health::default()), intake }
     }
 
     fn watch(&self) -> Watch {
-        Watch::new(self.sink.clone(), NS.into(), self.health.clone(), "kubernetes:edge".into())
+        Watch::new(self.intake.clone(), NS.into(), self.health.clone(), "kubernetes:edge".into())
     }
 
     /// Runs a watch over `events` to their end.
     async fn feed(&self, events: Vec<Event<Secret>>) {
-        self.watch().run(stream::iter(events.into_iter().map(Ok)), CancellationToken::new()).await;
+        self.watch().run(stream::iter(events.into_iter().map(Ok)), Shutdown::new()).await;
     }
 
     fn version(&self, name: &str) -> Option<String> {
@@ -91,8 +91,7 @@ async fn a_relist_of_the_same_secrets_pushes_nothing() {
     let watch = f.watch();
     let mut web_rx = f.store.subscribe("web");
     let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
-    let task =
-        tokio::spawn(watch.run(tokio_stream::wrappers::UnboundedReceiverStream::new(rx), CancellationToken::new()));
+    let task = tokio::spawn(watch.run(tokio_stream::wrappers::UnboundedReceiverStream::new(rx), Shutdown::new()));
     let mut events = events.into_iter();
     for event in events.by_ref().take(4) {
         tx.send(Ok(event)).unwrap();
@@ -142,7 +141,7 @@ async fn a_change_or_a_delete_is_applied_at_once_and_errors_change_nothing() {
             .map(Ok)
             .chain([Err(kube::runtime::watcher::Error::NoResourceVersion), Ok(Event::Delete(web))]),
     );
-    watch.run(failing, CancellationToken::new()).await;
+    watch.run(failing, Shutdown::new()).await;
     assert!(f.version("web").is_none(), "deleted");
 }
 
