@@ -86,9 +86,63 @@ impl StopPoll {
     }
 }
 
+/// After the signal: waits for the servers (`tasks`: listeners and their streams, admin)
+/// to finish, then for the background tasks whose stop does cleanup (ACME releasing its
+/// Lease, removing published challenge answers), all within `timeout`. Servers first:
+/// a background task may still be needed by what they serve until then.
+pub async fn drain(
+    tasks: &mut tokio::task::JoinSet<anyhow::Result<()>>,
+    background: Vec<tokio::task::JoinHandle<()>>,
+    timeout: std::time::Duration,
+) {
+    let all = async {
+        while tasks.join_next().await.is_some() {}
+        for task in background {
+            let _ = task.await;
+        }
+    };
+    if tokio::time::timeout(timeout, all).await.is_err() {
+        // Returning ends the process, and with it the connections still open.
+        tracing::warn!("drain timeout reached; exiting with streams still open");
+        tasks.abort_all();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    #[tokio::test(start_paused = true)]
+    async fn drain_waits_for_servers_then_background_within_the_timeout() {
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = tokio::task::JoinSet::new();
+        let log = order.clone();
+        tasks.spawn(async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            log.lock().unwrap().push("server");
+            Ok(())
+        });
+        let log = order.clone();
+        let background = vec![tokio::spawn(async move {
+            // Quicker than the server, but waited for after it.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            log.lock().unwrap().push("lease released");
+        })];
+        let started = tokio::time::Instant::now();
+        drain(&mut tasks, background, Duration::from_secs(5)).await;
+        assert_eq!(*order.lock().unwrap(), ["lease released", "server"]);
+        assert_eq!(started.elapsed(), Duration::from_secs(2), "returns as soon as all are done");
+
+        // A server that never ends is cut at the timeout, and the drain returns.
+        tasks.spawn(std::future::pending());
+        let started = tokio::time::Instant::now();
+        drain(&mut tasks, Vec::new(), Duration::from_secs(5)).await;
+        assert_eq!(started.elapsed(), Duration::from_secs(5));
+        assert!(tasks.join_next().await.unwrap().unwrap_err().is_cancelled());
+    }
 
     #[tokio::test]
     async fn trigger_sets_the_flag_and_cancels() {
@@ -101,7 +155,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn stop_watch_wakes_its_task_once_triggered() {
+    async fn stop_poll_wakes_its_task_once_triggered() {
         let s = Shutdown::new();
         let mut watch = StopPoll::new(&s);
         let waiting =

@@ -162,11 +162,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
             Err(e) => anyhow::anyhow!("a server task panicked: {e}"),
         };
         tracing::error!(error = format!("{err:#}"), "shutting down");
-        drain(&mut tasks, background, settings.drain_timeout).await;
+        crate::shutdown::drain(&mut tasks, background, settings.drain_timeout).await;
         return Err(err);
     }
     tracing::info!(timeout = ?settings.drain_timeout, "draining streams");
-    drain(&mut tasks, background, settings.drain_timeout).await;
+    crate::shutdown::drain(&mut tasks, background, settings.drain_timeout).await;
     tracing::info!("stopped");
     Ok(ExitCode::SUCCESS)
 }
@@ -222,24 +222,6 @@ async fn warn_insecure(settings: Settings, tls: bool, shutdown: crate::shutdown:
                 "--insecure-open-sds: SDS is reachable from the network without the protection certwire requires by default; anyone who reaches it may get private keys"
             ),
         }
-    }
-}
-
-async fn drain(
-    tasks: &mut JoinSet<anyhow::Result<()>>,
-    background: Vec<tokio::task::JoinHandle<()>>,
-    timeout: std::time::Duration,
-) {
-    let all = async {
-        while tasks.join_next().await.is_some() {}
-        for task in background {
-            let _ = task.await;
-        }
-    };
-    if tokio::time::timeout(timeout, all).await.is_err() {
-        // Returning ends the process, and with it the connections still open.
-        tracing::warn!("drain timeout reached; exiting with streams still open");
-        tasks.abort_all();
     }
 }
 
