@@ -136,6 +136,16 @@ fn readable_by_all(path: &Path) {
     assert!(status.success(), "chmod -R a+rX {}", path.display());
 }
 
+/// Memory back within 16 MiB of where it was before the fault.
+fn assert_back_within_budget(when: &str, before_kib: u64, after_kib: u64) {
+    assert!(
+        after_kib < before_kib + 16 * 1024,
+        "RSS {:.1} MiB {when}, {:.1} MiB before the fault",
+        mib(after_kib),
+        mib(before_kib)
+    );
+}
+
 fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt as _;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).unwrap();
@@ -177,12 +187,7 @@ async fn sigkill_under_load_then_restart_ends_every_proxy_on_the_latest_version(
         mib(rss_before),
         mib(rss_after)
     );
-    assert!(
-        rss_after < rss_before + 16 * 1024,
-        "RSS {:.1} MiB after recovery, {:.1} MiB before the kill",
-        mib(rss_after),
-        mib(rss_before)
-    );
+    assert_back_within_budget("after recovery", rss_before, rss_after);
 }
 
 /// 1,000 proxies drop their connections at the same instant and come back at once,
@@ -233,12 +238,7 @@ async fn a_thousand_proxies_reconnecting_at_once_are_all_served_and_nothing_else
         mib(peak.peak_kib()),
         mib(rss_after)
     );
-    assert!(
-        rss_after < rss_before + 16 * 1024,
-        "RSS {:.1} MiB after the herd, {:.1} before",
-        mib(rss_after),
-        mib(rss_before)
-    );
+    assert_back_within_budget("after the herd", rss_before, rss_after);
 }
 
 /// The files root becomes unreadable to certwire (mode 000; certwire runs as `nobody`)

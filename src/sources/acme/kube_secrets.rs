@@ -271,11 +271,7 @@ mod tests {
     use crate::sources::acme::fake_kube::{Action, FakeApi, secret_path};
 
     fn stored(tag: &str) -> Stored {
-        Stored {
-            chain_pem: format!("chain {tag}").into_bytes(),
-            key_pem: KeyBytes::new(format!("key {tag}").into_bytes()),
-            ca_pem: format!("ca {tag}").into_bytes(),
-        }
+        Stored::sample(tag)
     }
 
     fn store(api: &FakeApi) -> KubeSecrets {

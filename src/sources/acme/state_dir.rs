@@ -232,6 +232,18 @@ fn time_stamp() -> String {
     )
 }
 
+#[cfg(test)]
+impl Stored {
+    /// Recognizable content for tests of the stores (not a real certificate).
+    pub(crate) fn sample(tag: &str) -> Self {
+        Stored {
+            chain_pem: format!("chain {tag}").into_bytes(),
+            key_pem: KeyBytes::new(format!("key {tag}").into_bytes()),
+            ca_pem: format!("ca {tag}").into_bytes(),
+        }
+    }
+}
+
 fn random_suffix() -> String {
     use ring::rand::SecureRandom;
     let mut bytes = [0u8; 4];
@@ -245,11 +257,7 @@ mod tests {
     use std::os::unix::fs::MetadataExt;
 
     fn stored(tag: &str) -> Stored {
-        Stored {
-            chain_pem: format!("chain {tag}").into_bytes(),
-            key_pem: KeyBytes::new(format!("key {tag}").into_bytes()),
-            ca_pem: format!("ca {tag}").into_bytes(),
-        }
+        Stored::sample(tag)
     }
 
     #[test]
