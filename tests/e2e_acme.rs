@@ -143,10 +143,14 @@ tsig_secret = "{secret}"
 
 /// certwire serving SDS on a free port with `config`.
 async fn certwire(config: &Path) -> (Certwire, SocketAddr) {
-    let sds = util::free_addr();
-    let certwire =
-        Certwire::serve(["--listen".to_string(), sds.to_string(), "--config".into(), config.display().to_string()])
-            .await;
+    let certwire = Certwire::serve([
+        "--listen".to_string(),
+        "127.0.0.1:0".into(),
+        "--config".into(),
+        config.display().to_string(),
+    ])
+    .await;
+    let sds = certwire.sds_addr();
     (certwire, sds)
 }
 
@@ -170,10 +174,13 @@ async fn wait_serial(certwire: &Certwire, name: &str, not: Option<&str>, timeout
     .await
 }
 
-/// The serial of `state_dir/NAME/tls.crt`'s leaf.
-fn stored_serial(state_dir: &Path, name: &str) -> String {
-    let pem = std::fs::read_to_string(state_dir.join(name).join("tls.crt")).expect("read stored tls.crt");
-    pki::serial_hex_of_pem(&pem)
+/// Waits until `state_dir/NAME/tls.crt`'s leaf has `serial`: certwire serves a new
+/// certificate first and stores it right after, so the file may lag what is served.
+async fn wait_stored(state_dir: &Path, name: &str, serial: &str, why: &str) {
+    let path = state_dir.join(name).join("tls.crt");
+    let stored = || std::fs::read_to_string(&path).ok().map(|pem| pki::serial_hex_of_pem(&pem));
+    let found = util::poll_until(WAIT, || async { (stored().as_deref() == Some(serial)).then_some(()) }).await;
+    assert!(found.is_some(), "{why}: {} holds {:?}, not serial {serial}", path.display(), stored());
 }
 
 async fn orders(certwire: &Certwire, name: &str, result: &str) -> f64 {
@@ -261,7 +268,7 @@ async fn dns01_wildcard_is_issued_served_to_envoy_and_reloaded_after_restart() {
     let (mut certwire, sds) = certwire(&config).await;
 
     let serial = wait_serial(&certwire, "wild", None, ISSUE_WAIT).await;
-    assert_eq!(stored_serial(&acme.state_dir, "wild"), serial, "the served certificate is the stored one");
+    wait_stored(&acme.state_dir, "wild", &serial, "the served certificate is the stored one").await;
     let chain = std::fs::read_to_string(acme.state_dir.join("wild/tls.crt")).unwrap();
     assert_eq!(dns_names(&chain), [format!("*.{}", domain("app")), domain("app")]);
     let cacert = certwire.secret_status("wild-cacert").await.expect("the issuer chain is served as NAME-cacert");
@@ -296,9 +303,8 @@ async fn dns01_wildcard_is_issued_served_to_envoy_and_reloaded_after_restart() {
     .await;
 
     // A real Envoy takes it by name, for any name under the wildcard.
-    let tls_port = util::free_port();
-    let envoy = Envoy::start(&SdsBootstrap::new("wild", SdsTarget::Tcp(sds), tls_port).to_yaml()).await;
-    let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    let envoy = Envoy::start(&SdsBootstrap::new("wild", SdsTarget::Tcp(sds), 0).to_yaml()).await;
+    let tls_addr = envoy.listener_addr("wild");
     let served = wait_served_serial(tls_addr, &format!("x.{}", domain("app")), &serial, WAIT).await;
     assert_eq!(served.chain_len, 2, "leaf and issuer");
 
@@ -328,7 +334,7 @@ async fn http01_is_answered_on_port_80() {
     let serial = wait_serial(&certwire, "web", None, ISSUE_WAIT).await;
     let chain = std::fs::read_to_string(acme.state_dir.join("web/tls.crt")).unwrap();
     assert_eq!(dns_names(&chain), [domain("web")]);
-    assert_eq!(stored_serial(&acme.state_dir, "web"), serial);
+    wait_stored(&acme.state_dir, "web", &serial, "stored as served").await;
     let key = std::fs::read_to_string(acme.state_dir.join("web/tls.key")).unwrap();
     assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8 key");
     let leaf_der = pki::pem_decode_first(&chain);
@@ -352,7 +358,7 @@ async fn rsa_keys_are_issued_on_request() {
     let (certwire, _) = certwire(&config).await;
     for (name, bits) in [("rsa2k", 2048), ("rsa3k", 3072)] {
         let serial = wait_serial(&certwire, name, None, ISSUE_WAIT).await;
-        assert_eq!(stored_serial(&acme.state_dir, name), serial);
+        wait_stored(&acme.state_dir, name, &serial, "stored as served").await;
         let chain = std::fs::read_to_string(acme.state_dir.join(format!("{name}/tls.crt"))).unwrap();
         let leaf_der = pki::pem_decode_first(&chain);
         let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).unwrap();
@@ -373,7 +379,7 @@ async fn tls_alpn01_is_answered_on_port_443() {
     let serial = wait_serial(&certwire, "alpn", None, ISSUE_WAIT).await;
     let chain = std::fs::read_to_string(acme.state_dir.join("alpn/tls.crt")).unwrap();
     assert_eq!(dns_names(&chain), [domain("alpn")]);
-    assert_eq!(stored_serial(&acme.state_dir, "alpn"), serial);
+    wait_stored(&acme.state_dir, "alpn", &serial, "stored as served").await;
     assert!(log_of(&certwire).contains("ACME tls-alpn-01 challenge presented"), "the CA shook hands");
     // An ordinary TLS client gets nothing from the responder.
     assert!(handshake("127.0.0.1:443".parse().unwrap(), &domain("alpn"), None).await.is_err());
@@ -395,9 +401,8 @@ async fn short_lived_certificate_is_renewed_and_served_without_restart() {
     let (certwire, sds) = certwire(&config).await;
     let first = wait_serial(&certwire, "short", None, ISSUE_WAIT).await;
 
-    let tls_port = util::free_port();
-    let envoy = Envoy::start(&SdsBootstrap::new("short", SdsTarget::Tcp(sds), tls_port).to_yaml()).await;
-    let tls_addr = SocketAddr::from(([127, 0, 0, 1], tls_port));
+    let envoy = Envoy::start(&SdsBootstrap::new("short", SdsTarget::Tcp(sds), 0).to_yaml()).await;
+    let tls_addr = envoy.listener_addr("short");
     wait_served_serial(tls_addr, &domain("short"), &first, WAIT).await;
     let next = certwire.metric_sum("certwire_acme_next_renewal_timestamp_seconds", &[("certificate", "short")]).await;
     assert!(next < unix_now() + 40.0, "renewal planned within 30 s of issuance: {next} vs now {}", unix_now());
@@ -405,7 +410,7 @@ async fn short_lived_certificate_is_renewed_and_served_without_restart() {
     let second = wait_serial(&certwire, "short", Some(&first), Duration::from_secs(90)).await;
     let served = wait_served_serial(tls_addr, &domain("short"), &second, WAIT).await;
     assert_eq!(served.http_status, 200);
-    assert_eq!(stored_serial(&acme.state_dir, "short"), second, "the renewal is stored too");
+    wait_stored(&acme.state_dir, "short", &second, "the renewal is stored too").await;
     assert_eq!(wait_orders(&certwire, "short", "issued", 2.0, WAIT).await, 2.0);
     assert_eq!(orders(&certwire, "short", "failed").await, 0.0);
     envoy.wait_stat_at_least("sds.short.update_success", 2, WAIT).await;
@@ -438,7 +443,7 @@ async fn ca_down_during_renewal_backs_off_keeps_serving_and_recovers() {
 
     env.ca.restart().await;
     let second = wait_serial(&certwire, "down", Some(&first), Duration::from_secs(60)).await;
-    assert_eq!(stored_serial(&acme.state_dir, "down"), second);
+    wait_stored(&acme.state_dir, "down", &second, "stored as served").await;
     let status = certwire.secret_status("down").await.unwrap();
     assert!(status["last_error"].is_null(), "a success clears the error: {status}");
 }
@@ -503,7 +508,7 @@ async fn eab_only_ca_needs_the_binding() {
     let config = env.config(&acme, &[Cert::new("eab", &[&domain("eab")], "dns-01")]);
     let (certwire, _) = certwire(&config).await;
     let serial = wait_serial(&certwire, "eab", None, ISSUE_WAIT).await;
-    assert_eq!(stored_serial(&acme.state_dir, "eab"), serial);
+    wait_stored(&acme.state_dir, "eab", &serial, "stored as served").await;
 }
 
 /// The namespace of the ACME Secrets and Lease in the Kubernetes tests.
