@@ -496,6 +496,55 @@ async fn generic_secret_keys_win_and_drive_mutual_tls() {
     assert_eq!(normalize_hex(str_field(&status, "fingerprint_sha256")), generic.sha256_hex);
 }
 
+/// Istio's key rules, through kubectl and a real Envoy: `cert`+`key` only when both are
+/// non-empty, else the whole `tls.crt`+`tls.key` pair, never one key of each; a pair
+/// whose keys are there but empty is refused with Istio's message (status, metric,
+/// Event) and the last good certificate stays.
+#[tokio::test]
+async fn key_pairs_are_never_mixed_and_empty_keys_are_refused() {
+    let cluster = Cluster::start().await;
+    cluster.kubectl(&["create", "namespace", NS]).await;
+    let good = cluster.ca.server(SNI);
+    let other = cluster.ca.server(SNI);
+    let manifest = |data: &[(&str, &str)]| {
+        let entries: String = data
+            .iter()
+            .map(|(k, v)| {
+                let block: String = v.lines().map(|line| format!("    {line}\n")).collect();
+                if v.is_empty() { format!("  {k}: \"\"\n") } else { format!("  {k}: |\n{block}") }
+            })
+            .collect();
+        let yaml = format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: {NAME}\n  namespace: {NS}\ntype: Opaque\nstringData:\n{entries}"
+        );
+        cluster.write(&format!("{NAME}-{}.yaml", data.len()), &yaml)
+    };
+    // `cert` empty, `key` another certificate's key: the tls.* pair is served whole.
+    let mixed =
+        manifest(&[("cert", ""), ("key", &other.key_pem), ("tls.crt", &good.cert_pem), ("tls.key", &good.key_pem)]);
+    cluster.kubectl(&["apply", "-f", &mixed]).await;
+    let s = cluster.certwire(&["--namespace", NS]).await;
+    let name = kube_name(NS, NAME);
+    let proxy = envoy(s.sds, &name, false).await;
+    wait_served_serial(proxy.addr, SNI, &good.serial_hex, WAIT).await;
+
+    // Both pairs now there and empty: refused, said, and the good certificate stays.
+    let empty = manifest(&[("tls.crt", ""), ("tls.key", ""), ("cert", "")]);
+    // replace, not apply: exactly these keys, none merged from before.
+    cluster.kubectl(&["replace", "-f", &empty]).await;
+    wait_rejected(&s.certwire, "empty_keys", 1.0).await;
+    let status = wait_status(&s.certwire, &name, "last_error about empty keys", |st| {
+        st["last_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("found keys \"tls.crt\" and \"tls.key\", but they were empty"))
+    })
+    .await;
+    assert_eq!(normalize_hex(str_field(&status, "serial")), good.serial_hex);
+    keeps_serving(proxy.addr, None, &good.serial_hex).await;
+    let events = cluster.kubectl(&["events", "-n", NS, "--for", &format!("secret/{NAME}")]).await;
+    assert!(events.contains("empty_keys"), "kubectl events --for secret/{NAME}:\n{events}");
+}
+
 /// A dropped watch resumes from its resourceVersion; a `410 Gone` on resumption
 /// relists. Neither pushes anything for unchanged Secrets, and a change made after
 /// the relist is served.

@@ -378,8 +378,9 @@ proptest! {
         }
     }
 
-    /// Secret data of any keys and values: the pair needs a non-empty certificate and a
-    /// key, the generic keys win, and nothing panics.
+    /// Secret data of any keys and values: a pair is both keys of one family non-empty
+    /// (`cert`+`key` first), never one key of each; both keys there but one empty, with
+    /// no pair to serve, is a problem said; the CA likewise; nothing panics.
     #[test]
     fn extract_never_panics(
         data in proptest::option::of(proptest::collection::btree_map(secret_key(), proptest::collection::vec(any::<u8>(), 0..8), 0..10)),
@@ -387,15 +388,18 @@ proptest! {
     ) {
         let data: Option<BTreeMap<String, ByteString>> =
             data.map(|d| d.into_iter().map(|(k, v)| (k, ByteString(v))).collect());
-        let get = |generic: &str, tls: &str| data.as_ref().and_then(|d| d.get(generic).or_else(|| d.get(tls))).map(|b| b.0.clone());
+        let has = |key: &str| data.as_ref().is_some_and(|d| d.contains_key(key));
+        let value = |key: &str| data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone()).filter(|v| !v.is_empty());
+        let pairs = [("cert", "key"), ("tls.crt", "tls.key")];
+        let pair = pairs.iter().find_map(|(c, k)| Some((value(c)?, value(k)?)));
         let e = extract(data.as_ref());
-        let has_pair = get("cert", "tls.crt").is_some_and(|c| !c.is_empty()) && get("key", "tls.key").is_some();
-        prop_assert_eq!(e.tls.is_some(), has_pair);
-        if let Some(Material::Tls { cert_chain_pem, key_pem }) = &e.tls {
-            prop_assert_eq!(Some(cert_chain_pem.clone()), get("cert", "tls.crt"));
-            prop_assert_eq!(Some(key_pem.as_slice().to_vec()), get("key", "tls.key"));
+        prop_assert_eq!(e.tls.is_some(), pair.is_some());
+        if let (Some(Material::Tls { cert_chain_pem, key_pem }), Some((cert, key))) = (&e.tls, &pair) {
+            prop_assert_eq!(cert_chain_pem, cert);
+            prop_assert_eq!(key_pem.as_slice(), key.as_slice());
         }
-        prop_assert_eq!(e.ca.is_some(), get("cacert", "ca.crt").is_some_and(|c| !c.is_empty()));
+        prop_assert_eq!(e.problem.is_some(), pair.is_none() && pairs.iter().any(|(c, k)| has(c) && has(k)));
+        prop_assert_eq!(e.ca.is_some(), value("cacert").or_else(|| value("ca.crt")).is_some());
         let names = served_names(&ns, &name, &default_ns);
         prop_assert_eq!(names.len(), if ns == default_ns { 3 } else { 1 });
     }

@@ -8,8 +8,6 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Client, Resource};
 
-use crate::pki::PkiError;
-
 #[derive(Clone)]
 pub struct Rejections {
     recorder: Arc<Recorder>,
@@ -32,11 +30,10 @@ impl Rejections {
 
     /// Publishes a Warning event in the background; never blocks the watch.
     /// `key` is the Secret's `ns/name`.
-    pub fn rejected(&self, secret: &Secret, key: &str, err: &PkiError) {
+    pub fn rejected(&self, secret: &Secret, key: &str, reason: &str, err: &str) {
         let key = key.to_owned();
         let note = truncate_note(format!(
-            "certwire refused this Secret ({}): {err}; the last good version stays served",
-            err.reason()
+            "certwire refused this Secret ({reason}): {err}; the last good version stays served"
         ));
         {
             let mut published = self.published.lock().expect("events lock");

@@ -24,38 +24,68 @@ pub fn cacert_name(name: &str) -> String {
     format!("{name}-cacert")
 }
 
-/// The pair and the CA bundle a Secret holds, if any. Generic keys (`cert`, `key`,
-/// `cacert`, `crl`) win over `tls.crt`, `tls.key`, `ca.crt`, `ca.crl`.
+/// The pair and the CA bundle a Secret holds, if any, chosen as Istio chooses them
+/// (pilot/pkg/credentials/kube/secrets.go): `cert`+`key` when both are non-empty, else
+/// `tls.crt`+`tls.key` when both are; never one key from each pair. The CA is `cacert`
+/// (with `crl`) when non-empty, else `ca.crt` (with `ca.crl`).
 pub struct Extracted {
     pub tls: Option<Material>,
     pub ca: Option<Material>,
+    /// Both keys of a pair are there but one is empty, and no other pair can be served:
+    /// a certificate Secret gone wrong, refused with this error rather than ignored.
+    pub problem: Option<ExtractError>,
 }
 
-impl Extracted {
-    pub fn is_empty(&self) -> bool {
-        self.tls.is_none() && self.ca.is_none()
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExtractError {
+    /// Istio's words for the same case.
+    #[error("found keys {0:?} and {1:?}, but they were empty")]
+    EmptyPair(&'static str, &'static str),
+}
+
+impl ExtractError {
+    /// The `reason` label of `certwire_updates_rejected_total`.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            ExtractError::EmptyPair(..) => "empty_keys",
+        }
     }
 }
 
+impl Extracted {
+    /// Nothing servable and nothing wrong: not a certificate Secret.
+    pub fn is_empty(&self) -> bool {
+        self.tls.is_none() && self.ca.is_none() && self.problem.is_none()
+    }
+}
+
+/// The pairs, in the order they are tried.
+const PAIRS: [(&str, &str); 2] = [("cert", "key"), ("tls.crt", "tls.key")];
+/// The CA keys with their CRL, in the order they are tried.
+const CAS: [(&str, &str); 2] = [("cacert", "crl"), ("ca.crt", "ca.crl")];
+
 /// Reads a Secret's data (the `type` does not matter: cert-manager writes
-/// `kubernetes.io/tls`, other tools Opaque secrets with the generic keys). Secrets with nothing servable give an empty result,
-/// so memory grows with served Secrets only.
+/// `kubernetes.io/tls`, other tools Opaque secrets with the generic keys). Secrets with
+/// nothing servable give an empty result, so memory grows with served Secrets only; an
+/// Opaque Secret with an unrelated `key` entry (a password) is not a TLS secret.
 pub fn extract(data: Option<&BTreeMap<String, ByteString>>) -> Extracted {
-    let Some(data) = data else { return Extracted { tls: None, ca: None } };
-    let get = |generic: &str, tls: &str| data.get(generic).or_else(|| data.get(tls)).map(|b| b.0.as_slice());
-    // Only a certificate makes a TLS secret: an Opaque secret with an unrelated `key`
-    // entry (a password) is not served.
-    let tls = match (get("cert", "tls.crt"), get("key", "tls.key")) {
-        (Some(c), Some(k)) if !c.is_empty() => {
-            Some(Material::Tls { cert_chain_pem: c.to_vec(), key_pem: KeyBytes::new(k.to_vec()) })
-        }
-        _ => None,
-    };
-    let ca = get("cacert", "ca.crt").filter(|c| !c.is_empty()).map(|ca| Material::Validation {
-        ca_pem: ca.to_vec(),
-        crl_pem: get("crl", "ca.crl").filter(|c| !c.is_empty()).map(<[u8]>::to_vec),
+    let Some(data) = data else { return Extracted { tls: None, ca: None, problem: None } };
+    let value = |key: &str| data.get(key).map(|b| b.0.as_slice()).filter(|v| !v.is_empty());
+    let tls = PAIRS.iter().find_map(|(cert, key)| {
+        let (cert, key) = (value(cert)?, value(key)?);
+        Some(Material::Tls { cert_chain_pem: cert.to_vec(), key_pem: KeyBytes::new(key.to_vec()) })
     });
-    Extracted { tls, ca }
+    let problem = match tls {
+        Some(_) => None,
+        None => PAIRS
+            .iter()
+            .find(|(cert, key)| data.contains_key(*cert) && data.contains_key(*key))
+            .map(|(cert, key)| ExtractError::EmptyPair(cert, key)),
+    };
+    let ca = CAS.iter().find_map(|(ca, crl)| {
+        Some(Material::Validation { ca_pem: value(ca)?.to_vec(), crl_pem: value(crl).map(<[u8]>::to_vec) })
+    });
+    Extracted { tls, ca, problem }
 }
 
 #[cfg(test)]
@@ -99,6 +129,33 @@ mod tests {
         assert_eq!((cert_chain_pem.as_slice(), key_pem.as_slice()), (b"C2".as_slice(), b"K2".as_slice()));
         let Some(Material::Validation { ca_pem, .. }) = e.ca else { panic!("ca") };
         assert_eq!(ca_pem, b"CA2");
+    }
+
+    #[test]
+    fn pairs_are_never_mixed() {
+        // `cert` empty: the whole tls.* pair, not `tls.crt` with `key`.
+        let d = data(&[("cert", ""), ("key", "K2"), ("tls.crt", "C1"), ("tls.key", "K1")]);
+        let Some(Material::Tls { cert_chain_pem, key_pem }) = extract(Some(&d)).tls else { panic!("tls") };
+        assert_eq!((cert_chain_pem.as_slice(), key_pem.as_slice()), (b"C1".as_slice(), b"K1".as_slice()));
+        // Half of each pair: nothing to serve, and said so.
+        let d = data(&[("cert", "C2"), ("key", ""), ("tls.crt", "C1")]);
+        let e = extract(Some(&d));
+        assert!(e.tls.is_none());
+        assert_eq!(e.problem, Some(ExtractError::EmptyPair("cert", "key")));
+        assert_eq!(e.problem.unwrap().to_string(), r#"found keys "cert" and "key", but they were empty"#);
+        let e = extract(Some(&data(&[("tls.crt", ""), ("tls.key", ""), ("ca.crt", "CA")])));
+        assert_eq!(e.problem, Some(ExtractError::EmptyPair("tls.crt", "tls.key")));
+        assert!(e.ca.is_some() && !e.is_empty(), "the CA is still served");
+    }
+
+    #[test]
+    fn the_crl_comes_with_its_ca_key() {
+        let d = data(&[("cacert", "CA2"), ("ca.crl", "CRL1"), ("ca.crt", "CA1")]);
+        let Some(Material::Validation { ca_pem, crl_pem }) = extract(Some(&d)).ca else { panic!("ca") };
+        assert_eq!((ca_pem.as_slice(), crl_pem), (b"CA2".as_slice(), None));
+        let d = data(&[("cacert", ""), ("crl", "CRL2"), ("ca.crt", "CA1"), ("ca.crl", "CRL1")]);
+        let Some(Material::Validation { ca_pem, crl_pem }) = extract(Some(&d)).ca else { panic!("ca") };
+        assert_eq!((ca_pem.as_slice(), crl_pem.as_deref()), (b"CA1".as_slice(), Some(b"CRL1".as_slice())));
     }
 
     #[test]

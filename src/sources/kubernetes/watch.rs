@@ -18,7 +18,7 @@ use super::events::Rejections;
 use super::names::{self, cacert_name, served_names};
 use crate::health::Health;
 use crate::ingest::Intake;
-use crate::pki::{Material, PkiError};
+use crate::pki::Material;
 
 /// The names one Secret currently offers, and the digest of their content.
 struct Offered {
@@ -127,14 +127,20 @@ impl Watch {
         let ns = secret.namespace().unwrap_or_default();
         let bases = served_names(&ns, &secret.name_any(), &self.default_ns);
         let mut names = Vec::new();
-        let mut error: Option<PkiError> = None;
+        let mut error: Option<(&'static str, String)> = None;
+        if let Some(problem) = &extracted.problem {
+            // The last good pair stays served under these names.
+            self.intake.reject_all(&bases, problem.reason(), problem);
+            error = Some((problem.reason(), problem.to_string()));
+            names.extend(bases.iter().cloned());
+        }
         for (aliases, material) in
             [(bases.clone(), &extracted.tls), (bases.iter().map(|b| cacert_name(b)).collect::<Vec<_>>(), &extracted.ca)]
         {
             let Some(material) = material else { continue };
             let refs: Vec<&str> = aliases.iter().map(String::as_str).collect();
             if let Err(e) = self.intake.update_aliases(&refs, material, detected) {
-                error.get_or_insert(e);
+                error.get_or_insert_with(|| (e.reason(), e.to_string()));
             }
             names.extend(aliases);
         }
@@ -146,7 +152,7 @@ impl Watch {
         }
         if let Some(recorder) = &self.recorder {
             match error {
-                Some(err) => recorder.rejected(secret, &key, &err),
+                Some((reason, err)) => recorder.rejected(secret, &key, reason, &err),
                 None => recorder.forget(&key),
             }
         }
@@ -190,6 +196,9 @@ fn digest_of(e: &names::Extracted) -> [u8; 32] {
             }
             _ => ctx.update(b"-"),
         }
+    }
+    if let Some(problem) = &e.problem {
+        ctx.update(problem.to_string().as_bytes());
     }
     ctx.finish().as_ref().try_into().expect("SHA-256 is 32 bytes")
 }
