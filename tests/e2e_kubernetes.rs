@@ -545,6 +545,52 @@ async fn key_pairs_are_never_mixed_and_empty_keys_are_refused() {
     assert!(events.contains("empty_keys"), "kubectl events --for secret/{NAME}:\n{events}");
 }
 
+/// Istio's GetCaCert: a Secret named `NAME-cacert` is the CA of `NAME-cacert`, over
+/// `NAME`'s own `ca.crt`, and a change to it reaches a real Envoy's mutual TLS.
+#[tokio::test]
+async fn a_separate_cacert_secret_wins_and_its_update_is_pushed() {
+    let cluster = Cluster::start().await;
+    cluster.kubectl(&["create", "namespace", NS]).await;
+    let (clients_a, clients_b) = (Ca::new("client CA A"), Ca::new("client CA B"));
+    let (client_a, client_b) = (clients_a.client("client-a"), clients_b.client("client-b"));
+    let server = cluster.ca.server(SNI);
+    let file = |name: &str, contents: &str| cluster.write(name, contents);
+    let from_file = |key: &str, path: &str| format!("--from-file={key}={path}");
+    let (crt, key, own_ca) =
+        (file("s.crt", &server.cert_pem), file("s.key", &server.key_pem), file("b.crt", clients_b.cert_pem()));
+    let web = ["create", "secret", "generic", NAME, "-n", NS];
+    let web_args = [from_file("tls.crt", &crt), from_file("tls.key", &key), from_file("ca.crt", &own_ca)];
+    cluster.kubectl(&web.iter().copied().chain(web_args.iter().map(String::as_str)).collect::<Vec<_>>()).await;
+    let separate_a = file("a.crt", clients_a.cert_pem());
+    let cacert = format!("{NAME}-cacert");
+    cluster.kubectl(&["create", "secret", "generic", &cacert, "-n", NS, &from_file("ca.crt", &separate_a)]).await;
+
+    let s = cluster.certwire(&["--namespace", NS]).await;
+    let proxy = envoy(s.sds, &kube_name(NS, NAME), true).await;
+    wait_served_serial_with(proxy.addr, SNI, Some(&client_a), &server.serial_hex, WAIT).await;
+    assert!(handshake(proxy.addr, SNI, Some(&client_b)).await.is_err(), "web's own ca.crt (CA B) is not used");
+
+    // The separate Secret now holds CA B: pushed, A refused, B accepted.
+    let yaml = cluster
+        .kubectl(&[
+            "create",
+            "secret",
+            "generic",
+            &cacert,
+            "-n",
+            NS,
+            &from_file("ca.crt", &own_ca),
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ])
+        .await;
+    let manifest = file("cacert-b.yaml", &yaml);
+    cluster.kubectl(&["apply", "-f", &manifest]).await;
+    wait_served_serial_with(proxy.addr, SNI, Some(&client_b), &server.serial_hex, WAIT).await;
+    assert!(handshake(proxy.addr, SNI, Some(&client_a)).await.is_err(), "CA A is gone");
+}
+
 /// A dropped watch resumes from its resourceVersion; a `410 Gone` on resumption
 /// relists. Neither pushes anything for unchanged Secrets, and a change made after
 /// the relist is served.

@@ -42,25 +42,28 @@ fuzz_target!(|input: Input| {
             .collect()
     });
     let extracted = extract(data.as_ref());
-    let get = |generic: &str, tls: &str| {
-        data.as_ref().and_then(|d| d.get(generic).or_else(|| d.get(tls))).map(|b| b.0.clone())
-    };
-    match &extracted.tls {
-        Some(Material::Tls { cert_chain_pem, key_pem }) => {
-            assert_eq!(Some(cert_chain_pem), get("cert", "tls.crt").as_ref());
-            assert!(!cert_chain_pem.is_empty());
-            assert_eq!(Some(key_pem.as_slice()), get("key", "tls.key").as_deref());
+    let has = |key: &str| data.as_ref().is_some_and(|d| d.contains_key(key));
+    let value = |key: &str| data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone()).filter(|v| !v.is_empty());
+    let pairs = [("cert", "key"), ("tls.crt", "tls.key")];
+    let pair = pairs.iter().find_map(|(c, k)| Some((value(c)?, value(k)?)));
+    match (&extracted.tls, &pair) {
+        (Some(Material::Tls { cert_chain_pem, key_pem }), Some((cert, key))) => {
+            assert_eq!(cert_chain_pem, cert);
+            assert_eq!(key_pem.as_slice(), key.as_slice());
         }
-        Some(_) => panic!("tls is not a pair"),
-        None => assert!(get("cert", "tls.crt").is_none_or(|c| c.is_empty()) || get("key", "tls.key").is_none()),
+        (None, None) => {}
+        (tls, _) => panic!("tls {} while a whole pair is {}", tls.is_some(), pair.is_some()),
     }
-    match &extracted.ca {
-        Some(Material::Validation { ca_pem, crl_pem }) => {
-            assert_eq!(Some(ca_pem), get("cacert", "ca.crt").as_ref());
-            assert_eq!(crl_pem.as_ref(), get("crl", "ca.crl").filter(|c| !c.is_empty()).as_ref());
+    assert_eq!(extracted.problem.is_some(), pair.is_none() && pairs.iter().any(|(c, k)| has(c) && has(k)));
+    let cas = [("cacert", "crl"), ("ca.crt", "ca.crl")];
+    let ca = cas.iter().find_map(|(ca, crl)| Some((value(ca)?, value(crl))));
+    match (&extracted.ca, &ca) {
+        (Some(Material::Validation { ca_pem, crl_pem }), Some((want_ca, want_crl))) => {
+            assert_eq!(ca_pem, want_ca);
+            assert_eq!(crl_pem, want_crl);
         }
-        Some(_) => panic!("ca is not a validation context"),
-        None => assert!(get("cacert", "ca.crt").is_none_or(|c| c.is_empty())),
+        (None, None) => {}
+        (got, _) => panic!("ca {} while a CA key is {}", got.is_some(), ca.is_some()),
     }
     let _ = extracted.is_empty();
 

@@ -31,6 +31,12 @@ pub struct Watch {
     default_ns: String,
     /// Keyed by `ns/name`.
     offered: HashMap<String, Offered>,
+    /// The CA bundle of each Secret that has one, by `ns/name`: a Secret `P-cacert`
+    /// (see [`separate_ca_of`]) takes `P-cacert` over from `P`, and gives it back when
+    /// it goes. Bundles are public and small; keys are never kept.
+    cas: HashMap<String, Material>,
+    /// Secrets `P-cacert` currently serving their CA as `P-cacert`.
+    separate_cas: HashSet<String>,
     health: Arc<Health>,
     component: String,
     /// Kubernetes Events on rejected Secrets; none in unit tests.
@@ -43,7 +49,16 @@ impl Watch {
     pub fn new(mut intake: Intake, default_ns: String, health: Arc<Health>, component: String) -> Self {
         health.not_ready(&component, "waiting for the first list from the API server");
         intake.set_loading(true);
-        Self { intake, default_ns, offered: HashMap::new(), health, component, recorder: None }
+        Self {
+            intake,
+            default_ns,
+            offered: HashMap::new(),
+            cas: HashMap::new(),
+            separate_cas: HashSet::new(),
+            health,
+            component,
+            recorder: None,
+        }
     }
 
     /// Posts a Warning Event on each rejected Secret.
@@ -126,18 +141,41 @@ impl Watch {
         let detected = Instant::now();
         let ns = secret.namespace().unwrap_or_default();
         let bases = served_names(&ns, &secret.name_any(), &self.default_ns);
+        let separate_ca = separate_ca_of(&key).is_some() && extracted.ca.is_some();
+        match &extracted.ca {
+            Some(Material::Validation { ca_pem, crl_pem }) if !separate_ca => {
+                let ca = Material::Validation { ca_pem: ca_pem.clone(), crl_pem: crl_pem.clone() };
+                self.cas.insert(key.clone(), ca);
+            }
+            _ => {
+                self.cas.remove(&key);
+            }
+        }
+        let cacert_names: Vec<String> = bases.iter().map(|b| cacert_name(b)).collect();
+        // Istio's rule: `P-cacert` is the CA of the Secret `P-cacert` when there is
+        // one with a CA, else `P`'s. A name ending in `-cacert` is a CA name.
+        let ca_only = separate_ca_of(&key).is_some();
+        let (tls_names, ca_names) = if separate_ca {
+            (Vec::new(), bases.iter().chain(&cacert_names).cloned().collect())
+        } else if ca_only {
+            // Nothing else is served under a CA name; its own CA (if any) is `...-cacert-cacert`.
+            (Vec::new(), cacert_names)
+        } else if self.separate_cas.contains(&format!("{key}-cacert")) {
+            (bases.clone(), Vec::new())
+        } else {
+            (bases.clone(), cacert_names)
+        };
         let mut names = Vec::new();
         let mut error: Option<(&'static str, String)> = None;
-        if let Some(problem) = &extracted.problem {
+        if let Some(problem) = extracted.problem.as_ref().filter(|_| !ca_only) {
             // The last good pair stays served under these names.
             self.intake.reject_all(&bases, problem.reason(), problem);
             error = Some((problem.reason(), problem.to_string()));
             names.extend(bases.iter().cloned());
         }
-        for (aliases, material) in
-            [(bases.clone(), &extracted.tls), (bases.iter().map(|b| cacert_name(b)).collect::<Vec<_>>(), &extracted.ca)]
-        {
-            let Some(material) = material else { continue };
+        let tls = extracted.tls.as_ref().filter(|_| !ca_only);
+        for (aliases, material) in [(tls_names, tls), (ca_names, extracted.ca.as_ref())] {
+            let Some(material) = material.filter(|_| !aliases.is_empty()) else { continue };
             let refs: Vec<&str> = aliases.iter().map(String::as_str).collect();
             if let Err(e) = self.intake.update_aliases(&refs, material, detected) {
                 error.get_or_insert_with(|| (e.reason(), e.to_string()));
@@ -157,20 +195,61 @@ impl Watch {
             }
         }
         self.offered.insert(key.clone(), Offered { digest, names });
+        match (separate_ca, self.separate_cas.contains(&key)) {
+            (true, false) => self.take_over_ca(&key),
+            (false, true) => self.give_back_ca(&key),
+            _ => {}
+        }
         key
+    }
+
+    /// Secret `P-cacert` now serves `P-cacert`: `P` no longer offers it (its names are
+    /// overwritten in the store already, so nothing is removed).
+    fn take_over_ca(&mut self, key: &str) {
+        self.separate_cas.insert(key.to_owned());
+        let Some(parent) = separate_ca_of(key) else { return };
+        let taken: HashSet<String> =
+            self.offered.get(key).map(|o| o.names.iter().cloned().collect()).unwrap_or_default();
+        if let Some(offered) = self.offered.get_mut(parent) {
+            offered.names.retain(|n| !taken.contains(n));
+        }
+    }
+
+    /// Secret `P-cacert` no longer serves `P-cacert` (its names are removed already):
+    /// `P`'s own CA, if it has one, is served again.
+    fn give_back_ca(&mut self, key: &str) {
+        self.separate_cas.remove(key);
+        let Some(parent) = separate_ca_of(key) else { return };
+        let (Some(ca), Some((ns, name))) = (self.cas.get(parent), parent.split_once('/')) else { return };
+        let aliases: Vec<String> = served_names(ns, name, &self.default_ns).iter().map(|b| cacert_name(b)).collect();
+        let refs: Vec<&str> = aliases.iter().map(String::as_str).collect();
+        // A refused bundle is recorded in status and logged by the intake.
+        let _ = self.intake.update_aliases(&refs, ca, Instant::now());
+        if let Some(offered) = self.offered.get_mut(parent) {
+            offered.names.extend(aliases);
+        }
     }
 
     fn withdraw(&mut self, key: &str) {
         if let Some(recorder) = &self.recorder {
             recorder.forget(key);
         }
+        self.cas.remove(key);
         if let Some(old) = self.offered.remove(key) {
             tracing::info!(secret = key, "kubernetes secret deleted; proxies keep what they have");
             for name in &old.names {
                 self.intake.remove(name);
             }
         }
+        if self.separate_cas.contains(key) {
+            self.give_back_ca(key);
+        }
     }
+}
+
+/// `ns/P` for a Secret `ns/P-cacert`: the Secret whose CA name it would serve.
+fn separate_ca_of(key: &str) -> Option<&str> {
+    key.strip_suffix("-cacert").filter(|parent| !parent.ends_with('/'))
 }
 
 fn key_of(secret: &Secret) -> String {

@@ -187,3 +187,79 @@ async fn the_first_list_logs_a_summary_and_a_change_one_line_whatever_its_aliase
     let changed = info_lines(f.feed(events)).await;
     assert_eq!(changed, ["secret updated"], "one line for kubernetes://edge/s7, kubernetes://s7 and s7");
 }
+
+fn ca_pem(cn: &str) -> String {
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    params.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    params.self_signed(&rcgen::KeyPair::generate().unwrap()).unwrap().pem()
+}
+
+fn with_ca(mut secret: Secret, ca_pem: &str) -> Secret {
+    secret.data.get_or_insert_default().insert("ca.crt".into(), ByteString(ca_pem.as_bytes().to_vec()));
+    secret
+}
+
+/// A Secret holding only `ca.crt`.
+fn ca_secret(name: &str, ca_pem: &str) -> Secret {
+    let mut secret = tls_secret(name, "unused.test");
+    secret.data = None;
+    with_ca(secret, ca_pem)
+}
+
+/// The fingerprint of what the store serves as `name`.
+fn fingerprint(f: &Fixture, name: &str) -> Option<String> {
+    crate::pki::identity(&f.store.get(name)?.resource).fingerprint_sha256
+}
+
+fn fingerprint_of(ca_pem: &str) -> String {
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, &der))
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_separate_name_cacert_secret_wins_over_the_ca_of_name_and_gives_it_back() {
+    let f = Fixture::new();
+    let (own, separate, renewed) = (ca_pem("own"), ca_pem("separate"), ca_pem("renewed"));
+    let web = with_ca(tls_secret("web", "web.test"), &own);
+    let mut events = list(&[&web]);
+    f.feed(events.clone()).await;
+    let names = ["web-cacert", "kubernetes://web-cacert", "kubernetes://edge/web-cacert"];
+    for name in names {
+        assert_eq!(fingerprint(&f, name), Some(fingerprint_of(&own)), "{name}: web's own ca.crt");
+    }
+
+    // Istio's GetCaCert: the Secret web-cacert wins, under every alias.
+    events.push(Event::Apply(ca_secret("web-cacert", &separate)));
+    f.feed(events.clone()).await;
+    for name in names {
+        assert_eq!(fingerprint(&f, name), Some(fingerprint_of(&separate)), "{name}: the separate Secret");
+    }
+    assert!(f.version("web-cacert-cacert").is_some(), "as Istio: its own CA name too");
+    assert!(f.version("web").is_some(), "web's pair is untouched");
+
+    // web's CA changes meanwhile: web-cacert stays the separate one.
+    events.push(Event::Apply(with_ca(tls_secret("web", "web.test"), &renewed)));
+    f.feed(events.clone()).await;
+    assert_eq!(fingerprint(&f, "web-cacert"), Some(fingerprint_of(&separate)));
+
+    // The separate Secret goes: web's current CA is served again.
+    events.push(Event::Delete(ca_secret("web-cacert", &separate)));
+    f.feed(events.clone()).await;
+    for name in names {
+        assert_eq!(fingerprint(&f, name), Some(fingerprint_of(&renewed)), "{name}: web's ca.crt again");
+    }
+    assert!(f.version("web-cacert-cacert").is_none());
+
+    // In the other order (the separate Secret listed first), it wins too.
+    let g = Fixture::new();
+    g.feed(list(&[&ca_secret("web-cacert", &separate), &web])).await;
+    assert_eq!(fingerprint(&g, "web-cacert"), Some(fingerprint_of(&separate)));
+    // And deleting web leaves the separate CA alone.
+    let mut events = list(&[&ca_secret("web-cacert", &separate), &web]);
+    events.push(Event::Delete(web.clone()));
+    g.feed(events).await;
+    assert_eq!(fingerprint(&g, "web-cacert"), Some(fingerprint_of(&separate)));
+    assert!(g.version("web").is_none());
+}
