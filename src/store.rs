@@ -36,6 +36,23 @@ pub struct Served {
     pub detected_at: Instant,
 }
 
+impl Served {
+    /// The same version served under another name (see [`crate::xds::names`]); `None`
+    /// if the resource cannot be renamed.
+    pub fn renamed(&self, name: &str) -> Option<Served> {
+        Some(Served {
+            name: Arc::from(name),
+            version: self.version,
+            kind: self.kind,
+            resource: pki::renamed(&self.resource, name)?.into(),
+            meta: self.meta,
+            source: self.source.clone(),
+            updated: self.updated,
+            detected_at: self.detected_at,
+        })
+    }
+}
+
 impl std::fmt::Debug for Served {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Served")

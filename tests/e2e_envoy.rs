@@ -281,6 +281,37 @@ async fn mutual_tls_follows_the_ca_bundle() {
     assert_eq!(fingerprint, ca_b.cert.sha256_hex, "{ca_secret} is CA B's certificate");
 }
 
+/// What Istio's gateway asks on its credential socket: the full `sds://NAME` and
+/// `sds://NAME-cacert`, over a Unix socket, for a listener with mutual TLS. certwire
+/// answers with NAME's files under the names asked, and a rotation reaches Envoy.
+#[tokio::test]
+async fn sds_names_on_a_unix_socket_serve_mutual_tls() {
+    let dir = util::tempdir();
+    let root = dir.path().join("secrets");
+    std::fs::create_dir(&root).unwrap();
+    let (ca, clients) = (Ca::new("e2e server CA"), Ca::new("client CA"));
+    let (first, client) = (ca.server(SNI), clients.client("client"));
+    let mut secret = SecretDir::create_tls(&root, NAME, &first, Some(clients.cert_pem()));
+    let socket = dir.path().join("credential.sock");
+    let listen = format!("unix:{}", socket.display());
+    let _certwire = Certwire::serve(["--listen", listen.as_str(), "--files", root.to_str().unwrap()]).await;
+    let requested = format!("sds://{NAME}");
+    let envoy = Envoy::start(&SdsBootstrap::new(&requested, SdsTarget::Unix(socket), 0).mtls().to_yaml()).await;
+    let addr = envoy.listener_addr(&requested);
+
+    wait_served_serial_with(addr, SNI, Some(&client), &first.serial_hex, WAIT).await;
+    assert!(handshake(addr, SNI, None).await.is_err(), "sds://NAME-cacert requires the client certificate");
+    let active = envoy.active_secrets().await.to_string();
+    assert!(
+        active.contains(&format!("\"{requested}\"")) && active.contains(&format!("\"{requested}-cacert\"")),
+        "{active}"
+    );
+
+    let next = ca.server(SNI);
+    secret.swap_tls(&next, Some(clients.cert_pem()));
+    wait_served_serial_with(addr, SNI, Some(&client), &next.serial_hex, WAIT).await;
+}
+
 #[tokio::test]
 async fn dev_source_serves_and_rotates() {
     let certwire = Certwire::serve(["--listen", "127.0.0.1:0", "--dev", "--dev-rotate-every", "2s"]).await;

@@ -8,7 +8,7 @@ mod material;
 mod resource;
 
 pub use material::{KeyBytes, Material, SharedKeyBytes};
-pub use resource::{SECRET_TYPE_URL, ca_pems, identity, tls_pems};
+pub use resource::{SECRET_TYPE_URL, ca_pems, identity, renamed, tls_pems};
 
 use std::time::SystemTime;
 

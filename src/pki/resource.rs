@@ -148,6 +148,24 @@ fn inline(bytes: Vec<u8>) -> DataSource {
     DataSource { specifier: Some(Specifier::InlineBytes(bytes)), ..Default::default() }
 }
 
+/// The encoded `Secret` `resource` under another `name`, the rest byte for byte. prost
+/// writes fields in tag order, so the name (field 1) comes first and is replaced in
+/// place: no decoding, so no unzeroized copy of the key. `None` if `resource` does not
+/// start with a name (not one this module encoded).
+pub fn renamed(resource: &[u8], name: &str) -> Option<KeyBytes> {
+    const NAME_TAG: u8 = 0x0a; // field 1, length-delimited
+    let rest = resource.strip_prefix(&[NAME_TAG])?;
+    let mut cursor = rest;
+    let len = prost::encoding::decode_varint(&mut cursor).ok()?;
+    let rest = cursor.get(usize::try_from(len).ok()?..)?;
+    let mut out = Vec::with_capacity(1 + 10 + name.len() + rest.len());
+    out.push(NAME_TAG);
+    prost::encoding::encode_varint(name.len() as u64, &mut out);
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(rest);
+    Some(KeyBytes::new(out))
+}
+
 /// Encodes the `Secret`, wiping the intermediate copies of secret bytes. `encode_to_vec`
 /// allocates the exact length up front, so no reallocation leaves a copy behind.
 fn encode(name: &str, secret_type: Type) -> KeyBytes {
@@ -193,6 +211,25 @@ mod tests {
             cert_chain_pem: cert_chain_pem.into_bytes(),
             key_pem: KeyBytes::new(key_pem.as_bytes().to_vec()),
         }
+    }
+
+    #[test]
+    fn renamed_changes_the_name_and_nothing_else() {
+        let root = fixtures::root("Renamed Root");
+        let leaf = root.leaf(Alg::Rsa, "web.test", days(-1, 30));
+        let material = tls_material(leaf.cert.pem(), &leaf.key_pem);
+        let checked = check("web", &material, &CheckOptions::default()).unwrap();
+        let long = "sds://".to_string() + &"w".repeat(200);
+        for name in ["sds://web", long.as_str(), ""] {
+            let renamed = super::renamed(checked.resource.as_slice(), name).unwrap();
+            let mut a = Secret::decode(checked.resource.as_slice()).unwrap();
+            let b = Secret::decode(renamed.as_slice()).unwrap();
+            assert_eq!(b.name, name);
+            a.name = name.to_owned();
+            assert_eq!(a, b, "everything but the name is as it was");
+        }
+        assert!(super::renamed(b"\x12\x00", "x").is_none(), "no name first");
+        assert!(super::renamed(b"\x0a\x05ab", "x").is_none(), "a name longer than the bytes");
     }
 
     #[test]

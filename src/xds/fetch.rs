@@ -50,7 +50,7 @@ pub async fn serve(shared: ServerState, peer: Arc<Peer>, call: Unary) {
 
 pub fn fetch(shared: &ServerState, req: DiscoveryRequest) -> Result<Outgoing, Status> {
     check_type_url(req.type_url.as_bytes())?;
-    let found: super::codec::Resources = req.resource_names.iter().filter_map(|n| shared.store.get(n)).collect();
+    let found: super::codec::Resources = req.resource_names.iter().filter_map(|n| lookup(shared, n)).collect();
     if found.is_empty() {
         return Err(Status::not_found(not_found(&req.resource_names)));
     }
@@ -71,6 +71,12 @@ pub fn fetch(shared: &ServerState, req: DiscoveryRequest) -> Result<Outgoing, St
     Ok(Outgoing::Sotw { version_info: version, nonce: 0, resources: found })
 }
 
+/// What is served for `requested`, under that name (see [`super::names`]).
+fn lookup(shared: &ServerState, requested: &str) -> Option<Arc<crate::store::Served>> {
+    let served = shared.store.get(super::names::stored(requested))?;
+    if &*served.name == requested { Some(served) } else { served.renamed(requested).map(Arc::new) }
+}
+
 /// How long FetchSecrets waits for a SubjectAccessReview before treating a name as
 /// denied.
 const REVIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -80,7 +86,7 @@ const REVIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn authorize(shared: &ServerState, peer: &Peer, req: &mut DiscoveryRequest) {
     let mut allowed = Vec::with_capacity(req.resource_names.len());
     for name in std::mem::take(&mut req.resource_names) {
-        let reason = match shared.authz.decide(&peer.identity, &name) {
+        let reason = match shared.authz.decide(&peer.identity, super::names::stored(&name)) {
             Verdict::Allow => None,
             Verdict::Deny(reason) => Some(reason),
             Verdict::Grant(mut rx) => {

@@ -4,6 +4,7 @@
 mod codec;
 mod delta;
 mod fetch;
+pub mod names;
 pub mod proxies;
 mod requests;
 mod service;

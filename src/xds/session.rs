@@ -161,15 +161,17 @@ impl Session {
                 "a stream may watch at most {max} names ([limits] max_names_per_stream)"
             )));
         }
-        let feed = match self.shared.authz.decide(&self.peer.identity, name) {
-            Verdict::Allow => Feed::Open(WatchStream::new(self.shared.store.subscribe(name))),
+        // `sds://NAME` is NAME's secret: authorized and followed as NAME.
+        let stored = super::names::stored(name);
+        let feed = match self.shared.authz.decide(&self.peer.identity, stored) {
+            Verdict::Allow => Feed::Open(WatchStream::new(self.shared.store.subscribe(stored))),
             Verdict::Deny(reason) => {
                 self.deny(name, &reason);
                 Feed::Denied
             }
             Verdict::Grant(grant) => Feed::Gated(Box::new(Gate {
                 grant: WatchStream::new(grant),
-                store: self.shared.store.subscribe(name),
+                store: self.shared.store.subscribe(stored),
                 changes: None,
                 denied: false,
             })),
@@ -200,7 +202,7 @@ impl Session {
         match &mut watched.feed {
             // A fresh receiver yields the current content first; the old one is dropped
             // after the new one exists, so the store's subscription never lapses.
-            Feed::Open(changes) => *changes = WatchStream::new(self.shared.store.subscribe(name)),
+            Feed::Open(changes) => *changes = WatchStream::new(self.shared.store.subscribe(super::names::stored(name))),
             Feed::Gated(gate) => {
                 if gate.changes.is_some() {
                     gate.changes = Some(WatchStream::new(gate.store.clone()));
@@ -223,7 +225,7 @@ impl Session {
         self.status.forget(name);
         if watched.feed.holds_store() {
             drop(watched);
-            self.shared.store.release(name);
+            self.shared.store.release(super::names::stored(name));
         }
         tracing::debug!(stream = self.id, secret = name, "unsubscribed");
     }
@@ -235,7 +237,16 @@ impl Session {
     pub fn poll_change(&mut self, cx: &mut Context<'_>) -> Poll<Change> {
         loop {
             match ready!(self.watches.poll_next_unpin(cx)) {
-                Some((_, Due::Send(served))) => return Poll::Ready(Change::Send(served)),
+                Some((name, Due::Send(served))) if served.name == name => return Poll::Ready(Change::Send(served)),
+                Some((name, Due::Send(served))) => {
+                    // An `sds://` name: the stored secret under the name asked for.
+                    match served.renamed(&name) {
+                        Some(renamed) => return Poll::Ready(Change::Send(Arc::new(renamed))),
+                        None => {
+                            tracing::error!(stream = self.id, secret = %name, "cannot rename the stored secret; not sent")
+                        }
+                    }
+                }
                 Some((name, Due::Gone)) => return Poll::Ready(Change::Gone(name)),
                 Some((name, Due::Denied { reason, was_sent })) => {
                     self.deny(&name, &reason);
@@ -339,7 +350,7 @@ impl Drop for Session {
             self.watches.iter().filter(|(_, w)| w.feed.holds_store()).map(|(n, _)| n.clone()).collect();
         self.watches = StreamMap::new();
         for name in names {
-            self.shared.store.release(&name);
+            self.shared.store.release(super::names::stored(&name));
         }
     }
 }

@@ -375,6 +375,47 @@ async fn fetch_returns_current_or_not_found() {
     assert_eq!(err.code(), tonic::Code::NotFound);
 }
 
+/// Istio's external SDS names: `sds://NAME` is NAME's secret under the name asked for,
+/// on SotW, Delta and Fetch, pushed when NAME changes; NAME's own subscribers are not
+/// affected.
+#[tokio::test]
+async fn sds_names_are_the_named_secret_renamed() {
+    let mut h = harness().await;
+    h.put("web", "1");
+    let (tx, mut rx) = h.sotw().await;
+    tx.send(request(&["sds://web"], "", "")).await.unwrap();
+    let r = next(&mut rx).await;
+    assert_eq!(secret_name(&r), "sds://web");
+    assert_eq!(r.version_info, h.version("web"));
+    tx.send(request(&["sds://web"], &r.version_info, &r.nonce)).await.unwrap();
+    h.put("web", "2");
+    let r = next(&mut rx).await;
+    assert_eq!((secret_name(&r), r.version_info.clone()), ("sds://web".to_string(), h.version("web")));
+
+    let f = h.client.fetch_secrets(request(&["sds://web"], "", "")).await.unwrap().into_inner();
+    assert_eq!(secret_name(&f), "sds://web");
+    let plain = h.client.fetch_secrets(request(&["web"], "", "")).await.unwrap().into_inner();
+    assert_eq!(secret_name(&plain), "web", "the stored name is untouched");
+
+    let (dtx, mut drx) = h.delta().await;
+    dtx.send(DeltaDiscoveryRequest {
+        node: node(),
+        type_url: SECRET_TYPE_URL.into(),
+        resource_names_subscribe: vec!["sds://web".into()],
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let d = next(&mut drx).await;
+    assert_eq!(d.resources[0].name, "sds://web");
+    use prost::Message as _;
+    let inner = envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret::decode(
+        d.resources[0].resource.as_ref().unwrap().value.as_slice(),
+    )
+    .unwrap();
+    assert_eq!(inner.name, "sds://web");
+}
+
 #[tokio::test]
 async fn wrong_type_url_is_refused() {
     let mut h = harness().await;
