@@ -54,6 +54,8 @@ pub struct FileConfig {
     pub dev_forget_after: Option<Duration>,
     /// The most names the dev CA mints.
     pub dev_max_names: Option<usize>,
+    /// Requested name -> stored name (`[aliases]`), e.g. Istio's `sds://PROVIDER`.
+    pub aliases: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// `[sds]` table.
@@ -225,6 +227,8 @@ pub struct Settings {
     pub status_max_watchers: usize,
     pub dev_forget_after: Duration,
     pub dev_max_names: usize,
+    /// `[aliases]`: requested name -> stored name.
+    pub aliases: std::collections::BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -286,6 +290,8 @@ impl Settings {
         secure_by_default(&listen, tls.as_ref(), mode, insecure_open_sds)?;
         let limits = file.limits.unwrap_or_default();
         limits.validate().map_err(anyhow::Error::msg)?;
+        let aliases = file.aliases.clone().unwrap_or_default();
+        crate::xds::names::Names::new(&aliases).map_err(anyhow::Error::msg)?;
         Ok(Self {
             listen,
             admin: flags.admin.or(file.admin).unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("default admin address")),
@@ -309,6 +315,7 @@ impl Settings {
             status_max_watchers: file.status_max_watchers.unwrap_or(crate::xds::proxies::MAX_ROLLOUT_WATCHERS),
             dev_forget_after: file.dev_forget_after.unwrap_or(crate::sources::dev::FORGET_AFTER),
             dev_max_names: file.dev_max_names.unwrap_or(crate::sources::dev::MAX_NAMES),
+            aliases,
         })
     }
 }

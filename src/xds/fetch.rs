@@ -73,7 +73,7 @@ pub fn fetch(shared: &ServerState, req: DiscoveryRequest) -> Result<Outgoing, St
 
 /// What is served for `requested`, under that name (see [`super::names`]).
 fn lookup(shared: &ServerState, requested: &str) -> Option<Arc<crate::store::Served>> {
-    let served = shared.store.get(super::names::stored(requested))?;
+    let served = shared.store.get(shared.names.stored(requested))?;
     if &*served.name == requested { Some(served) } else { served.renamed(requested).map(Arc::new) }
 }
 
@@ -86,7 +86,7 @@ const REVIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn authorize(shared: &ServerState, peer: &Peer, req: &mut DiscoveryRequest) {
     let mut allowed = Vec::with_capacity(req.resource_names.len());
     for name in std::mem::take(&mut req.resource_names) {
-        let reason = match shared.authz.decide(&peer.identity, super::names::stored(&name)) {
+        let reason = match shared.authz.decide(&peer.identity, shared.names.stored(&name)) {
             Verdict::Allow => None,
             Verdict::Deny(reason) => Some(reason),
             Verdict::Grant(mut rx) => {

@@ -42,6 +42,8 @@ pub struct ServerState {
     pub budget: Arc<Budget>,
     /// Open connections, in total and per IP address.
     pub connections: Arc<listen::Connections>,
+    /// Requested names that stand for stored ones (`sds://NAME`, `[aliases]`).
+    pub names: Arc<names::Names>,
 }
 
 impl ServerState {
@@ -63,7 +65,13 @@ impl ServerState {
             budget,
             connections: Arc::new(listen::Connections::default()),
             limits: Arc::new(limits),
+            names: Arc::default(),
         }
+    }
+
+    pub fn with_names(mut self, names: names::Names) -> Self {
+        self.names = Arc::new(names);
+        self
     }
 }
 

@@ -5,16 +5,65 @@
 //! `sds://PROVIDER`. certwire answers each with NAME's secret, renamed: the store,
 //! authorization and sources only ever see NAME.
 
+//!
+//! The config's `[aliases]` table maps any other requested name to a stored one (e.g.
+//! an extension provider's `sds://PROVIDER` to `kubernetes://NS/NAME`).
+
+use std::collections::{BTreeMap, HashMap};
+
 const SDS_PREFIX: &str = "sds://";
 
-/// The stored name behind a requested one.
+/// How requested names map to stored ones: the configured aliases, then `sds://`.
+#[derive(Debug, Default)]
+pub struct Names {
+    aliases: HashMap<String, String>,
+}
+
+impl Names {
+    /// Refuses an alias of nothing, of itself, or of another alias (one hop only, so a
+    /// reader of the config sees where a name leads).
+    pub fn new(aliases: &BTreeMap<String, String>) -> Result<Self, String> {
+        for (from, to) in aliases {
+            if from.is_empty() || to.is_empty() {
+                return Err(format!("[aliases] {from:?} = {to:?}: names must not be empty"));
+            }
+            if from == to || aliases.contains_key(to) {
+                return Err(format!("[aliases] {from:?} = {to:?}: {to:?} is an alias itself"));
+            }
+        }
+        Ok(Self { aliases: aliases.iter().map(|(from, to)| (from.clone(), to.clone())).collect() })
+    }
+
+    /// The stored name behind a requested one.
+    pub fn stored<'a>(&'a self, requested: &'a str) -> &'a str {
+        match self.aliases.get(requested) {
+            Some(stored) => stored,
+            None => stored(requested),
+        }
+    }
+}
+
+/// The stored name behind a requested one, without aliases.
 pub fn stored(requested: &str) -> &str {
     requested.strip_prefix(SDS_PREFIX).filter(|name| !name.is_empty()).unwrap_or(requested)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::stored;
+    use super::*;
+
+    #[test]
+    fn aliases_first_then_the_sds_prefix() {
+        let table = BTreeMap::from([("sds://provider".to_string(), "kubernetes://certs/gw".to_string())]);
+        let names = Names::new(&table).unwrap();
+        assert_eq!(names.stored("sds://provider"), "kubernetes://certs/gw");
+        assert_eq!(names.stored("sds://web"), "web");
+        assert_eq!(names.stored("web"), "web");
+        let chained = BTreeMap::from([("a".to_string(), "b".to_string()), ("b".to_string(), "c".to_string())]);
+        assert!(Names::new(&chained).unwrap_err().contains("alias itself"));
+        assert!(Names::new(&BTreeMap::from([("a".to_string(), "a".to_string())])).is_err());
+        assert!(Names::new(&BTreeMap::from([("a".to_string(), String::new())])).is_err());
+    }
 
     #[test]
     fn sds_names_stand_for_the_name_after_the_prefix() {

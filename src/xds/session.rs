@@ -162,7 +162,8 @@ impl Session {
             )));
         }
         // `sds://NAME` is NAME's secret: authorized and followed as NAME.
-        let stored = super::names::stored(name);
+        let names = self.shared.names.clone();
+        let stored = names.stored(name);
         let feed = match self.shared.authz.decide(&self.peer.identity, stored) {
             Verdict::Allow => Feed::Open(WatchStream::new(self.shared.store.subscribe(stored))),
             Verdict::Deny(reason) => {
@@ -202,7 +203,9 @@ impl Session {
         match &mut watched.feed {
             // A fresh receiver yields the current content first; the old one is dropped
             // after the new one exists, so the store's subscription never lapses.
-            Feed::Open(changes) => *changes = WatchStream::new(self.shared.store.subscribe(super::names::stored(name))),
+            Feed::Open(changes) => {
+                *changes = WatchStream::new(self.shared.store.subscribe(self.shared.names.stored(name)))
+            }
             Feed::Gated(gate) => {
                 if gate.changes.is_some() {
                     gate.changes = Some(WatchStream::new(gate.store.clone()));
@@ -225,7 +228,7 @@ impl Session {
         self.status.forget(name);
         if watched.feed.holds_store() {
             drop(watched);
-            self.shared.store.release(super::names::stored(name));
+            self.shared.store.release(self.shared.names.stored(name));
         }
         tracing::debug!(stream = self.id, secret = name, "unsubscribed");
     }
@@ -350,7 +353,7 @@ impl Drop for Session {
             self.watches.iter().filter(|(_, w)| w.feed.holds_store()).map(|(n, _)| n.clone()).collect();
         self.watches = StreamMap::new();
         for name in names {
-            self.shared.store.release(super::names::stored(&name));
+            self.shared.store.release(self.shared.names.stored(&name));
         }
     }
 }

@@ -72,6 +72,10 @@ async fn harness_with(authorized: Option<(MakeAuthorizer, Identity)>, limits: su
         shutdown.clone(),
         Arc::new(authz),
         limits,
+    )
+    // An extension provider's name, as an `[aliases]` entry maps it.
+    .with_names(
+        super::names::Names::new(&std::collections::BTreeMap::from([("sds://provider".into(), "web".into())])).unwrap(),
     );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -396,6 +400,8 @@ async fn sds_names_are_the_named_secret_renamed() {
     assert_eq!(secret_name(&f), "sds://web");
     let plain = h.client.fetch_secrets(request(&["web"], "", "")).await.unwrap().into_inner();
     assert_eq!(secret_name(&plain), "web", "the stored name is untouched");
+    let aliased = h.client.fetch_secrets(request(&["sds://provider"], "", "")).await.unwrap().into_inner();
+    assert_eq!((secret_name(&aliased), aliased.version_info), ("sds://provider".to_string(), h.version("web")));
 
     let (dtx, mut drx) = h.delta().await;
     dtx.send(DeltaDiscoveryRequest {
