@@ -30,6 +30,10 @@
 //!   the client certificate) and once with those SDS files turned into static secrets,
 //!   which makes Envoy read the certificate, key and CA files they name. The Istio
 //!   bootstrap override is merged the way pilot-agent applies it (`--config-yaml`).
+//! - certwire as a native sidecar on Istio's credential socket: the example's patch is
+//!   applied to a stock gateway Deployment; the sidecar is hardened, started before
+//!   istio-proxy (startupProbe on /readyz), runs as istio-proxy's uid, shares Istio's
+//!   emptyDir, and its config and real authorizer serve that uid alone.
 //!
 //! What no test here can show: that Istio's control plane accepts the Gateway and the
 //! EnvoyFilter and generates the listener they are written for (no Istio runs here), and
@@ -86,6 +90,15 @@ const GATEWAY_EXAMPLES: [&str; 2] = [EDGE_ENVOY, ISTIO];
 /// A strategic merge patch for a Deployment that Istio's installer owns: not a complete
 /// object, so it is checked by applying it (`istio_gateway_patch_...`), not parsed alone.
 const ISTIO_GATEWAY_PATCH: &str = "deploy/examples/istio-ingressgateway/gateway-deployment-patch.yaml";
+/// certwire as a native sidecar of the Istio gateway, on Istio's credential socket.
+const CREDENTIAL_SOCKET: &str = "deploy/examples/istio-credential-socket";
+/// Its strategic merge patch for the gateway Deployment (checked like ISTIO_GATEWAY_PATCH).
+const CREDENTIAL_SOCKET_PATCH: &str = "deploy/examples/istio-credential-socket/gateway-deployment-patch.yaml";
+/// Where Istio's gateway looks for an external SDS server, and its volume's name.
+const CREDENTIAL_SOCKET_DIR: &str = "/var/run/secrets/credential-uds";
+const CREDENTIAL_SOCKET_VOLUME: &str = "credential-socket";
+/// The uid (and gid) of istio-proxy in Istio's gateway templates.
+const ISTIO_PROXY_UID: i64 = 1337;
 
 /// The label certwire's NetworkPolicy requires of pods that reach its SDS port.
 const CLIENT_LABEL: (&str, &str) = ("certwire.io/client", "true");
@@ -93,6 +106,8 @@ const CLIENT_LABEL: (&str, &str) = ("certwire.io/client", "true");
 /// certwire's ServiceAccount and certgen's: (namespace, name).
 const CERTWIRE_ACCOUNT: (&str, &str) = ("certwire", "certwire");
 const CERTGEN_ACCOUNT: (&str, &str) = ("certwire", "certwire-certgen");
+/// The Istio gateway's, as LEGACY_GATEWAY (and Istio's installers) name it.
+const ISTIO_GATEWAY_ACCOUNT: (&str, &str) = ("istio-system", "istio-ingressgateway-service-account");
 /// The Secrets `certwire certgen --kubernetes-namespace` writes (src/cli/certgen.rs), and
 /// the names cert-manager is told to use for the same roles.
 const CA_SECRET: &str = "certwire-ca";
@@ -494,6 +509,22 @@ struct GatewaySpec {
 struct GatewayServer {
     port: GatewayPort,
     hosts: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls: Option<GatewayTls>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GatewayTls {
+    mode: GatewayTlsMode,
+    credential_name: String,
+}
+
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "UPPERCASE")]
+enum GatewayTlsMode {
+    Simple,
+    Mutual,
 }
 
 #[derive(Debug, Deserialize, Serialize)]
@@ -771,7 +802,8 @@ fn every_example_yaml_file_parses_strictly_and_belongs_to_its_kustomization() {
     });
     for file in files {
         let rel = file.strip_prefix(repo()).unwrap().display().to_string();
-        if file.file_name().is_some_and(|n| n == "kustomization.yaml") || rel == ISTIO_GATEWAY_PATCH {
+        let patch = rel == ISTIO_GATEWAY_PATCH || rel == CREDENTIAL_SOCKET_PATCH;
+        if file.file_name().is_some_and(|n| n == "kustomization.yaml") || patch {
             continue;
         }
         let text = std::fs::read_to_string(&file).unwrap();
@@ -868,8 +900,15 @@ fn assert_hardened(pod: &PodSpec, probes: bool, origin: &str) {
         assert!(capabilities.add.is_none_or(|a| a.is_empty()), "{origin}: adds capabilities");
         let seccomp = security.seccomp_profile.as_ref().map(|s| s.type_.as_str()).or(pod_seccomp);
         assert_eq!(seccomp, Some("RuntimeDefault"), "{origin}: no RuntimeDefault seccomp profile");
-        if probes && !pod.init_containers.iter().flatten().any(|c| c.name == container.name) {
+        let init = pod.init_containers.iter().flatten().any(|c| c.name == container.name);
+        if probes && !init {
             assert!(container.readiness_probe.is_some(), "{origin}: no readinessProbe");
+            assert!(container.liveness_probe.is_some(), "{origin}: no livenessProbe");
+        }
+        // A native sidecar (an init container that keeps running): the startupProbe is
+        // what holds back the containers after it, the livenessProbe restarts it.
+        if probes && init && container.restart_policy.as_deref() == Some("Always") {
+            assert!(container.startup_probe.is_some(), "{origin}: a native sidecar without startupProbe");
             assert!(container.liveness_probe.is_some(), "{origin}: no livenessProbe");
         }
         let resources = container.resources.clone().unwrap_or_default();
@@ -979,7 +1018,8 @@ fn rbac_is_least_privilege_for_each_subject_and_cluster_wide_only_where_it_must(
         .map(str::to_owned)
         .chain(certgen.clients.iter().map(|(label, _)| format!("{CLIENT_SECRET_PREFIX}{label}")))
         .collect();
-    let dirs = VARIANTS.iter().chain(&GATEWAY_EXAMPLES).chain(&[CERT_MANAGER, CERT_MANAGER_MTLS, CERTGEN]);
+    let dirs =
+        VARIANTS.iter().chain(&GATEWAY_EXAMPLES).chain(&[CERT_MANAGER, CERT_MANAGER_MTLS, CERTGEN, CREDENTIAL_SOCKET]);
     for dir in dirs {
         let manifests = render(dir);
         let roles: BTreeMap<(String, String), &Role> = all_of!(manifests, Role)
@@ -1000,6 +1040,12 @@ fn rbac_is_least_privilege_for_each_subject_and_cluster_wide_only_where_it_must(
                 assert_least_privilege(rules, &GRANTS, &origin);
             } else if is(&account, CERTGEN_ACCOUNT) && *dir == CERTGEN {
                 assert_certgen_rules(rules, &certgen_secrets, &origin);
+            } else if *dir == CREDENTIAL_SOCKET {
+                // certwire in the gateway's pod runs as the gateway's ServiceAccount:
+                // certwire's grants, in the gateway's own namespace, and nothing else.
+                assert!(is(&account, ISTIO_GATEWAY_ACCOUNT), "{origin}: binds {account:?}, not the gateway");
+                assert_eq!(account.0, ns, "{origin}: the sidecar's grant belongs in the gateway's namespace");
+                assert_least_privilege(rules, &GRANTS, &origin);
             } else if GATEWAY_EXAMPLES.contains(dir) {
                 // A gateway, in its own namespace: what certwire's review asks, and no more.
                 assert_eq!(account.0, ns, "{origin}: a gateway's grant belongs in its own namespace");
@@ -2104,20 +2150,25 @@ spec:
 "#;
 
 fn istio_patched_gateway() -> Deployment {
+    patched_gateway(ISTIO_GATEWAY_PATCH)
+}
+
+/// LEGACY_GATEWAY with the strategic merge patch `patch` applied by the real kustomize.
+fn patched_gateway(patch: &str) -> Deployment {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("gateway.yaml"), LEGACY_GATEWAY).unwrap();
-    std::fs::copy(repo().join(ISTIO_GATEWAY_PATCH), dir.path().join("patch.yaml")).unwrap();
+    std::fs::copy(repo().join(patch), dir.path().join("patch.yaml")).unwrap();
     std::fs::write(
         dir.path().join("kustomization.yaml"),
         "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [gateway.yaml]\npatches:\n- path: patch.yaml\n",
     )
     .unwrap();
     let rendered = kustomize(dir.path());
-    let docs = documents(&rendered, ISTIO_GATEWAY_PATCH);
-    let [doc] = docs.as_slice() else { panic!("{ISTIO_GATEWAY_PATCH}: expected one Deployment") };
-    match parse(doc, ISTIO_GATEWAY_PATCH) {
+    let docs = documents(&rendered, patch);
+    let [doc] = docs.as_slice() else { panic!("{patch}: expected one Deployment") };
+    match parse(doc, patch) {
         Manifest::Deployment(d) => *d,
-        other => panic!("{ISTIO_GATEWAY_PATCH}: patched into {other:?}"),
+        other => panic!("{patch}: patched into {other:?}"),
     }
 }
 
@@ -2168,6 +2219,120 @@ fn istio_gateway_patch_mounts_the_override_and_removes_the_certs_volume() {
     let client = pod.volumes.iter().flatten().find(secret).expect("the client Secret's volume");
     let mounted = proxy.volume_mounts.iter().flatten().any(|m| m.name == client.name && m.read_only == Some(true));
     assert!(mounted, "the client Secret is not mounted read-only into istio-proxy");
+}
+
+/// certwire as a native sidecar of the Istio gateway (deploy/examples/istio-credential-socket):
+/// an init container that keeps running, hardened, held ready by a startupProbe on
+/// /readyz before istio-proxy starts (pilot-agent checks the socket once, at start); the
+/// socket's directory is Istio's emptyDir in both containers; certwire's args and config
+/// as certwire reads them; its real authorizer serves istio-proxy's uid and nobody else;
+/// the Gateway asks for `sds://` of a Secret of the namespace certwire watches.
+#[tokio::test]
+async fn istio_credential_socket_sidecar_starts_first_and_serves_the_gateway_uid_only() {
+    let origin = CREDENTIAL_SOCKET_PATCH;
+    let manifests = render(CREDENTIAL_SOCKET);
+    let deployment = patched_gateway(CREDENTIAL_SOCKET_PATCH);
+    let gateway_namespace = namespace(&deployment.metadata).to_owned();
+    let pod = pod_spec(&deployment);
+    let init = pod.init_containers.as_deref().unwrap_or_default();
+    let [certwire] = init else { panic!("{origin}: expected one init container, found {}", init.len()) };
+    assert_eq!(certwire.restart_policy.as_deref(), Some("Always"), "{origin}: not a native sidecar");
+    // The gateway's own containers are Istio's: the sidecar alone is checked.
+    let sidecar = PodSpec {
+        init_containers: Some(vec![certwire.clone()]),
+        security_context: pod.security_context.clone(),
+        ..Default::default()
+    };
+    assert_hardened(&sidecar, true, origin);
+    let startup = certwire.startup_probe.as_ref().and_then(|p| p.http_get.as_ref());
+    assert_eq!(
+        startup.and_then(|h| h.path.as_deref()),
+        Some("/readyz"),
+        "{origin}: istio-proxy must wait for certwire's readiness (socket bound, Secrets loaded)"
+    );
+    let security = certwire.security_context.clone().unwrap_or_default();
+    assert_eq!(
+        (security.run_as_user, security.run_as_group),
+        (Some(ISTIO_PROXY_UID), Some(ISTIO_PROXY_UID)),
+        "{origin}: the socket certwire creates must belong to istio-proxy's uid, or pilot-agent cannot connect"
+    );
+
+    // One socket directory: Istio's emptyDir, in both containers.
+    let proxy = pod.containers.iter().find(|c| c.name == "istio-proxy").expect("istio-proxy");
+    for container in [certwire, proxy] {
+        let volume = volume_at(pod, container, Path::new(CREDENTIAL_SOCKET_DIR))
+            .unwrap_or_else(|| panic!("{origin}: {} does not mount {CREDENTIAL_SOCKET_DIR}", container.name));
+        assert_eq!(volume.name, CREDENTIAL_SOCKET_VOLUME, "{origin}: not Istio's volume name");
+        assert!(volume.empty_dir.is_some(), "{origin}: {CREDENTIAL_SOCKET_VOLUME} is not an emptyDir");
+    }
+    // The startup ordering is what makes Istio find the socket: no override.
+    let proxy_env: Vec<&str> = proxy.env.iter().flatten().map(|e| e.name.as_str()).collect();
+    assert!(!proxy_env.contains(&"ISTIO_META_credential"), "{origin}: ISTIO_META_credential is set");
+    assert!(proxy_env.contains(&"POD_NAMESPACE"), "{origin}: the patch replaced istio-proxy's env list");
+    let volumes: Vec<&str> = pod.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    assert!(volumes.contains(&"istio-envoy"), "{origin}: the patch removed another volume: {volumes:?}");
+
+    // certwire's command line and config, through certwire's own parser and loader.
+    let args = certwire.args.clone().unwrap_or_default();
+    let cli = Cli::try_parse_from(std::iter::once("certwire".to_owned()).chain(args.clone()))
+        .unwrap_or_else(|e| panic!("{origin}: certwire does not accept the args {args:?}: {e}"));
+    let CertwireCommand::Serve(mut flags) = cli.command else { panic!("{origin}: the args do not run `serve`") };
+    let config = flags.config.clone().unwrap_or_else(|| panic!("{origin}: no --config"));
+    let (data, key) = mounted_file(pod, certwire, config.to_str().unwrap(), &manifests);
+    let dir = tempfile::tempdir().unwrap();
+    let local = dir.path().join(&key);
+    std::fs::write(&local, &data[&key]).unwrap();
+    flags.config = Some(local);
+    let settings = Settings::resolve(&flags, cli.log_format)
+        .unwrap_or_else(|e| panic!("{origin}: certwire refuses its config {}: {e:#}", config.display()));
+    assert_eq!(
+        settings.listen,
+        [ListenAddr::Unix(Path::new(CREDENTIAL_SOCKET_DIR).join("socket"))],
+        "{origin}: certwire does not listen on the credential socket (alone)"
+    );
+    assert!(!settings.dev, "{origin}: the dev CA is on");
+    let status = settings.status_addr.unwrap_or_else(|| panic!("{origin}: the status API shares the admin port"));
+    assert!(status.ip().is_loopback(), "{origin}: the status API is not on loopback");
+    assert_eq!(settings.admin.port(), 18001, "{origin}: the probes' port");
+    // `--namespace $(POD_NAMESPACE)`, which the kubelet expands to the pod's namespace:
+    // the one the Role is in.
+    let kube = settings.kubernetes.clone().unwrap_or_else(|| panic!("{origin}: the Kubernetes source is off"));
+    assert!(!kube.all_namespaces, "{origin}: all_namespaces");
+    assert_eq!(kube.namespaces, ["$(POD_NAMESPACE)"], "{origin}: watched namespaces");
+    let field = certwire.env.iter().flatten().find(|e| e.name == "POD_NAMESPACE");
+    let field = field.and_then(|e| e.value_from.as_ref()).and_then(|v| v.field_ref.as_ref());
+    assert_eq!(field.map(|f| f.field_path.as_str()), Some("metadata.namespace"), "{origin}: POD_NAMESPACE");
+    let role_namespaces: BTreeSet<&str> = all_of!(manifests, Role).iter().map(|r| namespace(&r.metadata)).collect();
+    assert_eq!(role_namespaces, BTreeSet::from([gateway_namespace.as_str()]), "{CREDENTIAL_SOCKET}: Roles");
+
+    // Who gets a key: istio-proxy's uid, for the Gateway's credential and its CA (asked
+    // as sds://NAME and sds://NAME-cacert, authorized as NAME and NAME-cacert); no other
+    // uid, nothing without a Unix peer.
+    assert_eq!(settings.authz.mode, Mode::Policy, "{origin}: authorization mode");
+    let authz = Authorizer::new(
+        settings.authz.mode,
+        settings.authz.rules.clone(),
+        gateway_namespace.clone(),
+        None,
+        Arc::new(Metrics::new()),
+    );
+    let uid = u32::try_from(ISTIO_PROXY_UID).unwrap();
+    let istio_proxy = Identity::Unix { uid, gid: uid, pid: Some(1) };
+    let stranger = Identity::Unix { uid: 1000, gid: 1000, pid: Some(2) };
+    let gateways = all_of!(manifests, Gateway);
+    let gateway = only(gateways, "Gateway", CREDENTIAL_SOCKET);
+    let tls: Vec<&GatewayTls> = gateway.spec.servers.iter().filter_map(|s| s.tls.as_ref()).collect();
+    let tls = only(tls, "TLS server", CREDENTIAL_SOCKET);
+    let secret = tls.credential_name.strip_prefix("sds://").unwrap_or_else(|| {
+        panic!("{CREDENTIAL_SOCKET}: credentialName {} does not go to the credential socket", tls.credential_name)
+    });
+    for name in [secret.to_owned(), format!("{secret}-cacert")] {
+        if let Err(why) = verdict(&authz, &istio_proxy, &name).await {
+            panic!("{origin}: certwire refuses {name} to istio-proxy: {why}");
+        }
+        assert!(verdict(&authz, &stranger, &name).await.is_err(), "{origin}: uid 1000 may read {name}");
+        assert!(verdict(&authz, &Identity::Anonymous, &name).await.is_err(), "{origin}: anonymous may read {name}");
+    }
 }
 
 // ---------------------------------------------------------------------------------------
