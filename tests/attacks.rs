@@ -61,15 +61,15 @@ struct Unfinished {
     ended: usize,
     /// RSS growth over the baseline at the first wave's peak, KiB.
     grown: u64,
-    /// RSS growth of the second wave over the first one's peak, KiB.
-    again: u64,
+    /// RSS growth over the baseline once both waves ended and certwire gave the freed
+    /// memory back (`malloc_trim` after 8 MiB of requests freed, looked at every 5 s).
+    after: u64,
 }
 
 /// Attack 1 twice: `connections` connections of unfinished requests held while
 /// `/healthz` and a legitimate fetch are tried, then closed; once certwire has closed
-/// them too, the same again. What the first wave held was freed if the second costs
-/// (almost) nothing more: glibc keeps freed pages in the process, so RSS itself does
-/// not fall back until certwire trims it (see `idle_connections_are_closed_and_their_memory_freed`).
+/// them too, the same again. What they held must then go back: RSS returns near the
+/// baseline (a leak would keep both waves).
 async fn unfinished_requests_twice(target: &Target, connections: usize) -> Unfinished {
     target.assert_serving("before the attack").await;
     let fds = target.open_fds();
@@ -89,29 +89,33 @@ async fn unfinished_requests_twice(target: &Target, connections: usize) -> Unfin
 
     let first_peak = peak.peak_kib();
     let conns = unfinished_requests(target, connections).await;
+    // Shown, not asserted: how much of the first wave's freed memory glibc reuses
+    // depends on which thread's arena the second lands in (+0 to +15 MiB measured).
     let again = peak_growth(&peak, first_peak).await;
     drop(conns);
+    target.wait_fds_at_most(fds).await;
     target.assert_serving("after the attack").await;
+    let settled = util::poll_until(WAIT, || async {
+        let grown = target.rss_kib().saturating_sub(baseline);
+        (grown < AFTER_BOUND).then_some(grown)
+    })
+    .await;
+    let after = settled.unwrap_or_else(|| target.rss_kib().saturating_sub(baseline));
     eprintln!(
         "{connections} connection(s) x 64 streams: {:.1} MiB got in, {ended} streams ended by certwire; \
-         RSS {:.1} -> {:.1} MiB (+{:.1}), a second wave +{:.1} MiB more, {:.1} MiB after",
+         RSS {:.1} -> {:.1} MiB (+{:.1}), a second wave +{:.1} MiB more, +{:.1} MiB after",
         sent.iter().sum::<u64>() as f64 / MIB as f64,
         mib(baseline),
         mib(baseline + grown),
         mib(grown),
         mib(again),
-        mib(target.rss_kib())
+        mib(after)
     );
-    Unfinished { sent, ended, grown, again }
+    Unfinished { sent, ended, grown, after }
 }
 
-/// What a second wave of attack 1 may add to the first one's peak: half of what the
-/// first one took, or 8 MiB (glibc places the new allocations differently and keeps a
-/// few MiB more; second waves measured +0 to +5 MiB). One that leaked would take as
-/// much again.
-fn again_bound(grown: u64) -> u64 {
-    (grown / 2).max(8 * 1024)
-}
+/// RSS growth over the baseline allowed once an attack has ended, KiB.
+const AFTER_BOUND: u64 = 16 * 1024;
 
 fn assert_growth(what: &str, grown: u64, bound: u64) {
     assert!(grown < bound, "{what}: RSS grew by {:.1} MiB, bound {} MiB", mib(grown), bound / 1024);
@@ -121,27 +125,26 @@ fn assert_growth(what: &str, grown: u64, bound: u64) {
 /// and never finished. Before the limits (window given back as each frame arrived, 4 MiB
 /// messages) RSS went from 47 to 274 MiB in 1.6 s. Now capacity comes back only as
 /// whole messages are consumed: the connection gets in its window (16 MiB) and no more.
-/// Bound: less than 32 MiB of growth; a second wave less than half of that more (8 MiB
-/// at least, see [`again_bound`]).
+/// Bounds: less than 32 MiB of growth; back within 16 MiB of the baseline after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_requests_on_one_connection_hold_at_most_its_window() {
     let target = Target::start("", &[], |_| {}).await;
     let attack = unfinished_requests_twice(&target, 1).await;
     assert_growth("one connection", attack.grown, 32 * 1024);
-    assert_growth("a second wave", attack.again, again_bound(attack.grown));
+    assert_growth("once the attack ended", attack.after, AFTER_BOUND);
     assert!(attack.sent[0] <= CONNECTION_WINDOW, "{} bytes got in, over the connection window", attack.sent[0]);
 }
 
 /// Attack 1, three connections: before the limits RSS reached 790 MiB and stayed there
 /// after they closed. Now each gets in its window: 48 MiB in all, under the
-/// process-wide budget (256 MiB). Bound: less than 80 MiB of growth; a second wave
-/// less than half of what the first took more.
+/// process-wide budget (256 MiB). Bounds: less than 80 MiB of growth; back within
+/// 16 MiB of the baseline after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_requests_on_three_connections_hold_at_most_their_windows() {
     let target = Target::start("", &[], |_| {}).await;
     let attack = unfinished_requests_twice(&target, 3).await;
     assert_growth("three connections", attack.grown, 80 * 1024);
-    assert_growth("a second wave", attack.again, again_bound(attack.grown));
+    assert_growth("once the attack ended", attack.after, AFTER_BOUND);
     for sent in attack.sent {
         assert!(sent <= CONNECTION_WINDOW, "{sent} bytes got in on one connection, over its window");
     }
@@ -150,14 +153,14 @@ async fn unfinished_requests_on_three_connections_hold_at_most_their_windows() {
 /// Attack 1 against the process-wide budget: with `max_buffered_request_bytes` at
 /// 8 MiB, three connections (48 MiB of windows) cannot all be held: a frame over the
 /// budget ends its stream with RESOURCE_EXHAUSTED, which frees its window, and so on
-/// until only the budget is held. Bound: less than 24 MiB of growth; a second wave less
-/// than 8 MiB more.
+/// until only the budget is held. Bounds: less than 24 MiB of growth; back within
+/// 16 MiB of the baseline after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unfinished_requests_stop_at_the_process_budget() {
     let target = Target::start("max_buffered_request_bytes = 8388608", &[], |_| {}).await;
     let attack = unfinished_requests_twice(&target, 3).await;
     assert_growth("three connections, 8 MiB budget", attack.grown, 24 * 1024);
-    assert_growth("a second wave", attack.again, again_bound(attack.grown));
+    assert_growth("once the attack ended", attack.after, AFTER_BOUND);
     let hits = target.limit_hits("max_buffered_request_bytes").await;
     assert!(hits >= 1.0, "certwire_limits_hit_total{{limit=\"max_buffered_request_bytes\"}} counted nothing");
     assert!(attack.ended >= 1, "no stream was ended by the budget");

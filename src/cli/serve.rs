@@ -121,7 +121,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let names = crate::xds::names::Names::new(&settings.aliases).map_err(anyhow::Error::msg)?;
     let shared = ServerState::new(store.clone(), proxies, metrics, stop.clone(), authz, settings.limits.clone())
         .with_names(names);
-    tokio::spawn(crate::memory::trim_after_churn(shared.connections.clone(), shutdown.clone()));
+    tokio::spawn(crate::memory::trim_after_churn(shared.connections.clone(), shared.budget.clone(), shutdown.clone()));
     for (_, b) in bound {
         // As bound: with port 0, the port the kernel chose.
         let addr = b.local_addr();

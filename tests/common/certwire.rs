@@ -39,6 +39,8 @@ pub struct Certwire {
     log: PathBuf,
     /// Run as this uid and gid (see [`Certwire::serve_unprivileged`]).
     user: Option<u32>,
+    /// The binary run: cargo's, or a copy that `user` may execute.
+    bin: PathBuf,
     _dir: TempDir,
 }
 
@@ -77,6 +79,16 @@ impl Certwire {
             std::os::unix::fs::chown(dir.path(), Some(id), Some(id)).expect("chown the certwire directory");
         }
         let log = dir.path().join("certwire.log");
+        let bin = match user {
+            // A checkout in a private directory (mode 0700, as `mktemp -d` makes) is not
+            // enterable by another user: run a copy from this test's own directory.
+            Some(_) if !runnable_by_others(&certwire_bin()) => {
+                let copy = dir.path().join("certwire");
+                std::fs::copy(certwire_bin(), &copy).expect("copy the certwire binary");
+                copy
+            }
+            _ => certwire_bin(),
+        };
         let mut certwire = Certwire {
             child: None,
             admin: None,
@@ -84,6 +96,7 @@ impl Certwire {
             args: args.into_iter().map(Into::into).collect(),
             log,
             user,
+            bin,
             _dir: dir,
         };
         certwire.start().await;
@@ -98,7 +111,7 @@ impl Certwire {
         assert!(self.child.is_none(), "certwire is already running");
         let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).expect("open certwire log");
         let ready_file = self.log.with_file_name("ready.json");
-        let mut command = Command::new(certwire_bin());
+        let mut command = Command::new(&self.bin);
         command
             .arg("serve")
             .args(self.args_to_start())
@@ -265,6 +278,15 @@ impl Drop for Certwire {
             self.dump_log();
         }
     }
+}
+
+/// Whether any user may execute `path`: it and every directory above it have the
+/// "others" execute bit.
+fn runnable_by_others(path: &Path) -> bool {
+    use std::os::unix::fs::PermissionsExt as _;
+    path.ancestors()
+        .filter(|p| !p.as_os_str().is_empty())
+        .all(|p| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0))
 }
 
 /// Sums the samples of `metric` in Prometheus text whose labels contain all of

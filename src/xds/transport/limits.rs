@@ -105,6 +105,9 @@ impl Limits {
 /// unfinished messages, and the largest message. Each stream's reader keeps a handle.
 pub struct Budget {
     used: AtomicUsize,
+    /// Bytes given back since start: counted, so that memory freed in a burst is seen
+    /// (see `memory::trim_after_churn`).
+    given_back: std::sync::atomic::AtomicU64,
     limit: usize,
     pub max_request: usize,
     /// `limits_hit{limit="max_buffered_request_bytes"}` and `{limit="max_request_bytes"}`.
@@ -117,6 +120,7 @@ impl Budget {
         let counter = |limit| metrics.limits_hit.get_or_create(&LimitLabel { limit }).clone();
         Self {
             used: AtomicUsize::new(0),
+            given_back: std::sync::atomic::AtomicU64::new(0),
             limit: limits.max_buffered_request_bytes,
             max_request: limits.max_request_bytes,
             buffered_hits: counter("max_buffered_request_bytes"),
@@ -133,6 +137,12 @@ impl Budget {
 
     pub fn give(&self, n: usize) {
         self.used.fetch_sub(n, Ordering::AcqRel);
+        self.given_back.fetch_add(n as u64, Ordering::Relaxed);
+    }
+
+    /// Request bytes given back since start.
+    pub fn given_back(&self) -> u64 {
+        self.given_back.load(Ordering::Relaxed)
     }
 
     pub fn used(&self) -> usize {
