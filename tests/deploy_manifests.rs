@@ -1092,12 +1092,22 @@ fn rbac_is_least_privilege_for_each_subject_and_cluster_wide_only_where_it_must(
 fn certwire_settings(manifests: &[Manifest], origin: &str) -> (Settings, Vec<String>) {
     let deployment = only(deployments(manifests), "Deployment", origin);
     let container = only(pod_spec(deployment).containers.iter().collect(), "container", origin);
+    container_settings(pod_spec(deployment), container, manifests, origin)
+}
+
+/// [`certwire_settings`] of one certwire container in `pod`.
+fn container_settings(
+    pod: &PodSpec,
+    container: &Container,
+    manifests: &[Manifest],
+    origin: &str,
+) -> (Settings, Vec<String>) {
     let args = container.args.clone().unwrap_or_default();
     let cli = Cli::try_parse_from(std::iter::once("certwire".to_owned()).chain(args.clone()))
         .unwrap_or_else(|e| panic!("{origin}: certwire does not accept the args {args:?}: {e}"));
     let CertwireCommand::Serve(mut flags) = cli.command else { panic!("{origin}: the args do not run `serve`") };
     let config = flags.config.clone().unwrap_or_else(|| panic!("{origin}: no --config"));
-    let (data, key) = mounted_file(pod_spec(deployment), container, config.to_str().unwrap(), manifests);
+    let (data, key) = mounted_file(pod, container, config.to_str().unwrap(), manifests);
     let dir = tempfile::tempdir().unwrap();
     let local = dir.path().join(&key);
     std::fs::write(&local, &data[&key]).unwrap();
@@ -2273,18 +2283,7 @@ async fn istio_credential_socket_sidecar_starts_first_and_serves_the_gateway_uid
     assert!(volumes.contains(&"istio-envoy"), "{origin}: the patch removed another volume: {volumes:?}");
 
     // certwire's command line and config, through certwire's own parser and loader.
-    let args = certwire.args.clone().unwrap_or_default();
-    let cli = Cli::try_parse_from(std::iter::once("certwire".to_owned()).chain(args.clone()))
-        .unwrap_or_else(|e| panic!("{origin}: certwire does not accept the args {args:?}: {e}"));
-    let CertwireCommand::Serve(mut flags) = cli.command else { panic!("{origin}: the args do not run `serve`") };
-    let config = flags.config.clone().unwrap_or_else(|| panic!("{origin}: no --config"));
-    let (data, key) = mounted_file(pod, certwire, config.to_str().unwrap(), &manifests);
-    let dir = tempfile::tempdir().unwrap();
-    let local = dir.path().join(&key);
-    std::fs::write(&local, &data[&key]).unwrap();
-    flags.config = Some(local);
-    let settings = Settings::resolve(&flags, cli.log_format)
-        .unwrap_or_else(|e| panic!("{origin}: certwire refuses its config {}: {e:#}", config.display()));
+    let (settings, _) = container_settings(pod, certwire, &manifests, origin);
     assert_eq!(
         settings.listen,
         [ListenAddr::Unix(Path::new(CREDENTIAL_SOCKET_DIR).join("socket"))],
