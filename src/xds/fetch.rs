@@ -74,7 +74,7 @@ pub fn fetch(shared: &ServerState, req: DiscoveryRequest) -> Result<Outgoing, St
 /// What is served for `requested`, under that name (see [`super::names`]).
 fn lookup(shared: &ServerState, requested: &str) -> Option<Arc<crate::store::Served>> {
     let served = shared.store.get(shared.names.stored(requested))?;
-    if &*served.name == requested { Some(served) } else { served.renamed(requested).map(Arc::new) }
+    shared.names.serve_as(requested, served)
 }
 
 /// How long FetchSecrets waits for a SubjectAccessReview before treating a name as

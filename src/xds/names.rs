@@ -10,6 +10,11 @@
 //! an extension provider's `sds://PROVIDER` to `kubernetes://NS/NAME`).
 
 use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use dashmap::DashMap;
+
+use crate::store::Served;
 
 const SDS_PREFIX: &str = "sds://";
 
@@ -17,6 +22,12 @@ const SDS_PREFIX: &str = "sds://";
 #[derive(Debug, Default)]
 pub struct Names {
     aliases: HashMap<String, String>,
+    /// The stored secret under each requested name, renamed once and shared by every
+    /// stream asking for it: a push to many proxies allocates one copy, not one per
+    /// proxy. An entry exists only for a requested name whose stored secret was served,
+    /// so there are at most as many as stored names (one `sds://` form each) plus the
+    /// aliases; it is replaced with each new version and dropped when the name is gone.
+    renamed: DashMap<Arc<str>, Arc<Served>>,
 }
 
 impl Names {
@@ -31,7 +42,8 @@ impl Names {
                 return Err(format!("[aliases] {from:?} = {to:?}: {to:?} is an alias itself"));
             }
         }
-        Ok(Self { aliases: aliases.iter().map(|(from, to)| (from.clone(), to.clone())).collect() })
+        let aliases = aliases.iter().map(|(from, to)| (from.clone(), to.clone())).collect();
+        Ok(Self { aliases, renamed: DashMap::new() })
     }
 
     /// The stored name behind a requested one.
@@ -40,6 +52,28 @@ impl Names {
             Some(stored) => stored,
             None => stored(requested),
         }
+    }
+
+    /// `served` (the stored secret behind `requested`) as sent to a proxy that asked for
+    /// `requested`. `None` if it cannot be renamed (not a resource certwire encoded).
+    pub fn serve_as(&self, requested: &str, served: Arc<Served>) -> Option<Arc<Served>> {
+        if &*served.name == requested {
+            return Some(served);
+        }
+        if let Some(hit) = self.renamed.get(requested)
+            && hit.version == served.version
+            && hit.updated == served.updated
+        {
+            return Some(hit.clone());
+        }
+        let renamed = Arc::new(served.renamed(requested)?);
+        self.renamed.insert(Arc::from(requested), renamed.clone());
+        Some(renamed)
+    }
+
+    /// `requested` is gone from the store: its renamed copy (and key) goes too.
+    pub fn forget(&self, requested: &str) {
+        self.renamed.remove(requested);
     }
 }
 
@@ -63,6 +97,29 @@ mod tests {
         assert!(Names::new(&chained).unwrap_err().contains("alias itself"));
         assert!(Names::new(&BTreeMap::from([("a".to_string(), "a".to_string())])).is_err());
         assert!(Names::new(&BTreeMap::from([("a".to_string(), String::new())])).is_err());
+    }
+
+    #[test]
+    fn one_renamed_copy_per_name_and_version_shared_by_every_stream() {
+        let store = crate::store::Store::new();
+        let intake =
+            crate::ingest::Intake::new(Arc::new(store), Arc::new(crate::metrics::Metrics::new()), "test", false);
+        let material = |s: &str| crate::pki::Material::Generic(crate::pki::KeyBytes::new(s.as_bytes().to_vec()));
+        intake.update("web", &material("one"), std::time::Instant::now()).unwrap();
+        let names = Names::default();
+        let first = intake.store().get("web").unwrap();
+        assert!(Arc::ptr_eq(&names.serve_as("web", first.clone()).unwrap(), &first), "no rename needed");
+        let a = names.serve_as("sds://web", first.clone()).unwrap();
+        let b = names.serve_as("sds://web", first.clone()).unwrap();
+        assert!(Arc::ptr_eq(&a, &b), "the second stream gets the same copy");
+        assert_eq!(&*a.name, "sds://web");
+
+        intake.update("web", &material("two"), std::time::Instant::now()).unwrap();
+        let second = intake.store().get("web").unwrap();
+        let c = names.serve_as("sds://web", second.clone()).unwrap();
+        assert_eq!(c.version, second.version, "a new version is renamed anew");
+        names.forget("sds://web");
+        assert!(names.renamed.is_empty());
     }
 
     #[test]

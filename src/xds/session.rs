@@ -243,14 +243,17 @@ impl Session {
                 Some((name, Due::Send(served))) if served.name == name => return Poll::Ready(Change::Send(served)),
                 Some((name, Due::Send(served))) => {
                     // An `sds://` name: the stored secret under the name asked for.
-                    match served.renamed(&name) {
-                        Some(renamed) => return Poll::Ready(Change::Send(Arc::new(renamed))),
+                    match self.shared.names.serve_as(&name, served) {
+                        Some(renamed) => return Poll::Ready(Change::Send(renamed)),
                         None => {
                             tracing::error!(stream = self.id, secret = %name, "cannot rename the stored secret; not sent")
                         }
                     }
                 }
-                Some((name, Due::Gone)) => return Poll::Ready(Change::Gone(name)),
+                Some((name, Due::Gone)) => {
+                    self.shared.names.forget(&name);
+                    return Poll::Ready(Change::Gone(name));
+                }
                 Some((name, Due::Denied { reason, was_sent })) => {
                     self.deny(&name, &reason);
                     tracing::info!(stream = self.id, secret = %name, reason = reason.code, "grant revoked: no longer pushed");
