@@ -24,7 +24,16 @@ pub struct FileConfig {
     pub dev: Option<bool>,
     #[serde(default, with = "humantime_serde")]
     pub dev_rotate_every: Option<Duration>,
-    pub allow_expired: Option<bool>,
+    /// `true`, `false`, or a policy: `"never"`, `"when-nothing-else"` (default), `"always"`.
+    pub allow_expired: Option<crate::policy::AllowExpired>,
+    /// `"withhold"` (default) or `"serve-placeholder"`.
+    pub on_invalid: Option<crate::policy::OnInvalid>,
+    /// `"keep"` (default) or `"withdraw"`.
+    pub on_delete: Option<crate::policy::OnDelete>,
+    /// Permission bits of the Unix SDS sockets, octal (`"0660"`).
+    pub unix_socket_mode: Option<String>,
+    /// Group id given to the Unix SDS sockets.
+    pub unix_socket_group: Option<u32>,
     pub log_format: Option<LogFormat>,
     #[serde(default, with = "humantime_serde")]
     pub drain_timeout: Option<Duration>,
@@ -156,9 +165,20 @@ pub struct ServeFlags {
     /// How often the dev CA re-mints every certificate [default: 5m]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub dev_rotate_every: Option<Duration>,
-    /// Serve certificates outside their validity window instead of rejecting them
-    #[arg(long)]
-    pub allow_expired: bool,
+    /// When an expired certificate is served: never, when-nothing-else (no valid version
+    /// of the name exists) or always (also not-yet-valid ones); the bare flag is always
+    /// [default: when-nothing-else]
+    #[arg(long, value_name = "WHEN", num_args = 0..=1, default_missing_value = "always")]
+    pub allow_expired: Option<crate::policy::AllowExpired>,
+    /// A name whose every version was refused: withhold (no answer) or serve-placeholder
+    /// (an untrusted certificate, so the rest of the listener works) [default: withhold]
+    #[arg(long, value_name = "POLICY")]
+    pub on_invalid: Option<crate::policy::OnInvalid>,
+    /// A served secret deleted at every source: keep (SotW proxies keep it) or withdraw
+    /// (SotW proxies get the placeholder); Delta proxies are told of the removal either
+    /// way [default: keep]
+    #[arg(long, value_name = "POLICY")]
+    pub on_delete: Option<crate::policy::OnDelete>,
     /// How long SIGTERM waits for streams to close [default: 5s]
     #[arg(long, value_parser = humantime::parse_duration, value_name = "DURATION")]
     pub drain_timeout: Option<Duration>,
@@ -191,6 +211,13 @@ pub struct ServeFlags {
     /// Serve /status/* and the status gRPC API on this address instead of --admin
     #[arg(long, value_name = "ADDR")]
     pub status_addr: Option<SocketAddr>,
+    /// Permission bits of the unix: SDS sockets, octal, e.g. 0660; connecting needs
+    /// write permission [default: from the umask: only certwire's user]
+    #[arg(long, value_name = "MODE")]
+    pub unix_socket_mode: Option<String>,
+    /// Group id given to the unix: SDS sockets, e.g. the proxies' group with mode 0660
+    #[arg(long, value_name = "GID")]
+    pub unix_socket_group: Option<u32>,
     /// Once ready, write the addresses really bound (port 0 picks a free one) to this
     /// file as JSON: {"pid", "sds": [...], "admin", "status"}
     #[arg(long, value_name = "FILE")]
@@ -201,11 +228,15 @@ pub struct ServeFlags {
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub listen: Vec<ListenAddr>,
+    /// Mode and group of the Unix SDS sockets.
+    pub unix_socket: crate::xds::listen::UnixSocketAccess,
     pub admin: SocketAddr,
     pub files: Vec<PathBuf>,
     pub dev: bool,
     pub dev_rotate_every: Duration,
-    pub allow_expired: bool,
+    pub allow_expired: crate::policy::AllowExpired,
+    /// `on_invalid` and `on_delete`.
+    pub policy: crate::policy::Policy,
     pub log_format: LogFormat,
     pub drain_timeout: Duration,
     pub files_rescan_every: Duration,
@@ -288,17 +319,39 @@ impl Settings {
         }
         crate::authz::policy::validate(&authz.rules).map_err(anyhow::Error::msg)?;
         secure_by_default(&listen, tls.as_ref(), mode, insecure_open_sds)?;
+        let unix_socket = crate::xds::listen::UnixSocketAccess {
+            mode: flags
+                .unix_socket_mode
+                .as_deref()
+                .or(file.unix_socket_mode.as_deref())
+                .map(crate::xds::listen::parse_socket_mode)
+                .transpose()
+                .map_err(anyhow::Error::msg)?,
+            group: flags.unix_socket_group.or(file.unix_socket_group),
+        };
+        if unix_socket.world_writable() && mode == crate::authz::Mode::Open && !insecure_open_sds {
+            anyhow::bail!(
+                "refusing a unix socket mode that lets every local user connect with --authz open: any process on \
+                 the host would get every private key. Choose --authz policy (e.g. allow uid:1337) or kubernetes, \
+                 a mode without the others' write bit (0660 with --unix-socket-group), or pass --insecure-open-sds"
+            );
+        }
         let limits = file.limits.unwrap_or_default();
         limits.validate().map_err(anyhow::Error::msg)?;
         let aliases = file.aliases.clone().unwrap_or_default();
         crate::xds::names::Names::new(&aliases).map_err(anyhow::Error::msg)?;
         Ok(Self {
             listen,
+            unix_socket,
             admin: flags.admin.or(file.admin).unwrap_or_else(|| DEFAULT_ADMIN.parse().expect("default admin address")),
             files,
             dev,
             dev_rotate_every: flags.dev_rotate_every.or(file.dev_rotate_every).unwrap_or(Duration::from_secs(300)),
-            allow_expired: flags.allow_expired || file.allow_expired.unwrap_or(false),
+            allow_expired: flags.allow_expired.or(file.allow_expired).unwrap_or_default(),
+            policy: crate::policy::Policy {
+                on_invalid: flags.on_invalid.or(file.on_invalid).unwrap_or_default(),
+                on_delete: flags.on_delete.or(file.on_delete).unwrap_or_default(),
+            },
             log_format: log_format.or(file.log_format).unwrap_or_default(),
             drain_timeout: flags.drain_timeout.or(file.drain_timeout).unwrap_or(Duration::from_secs(5)),
             files_rescan_every: file.files_rescan_every.unwrap_or(Duration::from_secs(30)),
@@ -567,6 +620,33 @@ mod tests {
         let local = Settings::resolve(&ServeFlags::default(), None).unwrap();
         assert_eq!(local.authz.mode, crate::authz::Mode::Open, "the dev default needs no setup");
         assert!(local.tls.is_none());
+    }
+
+    #[test]
+    fn policies_and_socket_access_from_flags() {
+        let serve = |extra: &[&str]| {
+            let args = ["certwire", "serve", "--listen", "unix:/run/certwire/sds.sock"]
+                .into_iter()
+                .chain(extra.iter().copied());
+            let cli = <crate::cli::Cli as clap::Parser>::try_parse_from(args).unwrap();
+            let crate::cli::Command::Serve(flags) = cli.command else { unreachable!() };
+            Settings::resolve(&flags, None).map_err(|e| format!("{e:#}"))
+        };
+        let defaults = serve(&[]).unwrap();
+        assert_eq!(defaults.allow_expired, crate::policy::AllowExpired::WhenNothingElse);
+        assert_eq!(defaults.policy, crate::policy::Policy::default());
+        assert_eq!(defaults.unix_socket, crate::xds::listen::UnixSocketAccess::default());
+        assert_eq!(serve(&["--allow-expired"]).unwrap().allow_expired, crate::policy::AllowExpired::Always);
+        assert_eq!(serve(&["--allow-expired=never"]).unwrap().allow_expired, crate::policy::AllowExpired::Never);
+        let set = serve(&["--on-invalid", "serve-placeholder", "--on-delete", "withdraw"]).unwrap();
+        assert!(set.policy.uses_placeholder());
+        let set = serve(&["--unix-socket-mode", "0660", "--unix-socket-group", "1337"]).unwrap();
+        assert_eq!(set.unix_socket, crate::xds::listen::UnixSocketAccess { mode: Some(0o660), group: Some(1337) });
+        // Every local user could connect, and open authorization would give them every key.
+        let err = serve(&["--unix-socket-mode", "0666"]).unwrap_err();
+        assert!(err.contains("--authz policy"), "{err}");
+        assert!(serve(&["--unix-socket-mode", "0666", "--authz", "policy"]).is_ok());
+        assert!(serve(&["--unix-socket-mode", "rw"]).unwrap_err().contains("octal"));
     }
 
     #[test]

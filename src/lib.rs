@@ -17,6 +17,7 @@ pub mod logging;
 pub mod memory;
 pub mod metrics;
 pub mod pki;
+pub mod policy;
 pub mod shutdown;
 pub mod sources;
 pub mod store;

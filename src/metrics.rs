@@ -55,6 +55,11 @@ pub struct AcmeOrderLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CauseLabel {
+    pub cause: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct AcmeCertificateLabel {
     pub certificate: String,
 }
@@ -79,6 +84,8 @@ pub struct Metrics {
     pub tls_handshake_failures: Family<ReasonLabel, Counter>,
     pub tls_reloads: Family<ReasonLabel, Counter>,
     pub limits_hit: Family<LimitLabel, Counter>,
+    /// Expired certificates stored because nothing valid was (`allow_expired`).
+    pub expired_served: Family<SourceLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -108,6 +115,7 @@ impl Metrics {
             tls_handshake_failures: Family::default(),
             tls_reloads: Family::default(),
             limits_hit: Family::default(),
+            expired_served: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -166,6 +174,11 @@ impl Metrics {
             "Times a bound on what peers may make certwire hold or compute was reached, by limit",
             m.limits_hit.clone(),
         );
+        registry.register(
+            "expired_served",
+            "Expired certificates served because no valid version of the name existed (allow_expired = when-nothing-else)",
+            m.expired_served.clone(),
+        );
         Self { registry, ..m }
     }
 
@@ -200,6 +213,15 @@ impl Collector for FromStore {
         let served =
             encoder.encode_descriptor("secrets_served", "Secrets currently served", None, MetricType::Gauge)?;
         ConstGauge::new(self.0.served_count() as i64).encode(served)?;
+        let mut placeholders = encoder.encode_descriptor(
+            "placeholders_served",
+            "Names served the placeholder certificate instead of their secret, by cause (invalid or deleted)",
+            None,
+            MetricType::Gauge,
+        )?;
+        for (cause, count) in self.0.placeholders() {
+            ConstGauge::new(count as i64).encode(placeholders.encode_family(&CauseLabel { cause: cause.as_str() })?)?;
+        }
         let expiries = self.0.expiries();
         if expiries.is_empty() {
             return Ok(());

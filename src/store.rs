@@ -15,7 +15,8 @@ use dashmap::DashMap;
 use smallvec::SmallVec;
 use tokio::sync::{broadcast, watch};
 
-use crate::pki::{self, CertIdentity, Checked, SecretKind, SecretMeta, SharedKeyBytes};
+use crate::pki::{self, CertIdentity, CheckOptions, Checked, SecretKind, SecretMeta, SharedKeyBytes};
+use crate::policy::{OnDelete, OnInvalid, Placeholder, PlaceholderCause, Policy};
 use crate::unix_time;
 use crate::version::Version;
 
@@ -34,6 +35,8 @@ pub struct Served {
     /// When the source noticed the change; start of the change-to-push latency. Status
     /// shows it on the wall clock, for benchmarks in other processes.
     pub detected_at: Instant,
+    /// Set when this is the placeholder standing in for the secret (see [`crate::policy`]).
+    pub placeholder: Option<PlaceholderCause>,
 }
 
 impl Served {
@@ -49,7 +52,13 @@ impl Served {
             source: self.source.clone(),
             updated: self.updated,
             detected_at: self.detected_at,
+            placeholder: self.placeholder,
         })
+    }
+
+    /// A placeholder for a deleted secret: Delta streams announce the removal instead.
+    pub fn withdrawn(&self) -> bool {
+        self.placeholder == Some(PlaceholderCause::Deleted)
     }
 }
 
@@ -87,6 +96,8 @@ struct Entry {
     tx: Option<watch::Sender<Current>>,
     /// Good versions per offering source, by precedence; the first is served.
     candidates: ByRank<Arc<Served>>,
+    /// Served when no source offers a good version and the policy asks for it.
+    placeholder: Option<Arc<Served>>,
     /// Last rejection per source, cleared by that source's next good update. Rare, hence
     /// boxed.
     errors: Option<Box<ByRank<Rejection>>>,
@@ -96,12 +107,12 @@ struct Entry {
 
 impl Entry {
     fn new() -> Self {
-        Self { tx: None, candidates: ByRank::default(), errors: None, deleted: false }
+        Self { tx: None, candidates: ByRank::default(), placeholder: None, errors: None, deleted: false }
     }
 
     /// What is served now.
     fn current(&self) -> Current {
-        self.candidates.values().next().cloned()
+        self.candidates.values().next().or(self.placeholder.as_ref()).cloned()
     }
 
     /// Publishes the winner if it differs from `before`, what subscribers have. Returns
@@ -117,7 +128,7 @@ impl Entry {
         if same {
             return (false, 0);
         }
-        self.deleted = next.is_none();
+        self.deleted = next.as_ref().is_none_or(|n| n.withdrawn());
         if let Some(tx) = &self.tx {
             tx.send_replace(next);
         }
@@ -143,7 +154,7 @@ impl Entry {
 
     /// Nothing served, rejected or deleted: only a subscription keeps the entry.
     fn is_vacant(&self) -> bool {
-        self.candidates.is_empty() && self.errors.is_none() && !self.deleted
+        self.candidates.is_empty() && self.placeholder.is_none() && self.errors.is_none() && !self.deleted
     }
 
     fn subscribers(&self) -> usize {
@@ -206,6 +217,11 @@ pub struct SecretStatus {
     #[serde(flatten)]
     pub meta: SecretMeta,
     pub deleted: bool,
+    /// Why the placeholder is served instead of the secret, if it is.
+    pub placeholder: Option<PlaceholderCause>,
+    /// The served certificate has expired (`allow_expired`): served only because
+    /// nothing valid is, and said here so that nobody mistakes it for healthy.
+    pub expired: bool,
     pub subscribers: usize,
     pub updated_unix_ms: Option<i64>,
     /// When the source noticed the change now served, in µs since the epoch: lets a
@@ -224,6 +240,9 @@ pub struct Store {
     demand: broadcast::Sender<String>,
     /// Names currently served; kept as a count so updates stay O(1) with many secrets.
     served: AtomicUsize,
+    policy: Policy,
+    /// Made the first time a policy needs it.
+    placeholder: std::sync::OnceLock<Placeholder>,
 }
 
 impl Default for Store {
@@ -234,8 +253,47 @@ impl Default for Store {
 
 impl Store {
     pub fn new() -> Self {
+        Self::with_policy(Policy::default())
+    }
+
+    pub fn with_policy(policy: Policy) -> Self {
         let (demand, _) = broadcast::channel(1024);
-        Self { entries: DashMap::new(), sources: Default::default(), demand, served: AtomicUsize::new(0) }
+        let placeholder = std::sync::OnceLock::new();
+        if policy.uses_placeholder() {
+            // Made now rather than on first use, under a store lock.
+            placeholder.get_or_init(Placeholder::generate);
+        }
+        Self {
+            entries: DashMap::new(),
+            sources: Default::default(),
+            demand,
+            served: AtomicUsize::new(0),
+            policy,
+            placeholder,
+        }
+    }
+
+    /// The placeholder standing in for `name`, or `None` for a kind without one.
+    fn placeholder(&self, name: &Arc<str>, kind: SecretKind, cause: PlaceholderCause) -> Option<Arc<Served>> {
+        let material = self.placeholder.get_or_init(Placeholder::generate).material(kind)?;
+        let checked = match pki::check(name, material, &CheckOptions::default()) {
+            Ok(checked) => checked,
+            Err(err) => {
+                tracing::error!(secret = &**name, error = %err, "the placeholder failed its own checks; withheld");
+                return None;
+            }
+        };
+        Some(Arc::new(Served {
+            name: name.clone(),
+            version: Version::of(checked.resource.as_slice()),
+            kind,
+            resource: checked.resource.into(),
+            meta: checked.meta,
+            source: Arc::from("placeholder"),
+            updated: SystemTime::now(),
+            detected_at: Instant::now(),
+            placeholder: Some(cause),
+        }))
     }
 
     /// Registers a source; registration order is precedence order.
@@ -273,8 +331,10 @@ impl Store {
             source: source.clone(),
             updated: SystemTime::now(),
             detected_at,
+            placeholder: None,
         });
         let before = entry.current();
+        entry.placeholder = None;
         entry.candidates.insert(rank, served);
         let (changed, delta) = entry.publish(before);
         self.count(delta);
@@ -288,10 +348,28 @@ impl Store {
         }
     }
 
-    /// Records a rejected update. What is served does not change.
-    pub fn reject(&self, rank: Rank, source: &Arc<str>, name: impl Into<Arc<str>>, reason: String) {
+    /// Records a rejected update of a secret of `kind` (when known). What is served does
+    /// not change, except that a name with nothing served gets the placeholder when
+    /// `on_invalid = "serve-placeholder"`. Returns whether it did.
+    pub fn reject(
+        &self,
+        rank: Rank,
+        source: &Arc<str>,
+        name: impl Into<Arc<str>>,
+        reason: String,
+        kind: Option<SecretKind>,
+    ) -> bool {
         let mut entry = self.entries.entry(name.into()).or_insert_with(Entry::new);
         entry.set_error(rank, source.clone(), reason);
+        let (Some(kind), OnInvalid::ServePlaceholder) = (kind, self.policy.on_invalid) else { return false };
+        if !entry.candidates.is_empty() || entry.placeholder.is_some() {
+            return false;
+        }
+        let Some(placeholder) = self.placeholder(entry.key(), kind, PlaceholderCause::Invalid) else { return false };
+        entry.placeholder = Some(placeholder);
+        let (changed, delta) = entry.publish(None);
+        self.count(delta);
+        changed
     }
 
     /// Drops `rank`'s recorded error for `name`; what is served does not change.
@@ -301,13 +379,27 @@ impl Store {
         }
     }
 
-    /// `source` no longer offers `name`. Returns true when what is served changed.
+    /// `source` no longer offers `name`. Returns true when what is served changed. With
+    /// `on_delete = "withdraw"`, a secret no source offers any more is replaced by the
+    /// placeholder.
     pub fn remove(&self, rank: Rank, name: &str) -> bool {
         let Some(mut entry) = self.entries.get_mut(name) else { return false };
         entry.clear_error(rank);
         let before = entry.current();
-        if entry.candidates.remove(rank).is_none() {
-            return false;
+        let kind = match entry.candidates.remove(rank) {
+            Some(removed) => removed.kind,
+            // The placeholder for content never good stays while a source still reports
+            // an error for the name; once none does, the name is gone like any other.
+            None => match &entry.placeholder {
+                Some(p) if p.placeholder == Some(PlaceholderCause::Invalid) && entry.errors.is_none() => p.kind,
+                _ => return false,
+            },
+        };
+        if entry.candidates.is_empty() {
+            entry.placeholder = match self.policy.on_delete {
+                OnDelete::Withdraw => self.placeholder(entry.key(), kind, PlaceholderCause::Deleted),
+                OnDelete::Keep => None,
+            };
         }
         let (changed, delta) = entry.publish(before);
         self.count(delta);
@@ -394,12 +486,32 @@ impl Store {
             .collect()
     }
 
-    /// Served secrets that expire, with the first expiry, by name.
+    /// Served secrets that expire, with the first expiry, by name. Placeholders are not
+    /// secrets: their expiry would only be noise.
     pub fn expiries(&self) -> Vec<(Arc<str>, i64)> {
-        let mut out: Vec<(Arc<str>, i64)> =
-            self.entries.iter().filter_map(|e| Some((e.key().clone(), e.current()?.meta.not_after_unix?))).collect();
+        let mut out: Vec<(Arc<str>, i64)> = self
+            .entries
+            .iter()
+            .filter_map(|e| {
+                let current = e.current().filter(|c| c.placeholder.is_none())?;
+                Some((e.key().clone(), current.meta.not_after_unix?))
+            })
+            .collect();
         out.sort_unstable();
         out
+    }
+
+    /// Names served by a placeholder, by cause.
+    pub fn placeholders(&self) -> [(PlaceholderCause, usize); 2] {
+        let (mut invalid, mut deleted) = (0, 0);
+        for e in self.entries.iter().filter(|e| e.candidates.is_empty()) {
+            match e.placeholder.as_ref().and_then(|p| p.placeholder) {
+                Some(PlaceholderCause::Invalid) => invalid += 1,
+                Some(PlaceholderCause::Deleted) => deleted += 1,
+                None => {}
+            }
+        }
+        [(PlaceholderCause::Invalid, invalid), (PlaceholderCause::Deleted, deleted)]
     }
 
     pub fn served_count(&self) -> usize {
@@ -424,6 +536,11 @@ impl Store {
                     identity: CertIdentity::default(),
                     meta: current.as_ref().map(|c| c.meta).unwrap_or_default(),
                     deleted: e.deleted,
+                    placeholder: current.as_ref().and_then(|c| c.placeholder),
+                    expired: current.as_ref().is_some_and(|c| {
+                        c.placeholder.is_none()
+                            && c.meta.not_after_unix.is_some_and(|t| t < unix_time::secs(SystemTime::now()))
+                    }),
                     subscribers: e.subscribers(),
                     updated_unix_ms: current.as_ref().map(|c| unix_time::millis(c.updated)),
                     detected_unix_us: current
@@ -521,7 +638,7 @@ mod tests {
         let (rank, src) = store.register_source("files:/a");
         store.upsert(rank, &src, "s", checked(b"good"), Instant::now());
         store.upsert(rank, &src, "other", checked(b"fine"), Instant::now());
-        store.reject(rank, &src, "s", "key mismatch".into());
+        store.reject(rank, &src, "s", "key mismatch".into(), None);
         assert_eq!(store.get("s").unwrap().version, Version::of(b"good"));
         let st = store.status();
         assert_eq!(st[1].last_error.as_deref(), Some("files:/a: key mismatch"));
@@ -561,6 +678,93 @@ mod tests {
         assert_eq!(rx.borrow().clone().unwrap().version, Version::of(b"x"));
         store.upsert(rank, &src, "s", checked(b"y"), Instant::now());
         assert_eq!(rx.borrow().clone().unwrap().version, Version::of(b"y"));
+    }
+
+    fn tls(content: &[u8]) -> Checked {
+        Checked { kind: SecretKind::TlsCertificate, ..checked(content) }
+    }
+
+    fn with(on_invalid: OnInvalid, on_delete: OnDelete) -> Store {
+        Store::with_policy(Policy { on_invalid, on_delete })
+    }
+
+    #[test]
+    fn a_name_never_good_gets_the_placeholder_only_when_asked() {
+        let store = with(OnInvalid::Withhold, OnDelete::Keep);
+        let (rank, src) = store.register_source("files:/a");
+        assert!(!store.reject(rank, &src, "s", "key mismatch".into(), Some(SecretKind::TlsCertificate)));
+        assert!(store.get("s").is_none(), "withheld");
+
+        let store = with(OnInvalid::ServePlaceholder, OnDelete::Keep);
+        let (rank, src) = store.register_source("files:/a");
+        let mut rx = store.subscribe("s");
+        assert!(!store.reject(rank, &src, "s", "unreadable".into(), None), "no kind, no placeholder");
+        assert!(store.reject(rank, &src, "s", "key mismatch".into(), Some(SecretKind::TlsCertificate)));
+        let placeholder = rx.borrow_and_update().clone().unwrap();
+        assert_eq!(
+            (placeholder.placeholder, placeholder.kind),
+            (Some(PlaceholderCause::Invalid), SecretKind::TlsCertificate)
+        );
+        assert!(!store.reject(rank, &src, "s", "key mismatch".into(), Some(SecretKind::TlsCertificate)), "made once");
+        assert!(!rx.has_changed().unwrap());
+        let st = &store.status()[0];
+        assert_eq!((st.placeholder, st.source.as_deref()), (Some(PlaceholderCause::Invalid), Some("placeholder")));
+        assert!(st.last_error.as_deref().unwrap().contains("key mismatch"), "the reason stays visible");
+        assert_eq!(store.placeholders()[0], (PlaceholderCause::Invalid, 1));
+        assert!(store.expiries().is_empty(), "a placeholder has no expiry worth alerting on");
+        // The first good version replaces it.
+        store.upsert(rank, &src, "s", tls(b"good"), Instant::now());
+        assert_eq!(rx.borrow_and_update().clone().unwrap().version, Version::of(b"good"));
+        assert_eq!(store.placeholders()[0], (PlaceholderCause::Invalid, 0));
+        // A later bad update keeps the good version: the placeholder is for nothing else.
+        assert!(!store.reject(rank, &src, "s", "key mismatch".into(), Some(SecretKind::TlsCertificate)));
+        assert_eq!(store.get("s").unwrap().version, Version::of(b"good"));
+    }
+
+    #[test]
+    fn a_ca_name_gets_a_placeholder_ca() {
+        let store = with(OnInvalid::ServePlaceholder, OnDelete::Keep);
+        let (rank, src) = store.register_source("files:/a");
+        store.reject(rank, &src, "s-cacert", "bad CA".into(), Some(SecretKind::ValidationContext));
+        assert_eq!(store.get("s-cacert").unwrap().kind, SecretKind::ValidationContext);
+        store.reject(rank, &src, "keys", "bad keys".into(), Some(SecretKind::SessionTicketKeys));
+        assert!(store.get("keys").is_none(), "no harmless stand-in for ticket keys");
+    }
+
+    #[test]
+    fn deletion_keeps_or_withdraws() {
+        let store = with(OnInvalid::Withhold, OnDelete::Keep);
+        let (rank, src) = store.register_source("files:/a");
+        store.upsert(rank, &src, "s", tls(b"x"), Instant::now());
+        assert!(store.remove(rank, "s"));
+        assert!(store.get("s").is_none());
+
+        let store = with(OnInvalid::Withhold, OnDelete::Withdraw);
+        let (rank, src) = store.register_source("files:/a");
+        store.upsert(rank, &src, "s", tls(b"x"), Instant::now());
+        let mut rx = store.subscribe("s");
+        rx.borrow_and_update();
+        assert!(store.remove(rank, "s"));
+        let withdrawn = rx.borrow_and_update().clone().unwrap();
+        assert!(withdrawn.withdrawn());
+        let st = &store.status()[0];
+        assert!(st.deleted && st.placeholder == Some(PlaceholderCause::Deleted));
+        assert_eq!(store.served_count(), 1, "the placeholder is served");
+        // Back again: the secret replaces the placeholder.
+        store.upsert(rank, &src, "s", tls(b"y"), Instant::now());
+        assert_eq!(rx.borrow_and_update().clone().unwrap().version, Version::of(b"y"));
+        assert!(!store.status()[0].deleted);
+    }
+
+    #[test]
+    fn a_placeholder_for_bad_content_goes_with_the_content() {
+        let store = with(OnInvalid::ServePlaceholder, OnDelete::Keep);
+        let (rank, src) = store.register_source("files:/a");
+        store.reject(rank, &src, "s", "key mismatch".into(), Some(SecretKind::TlsCertificate));
+        assert!(store.get("s").is_some());
+        assert!(store.remove(rank, "s"), "the source dropped the broken secret");
+        assert!(store.get("s").is_none());
+        assert!(store.status()[0].deleted);
     }
 
     #[tokio::test]

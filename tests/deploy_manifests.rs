@@ -34,10 +34,18 @@
 //!   applied to a stock gateway Deployment; the sidecar is hardened, started before
 //!   istio-proxy (startupProbe on /readyz), runs as istio-proxy's uid, shares Istio's
 //!   emptyDir, and its config and real authorizer serve that uid alone.
+//! - certwire as a per-node agent for Envoy Gateway's `gateway.envoyproxy.io/sds` Secrets:
+//!   the DaemonSet is hardened but for one init container that only chowns the node's
+//!   socket directory; the EnvoyProxy's patch, applied to the Deployment Envoy Gateway
+//!   generates, mounts the same host directory where the Secrets' `url` points; the
+//!   Gateway names those Secrets; certwire's config and real authorizer serve Envoy
+//!   Gateway's proxy uid alone, each Secret's `secretName` included.
 //!
 //! What no test here can show: that Istio's control plane accepts the Gateway and the
-//! EnvoyFilter and generates the listener they are written for (no Istio runs here), and
-//! that a real API server and kubelet behave as the manifests expect.
+//! EnvoyFilter and generates the listener they are written for, or that Envoy Gateway
+//! accepts its Gateway, EnvoyProxy and Secret (neither runs here; tests/e2e_envoy_gateway.rs
+//! runs Envoy with what Envoy Gateway's code generates), and that a real API server and
+//! kubelet behave as the manifests expect.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -47,7 +55,7 @@ use std::time::Duration;
 
 use clap::Parser;
 use k8s_openapi::Resource;
-use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::batch::v1::CronJob;
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PodSpec, Secret, SecretVolumeSource, Service, ServiceAccount, Volume,
@@ -99,6 +107,16 @@ const CREDENTIAL_SOCKET_DIR: &str = "/var/run/secrets/credential-uds";
 const CREDENTIAL_SOCKET_VOLUME: &str = "credential-socket";
 /// The uid (and gid) of istio-proxy in Istio's gateway templates.
 const ISTIO_PROXY_UID: i64 = 1337;
+/// certwire on every node for Envoy Gateway's `gateway.envoyproxy.io/sds` Secrets.
+const ENVOY_GATEWAY: &str = "deploy/examples/envoy-gateway";
+/// The Secret type Envoy Gateway (v1.8+; listener certificates v1.9+) reads `url` and
+/// `secretName` from (api/v1alpha1/shared_types.go `SDSSecretType`).
+const SDS_SECRET_TYPE: &str = "gateway.envoyproxy.io/sds";
+/// The uid (and gid) Envoy Gateway runs its Envoy containers as (v1.9
+/// internal/infrastructure/kubernetes/proxy/resource.go, `expectedEnvoySecurityContext`).
+const ENVOY_GATEWAY_PROXY_UID: i64 = 65532;
+/// The node agent's ServiceAccount: (namespace, name).
+const NODE_ACCOUNT: (&str, &str) = ("certwire-node", "certwire-node");
 
 /// The label certwire's NetworkPolicy requires of pods that reach its SDS port.
 const CLIENT_LABEL: (&str, &str) = ("certwire.io/client", "true");
@@ -167,6 +185,7 @@ enum Manifest {
     Secret(Box<Secret>),
     Service(Box<Service>),
     Deployment(Box<Deployment>),
+    DaemonSet(Box<DaemonSet>),
     CronJob(Box<CronJob>),
     PodDisruptionBudget(Box<PodDisruptionBudget>),
     NetworkPolicy(Box<NetworkPolicy>),
@@ -180,6 +199,9 @@ enum Manifest {
     Gateway(Box<Custom<GatewaySpec>>),
     VirtualService(Box<Custom<VirtualServiceSpec>>),
     EnvoyFilter(Box<Custom<EnvoyFilterSpec>>),
+    /// gateway.networking.k8s.io: the Gateway API's Gateway (Istio's is `Gateway`).
+    ApiGateway(Box<Custom<ApiGatewaySpec>>),
+    EnvoyProxy(Box<Custom<EnvoyProxySpec>>),
 }
 
 /// Parses one document strictly into the type its apiVersion and kind name.
@@ -204,6 +226,7 @@ fn parse(doc: &Value, origin: &str) -> Manifest {
         Secret,
         Service,
         Deployment,
+        DaemonSet,
         CronJob,
         PodDisruptionBudget,
         NetworkPolicy,
@@ -220,6 +243,8 @@ fn parse(doc: &Value, origin: &str) -> Manifest {
         ("networking.istio.io/v1", "VirtualService") => Manifest::VirtualService(Box::new(strict(doc, &origin))),
         // EnvoyFilter has no v1: v1alpha3 is its only version.
         ("networking.istio.io/v1alpha3", "EnvoyFilter") => Manifest::EnvoyFilter(Box::new(strict(doc, &origin))),
+        ("gateway.networking.k8s.io/v1", "Gateway") => Manifest::ApiGateway(Box::new(strict(doc, &origin))),
+        ("gateway.envoyproxy.io/v1alpha1", "EnvoyProxy") => Manifest::EnvoyProxy(Box::new(strict(doc, &origin))),
         _ => panic!(
             "{origin}: {api_version} {kind} is unknown to this test: add it to `parse` so it is checked strictly"
         ),
@@ -660,6 +685,130 @@ enum Operation {
     Replace,
 }
 
+/// gateway.networking.k8s.io/v1 Gateway: what Envoy Gateway reads of it here.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ApiGatewaySpec {
+    gateway_class_name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    infrastructure: Option<GatewayInfrastructure>,
+    listeners: Vec<ApiListener>,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct GatewayInfrastructure {
+    parameters_ref: ParametersReference,
+}
+
+/// A LocalParametersReference: same namespace as the Gateway.
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ParametersReference {
+    group: String,
+    kind: String,
+    name: String,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct ApiListener {
+    name: String,
+    protocol: ApiProtocol,
+    port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    hostname: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    tls: Option<ApiListenerTls>,
+}
+
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+#[serde(rename_all = "UPPERCASE")]
+enum ApiProtocol {
+    Http,
+    Https,
+    Tls,
+    Tcp,
+    Udp,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ApiListenerTls {
+    mode: ApiTlsMode,
+    certificate_refs: Vec<SecretObjectReference>,
+}
+
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+enum ApiTlsMode {
+    Terminate,
+    Passthrough,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct SecretObjectReference {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    group: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    kind: Option<String>,
+    name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    namespace: Option<String>,
+}
+
+/// gateway.envoyproxy.io/v1alpha1 EnvoyProxy: a patch of the Envoy Deployment only.
+/// `patch.value` is a strategic merge patch: it is applied to Envoy Gateway's Deployment
+/// by the real kustomize (`envoy_gateway_...`).
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EnvoyProxySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    merge_type: Option<MergeType>,
+    provider: EnvoyProxyProvider,
+}
+
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+enum MergeType {
+    Replace,
+    StrategicMerge,
+    #[serde(rename = "JSONMerge")]
+    JsonMerge,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct EnvoyProxyProvider {
+    #[serde(rename = "type")]
+    type_: ProviderType,
+    kubernetes: EnvoyProxyKubernetes,
+}
+
+#[derive(Debug, Deserialize, Serialize, PartialEq)]
+enum ProviderType {
+    Kubernetes,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct EnvoyProxyKubernetes {
+    envoy_deployment: EnvoyDeploymentSpec,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct EnvoyDeploymentSpec {
+    patch: KubernetesPatch,
+}
+
+#[derive(Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+struct KubernetesPatch {
+    #[serde(rename = "type", default, skip_serializing_if = "Option::is_none")]
+    type_: Option<MergeType>,
+    value: Value,
+}
+
 // ---------------------------------------------------------------------------------------
 // Envoy
 
@@ -1018,8 +1167,13 @@ fn rbac_is_least_privilege_for_each_subject_and_cluster_wide_only_where_it_must(
         .map(str::to_owned)
         .chain(certgen.clients.iter().map(|(label, _)| format!("{CLIENT_SECRET_PREFIX}{label}")))
         .collect();
-    let dirs =
-        VARIANTS.iter().chain(&GATEWAY_EXAMPLES).chain(&[CERT_MANAGER, CERT_MANAGER_MTLS, CERTGEN, CREDENTIAL_SOCKET]);
+    let dirs = VARIANTS.iter().chain(&GATEWAY_EXAMPLES).chain(&[
+        CERT_MANAGER,
+        CERT_MANAGER_MTLS,
+        CERTGEN,
+        CREDENTIAL_SOCKET,
+        ENVOY_GATEWAY,
+    ]);
     for dir in dirs {
         let manifests = render(dir);
         let roles: BTreeMap<(String, String), &Role> = all_of!(manifests, Role)
@@ -1037,6 +1191,9 @@ fn rbac_is_least_privilege_for_each_subject_and_cluster_wide_only_where_it_must(
             let rules = role.rules.as_deref().unwrap_or_default();
             let account = account_subject(binding.subjects.as_deref(), &origin);
             if is(&account, CERTWIRE_ACCOUNT) {
+                assert_least_privilege(rules, &GRANTS, &origin);
+            } else if is(&account, NODE_ACCOUNT) && *dir == ENVOY_GATEWAY {
+                // certwire's node agent: certwire's grants, where it watches.
                 assert_least_privilege(rules, &GRANTS, &origin);
             } else if is(&account, CERTGEN_ACCOUNT) && *dir == CERTGEN {
                 assert_certgen_rules(rules, &certgen_secrets, &origin);
@@ -2332,6 +2489,274 @@ async fn istio_credential_socket_sidecar_starts_first_and_serves_the_gateway_uid
         assert!(verdict(&authz, &stranger, &name).await.is_err(), "{origin}: uid 1000 may read {name}");
         assert!(verdict(&authz, &Identity::Anonymous, &name).await.is_err(), "{origin}: anonymous may read {name}");
     }
+}
+
+/// A Deployment as Envoy Gateway v1.9 generates it for a Gateway's Envoy pods
+/// (internal/infrastructure/kubernetes/proxy/resource.go; trimmed to what a patch may
+/// meet: the two containers, their mounts and securityContext, the two volumes). The
+/// EnvoyProxy's `envoyDeployment.patch` is applied to this, as Envoy Gateway does.
+const ENVOY_GATEWAY_DEPLOYMENT: &str = r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata:
+  name: envoy-web-web-3b3ad7b1
+  namespace: envoy-gateway-system
+spec:
+  selector:
+    matchLabels: {app.kubernetes.io/name: envoy, gateway.envoyproxy.io/owning-gateway-name: web}
+  template:
+    metadata:
+      labels: {app.kubernetes.io/name: envoy, gateway.envoyproxy.io/owning-gateway-name: web}
+    spec:
+      serviceAccountName: envoy-web-web-3b3ad7b1
+      containers:
+      - name: envoy
+        image: docker.io/envoyproxy/envoy:distroless-v1.39.0
+        command: [envoy]
+        args: [--service-cluster, web/web, --service-node, $(ENVOY_POD_NAME)]
+        securityContext:
+          allowPrivilegeEscalation: false
+          capabilities: {drop: [ALL]}
+          privileged: false
+          runAsGroup: 65532
+          runAsNonRoot: true
+          runAsUser: 65532
+          seccompProfile: {type: RuntimeDefault}
+        volumeMounts:
+        - {name: certs, mountPath: /certs, readOnly: true}
+        - {name: sds, mountPath: /sds}
+      - name: shutdown-manager
+        image: docker.io/envoyproxy/gateway:v1.9.0
+        command: [envoy-gateway]
+        args: [envoy, shutdown-manager]
+      volumes:
+      - name: certs
+        secret: {secretName: envoy, defaultMode: 420}
+      - name: sds
+        configMap: {name: envoy-web-web-3b3ad7b1, defaultMode: 420}
+"#;
+
+/// ENVOY_GATEWAY_DEPLOYMENT with an EnvoyProxy's strategic merge patch applied by the
+/// real kustomize (the patch names no object: it is Envoy Gateway's for that Deployment).
+fn envoy_gateway_patched(patch: &Value, origin: &str) -> Deployment {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("deployment.yaml"), ENVOY_GATEWAY_DEPLOYMENT).unwrap();
+    let mut object = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "envoy-web-web-3b3ad7b1", "namespace": "envoy-gateway-system"}});
+    for (key, value) in patch.as_object().unwrap_or_else(|| panic!("{origin}: the patch is not an object")) {
+        assert!(key != "metadata" && key != "kind" && key != "apiVersion", "{origin}: the patch sets {key}");
+        object[key] = value.clone();
+    }
+    std::fs::write(dir.path().join("patch.yaml"), serde_json::to_string(&object).unwrap()).unwrap();
+    std::fs::write(
+        dir.path().join("kustomization.yaml"),
+        "apiVersion: kustomize.config.k8s.io/v1beta1\nkind: Kustomization\nresources: [deployment.yaml]\npatches:\n- path: patch.yaml\n",
+    )
+    .unwrap();
+    let docs = documents(&kustomize(dir.path()), origin);
+    let [doc] = docs.as_slice() else { panic!("{origin}: expected one Deployment") };
+    match parse(doc, origin) {
+        Manifest::Deployment(d) => *d,
+        other => panic!("{origin}: patched into {other:?}"),
+    }
+}
+
+/// Where `path` inside `container` is on the node: through a hostPath volume mounted at
+/// one of its parent directories, or `None`.
+fn host_path_of(pod: &PodSpec, container: &Container, path: &Path) -> Option<(PathBuf, String)> {
+    container.volume_mounts.iter().flatten().find_map(|mount| {
+        let rest = path.strip_prefix(&mount.mount_path).ok()?;
+        let volume = pod.volumes.iter().flatten().find(|v| v.name == mount.name)?;
+        let host = volume.host_path.as_ref()?;
+        Some((Path::new(&host.path).join(rest), host.type_.clone().unwrap_or_default()))
+    })
+}
+
+/// certwire on every node for Envoy Gateway (deploy/examples/envoy-gateway): the
+/// DaemonSet is hardened (its one root step an init container that only chowns the
+/// socket directory to certwire's uid, Envoy Gateway's proxy uid), one pod per node at a
+/// time; certwire listens where the `gateway.envoyproxy.io/sds` Secrets' `url` points,
+/// on the node; the EnvoyProxy's patch, applied to the Deployment Envoy Gateway
+/// generates, mounts that node directory read-only into `envoy`; the Gateway names the
+/// Secrets and the EnvoyProxy; certwire watches the namespaces of every `secretName`, its
+/// Role is there, and its real authorizer serves each of them (and their CA) to Envoy
+/// Gateway's proxy uid and to nobody else.
+#[tokio::test]
+async fn envoy_gateway_node_agent_serves_the_sds_secrets_to_envoy_gateway_proxies_only() {
+    let origin = ENVOY_GATEWAY;
+    let manifests = render(ENVOY_GATEWAY);
+    let daemonset = only(all_of!(manifests, DaemonSet), "DaemonSet", origin);
+    let pod = daemonset.spec.as_ref().and_then(|s| s.template.spec.as_ref()).expect("a pod spec");
+    let certwire = pod.containers.iter().find(|c| c.name == "certwire").expect("a certwire container");
+    assert_eq!(pod.containers.len(), 1, "{origin}: containers beside certwire");
+    assert_hardened(
+        &PodSpec {
+            containers: vec![certwire.clone()],
+            security_context: pod.security_context.clone(),
+            ..Default::default()
+        },
+        true,
+        origin,
+    );
+    let security = certwire.security_context.clone().unwrap_or_default();
+    assert_eq!(
+        (security.run_as_user, security.run_as_group),
+        (Some(ENVOY_GATEWAY_PROXY_UID), Some(ENVOY_GATEWAY_PROXY_UID)),
+        "{origin}: certwire must run as Envoy Gateway's proxy uid: its socket is mode 0755, only its owner connects"
+    );
+    assert_ne!(pod.host_network, Some(true), "{origin}: hostNetwork");
+    assert_ne!(pod.host_pid, Some(true), "{origin}: hostPID");
+    // Two pods on one node would share the socket path, and the one that stops removes it.
+    let rolling =
+        daemonset.spec.as_ref().and_then(|s| s.update_strategy.as_ref()).and_then(|u| u.rolling_update.as_ref());
+    assert_eq!(rolling.and_then(|r| r.max_surge.clone()), Some(IntOrString::Int(0)), "{origin}: maxSurge");
+
+    // certwire's command line and config, through certwire's own parser and loader.
+    let (settings, _) = container_settings(pod, certwire, &manifests, origin);
+    let [ListenAddr::Unix(socket)] = settings.listen.as_slice() else {
+        panic!("{origin}: certwire should listen on one Unix socket, not {:?}", settings.listen)
+    };
+    let socket_dir = socket.parent().unwrap();
+    assert!(!settings.dev, "{origin}: the dev CA is on");
+    let status = settings.status_addr.unwrap_or_else(|| panic!("{origin}: the status API shares the admin port"));
+    assert!(status.ip().is_loopback(), "{origin}: the status API is not on loopback");
+    let admin_port = certwire.ports.iter().flatten().find(|p| p.name.as_deref() == Some("admin"));
+    assert_eq!(admin_port.map(|p| p.container_port as u16), Some(settings.admin.port()), "{origin}: admin port");
+    let (node_socket, kind) = host_path_of(pod, certwire, socket)
+        .unwrap_or_else(|| panic!("{origin}: {} is not on a hostPath volume", socket.display()));
+    assert_eq!(kind, "DirectoryOrCreate", "{origin}: the kubelet makes the socket directory");
+
+    // The one root step: chown of the socket directory to certwire's uid, nothing else.
+    let init = pod.init_containers.as_deref().unwrap_or_default();
+    let [chown] = init else { panic!("{origin}: expected one init container, found {}", init.len()) };
+    assert!(chown.restart_policy.is_none(), "{origin}: the init container is not a sidecar");
+    let uid = ENVOY_GATEWAY_PROXY_UID;
+    let expected = ["chown".to_owned(), format!("{uid}:{uid}"), socket_dir.display().to_string()];
+    assert_eq!(chown.command.as_deref(), Some(&expected[..]), "{origin}: the init container's command");
+    assert!(chown.args.is_none(), "{origin}: the init container has args");
+    let init_security = chown.security_context.clone().unwrap_or_default();
+    assert_eq!(init_security.allow_privilege_escalation, Some(false), "{origin}: init allowPrivilegeEscalation");
+    assert_eq!(init_security.read_only_root_filesystem, Some(true), "{origin}: init root filesystem");
+    assert_ne!(init_security.privileged, Some(true), "{origin}: init privileged");
+    let capabilities = init_security.capabilities.clone().unwrap_or_default();
+    assert_eq!(capabilities.drop.as_deref(), Some(&["ALL".to_owned()][..]), "{origin}: init drops");
+    assert_eq!(capabilities.add.as_deref(), Some(&["CHOWN".to_owned()][..]), "{origin}: init adds CHOWN alone");
+    let mounts: Vec<&str> = chown.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    assert_eq!(mounts, [socket_dir.to_str().unwrap()], "{origin}: the init container mounts the socket directory only");
+    let resources = chown.resources.clone().unwrap_or_default();
+    assert!(resources.requests.is_some() && resources.limits.is_some(), "{origin}: init resources");
+
+    // The namespace admits the hostPath (only the privileged level does).
+    let ns_name = namespace(&daemonset.metadata);
+    let ns = all_of!(manifests, Namespace).into_iter().find(|n| name(&n.metadata) == ns_name);
+    let ns = ns.unwrap_or_else(|| panic!("{origin}: no Namespace {ns_name}"));
+    let enforce = ns.metadata.labels.as_ref().and_then(|l| l.get("pod-security.kubernetes.io/enforce"));
+    assert_eq!(enforce.map(String::as_str), Some("privileged"), "{origin}: a hostPath needs the privileged level");
+    assert_eq!(pod.service_account_name.as_deref(), Some(NODE_ACCOUNT.1), "{origin}: the pod's ServiceAccount");
+    assert_eq!(ns_name, NODE_ACCOUNT.0, "{origin}: the DaemonSet's namespace");
+
+    // The SDS Secrets point at certwire's socket and name Secrets certwire watches.
+    let kube = settings.kubernetes.clone().unwrap_or_else(|| panic!("{origin}: the Kubernetes source is off"));
+    assert!(!kube.all_namespaces, "{origin}: all_namespaces");
+    let watched: BTreeSet<String> = kube.namespaces.iter().cloned().collect();
+    let roles: BTreeSet<String> = all_of!(manifests, RoleBinding)
+        .iter()
+        .filter(|b| is(&account_subject(b.subjects.as_deref(), origin), NODE_ACCOUNT))
+        .map(|b| namespace(&b.metadata).to_owned())
+        .collect();
+    assert_eq!(watched, roles, "{origin}: the namespaces of certwire.toml and the Roles differ");
+    let sds_secrets: BTreeMap<(String, String), (String, String)> = all_of!(manifests, Secret)
+        .into_iter()
+        .filter(|s| s.type_.as_deref() == Some(SDS_SECRET_TYPE))
+        .map(|s| {
+            let data = s.string_data.clone().unwrap_or_default();
+            let field = |key: &str| data.get(key).cloned().unwrap_or_else(|| panic!("{origin}: no {key} in {s:?}"));
+            ((namespace(&s.metadata).to_owned(), name(&s.metadata).to_owned()), (field("url"), field("secretName")))
+        })
+        .collect();
+    assert!(!sds_secrets.is_empty(), "{origin}: no {SDS_SECRET_TYPE} Secret");
+    for (url, secret_name) in sds_secrets.values() {
+        assert_eq!(url, &format!("unix://{}", socket.display()), "{origin}: the url is not certwire's socket");
+        let rest = secret_name.strip_prefix("kubernetes://").unwrap_or_else(|| panic!("{origin}: {secret_name}"));
+        let (ns, _) = rest.split_once('/').unwrap_or_else(|| panic!("{origin}: kubernetes://NS/NAME: {secret_name}"));
+        assert!(watched.contains(ns), "{origin}: {secret_name} is in a namespace certwire does not watch");
+    }
+
+    // The Gateway names the SDS Secrets and its EnvoyProxy, which mounts the directory.
+    let gateway = only(all_of!(manifests, ApiGateway), "Gateway", origin);
+    let gateway_ns = namespace(&gateway.metadata).to_owned();
+    let mut referenced = 0;
+    for listener in &gateway.spec.listeners {
+        let Some(tls) = &listener.tls else { continue };
+        assert_eq!(listener.protocol, ApiProtocol::Https, "{origin}: listener {}", listener.name);
+        assert_eq!(tls.mode, ApiTlsMode::Terminate, "{origin}: listener {}", listener.name);
+        for reference in &tls.certificate_refs {
+            assert!(reference.group.as_deref().unwrap_or("").is_empty(), "{origin}: certificateRef group");
+            assert_eq!(reference.kind.as_deref().unwrap_or("Secret"), "Secret", "{origin}: certificateRef kind");
+            let ns = reference.namespace.clone().unwrap_or_else(|| gateway_ns.clone());
+            let key = (ns, reference.name.clone());
+            assert!(sds_secrets.contains_key(&key), "{origin}: {key:?} is not a {SDS_SECRET_TYPE} Secret here");
+            referenced += 1;
+        }
+    }
+    assert!(referenced > 0, "{origin}: the Gateway references no SDS Secret");
+    let parameters = &gateway.spec.infrastructure.as_ref().expect("infrastructure.parametersRef").parameters_ref;
+    assert_eq!((parameters.group.as_str(), parameters.kind.as_str()), ("gateway.envoyproxy.io", "EnvoyProxy"));
+    let proxies = all_of!(manifests, EnvoyProxy);
+    let envoy_proxy = proxies
+        .iter()
+        .find(|p| name(&p.metadata) == parameters.name && namespace(&p.metadata) == gateway_ns)
+        .unwrap_or_else(|| panic!("{origin}: no EnvoyProxy {gateway_ns}/{}", parameters.name));
+    let patch = &envoy_proxy.spec.provider.kubernetes.envoy_deployment.patch;
+    assert_eq!(patch.type_, Some(MergeType::StrategicMerge), "{origin}: the patch type");
+    let deployment = envoy_gateway_patched(&patch.value, origin);
+    let envoy_pod = pod_spec(&deployment);
+    let envoy = envoy_pod.containers.iter().find(|c| c.name == "envoy").expect("the envoy container");
+    let envoy_uid = envoy.security_context.as_ref().and_then(|s| s.run_as_user);
+    assert_eq!(envoy_uid, Some(ENVOY_GATEWAY_PROXY_UID), "the patch changed Envoy's uid");
+    for url in sds_secrets.values().map(|(url, _)| url) {
+        let path = Path::new(url.strip_prefix("unix://").unwrap());
+        let (seen, kind) = host_path_of(envoy_pod, envoy, path)
+            .unwrap_or_else(|| panic!("{origin}: Envoy's pods do not have {} on a hostPath", path.display()));
+        assert_eq!(seen, node_socket, "{origin}: Envoy's {} is not certwire's socket on the node", path.display());
+        assert_eq!(kind, "Directory", "{origin}: Envoy's pods should wait for certwire's directory, not make it");
+        let mount = envoy.volume_mounts.iter().flatten().find(|m| path.starts_with(&m.mount_path)).unwrap();
+        assert_eq!(mount.read_only, Some(true), "{origin}: Envoy mounts the socket directory writable");
+    }
+    // The rest of Envoy Gateway's pod is untouched.
+    let volumes: BTreeSet<&str> = envoy_pod.volumes.iter().flatten().map(|v| v.name.as_str()).collect();
+    assert!(
+        volumes.is_superset(&BTreeSet::from(["certs", "sds"])),
+        "{origin}: the patch removed a volume: {volumes:?}"
+    );
+    let mounts: BTreeSet<&str> = envoy.volume_mounts.iter().flatten().map(|m| m.mount_path.as_str()).collect();
+    assert!(mounts.is_superset(&BTreeSet::from(["/certs", "/sds"])), "{origin}: the patch removed a mount: {mounts:?}");
+    assert_eq!(envoy_pod.containers.len(), 2, "{origin}: the patch added or removed a container");
+
+    // Who gets a key: Envoy Gateway's proxy uid, for every secretName and its CA; no other
+    // uid, nothing without a Unix peer, nothing of another namespace.
+    assert_eq!(settings.authz.mode, Mode::Policy, "{origin}: authorization mode");
+    let default_namespace = kube.default_namespace.clone().unwrap_or_default();
+    let authz = Authorizer::new(
+        settings.authz.mode,
+        settings.authz.rules.clone(),
+        default_namespace,
+        None,
+        Arc::new(Metrics::new()),
+    );
+    let uid = u32::try_from(ENVOY_GATEWAY_PROXY_UID).unwrap();
+    let proxy = Identity::Unix { uid, gid: uid, pid: Some(1) };
+    let stranger = Identity::Unix { uid: 1000, gid: 1000, pid: Some(2) };
+    for (_, secret_name) in sds_secrets.values() {
+        for name in [secret_name.clone(), format!("{secret_name}-cacert")] {
+            if let Err(why) = verdict(&authz, &proxy, &name).await {
+                panic!("{origin}: certwire refuses {name} to Envoy Gateway's proxies: {why}");
+            }
+            assert!(verdict(&authz, &stranger, &name).await.is_err(), "{origin}: uid 1000 may read {name}");
+            assert!(verdict(&authz, &Identity::Anonymous, &name).await.is_err(), "{origin}: anonymous may read {name}");
+        }
+    }
+    let elsewhere = "kubernetes://kube-system/bootstrap-token";
+    assert!(verdict(&authz, &proxy, elsewhere).await.is_err(), "{origin}: the proxies may read {elsewhere}");
 }
 
 // ---------------------------------------------------------------------------------------

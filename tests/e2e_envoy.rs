@@ -312,6 +312,66 @@ async fn sds_names_on_a_unix_socket_serve_mutual_tls() {
     wait_served_serial_with(addr, SNI, Some(&client), &next.serial_hex, WAIT).await;
 }
 
+/// Istio 1.28-1.30 ask an extension provider's SDS server for the whole
+/// `sds://PROVIDER`; an `[aliases]` entry serves a stored secret under it. The proxy
+/// runs under a uid of its own and reaches certwire's socket through its group
+/// (`unix_socket_mode` and `unix_socket_group`), and the policy names that uid only.
+#[tokio::test]
+async fn an_aliased_name_is_served_over_a_group_socket_to_the_allowed_uid() {
+    const PROXY_UID: u32 = 65532;
+    let dir = util::tempdir();
+    let root = dir.path().join("secrets");
+    std::fs::create_dir(&root).unwrap();
+    let ca = Ca::new("e2e server CA");
+    let first = ca.server(SNI);
+    let mut secret = SecretDir::create_tls(&root, NAME, &first, None);
+    // The proxy must be able to reach the socket's directory.
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    std::fs::set_permissions(&run, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = run.join("sds.sock");
+    let config = dir.path().join("certwire.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "listen = [\"unix:{socket}\"]
+files = [\"{root}\"]
+unix_socket_mode = \"0660\"
+unix_socket_group = {PROXY_UID}
+
+[aliases]
+\"sds://provider\" = \"{NAME}\"
+
+[authz]
+mode = \"policy\"
+[[authz.rules]]
+identities = [\"uid:{PROXY_UID}\"]
+secrets = [\"{NAME}\"]
+",
+            socket = socket.display(),
+            root = root.display()
+        ),
+    )
+    .unwrap();
+    let certwire = Certwire::serve(["--config", config.to_str().unwrap()]).await;
+    let meta = std::fs::metadata(&socket).unwrap();
+    use std::os::unix::fs::MetadataExt as _;
+    assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, PROXY_UID), "the socket is the proxies' group's");
+
+    let requested = "sds://provider";
+    let envoy = Envoy::start_as(&SdsBootstrap::new(requested, SdsTarget::Unix(socket), 0).to_yaml(), PROXY_UID).await;
+    let addr = envoy.listener_addr(requested);
+    wait_served_serial(addr, SNI, &first.serial_hex, WAIT).await;
+    let proxies = certwire.get_json("/status/proxies").await.to_string();
+    assert!(proxies.contains(&format!("uid={PROXY_UID}")) && proxies.contains(requested), "{proxies}");
+
+    let next = ca.server(SNI);
+    secret.swap_tls(&next, None);
+    wait_served_serial(addr, SNI, &next.serial_hex, WAIT).await;
+}
+
 #[tokio::test]
 async fn dev_source_serves_and_rotates() {
     let certwire = Certwire::serve(["--listen", "127.0.0.1:0", "--dev", "--dev-rotate-every", "2s"]).await;

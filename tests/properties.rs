@@ -119,8 +119,18 @@ fn options() -> impl Strategy<Value = CheckOptions> {
 /// Keys the Secret rules read, and others.
 fn secret_key() -> impl Strategy<Value = String> {
     prop_oneof![
-        proptest::sample::select(vec!["cert", "key", "cacert", "crl", "tls.crt", "tls.key", "ca.crt", "ca.crl"])
-            .prop_map(String::from),
+        proptest::sample::select(vec![
+            "cert",
+            "key",
+            "cacert",
+            "crl",
+            "tls.crt",
+            "tls.key",
+            "tls.ocsp-staple",
+            "ca.crt",
+            "ca.crl",
+        ])
+        .prop_map(String::from),
         ".{0,12}",
     ]
 }
@@ -352,7 +362,8 @@ proptest! {
         key in key_bytes(),
         opts in options(),
     ) {
-        let material = Material::Tls { cert_chain_pem: cert.clone(), key_pem: KeyBytes::new(key.clone()) };
+        let material =
+            Material::Tls { cert_chain_pem: cert.clone(), key_pem: KeyBytes::new(key.clone()), ocsp_staple: None };
         let shown = match check("p", &material, &opts) {
             Ok(checked) => format!("{checked:?}"),
             Err(e) => format!("{e} {e:?} {}", e.reason()),
@@ -394,9 +405,11 @@ proptest! {
         let pair = pairs.iter().find_map(|(c, k)| Some((value(c)?, value(k)?)));
         let e = extract(data.as_ref());
         prop_assert_eq!(e.tls.is_some(), pair.is_some());
-        if let (Some(Material::Tls { cert_chain_pem, key_pem }), Some((cert, key))) = (&e.tls, &pair) {
+        if let (Some(Material::Tls { cert_chain_pem, key_pem, ocsp_staple }), Some((cert, key))) = (&e.tls, &pair) {
             prop_assert_eq!(cert_chain_pem, cert);
             prop_assert_eq!(key_pem.as_slice(), key.as_slice());
+            // The staple goes with whichever pair is chosen.
+            prop_assert_eq!(ocsp_staple, &value("tls.ocsp-staple"));
         }
         prop_assert_eq!(e.problem.is_some(), pair.is_none() && pairs.iter().any(|(c, k)| has(c) && has(k)));
         prop_assert_eq!(e.ca.is_some(), value("cacert").or_else(|| value("ca.crt")).is_some());
@@ -432,6 +445,7 @@ fn the_fixed_pair_passes() {
     let material = Material::Tls {
         cert_chain_pem: to_pem("CERTIFICATE", fixed_cert_der()).into_bytes(),
         key_pem: KeyBytes::new(fixed_key_pem().into_bytes()),
+        ocsp_staple: None,
     };
     let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let checked = check("p", &material, &CheckOptions { allow_expired: false, now }).unwrap();

@@ -18,7 +18,8 @@ enum Key {
     Other(String),
 }
 
-const KNOWN: [&str; 9] = ["cert", "key", "cacert", "crl", "tls.crt", "tls.key", "ca.crt", "ca.crl", "Cert"];
+const KNOWN: [&str; 10] =
+    ["cert", "key", "cacert", "crl", "tls.crt", "tls.key", "ca.crt", "ca.crl", "Cert", "tls.ocsp-staple"];
 
 #[derive(Arbitrary, Debug)]
 struct Input {
@@ -47,9 +48,11 @@ fuzz_target!(|input: Input| {
     let pairs = [("cert", "key"), ("tls.crt", "tls.key")];
     let pair = pairs.iter().find_map(|(c, k)| Some((value(c)?, value(k)?)));
     match (&extracted.tls, &pair) {
-        (Some(Material::Tls { cert_chain_pem, key_pem }), Some((cert, key))) => {
+        (Some(Material::Tls { cert_chain_pem, key_pem, ocsp_staple }), Some((cert, key))) => {
             assert_eq!(cert_chain_pem, cert);
             assert_eq!(key_pem.as_slice(), key.as_slice());
+            // The staple goes with whichever pair is chosen.
+            assert_eq!(ocsp_staple, &value("tls.ocsp-staple"));
         }
         (None, None) => {}
         (tls, _) => panic!("tls {} while a whole pair is {}", tls.is_some(), pair.is_some()),

@@ -8,7 +8,8 @@
 //! - a recipe: real certificates (a root, an intermediate, a leaf, an unrelated one; a
 //!   CRL) and keys, made once with fixed Ed25519 seeds so that every run makes the same
 //!   bytes, picked, ordered and then damaged byte by byte, for the chain rules and
-//!   the DER parser behind valid PEM.
+//!   the DER parser behind valid PEM (and, for a TLS recipe with bit 0x80, the OCSP
+//!   decoder, given the damage bytes as the staple).
 
 #![no_main]
 
@@ -139,6 +140,7 @@ fn raw(kind: u8, data: &[u8]) -> Case {
             material: Material::Tls {
                 cert_chain_pem: a.to_vec(),
                 key_pem: KeyBytes::new(with_canary(b.unwrap_or(&[]))),
+                ocsp_staple: None,
             },
             secrets: vec![CANARY.to_vec()],
             public: a.to_vec(),
@@ -205,7 +207,13 @@ fn recipe(kind: u8, data: &[u8]) -> Case {
     }
     let hex: String = blobs[5].iter().map(|b| format!("{b:02x}")).collect();
     let material = match kind {
-        0 | 2 | 3 => Material::Tls { cert_chain_pem: chain.clone(), key_pem: KeyBytes::new(key.clone()) },
+        // With 0x80, the damage bytes double as an OCSP staple: a chain that passes puts
+        // them before the OCSP decoder.
+        0 | 2 | 3 => Material::Tls {
+            cert_chain_pem: chain.clone(),
+            key_pem: KeyBytes::new(key.clone()),
+            ocsp_staple: (pick & 0x80 != 0).then(|| edits.to_vec()),
+        },
         _ => Material::Validation {
             ca_pem: chain.clone(),
             crl_pem: (pick & 0x80 != 0).then(|| pem("X509 CRL", &blobs[4])),

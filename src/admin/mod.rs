@@ -171,7 +171,7 @@ pub(crate) mod tests {
         let material = ca.material("web").unwrap();
         let crate::pki::Material::Tls { key_pem, .. } = &material else { panic!("tls material") };
         let key_b64_line = String::from_utf8(key_pem.as_slice().to_vec()).unwrap().lines().nth(1).unwrap().to_owned();
-        let intake = Intake::new(a.store.clone(), a.metrics.clone(), "dev", false);
+        let intake = Intake::new(a.store.clone(), a.metrics.clone(), "dev", crate::policy::AllowExpired::Never);
         intake.update("web", &material, Instant::now()).unwrap();
         // A rejected update too: its error text must not echo the key either.
         let mut bad = material.clone();

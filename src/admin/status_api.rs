@@ -188,7 +188,7 @@ mod tests {
     #[tokio::test]
     async fn a_watch_follows_the_acks_of_the_current_version() {
         let a = admin();
-        let intake = Intake::new(a.store.clone(), a.metrics.clone(), "dev", false);
+        let intake = Intake::new(a.store.clone(), a.metrics.clone(), "dev", crate::policy::AllowExpired::Never);
         let ca = DevCa::new(Duration::from_secs(600)).unwrap();
         intake.update("web", &ca.material("web").unwrap(), Instant::now()).unwrap();
         let v1 = a.store.get("web").unwrap().version;

@@ -624,6 +624,7 @@ fn self_check(what: &str, leaf: &Leaf, bundle: &str) -> anyhow::Result<()> {
     let tls = Material::Tls {
         cert_chain_pem: leaf.cert_pem.clone().into_bytes(),
         key_pem: KeyBytes::new(leaf.key_pem.as_bytes().to_vec()),
+        ocsp_staple: None,
     };
     check(what, &tls, &CheckOptions::default()).with_context(|| format!("{what}: self-check failed"))?;
     let ca = Material::Validation { ca_pem: bundle.as_bytes().to_vec(), crl_pem: None };

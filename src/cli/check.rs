@@ -49,7 +49,10 @@ fn collect(args: &CheckArgs) -> anyhow::Result<Vec<(String, Material)>> {
     if let Some(key) = &args.key {
         let cert_chain_pem = read(&args.path)?;
         let key_pem = KeyBytes::new(read(key)?);
-        return Ok(vec![(args.path.display().to_string(), Material::Tls { cert_chain_pem, key_pem })]);
+        return Ok(vec![(
+            args.path.display().to_string(),
+            Material::Tls { cert_chain_pem, key_pem, ocsp_staple: None },
+        )]);
     }
     let dir = &args.path;
     if !dir.is_dir() {

@@ -24,7 +24,7 @@ use crate::xds::{ServerState, listen};
 pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     logging::init(settings.log_format);
 
-    let store = Arc::new(Store::new());
+    let store = Arc::new(Store::with_policy(settings.policy));
     let metrics = Arc::new(Metrics::with_store(store.clone()));
     let health = Arc::new(Health::default());
     let proxies = Arc::new(Proxies::new(metrics.clone()).with_max_rollout_watchers(settings.status_max_watchers));
@@ -37,7 +37,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     // Bind everything first: a taken port fails the start with a clear message.
     let mut bound = Vec::new();
     for addr in &settings.listen {
-        bound.push((addr.clone(), listen::bind(addr).await?));
+        bound.push((addr.clone(), listen::bind(addr, settings.unix_socket).await?));
     }
     let admin_listener = crate::admin::bind(settings.admin).await?;
     let status_listener = match settings.status_addr {

@@ -26,8 +26,14 @@ impl Bundle {
     }
 }
 
-/// Checks a TLS chain against its key and returns it leaf first.
-pub(super) fn tls(chain_pem: &[u8], key: &KeyPublic, opts: &CheckOptions) -> Result<Bundle, PkiError> {
+/// Checks a TLS chain against its key (and its OCSP staple, DER, if any) and returns it
+/// leaf first.
+pub(super) fn tls(
+    chain_pem: &[u8],
+    key: &KeyPublic,
+    ocsp_staple: Option<&[u8]>,
+    opts: &CheckOptions,
+) -> Result<Bundle, PkiError> {
     let ders = read_pem(chain_pem)?;
     let certs = decode(&ders)?;
     if let Some(dup) = (1..certs.len()).find(|&i| ders[..i].contains(&ders[i])) {
@@ -42,6 +48,9 @@ pub(super) fn tls(chain_pem: &[u8], key: &KeyPublic, opts: &CheckOptions) -> Res
     let path = order(&certs, leaf)?;
     let ordered: Vec<&X509Certificate<'_>> = path.iter().map(|&i| &certs[i]).collect();
     check_validity(&ordered, opts)?;
+    if let Some(staple) = ocsp_staple {
+        super::ocsp::check(staple, ordered[0], ordered.get(1).copied(), opts)?;
+    }
     Bundle::new(to_pem("CERTIFICATE", path.iter().map(|&i| ders[i].as_ref())), &ordered)
 }
 
@@ -335,6 +344,8 @@ pub(super) mod fixtures {
 
     pub struct Authority {
         pub cert: Certificate,
+        /// PKCS#8 PEM, for tools that sign as this authority (an `openssl ocsp` responder).
+        pub key_pem: String,
         issuer: Issuer<'static, KeyPair>,
     }
 
@@ -347,7 +358,11 @@ pub(super) mod fixtures {
     pub fn root(cn: &str) -> Authority {
         let key = Alg::P256.key();
         let params = ca_params(cn, days(-1, 3650));
-        Authority { cert: params.self_signed(&key).unwrap(), issuer: Issuer::new(params, key) }
+        Authority {
+            cert: params.self_signed(&key).unwrap(),
+            key_pem: key.serialize_pem(),
+            issuer: Issuer::new(params, key),
+        }
     }
 
     /// A leaf signed by a fresh root of its own.
@@ -369,7 +384,8 @@ pub(super) mod fixtures {
         pub fn intermediate(&self, cn: &str, window: (OffsetDateTime, OffsetDateTime)) -> Authority {
             let key = Alg::P384.key();
             let params = ca_params(cn, window);
-            Authority { cert: params.signed_by(&key, &self.issuer).unwrap(), issuer: Issuer::new(params, key) }
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            Authority { cert, key_pem: key.serialize_pem(), issuer: Issuer::new(params, key) }
         }
 
         pub fn leaf(&self, alg: Alg, cn: &str, window: (OffsetDateTime, OffsetDateTime)) -> Issued {
@@ -435,7 +451,7 @@ mod tests {
     fn chain_in_order_is_kept_and_described() {
         let p = pki(Alg::P256);
         let given = pem(&[&p.leaf.cert, &p.inter.cert, &p.root.cert]);
-        let bundle = tls(&given, &key(&p.leaf), &CheckOptions::default()).unwrap();
+        let bundle = tls(&given, &key(&p.leaf), None, &CheckOptions::default()).unwrap();
         assert_eq!(bundle.pem, given, "re-encoding matches the usual PEM layout byte for byte");
 
         assert_eq!(bundle.meta.certificates, 3);
@@ -458,11 +474,11 @@ mod tests {
     fn chain_out_of_order_is_reordered_leaf_first() {
         let p = pki(Alg::Ed25519);
         let given = pem(&[&p.root.cert, &p.leaf.cert, &p.inter.cert]);
-        let bundle = tls(&given, &key(&p.leaf), &CheckOptions::default()).unwrap();
+        let bundle = tls(&given, &key(&p.leaf), None, &CheckOptions::default()).unwrap();
         assert_eq!(bundle.pem, pem(&[&p.leaf.cert, &p.inter.cert, &p.root.cert]));
         // Without the root too: the path simply ends at the intermediate.
         let given = pem(&[&p.inter.cert, &p.leaf.cert]);
-        let bundle = tls(&given, &key(&p.leaf), &CheckOptions::default()).unwrap();
+        let bundle = tls(&given, &key(&p.leaf), None, &CheckOptions::default()).unwrap();
         assert_eq!(bundle.pem, pem(&[&p.leaf.cert, &p.inter.cert]));
     }
 
@@ -471,7 +487,7 @@ mod tests {
         let root = root("Test Root");
         let inter = root.intermediate("Short Intermediate", days(-1, 3));
         let leaf = inter.leaf(Alg::P384, "leaf.example.com", days(-1, 30));
-        let bundle = tls(&pem(&[&leaf.cert, &inter.cert]), &key(&leaf), &CheckOptions::default()).unwrap();
+        let bundle = tls(&pem(&[&leaf.cert, &inter.cert]), &key(&leaf), None, &CheckOptions::default()).unwrap();
         let (_, i) = parse_x509_certificate(inter.cert.der()).unwrap();
         assert_eq!(bundle.meta.not_after_unix, Some(i.validity().not_after.timestamp()));
     }
@@ -481,13 +497,13 @@ mod tests {
         let p = pki(Alg::P256);
         let other = root("Other Root");
         let given = pem(&[&p.leaf.cert, &p.inter.cert, &other.cert]);
-        let err = tls(&given, &key(&p.leaf), &CheckOptions::default()).unwrap_err();
+        let err = tls(&given, &key(&p.leaf), None, &CheckOptions::default()).unwrap_err();
         assert_eq!(
             err,
             PkiError::BrokenChain("certificate CN=Other Root is not part of the chain of CN=leaf.example.com".into())
         );
         let given = pem(&[&p.leaf.cert, &p.inter.cert, &p.inter.cert]);
-        let err = tls(&given, &key(&p.leaf), &CheckOptions::default()).unwrap_err();
+        let err = tls(&given, &key(&p.leaf), None, &CheckOptions::default()).unwrap_err();
         assert!(matches!(err, PkiError::BrokenChain(m) if m.contains("more than once")));
     }
 
@@ -496,7 +512,7 @@ mod tests {
         let p = pki(Alg::P256);
         let renewed = root("Test Root").intermediate("Test Intermediate", days(-1, 365));
         let given = pem(&[&p.leaf.cert, &renewed.cert]);
-        let err = tls(&given, &key(&p.leaf), &CheckOptions::default()).unwrap_err();
+        let err = tls(&given, &key(&p.leaf), None, &CheckOptions::default()).unwrap_err();
         assert!(matches!(err, PkiError::BrokenChain(m) if m.contains("CN=Test Intermediate is not part")));
     }
 
@@ -504,7 +520,8 @@ mod tests {
     fn key_matching_no_certificate_names_the_first_subject() {
         let p = pki(Alg::P256);
         let stranger = fixtures::leaf(Alg::P256);
-        let err = tls(&pem(&[&p.leaf.cert, &p.inter.cert]), &key(&stranger), &CheckOptions::default()).unwrap_err();
+        let err =
+            tls(&pem(&[&p.leaf.cert, &p.inter.cert]), &key(&stranger), None, &CheckOptions::default()).unwrap_err();
         assert_eq!(err, PkiError::KeyMismatch { subject: "CN=leaf.example.com".into() });
     }
 
@@ -513,19 +530,19 @@ mod tests {
         let root = root("Test Root");
         let expired = root.leaf(Alg::P256, "old.example.com", days(-30, -1));
         let given = pem(&[&expired.cert, &root.cert]);
-        let err = tls(&given, &key(&expired), &CheckOptions::default()).unwrap_err();
+        let err = tls(&given, &key(&expired), None, &CheckOptions::default()).unwrap_err();
         let PkiError::Expired { subject, not_after } = err else { panic!("{err:?}") };
         assert_eq!(subject, "CN=old.example.com");
         assert!(OffsetDateTime::parse(&not_after, &Rfc3339).is_ok(), "{not_after}");
         let lenient = CheckOptions { allow_expired: true, ..CheckOptions::default() };
-        assert!(tls(&given, &key(&expired), &lenient).is_ok());
+        assert!(tls(&given, &key(&expired), None, &lenient).is_ok());
 
         let future = root.leaf(Alg::P256, "new.example.com", days(2, 30));
-        let err = tls(&future.cert.pem().into_bytes(), &key(&future), &CheckOptions::default()).unwrap_err();
+        let err = tls(&future.cert.pem().into_bytes(), &key(&future), None, &CheckOptions::default()).unwrap_err();
         assert!(matches!(err, PkiError::NotYetValid { ref subject, .. } if subject == "CN=new.example.com"));
         // `now` is an input, so the same chain is good three days later.
         let later = CheckOptions { now: SystemTime::now() + Duration::from_secs(3 * 86400), allow_expired: false };
-        assert!(tls(&future.cert.pem().into_bytes(), &key(&future), &later).is_ok());
+        assert!(tls(&future.cert.pem().into_bytes(), &key(&future), None, &later).is_ok());
     }
 
     #[test]
@@ -533,20 +550,20 @@ mod tests {
         let p = pki(Alg::P256);
         let k = key(&p.leaf);
         let opts = CheckOptions::default();
-        assert_eq!(tls(b"", &k, &opts).unwrap_err(), PkiError::NoCertificate);
-        assert_eq!(tls(b"hello, world\n", &k, &opts).unwrap_err(), PkiError::NoCertificate);
+        assert_eq!(tls(b"", &k, None, &opts).unwrap_err(), PkiError::NoCertificate);
+        assert_eq!(tls(b"hello, world\n", &k, None, &opts).unwrap_err(), PkiError::NoCertificate);
 
         let bad_b64 = format!("{}-----BEGIN CERTIFICATE-----\n@@@@\n-----END CERTIFICATE-----\n", p.leaf.cert.pem());
         assert_eq!(
-            tls(bad_b64.as_bytes(), &k, &opts).unwrap_err(),
+            tls(bad_b64.as_bytes(), &k, None, &opts).unwrap_err(),
             PkiError::BadPem("certificate 2: invalid base64".into())
         );
         let unterminated = "-----BEGIN CERTIFICATE-----\nMIIB\n";
-        assert!(matches!(tls(unterminated.as_bytes(), &k, &opts), Err(PkiError::BadPem(_))));
+        assert!(matches!(tls(unterminated.as_bytes(), &k, None, &opts), Err(PkiError::BadPem(_))));
 
         let not_der =
             format!("{}-----BEGIN CERTIFICATE-----\naGVsbG8=\n-----END CERTIFICATE-----\n", p.leaf.cert.pem());
-        let err = tls(not_der.as_bytes(), &k, &opts).unwrap_err();
+        let err = tls(not_der.as_bytes(), &k, None, &opts).unwrap_err();
         assert!(matches!(err, PkiError::BadCertificate(ref m) if m.starts_with("certificate 2:")), "{err:?}");
     }
 

@@ -74,8 +74,9 @@ impl std::fmt::Debug for KeyBytes {
 /// What a source found for one secret name.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Material {
-    /// A certificate chain (PEM, any order) and its private key (PEM).
-    Tls { cert_chain_pem: Vec<u8>, key_pem: KeyBytes },
+    /// A certificate chain (PEM, any order) and its private key (PEM), with an optional
+    /// OCSP response for the leaf (DER, Istio's `tls.ocsp-staple`) to staple.
+    Tls { cert_chain_pem: Vec<u8>, key_pem: KeyBytes, ocsp_staple: Option<Vec<u8>> },
     /// A CA bundle (PEM) to validate peers, with an optional CRL (PEM).
     Validation { ca_pem: Vec<u8>, crl_pem: Option<Vec<u8>> },
     /// TLS session ticket keys, each exactly 80 bytes.
@@ -88,9 +89,12 @@ pub enum Material {
 impl std::fmt::Debug for Material {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Material::Tls { cert_chain_pem, key_pem } => {
-                f.debug_struct("Tls").field("cert_chain_pem", &Size(cert_chain_pem)).field("key_pem", key_pem).finish()
-            }
+            Material::Tls { cert_chain_pem, key_pem, ocsp_staple } => f
+                .debug_struct("Tls")
+                .field("cert_chain_pem", &Size(cert_chain_pem))
+                .field("key_pem", key_pem)
+                .field("ocsp_staple", &ocsp_staple.as_deref().map(Size))
+                .finish(),
             Material::Validation { ca_pem, crl_pem } => f
                 .debug_struct("Validation")
                 .field("ca_pem", &Size(ca_pem))
@@ -121,5 +125,18 @@ mod tests {
         assert_eq!(a.as_ptr(), b.as_ptr(), "no copy per handle");
         assert_eq!(a.as_ptr(), shared.as_ptr());
         assert!(!format!("{shared:?}").contains("BEGIN"));
+    }
+
+    #[test]
+    fn debug_shows_sizes_only() {
+        let tls = Material::Tls {
+            cert_chain_pem: b"-----BEGIN CERTIFICATE-----".to_vec(),
+            key_pem: KeyBytes::new(b"-----BEGIN PRIVATE KEY-----".to_vec()),
+            ocsp_staple: Some(vec![0x30, 0x03, 0x0a, 0x01, 0x00]),
+        };
+        assert_eq!(
+            format!("{tls:?}"),
+            "Tls { cert_chain_pem: <27 bytes>, key_pem: KeyBytes(<27 bytes redacted>), ocsp_staple: Some(<5 bytes>) }"
+        );
     }
 }

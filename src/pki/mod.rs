@@ -5,9 +5,13 @@
 mod chain;
 mod key;
 mod material;
+mod ocsp;
 mod resource;
 
 pub use material::{KeyBytes, Material, SharedKeyBytes};
+/// OCSP responses for the tests of the sources.
+#[cfg(test)]
+pub(crate) use ocsp::fixtures as ocsp_fixtures;
 pub use resource::{SECRET_TYPE_URL, ca_pems, identity, renamed, tls_pems};
 
 use std::time::SystemTime;
@@ -115,6 +119,12 @@ pub enum PkiError {
     BadCrl(String),
     #[error("invalid session ticket keys: {0}")]
     BadTicketKeys(String),
+    /// The OCSP staple does not parse, is not a good and current status of the leaf.
+    #[error("bad OCSP staple: {0}")]
+    BadOcspStaple(String),
+    /// The OCSP staple's thisUpdate is ahead of the clock: it may become good by itself.
+    #[error("bad OCSP staple: its thisUpdate {this_update} is in the future")]
+    OcspStapleNotYetValid { this_update: String },
 }
 
 impl PkiError {
@@ -131,6 +141,7 @@ impl PkiError {
             PkiError::BrokenChain(_) => "broken_chain",
             PkiError::BadCrl(_) => "bad_crl",
             PkiError::BadTicketKeys(_) => "bad_ticket_keys",
+            PkiError::BadOcspStaple(_) | PkiError::OcspStapleNotYetValid { .. } => "bad_ocsp_staple",
         }
     }
 }
@@ -141,6 +152,9 @@ impl PkiError {
 ///   Ed25519) matches exactly one certificate which becomes the leaf, the chain is put in
 ///   leaf -> issuer order (extra unrelated certificates are an error), and every
 ///   certificate is inside its validity window unless `allow_expired`.
+///   An OCSP staple (DER) must be a successful basic response with exactly one status,
+///   for the leaf (serial, issuer name and, with the issuer in the chain, issuer key),
+///   good, and current (thisUpdate past, nextUpdate future; `allow_expired` or not).
 /// - Validation context: at least one CA certificate, valid CRL when given.
 pub fn check(name: &str, material: &Material, opts: &CheckOptions) -> Result<Checked, PkiError> {
     resource::build(name, material, opts)

@@ -21,12 +21,13 @@ const TICKET_KEY_LEN: usize = 80;
 pub(super) fn build(name: &str, material: &Material, opts: &CheckOptions) -> Result<Checked, PkiError> {
     // Key bytes are copied only after every check passed, so a refusal leaves no copy.
     let (kind, secret_type, meta, identity) = match material {
-        Material::Tls { cert_chain_pem, key_pem } => {
+        Material::Tls { cert_chain_pem, key_pem, ocsp_staple } => {
             let public = key::parse(key_pem)?;
-            let chain = chain::tls(cert_chain_pem, &public, opts)?;
+            let chain = chain::tls(cert_chain_pem, &public, ocsp_staple.as_deref(), opts)?;
             let tls = TlsCertificate {
                 certificate_chain: Some(inline(chain.pem)),
                 private_key: Some(inline(key_pem.as_slice().to_vec())),
+                ocsp_staple: ocsp_staple.clone().map(inline),
                 ..Default::default()
             };
             (SecretKind::TlsCertificate, Type::TlsCertificate(tls), chain.meta, chain.identity)
@@ -210,6 +211,7 @@ mod tests {
         Material::Tls {
             cert_chain_pem: cert_chain_pem.into_bytes(),
             key_pem: KeyBytes::new(key_pem.as_bytes().to_vec()),
+            ocsp_staple: None,
         }
     }
 

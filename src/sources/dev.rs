@@ -76,6 +76,7 @@ impl DevCa {
         Ok(Material::Tls {
             cert_chain_pem: chain.into_bytes(),
             key_pem: KeyBytes::new(key.serialize_pem().into_bytes()),
+            ocsp_staple: None,
         })
     }
 }
@@ -309,7 +310,7 @@ mod lifecycle_tests {
     fn dev_sink() -> (Arc<Store>, Arc<Metrics>, Intake) {
         let store = Arc::new(Store::new());
         let metrics = Arc::new(Metrics::new());
-        let intake = Intake::new(store.clone(), metrics.clone(), "dev", false);
+        let intake = Intake::new(store.clone(), metrics.clone(), "dev", crate::policy::AllowExpired::Never);
         (store, metrics, intake)
     }
 

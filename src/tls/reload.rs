@@ -267,8 +267,10 @@ mod tests {
         let material = crate::pki::Material::Tls {
             cert_chain_pem: cert.pem().into_bytes(),
             key_pem: KeyBytes::new(key.serialize_pem().into_bytes()),
+            ocsp_staple: None,
         };
-        let intake = crate::ingest::Intake::new(r.store.clone(), r.metrics.clone(), "test", false);
+        let intake =
+            crate::ingest::Intake::new(r.store.clone(), r.metrics.clone(), "test", crate::policy::AllowExpired::Never);
         intake.update("certwire-tls", &material, std::time::Instant::now()).unwrap();
         assert_eq!(r.reload().await, Ok(true));
         assert!(r.health.check().is_ok());

@@ -44,7 +44,7 @@ impl TlsError {
 /// validity), then builds the config. HTTP/2 only: SDS is gRPC.
 pub fn build(pems: &Pems) -> Result<Arc<ServerConfig>, TlsError> {
     // The same checks and messages as for served secrets; the resource is not kept.
-    let material = Material::Tls { cert_chain_pem: pems.chain.clone(), key_pem: pems.key.clone() };
+    let material = Material::Tls { cert_chain_pem: pems.chain.clone(), key_pem: pems.key.clone(), ocsp_staple: None };
     crate::pki::check("sds-tls", &material, &CheckOptions::default())?;
     let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&pems.chain)
         .collect::<Result<_, _>>()

@@ -213,6 +213,7 @@ mod tests {
             source: Arc::from("test"),
             updated: SystemTime::now(),
             detected_at: Instant::now(),
+            placeholder: None,
         })
     }
 

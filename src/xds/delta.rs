@@ -43,16 +43,22 @@ impl Protocol for Delta {
 
     fn response(session: &mut Session, change: Change) -> Option<Outgoing> {
         Some(match change {
+            // `on_delete = "withdraw"` is for SotW, which cannot say "removed"; Delta can.
+            Change::Send(served) if served.withdrawn() => removal(session, served.name.clone()),
             Change::Send(served) => {
                 let resources = smallvec::smallvec![served];
                 let nonce = session.record_sent(&resources);
                 Outgoing::Delta { nonce, resources, removed: Vec::new() }
             }
-            Change::Gone(name) => Outgoing::Delta {
-                nonce: session.record_removed(&name),
-                resources: Default::default(),
-                removed: vec![name.to_string()],
-            },
+            Change::Gone(name) => removal(session, name),
         })
+    }
+}
+
+fn removal(session: &mut Session, name: std::sync::Arc<str>) -> Outgoing {
+    Outgoing::Delta {
+        nonce: session.record_removed(&name),
+        resources: Default::default(),
+        removed: vec![name.to_string()],
     }
 }

@@ -103,7 +103,7 @@ mod tests {
     fn one_renamed_copy_per_name_and_version_shared_by_every_stream() {
         let store = crate::store::Store::new();
         let intake =
-            crate::ingest::Intake::new(Arc::new(store), Arc::new(crate::metrics::Metrics::new()), "test", false);
+            crate::ingest::Intake::new(Arc::new(store), Arc::new(crate::metrics::Metrics::new()), "test", crate::policy::AllowExpired::Never);
         let material = |s: &str| crate::pki::Material::Generic(crate::pki::KeyBytes::new(s.as_bytes().to_vec()));
         intake.update("web", &material("one"), std::time::Instant::now()).unwrap();
         let names = Names::default();

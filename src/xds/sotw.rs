@@ -50,7 +50,8 @@ impl Protocol for Sotw {
     }
 
     fn response(session: &mut Session, change: Change) -> Option<Outgoing> {
-        // SotW cannot announce the removal of a named secret; Envoy keeps what it has.
+        // SotW cannot announce the removal of a named secret; Envoy keeps what it has
+        // (or gets the placeholder the store publishes under `on_delete = "withdraw"`).
         let Change::Send(served) = change else { return None };
         let resources = smallvec::smallvec![served];
         let nonce = session.record_sent(&resources);

@@ -20,7 +20,7 @@ use crate::authz::Authorizer;
 use crate::authz::Identity;
 use crate::ingest::Intake;
 use crate::metrics::Metrics;
-use crate::pki::{KeyBytes, Material, SECRET_TYPE_URL};
+use crate::pki::{KeyBytes, Material, SECRET_TYPE_URL, SecretKind};
 use crate::shutdown::Shutdown;
 use crate::store::Store;
 
@@ -49,7 +49,7 @@ async fn harness() -> Harness {
 }
 
 async fn harness_as(authorized: Option<(MakeAuthorizer, Identity)>) -> Harness {
-    harness_with(authorized, Default::default()).await
+    harness_with(authorized, Default::default(), Default::default()).await
 }
 
 type MakeAuthorizer = fn(Arc<Metrics>) -> Authorizer;
@@ -57,9 +57,13 @@ type MakeAuthorizer = fn(Arc<Metrics>) -> Authorizer;
 /// A harness whose connections have `identity` and are authorized by `authz`, as if
 /// the transport had proved it: the listener's TLS is tested end to end with Envoy;
 /// here the protocol's side of authorization.
-async fn harness_with(authorized: Option<(MakeAuthorizer, Identity)>, limits: super::limits::Limits) -> Harness {
+async fn harness_with(
+    authorized: Option<(MakeAuthorizer, Identity)>,
+    limits: super::limits::Limits,
+    policy: crate::policy::Policy,
+) -> Harness {
     let metrics = Arc::new(Metrics::new());
-    let store = Arc::new(Store::new());
+    let store = Arc::new(Store::with_policy(policy));
     let shutdown = Shutdown::new();
     let authz = match &authorized {
         Some((make, _)) => make(metrics.clone()),
@@ -95,7 +99,7 @@ async fn harness_with(authorized: Option<(MakeAuthorizer, Identity)>, limits: su
         }
     }
     let client = SecretDiscoveryServiceClient::connect(format!("http://{addr}")).await.unwrap();
-    let intake = Intake::new(store, metrics, "test", false);
+    let intake = Intake::new(store, metrics, "test", crate::policy::AllowExpired::Never);
     Harness { intake, shared, client, addr, shutdown }
 }
 
@@ -349,6 +353,44 @@ async fn delta_subscribe_unsubscribe_and_removal() {
     let r = next(&mut rx).await;
     assert_eq!(r.resources[0].name, "a");
     wait_until(|| !a().removed && a().sent_version.is_some()).await;
+}
+
+/// `on_delete = "withdraw"`: SotW streams get the placeholder in place of the deleted
+/// secret, Delta streams the removal they always get.
+#[tokio::test]
+async fn withdraw_sends_sotw_the_placeholder_and_delta_the_removal() {
+    use crate::policy::{OnDelete, Placeholder, PlaceholderCause, Policy};
+    let policy = Policy { on_delete: OnDelete::Withdraw, ..Default::default() };
+    let mut h = harness_with(None, Default::default(), policy).await;
+    // Any good pair will do: another placeholder's is one.
+    let pair = Placeholder::generate();
+    h.intake.update("a", pair.material(SecretKind::TlsCertificate).unwrap(), Instant::now()).unwrap();
+    let (sotw_tx, mut sotw) = h.sotw().await;
+    sotw_tx.send(request(&["a"], "", "")).await.unwrap();
+    let first = next(&mut sotw).await;
+    let (delta_tx, mut delta) = h.delta().await;
+    delta_tx
+        .send(DeltaDiscoveryRequest {
+            node: node(),
+            type_url: SECRET_TYPE_URL.into(),
+            resource_names_subscribe: vec!["a".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!(next(&mut delta).await.resources[0].name, "a");
+
+    h.intake.remove("a");
+    let withdrawn = next(&mut sotw).await;
+    assert_eq!(secret_name(&withdrawn), "a");
+    assert_ne!(withdrawn.version_info, first.version_info);
+    assert_eq!(h.shared.store.get("a").unwrap().placeholder, Some(PlaceholderCause::Deleted));
+    let r = next(&mut delta).await;
+    assert_eq!((r.removed_resources.as_slice(), r.resources.len()), (["a".to_string()].as_slice(), 0));
+    // Back: both get the secret again.
+    h.intake.update("a", pair.material(SecretKind::TlsCertificate).unwrap(), Instant::now()).unwrap();
+    assert_eq!(next(&mut sotw).await.version_info, first.version_info);
+    assert_eq!(next(&mut delta).await.resources[0].name, "a");
 }
 
 #[tokio::test]
@@ -912,7 +954,7 @@ async fn h2_client(addr: std::net::SocketAddr) -> h2::client::SendRequest<bytes:
 #[tokio::test]
 async fn unfinished_requests_are_bounded_by_the_connection_window() {
     let limits = super::limits::Limits { max_buffered_request_bytes: 1 << 30, ..small_limits() };
-    let h = harness_with(None, limits).await;
+    let h = harness_with(None, limits, Default::default()).await;
     let mut client = h2_client(h.addr).await;
     let path = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
     let mut streams = Vec::new();
@@ -933,7 +975,7 @@ async fn unfinished_requests_are_bounded_by_the_connection_window() {
 /// RESOURCE_EXHAUSTED; other streams are untouched, and the budget is given back.
 #[tokio::test]
 async fn the_request_budget_ends_the_stream_that_would_exceed_it() {
-    let h = harness_with(None, small_limits()).await;
+    let h = harness_with(None, small_limits(), Default::default()).await;
     let path = "/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets";
     let mut partial = vec![0, 0, 0, 0x78, 0];
     partial.extend(std::iter::repeat_n(0u8, 28_000));
@@ -951,7 +993,7 @@ async fn the_request_budget_ends_the_stream_that_would_exceed_it() {
 
 #[tokio::test]
 async fn connections_per_ip_are_capped_and_idle_ones_closed() {
-    let h = harness_with(None, small_limits()).await;
+    let h = harness_with(None, small_limits(), Default::default()).await;
     let mut open = Vec::new();
     for _ in 0..3 {
         let tcp = tokio::net::TcpStream::connect(h.addr).await.unwrap();
@@ -972,7 +1014,7 @@ async fn connections_per_ip_are_capped_and_idle_ones_closed() {
 
 #[tokio::test]
 async fn names_per_request_and_per_stream_are_capped() {
-    let mut h = harness_with(None, small_limits()).await;
+    let mut h = harness_with(None, small_limits(), Default::default()).await;
     let many: Vec<String> = (0..101).map(|i| format!("n{i}")).collect();
     let refs: Vec<&str> = many.iter().map(String::as_str).collect();
     let (tx, mut rx) = h.sotw().await;
@@ -1029,7 +1071,7 @@ async fn a_stream_of_many_names_keeps_exact_sotw_semantics() {
 
 #[tokio::test]
 async fn fetch_refuses_duplicates_caps_the_response_and_bounds_its_errors() {
-    let mut h = harness_with(None, small_limits()).await;
+    let mut h = harness_with(None, small_limits(), Default::default()).await;
     h.put("a", "1");
     let err = h.client.fetch_secrets(request(&["a", "a"], "", "")).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");

@@ -50,6 +50,9 @@ pub struct SdsBootstrap {
     pub upstream_tls: Option<UpstreamTls>,
     /// More listeners on the same SDS cluster, one per secret, each on a free port.
     pub more_listeners: Vec<String>,
+    /// When set, the main listener has one filter chain per (SNI, secret) instead of
+    /// one for `secret`: a gateway serving several hostnames on one port.
+    pub sni_chains: Vec<(String, String)>,
 }
 
 /// The SDS cluster's `UpstreamTlsContext`: files in a directory (`tls.crt`, `tls.key`,
@@ -75,7 +78,14 @@ impl SdsBootstrap {
             initial_fetch_timeout: None,
             upstream_tls: None,
             more_listeners: Vec::new(),
+            sni_chains: Vec::new(),
         }
+    }
+
+    /// A filter chain on the main listener for hostname `sni`, serving `secret`.
+    pub fn sni_chain(mut self, sni: &str, secret: &str) -> SdsBootstrap {
+        self.sni_chains.push((sni.to_string(), secret.to_string()));
+        self
     }
 
     pub fn upstream_tls(mut self, dir: &Path, server_name: &str) -> SdsBootstrap {
@@ -135,8 +145,19 @@ api_config_source:
             }
             SdsTarget::Unix(path) => format!("pipe: {{path: \"{}\"}}", path.display()),
         };
-        let tls = tls_context(&self.secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
-        let mut listeners = listener(&self.secret, self.listen_port, &tls);
+        let mut listeners = if self.sni_chains.is_empty() {
+            let tls = tls_context(&self.secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
+            listener(&self.secret, self.listen_port, &tls)
+        } else {
+            let chains: Vec<(Option<&str>, String)> = self
+                .sni_chains
+                .iter()
+                .map(|(sni, secret)| {
+                    (Some(sni.as_str()), tls_context(secret, &sds_config, self.mtls.then_some(sds_config.as_str())))
+                })
+                .collect();
+            listener_chains(&self.secret, self.listen_port, &chains)
+        };
         for secret in &self.more_listeners {
             let tls = tls_context(secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
             listeners.push_str(&listener(secret, 0, &tls));
@@ -298,11 +319,42 @@ fn tls_context(secret: &str, cert_sds: &str, ca_sds: Option<&str>) -> String {
 /// A static listener `name` on 127.0.0.1:`port` (0: any free port) with the given
 /// DownstreamTlsContext body.
 fn listener(name: &str, port: u16, tls_context: &str) -> String {
-    format!(
+    listener_chains(name, port, &[(None, tls_context.to_string())])
+}
+
+/// A static listener with one filter chain per DownstreamTlsContext body, matched on
+/// its SNI when one is given.
+fn listener_chains(name: &str, port: u16, chains: &[(Option<&str>, String)]) -> String {
+    let mut out = format!(
         "  - name: \"{name}\"
     address: {{socket_address: {{address: \"127.0.0.1\", port_value: {port}}}}}
-    filter_chains:
-    - filters:
+"
+    );
+    if chains.iter().any(|(sni, _)| sni.is_some()) {
+        // Matching on SNI needs the ClientHello read first.
+        out.push_str(
+            "    listener_filters:
+    - name: envoy.filters.listener.tls_inspector
+      typed_config:
+        \"@type\": type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector
+",
+        );
+    }
+    out.push_str("    filter_chains:\n");
+    for (sni, tls) in chains {
+        if let Some(sni) = sni {
+            let _ = writeln!(out, "    - filter_chain_match: {{server_names: [\"{sni}\"]}}");
+            out.push_str(&filter_chain(tls).replacen("    - filters:", "      filters:", 1));
+        } else {
+            out.push_str(&filter_chain(tls));
+        }
+    }
+    out
+}
+
+fn filter_chain(tls_context: &str) -> String {
+    format!(
+        "    - filters:
       - name: envoy.filters.network.http_connection_manager
         typed_config:
           \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager

@@ -33,6 +33,9 @@ pub struct Certwire {
     child: Option<Child>,
     /// Learned from the ready file at the first start, kept across restarts.
     admin: Option<SocketAddr>,
+    /// Where `/status/*` is served when `--status-addr` (or `status_addr`) moves it off
+    /// the admin port: from the ready file, at every start.
+    status: Option<SocketAddr>,
     /// The SDS addresses bound, in `--listen` order (idem).
     sds: Vec<String>,
     args: Vec<String>,
@@ -68,6 +71,18 @@ impl Certwire {
         Self::serve_as(args, root.then_some(65534)).await
     }
 
+    /// Like [`Certwire::serve`], but as user and group `uid`: the uid a deployment runs
+    /// certwire as, which owns the Unix socket it creates. Needs root.
+    pub async fn serve_as_user<I, S>(args: I, uid: u32) -> Certwire
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        // SAFETY: geteuid(2) has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "running certwire as uid {uid} needs root");
+        Self::serve_as(args, Some(uid)).await
+    }
+
     async fn serve_as<I, S>(args: I, user: Option<u32>) -> Certwire
     where
         I: IntoIterator<Item = S>,
@@ -92,6 +107,7 @@ impl Certwire {
         let mut certwire = Certwire {
             child: None,
             admin: None,
+            status: None,
             sds: Vec::new(),
             args: args.into_iter().map(Into::into).collect(),
             log,
@@ -158,6 +174,7 @@ impl Certwire {
         let admin: SocketAddr =
             ready["admin"].as_str().and_then(|a| a.parse().ok()).expect("admin address in the ready file");
         self.admin = Some(admin);
+        self.status = ready["status"].as_str().and_then(|a| a.parse().ok());
         self.sds =
             ready["sds"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(str::to_owned)).collect();
         let response = http::get(admin, "/healthz").await;
@@ -235,8 +252,13 @@ impl Certwire {
     }
 
     /// `GET path` on the admin API, any status.
+    /// `/status/*` goes to the status address when certwire serves it on its own.
     pub async fn get(&self, path: &str) -> Response {
-        http::get(self.admin_addr(), path).await.unwrap_or_else(|e| panic!("certwire admin {path}: {e:#}"))
+        let addr = match self.status {
+            Some(status) if path.starts_with("/status") => status,
+            _ => self.admin_addr(),
+        };
+        http::get(addr, path).await.unwrap_or_else(|e| panic!("certwire admin {path}: {e:#}"))
     }
 
     /// `GET path`, asserting 200 and a JSON body.

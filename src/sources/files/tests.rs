@@ -36,6 +36,12 @@ fn ca_pem() -> String {
 /// timestamped directory, `..data` is swapped to it by rename, the visible names are
 /// symlinks through `..data`, and the previous directory is deleted.
 fn kubelet_write(dir: &Path, files: &[(&str, &str)]) {
+    let files: Vec<(&str, &[u8])> = files.iter().map(|(name, content)| (*name, content.as_bytes())).collect();
+    kubelet_write_bytes(dir, &files);
+}
+
+/// [`kubelet_write`] of binary files (an OCSP staple is DER).
+fn kubelet_write_bytes(dir: &Path, files: &[(&str, &[u8])]) {
     static SEQ: AtomicUsize = AtomicUsize::new(0);
     std::fs::create_dir_all(dir).unwrap();
     let stamp = format!("..2026_11_27_01_00_00.{}", SEQ.fetch_add(1, Ordering::Relaxed));
@@ -83,7 +89,7 @@ impl Harness {
     async fn start(root: tempfile::TempDir, options: Options) -> Self {
         let store = Arc::new(Store::new());
         let metrics = Arc::new(Metrics::new());
-        let intake = Intake::new(store.clone(), metrics.clone(), "files:test", false);
+        let intake = Intake::new(store.clone(), metrics.clone(), "files:test", crate::policy::AllowExpired::Never);
         let shutdown = Shutdown::new();
         start_with(root.path().to_owned(), intake, shutdown.clone(), options).await.unwrap();
         Self { store, metrics, root, shutdown }
@@ -565,7 +571,7 @@ async fn a_root_that_cannot_be_listed_withdraws_nothing_and_says_why() {
     kubelet_write(&root.join("b"), &pair_files(&b));
     let store = Arc::new(Store::new());
     let metrics = Arc::new(Metrics::new());
-    let intake = Intake::new(store.clone(), metrics.clone(), "files:test", false);
+    let intake = Intake::new(store.clone(), metrics.clone(), "files:test", crate::policy::AllowExpired::Never);
     let shutdown = Shutdown::new();
     let _stop = shutdown.clone().trigger_on_drop();
     let options = Options { rescan: Duration::from_millis(50), ..Options::default() };
@@ -609,4 +615,125 @@ async fn a_root_that_cannot_be_listed_withdraws_nothing_and_says_why() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(store.get("b").is_some());
+}
+
+// ---- OCSP staples (issue 14) ------------------------------------------------------
+
+/// A DER OCSP response saying `cert_pem` (self-signed) is good, produced `age` hours ago.
+fn staple(cert_pem: &str, age: i64) -> Vec<u8> {
+    use crate::pki::ocsp_fixtures::{cert_id, good, hours, response};
+    use rustls_pki_types::pem::PemObject as _;
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let single = good(cert_id(&der, &der, &ring::digest::SHA256));
+    response(vec![x509_ocsp::SingleResponse { this_update: hours(-age), ..single }])
+}
+
+/// The staple a served resource carries.
+fn served_staple(current: &Current) -> Option<Vec<u8>> {
+    use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+    use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret::Type};
+    use prost::Message as _;
+    let secret = Secret::decode(current.as_ref()?.resource.as_ref()).unwrap();
+    let Some(Type::TlsCertificate(tls)) = secret.r#type else { panic!("not a TLS certificate") };
+    match tls.ocsp_staple?.specifier {
+        Some(Specifier::InlineBytes(bytes)) => Some(bytes),
+        other => panic!("staple not inline: {other:?}"),
+    }
+}
+
+/// Swaps `dir` to `p`'s pair with `staple` as `tls.ocsp-staple` (none: no such file).
+fn write_stapled(dir: &Path, p: &Pair, staple: Option<&[u8]>) {
+    let mut files: Vec<(&str, &[u8])> = vec![("tls.crt", p.cert.as_bytes()), ("tls.key", p.key.as_bytes())];
+    files.extend(staple.map(|s| ("tls.ocsp-staple", s)));
+    kubelet_write_bytes(dir, &files);
+}
+
+#[tokio::test]
+async fn the_ocsp_staple_is_served_and_a_new_one_alone_is_pushed() {
+    let root = tempdir();
+    let web = pair("stapled.test");
+    let (first, second) = (staple(&web.cert, 2), staple(&web.cert, 1));
+    assert_ne!(first, second);
+    write_stapled(&root.path().join("stapled"), &web, Some(&first));
+    let h = Harness::start(root, Options { rescan: Duration::from_secs(3600), ..Options::default() }).await;
+    let mut rx = h.store.subscribe("stapled");
+    assert_eq!(served_staple(&rx.borrow_and_update()).as_deref(), Some(first.as_slice()), "served from the start");
+
+    // The staple alone changes, as a refresher job rewrites it: a new version.
+    write_stapled(&h.dir("stapled"), &web, Some(&second));
+    wait_for(&mut rx, "the new staple", |c| served_staple(c).as_deref() == Some(second.as_slice())).await;
+    assert_eq!(fingerprint(&h.store.get("stapled")).as_deref(), Some(web.fingerprint.as_str()));
+
+    // Written in place, not swapped: the same.
+    std::fs::remove_file(h.dir("stapled").join("tls.ocsp-staple")).unwrap();
+    std::fs::write(h.dir("stapled").join("tls.ocsp-staple"), &first).unwrap();
+    wait_for(&mut rx, "the staple written in place", |c| served_staple(c).as_deref() == Some(first.as_slice())).await;
+
+    // Gone, or empty: served without one.
+    write_stapled(&h.dir("stapled"), &web, None);
+    wait_for(&mut rx, "no staple", |c| c.is_some() && served_staple(c).is_none()).await;
+    write_stapled(&h.dir("stapled"), &web, Some(&second));
+    wait_for(&mut rx, "the staple back", |c| served_staple(c).as_deref() == Some(second.as_slice())).await;
+    write_stapled(&h.dir("stapled"), &web, Some(b""));
+    wait_for(&mut rx, "an empty staple is none", |c| c.is_some() && served_staple(c).is_none()).await;
+    assert_eq!(h.rejected("bad_ocsp_staple"), 0);
+}
+
+#[tokio::test]
+async fn a_bad_staple_is_refused_and_the_last_good_version_kept() {
+    let root = tempdir();
+    let (web, other) = (pair("wrong.test"), pair("wrong.test"));
+    let good = staple(&web.cert, 1);
+    write_stapled(&root.path().join("wrong"), &web, Some(&good));
+    let options = Options { settle: Duration::from_millis(50), max_file_bytes: 64 << 10, ..Options::default() };
+    let h = Harness::start(root, options).await;
+    let mut rx = h.store.subscribe("wrong");
+    let version = rx.borrow_and_update().as_ref().unwrap().version;
+
+    // A staple for another certificate: refused, said, the good version (and staple) kept.
+    write_stapled(&h.dir("wrong"), &web, Some(&staple(&other.cert, 1)));
+    h.wait_rejected("bad_ocsp_staple", 1).await;
+    let error = h.last_error("wrong").unwrap();
+    assert!(error.contains("OCSP staple") && error.contains("another certificate"), "{error}");
+    // Not DER at all.
+    write_stapled(&h.dir("wrong"), &web, Some(b"not an OCSP response"));
+    h.wait_rejected("bad_ocsp_staple", 2).await;
+    assert!(h.last_error("wrong").unwrap().contains("not a DER OCSP response"));
+    // Larger than a secret file may be: not read.
+    write_stapled(&h.dir("wrong"), &web, Some(&vec![0x30; (64 << 10) + 1]));
+    h.wait_rejected("too_large", 1).await;
+    assert!(h.last_error("wrong").unwrap().contains("tls.ocsp-staple"));
+    assert!(!rx.has_changed().unwrap(), "nothing new served");
+    assert_eq!(h.store.get("wrong").unwrap().version, version);
+    assert_eq!(served_staple(&h.store.get("wrong")).as_deref(), Some(good.as_slice()));
+
+    // Repaired: served again, the error clears.
+    let fresh = staple(&web.cert, 0);
+    write_stapled(&h.dir("wrong"), &web, Some(&fresh));
+    wait_for(&mut rx, "the repaired staple", |c| served_staple(c).as_deref() == Some(fresh.as_slice())).await;
+    assert_eq!(h.last_error("wrong"), None);
+}
+
+#[tokio::test]
+async fn a_staple_from_the_future_is_served_once_its_this_update_has_come() {
+    use crate::pki::ocsp_fixtures::{at, cert_id, good, response};
+    use rustls_pki_types::pem::PemObject as _;
+    let root = tempdir();
+    let web = pair("soon-stapled.test");
+    let der = rustls_pki_types::CertificateDer::from_pem_slice(web.cert.as_bytes()).unwrap();
+    let single = good(cert_id(&der, &der, &ring::digest::SHA1_FOR_LEGACY_USE_ONLY));
+    let this_update = at(std::time::SystemTime::now() + Duration::from_secs(3));
+    let early = response(vec![x509_ocsp::SingleResponse { this_update, ..single }]);
+    write_stapled(&root.path().join("soon"), &web, Some(&early));
+    let h = Harness::start(root, Options { rescan: Duration::from_millis(200), ..Options::default() }).await;
+    let mut rx = h.store.subscribe("soon");
+    assert!(rx.borrow_and_update().is_none(), "not valid yet, so not served");
+    assert_eq!(h.rejected("bad_ocsp_staple"), 1);
+    assert!(h.last_error("soon").unwrap().contains("in the future"));
+
+    // The rescan checks it again, unchanged, as it does a certificate not yet valid.
+    wait_for(&mut rx, "soon served once its thisUpdate has come", |c| {
+        served_staple(c).as_deref() == Some(early.as_slice())
+    })
+    .await;
 }

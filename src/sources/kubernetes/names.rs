@@ -26,7 +26,8 @@ pub fn cacert_name(name: &str) -> String {
 
 /// The pair and the CA bundle a Secret holds, if any, chosen as Istio chooses them
 /// (pilot/pkg/credentials/kube/secrets.go): `cert`+`key` when both are non-empty, else
-/// `tls.crt`+`tls.key` when both are; never one key from each pair. The CA is `cacert`
+/// `tls.crt`+`tls.key` when both are; never one key from each pair. `tls.ocsp-staple`,
+/// when non-empty, is the OCSP staple of whichever pair is chosen. The CA is `cacert`
 /// (with `crl`) when non-empty, else `ca.crt` (with `ca.crl`).
 pub struct Extracted {
     pub tls: Option<Material>,
@@ -63,6 +64,8 @@ impl Extracted {
 const PAIRS: [(&str, &str); 2] = [("cert", "key"), ("tls.crt", "tls.key")];
 /// The CA keys with their CRL, in the order they are tried.
 const CAS: [(&str, &str); 2] = [("cacert", "crl"), ("ca.crt", "ca.crl")];
+/// The OCSP response (DER) stapled with the pair, Istio's key for both pairs.
+pub const OCSP_STAPLE: &str = "tls.ocsp-staple";
 
 /// Reads a Secret's data (the `type` does not matter: cert-manager writes
 /// `kubernetes.io/tls`, other tools Opaque secrets with the generic keys). Secrets with
@@ -73,7 +76,11 @@ pub fn extract(data: Option<&BTreeMap<String, ByteString>>) -> Extracted {
     let value = |key: &str| data.get(key).map(|b| b.0.as_slice()).filter(|v| !v.is_empty());
     let tls = PAIRS.iter().find_map(|(cert, key)| {
         let (cert, key) = (value(cert)?, value(key)?);
-        Some(Material::Tls { cert_chain_pem: cert.to_vec(), key_pem: KeyBytes::new(key.to_vec()) })
+        Some(Material::Tls {
+            cert_chain_pem: cert.to_vec(),
+            key_pem: KeyBytes::new(key.to_vec()),
+            ocsp_staple: value(OCSP_STAPLE).map(<[u8]>::to_vec),
+        })
     });
     let problem = match tls {
         Some(_) => None,
@@ -107,7 +114,7 @@ mod tests {
     fn tls_secret_with_ca() {
         let d = data(&[("tls.crt", "C"), ("tls.key", "K"), ("ca.crt", "CA"), ("ca.crl", "CRL")]);
         let e = extract(Some(&d));
-        let Some(Material::Tls { cert_chain_pem, key_pem }) = e.tls else { panic!("tls") };
+        let Some(Material::Tls { cert_chain_pem, key_pem, .. }) = e.tls else { panic!("tls") };
         assert_eq!((cert_chain_pem.as_slice(), key_pem.as_slice()), (b"C".as_slice(), b"K".as_slice()));
         let Some(Material::Validation { ca_pem, crl_pem }) = e.ca else { panic!("ca") };
         assert_eq!(ca_pem, b"CA");
@@ -125,7 +132,7 @@ mod tests {
             ("ca.crt", "CA1"),
         ]);
         let e = extract(Some(&d));
-        let Some(Material::Tls { cert_chain_pem, key_pem }) = e.tls else { panic!("tls") };
+        let Some(Material::Tls { cert_chain_pem, key_pem, .. }) = e.tls else { panic!("tls") };
         assert_eq!((cert_chain_pem.as_slice(), key_pem.as_slice()), (b"C2".as_slice(), b"K2".as_slice()));
         let Some(Material::Validation { ca_pem, .. }) = e.ca else { panic!("ca") };
         assert_eq!(ca_pem, b"CA2");
@@ -135,7 +142,7 @@ mod tests {
     fn pairs_are_never_mixed() {
         // `cert` empty: the whole tls.* pair, not `tls.crt` with `key`.
         let d = data(&[("cert", ""), ("key", "K2"), ("tls.crt", "C1"), ("tls.key", "K1")]);
-        let Some(Material::Tls { cert_chain_pem, key_pem }) = extract(Some(&d)).tls else { panic!("tls") };
+        let Some(Material::Tls { cert_chain_pem, key_pem, .. }) = extract(Some(&d)).tls else { panic!("tls") };
         assert_eq!((cert_chain_pem.as_slice(), key_pem.as_slice()), (b"C1".as_slice(), b"K1".as_slice()));
         // Half of each pair: nothing to serve, and said so.
         let d = data(&[("cert", "C2"), ("key", ""), ("tls.crt", "C1")]);
@@ -156,6 +163,29 @@ mod tests {
         let d = data(&[("cacert", ""), ("crl", "CRL2"), ("ca.crt", "CA1"), ("ca.crl", "CRL1")]);
         let Some(Material::Validation { ca_pem, crl_pem }) = extract(Some(&d)).ca else { panic!("ca") };
         assert_eq!((ca_pem.as_slice(), crl_pem.as_deref()), (b"CA1".as_slice(), Some(b"CRL1".as_slice())));
+    }
+
+    #[test]
+    fn the_ocsp_staple_goes_with_the_chosen_pair() {
+        let staple = |d: &BTreeMap<String, ByteString>| match extract(Some(d)).tls {
+            Some(Material::Tls { cert_chain_pem, ocsp_staple, .. }) => (cert_chain_pem, ocsp_staple),
+            other => panic!("tls: {other:?}"),
+        };
+        let d = data(&[("tls.crt", "C1"), ("tls.key", "K1"), ("tls.ocsp-staple", "S")]);
+        assert_eq!(staple(&d), (b"C1".to_vec(), Some(b"S".to_vec())));
+        // Istio reads the same key with the generic pair.
+        let d = data(&[("cert", "C2"), ("key", "K2"), ("tls.crt", "C1"), ("tls.key", "K1"), ("tls.ocsp-staple", "S")]);
+        assert_eq!(staple(&d), (b"C2".to_vec(), Some(b"S".to_vec())));
+        // Absent or empty: no staple.
+        assert_eq!(staple(&data(&[("tls.crt", "C1"), ("tls.key", "K1")])), (b"C1".to_vec(), None));
+        let d = data(&[("tls.crt", "C1"), ("tls.key", "K1"), ("tls.ocsp-staple", "")]);
+        assert_eq!(staple(&d), (b"C1".to_vec(), None));
+        // A staple alone is not a TLS secret.
+        assert!(extract(Some(&data(&[("tls.ocsp-staple", "S")]))).is_empty());
+        // Binary, as it is: DER, not text.
+        let mut d = data(&[("tls.crt", "C1"), ("tls.key", "K1")]);
+        d.insert("tls.ocsp-staple".into(), ByteString(vec![0x30, 0x82, 0xff, 0x00]));
+        assert_eq!(staple(&d).1, Some(vec![0x30, 0x82, 0xff, 0x00]));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::events::Rejections;
 use super::names::{self, cacert_name, served_names};
 use crate::health::Health;
 use crate::ingest::Intake;
-use crate::pki::Material;
+use crate::pki::{Material, SecretKind};
 
 /// The names one Secret currently offers, and the digest of their content.
 struct Offered {
@@ -169,7 +169,7 @@ impl Watch {
         let mut error: Option<(&'static str, String)> = None;
         if let Some(problem) = extracted.problem.as_ref().filter(|_| !ca_only) {
             // The last good pair stays served under these names.
-            self.intake.reject_all(&bases, problem.reason(), problem);
+            self.intake.reject_all_of_kind(&bases, SecretKind::TlsCertificate, problem.reason(), problem);
             error = Some((problem.reason(), problem.to_string()));
             names.extend(bases.iter().cloned());
         }
@@ -261,11 +261,13 @@ fn digest_of(e: &names::Extracted) -> [u8; 32] {
     let mut ctx = digest::Context::new(&digest::SHA256);
     for m in [&e.tls, &e.ca] {
         match m {
-            Some(Material::Tls { cert_chain_pem, key_pem }) => {
+            Some(Material::Tls { cert_chain_pem, key_pem, ocsp_staple }) => {
                 ctx.update(b"tls");
                 ctx.update(&(cert_chain_pem.len() as u64).to_be_bytes());
                 ctx.update(cert_chain_pem);
+                ctx.update(&(key_pem.len() as u64).to_be_bytes());
                 ctx.update(key_pem.as_slice());
+                ctx.update(ocsp_staple.as_deref().unwrap_or_default());
             }
             Some(Material::Validation { ca_pem, crl_pem }) => {
                 ctx.update(b"ca");

@@ -83,7 +83,35 @@ impl Bound {
     }
 }
 
-pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Bound> {
+/// Who may connect to the Unix SDS sockets: connecting takes write permission on the
+/// socket file. Unset, the socket gets the process umask's mode and certwire's group, so
+/// only certwire's own user can connect (with the usual umask 022).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct UnixSocketAccess {
+    /// Permission bits, e.g. 0o660 (`unix_socket_mode = "0660"`).
+    pub mode: Option<u32>,
+    /// Group id the socket is given (`unix_socket_group`): with mode 0660, the proxies
+    /// running in that group may connect and nobody else.
+    pub group: Option<u32>,
+}
+
+impl UnixSocketAccess {
+    /// Whether any local user may connect.
+    pub fn world_writable(&self) -> bool {
+        self.mode.is_some_and(|m| m & 0o002 != 0)
+    }
+}
+
+/// An octal mode such as `0660` or `660`, at most `0777`.
+pub fn parse_socket_mode(s: &str) -> Result<u32, String> {
+    let digits = s.strip_prefix("0o").unwrap_or(s);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if mode <= 0o777 => Ok(mode),
+        _ => Err(format!("unix socket mode {s:?}: expected octal permission bits such as \"0660\"")),
+    }
+}
+
+pub async fn bind(addr: &ListenAddr, access: UnixSocketAccess) -> anyhow::Result<Bound> {
     match addr {
         ListenAddr::Tcp(a) => {
             Ok(Bound::Tcp(TcpListener::bind(a).await.with_context(|| format!("binding SDS on {a}"))?))
@@ -100,7 +128,21 @@ pub async fn bind(addr: &ListenAddr) -> anyhow::Result<Bound> {
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
             }
+            // Bound with the umask's mode, then opened up as told: never wider in between.
             let l = UnixListener::bind(path).with_context(|| format!("binding SDS on unix:{}", path.display()))?;
+            if let Some(gid) = access.group {
+                std::os::unix::fs::chown(path, None, Some(gid)).with_context(|| {
+                    format!(
+                        "giving unix:{} to group {gid} (certwire must be in that group or have CAP_CHOWN)",
+                        path.display()
+                    )
+                })?;
+            }
+            if let Some(mode) = access.mode {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+                    .with_context(|| format!("setting mode {mode:o} on unix:{}", path.display()))?;
+            }
             Ok(Bound::Unix(l, path.clone()))
         }
     }
@@ -347,5 +389,30 @@ mod tests {
         assert!("unix:/x".parse::<ListenAddr>().unwrap().is_local());
         assert!(!"0.0.0.0:1".parse::<ListenAddr>().unwrap().is_local());
         assert!(!"10.1.2.3:1".parse::<ListenAddr>().unwrap().is_local());
+    }
+
+    #[test]
+    fn socket_modes_are_octal_permission_bits() {
+        assert_eq!(parse_socket_mode("0660"), Ok(0o660));
+        assert_eq!(parse_socket_mode("666"), Ok(0o666));
+        assert_eq!(parse_socket_mode("0o600"), Ok(0o600));
+        assert!(parse_socket_mode("1777").is_err(), "no sticky or set-id bits");
+        assert!(parse_socket_mode("rw-rw----").is_err());
+        assert!(UnixSocketAccess { mode: Some(0o666), group: None }.world_writable());
+        assert!(!UnixSocketAccess { mode: Some(0o660), group: None }.world_writable());
+    }
+
+    #[tokio::test]
+    async fn a_unix_socket_gets_the_mode_and_group_it_is_told() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sds.sock");
+        // As root, a group certwire is not in; otherwise its own.
+        let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+        let gid = if root { 65534 } else { std::fs::metadata(dir.path()).unwrap().gid() };
+        let access = UnixSocketAccess { mode: Some(0o660), group: Some(gid) };
+        let _bound = bind(&ListenAddr::Unix(path.clone()), access).await.unwrap();
+        let meta = std::fs::metadata(&path).unwrap();
+        assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, gid));
     }
 }

@@ -44,7 +44,8 @@ struct Fixture {
 impl Fixture {
     fn new() -> Self {
         let store = Arc::new(Store::new());
-        let intake = Intake::new(store.clone(), Arc::new(Metrics::new()), "kubernetes", false);
+        let intake =
+            Intake::new(store.clone(), Arc::new(Metrics::new()), "kubernetes", crate::policy::AllowExpired::Never);
         Self { store, health: Arc::new(Health::default()), intake }
     }
 
