@@ -113,6 +113,8 @@ pub struct KubeConfig {
     pub enabled: Option<bool>,
     pub namespaces: Option<Vec<String>>,
     pub all_namespaces: Option<bool>,
+    /// Also serve CA bundles of ConfigMaps as `configmap://NS/NAME`.
+    pub configmaps: Option<bool>,
     pub label_selector: Option<String>,
     pub default_namespace: Option<String>,
     pub kubeconfig: Option<PathBuf>,
@@ -149,6 +151,10 @@ pub struct ServeFlags {
     /// Watch Secrets in every namespace (needs a ClusterRole)
     #[arg(long)]
     pub all_namespaces: bool,
+    /// Also serve CA bundles from ConfigMaps (key cacert or ca.crt) as configmap://NS/NAME
+    /// in the watched namespaces (needs list and watch on configmaps)
+    #[arg(long)]
+    pub configmaps: bool,
     /// Only Secrets matching this label selector, e.g. certwire.io/serve=true
     #[arg(long, value_name = "SELECTOR")]
     pub label_selector: Option<String>,
@@ -447,7 +453,8 @@ fn secure_by_default(
 /// The Kubernetes source is on when asked for by flag or file, or implied by any of
 /// its flags; flags override the `[kubernetes]` table key by key.
 fn kube_options(flags: &ServeFlags, file: KubeConfig) -> Option<crate::sources::kubernetes::Options> {
-    let implied = !flags.namespaces.is_empty() || flags.all_namespaces || flags.label_selector.is_some();
+    let implied =
+        !flags.namespaces.is_empty() || flags.all_namespaces || flags.label_selector.is_some() || flags.configmaps;
     if !(flags.kubernetes || implied || file.enabled.unwrap_or(false)) {
         return None;
     }
@@ -463,6 +470,7 @@ fn kube_options(flags: &ServeFlags, file: KubeConfig) -> Option<crate::sources::
         all_namespaces: flags.all_namespaces || file.all_namespaces.unwrap_or(false),
         label_selector: flags.label_selector.clone().or(file.label_selector),
         kubeconfig: flags.kubeconfig.clone().or(file.kubeconfig),
+        configmaps: flags.configmaps || file.configmaps.unwrap_or(false),
     })
 }
 

@@ -591,6 +591,60 @@ async fn a_separate_cacert_secret_wins_and_its_update_is_pushed() {
     assert!(handshake(proxy.addr, SNI, Some(&client_a)).await.is_err(), "CA A is gone");
 }
 
+/// `configmap://NS/NAME` (Istio 1.28): a CA bundle from a ConfigMap, with `--configmaps`,
+/// checks Envoy's client certificates; `kubectl apply` of another CA is pushed.
+#[tokio::test]
+async fn a_configmap_ca_bundle_checks_client_certificates() {
+    let cluster = Cluster::start().await;
+    cluster.kubectl(&["create", "namespace", NS]).await;
+    let (clients_a, clients_b) = (Ca::new("client CA A"), Ca::new("client CA B"));
+    let (client_a, client_b) = (clients_a.client("client-a"), clients_b.client("client-b"));
+    let server = cluster.ca.server(SNI);
+    cluster.create_tls(NS, NAME, &server).await;
+    let ca_a = cluster.write("a.crt", clients_a.cert_pem());
+    cluster.kubectl(&["create", "configmap", "trust", "-n", NS, &format!("--from-file=ca.crt={ca_a}")]).await;
+
+    let s = cluster.certwire(&["--namespace", NS, "--configmaps"]).await;
+    let trust = format!("configmap://{NS}/trust");
+    let bootstrap = SdsBootstrap::new(&kube_name(NS, NAME), SdsTarget::Tcp(s.sds), 0)
+        .initial_fetch_timeout(Duration::ZERO)
+        .ca_secret(&trust);
+    let envoy = Envoy::start(&bootstrap.to_yaml()).await;
+    let addr = envoy.listener_addr(&kube_name(NS, NAME));
+    wait_served_serial_with(addr, SNI, Some(&client_a), &server.serial_hex, WAIT).await;
+    assert!(handshake(addr, SNI, Some(&client_b)).await.is_err(), "CA B is not trusted yet");
+    let status =
+        wait_status(&s.certwire, &trust, "the ConfigMap's bundle", |st| st["kind"] == "validation_context").await;
+    assert_eq!(status["source"], "kubernetes", "{status}");
+
+    let ca_b = cluster.write("b.crt", clients_b.cert_pem());
+    let yaml = cluster
+        .kubectl(&[
+            "create",
+            "configmap",
+            "trust",
+            "-n",
+            NS,
+            &format!("--from-file=ca.crt={ca_b}"),
+            "--dry-run=client",
+            "-o",
+            "yaml",
+        ])
+        .await;
+    let manifest = cluster.write("trust-b.yaml", &yaml);
+    cluster.kubectl(&["apply", "-f", &manifest]).await;
+    wait_served_serial_with(addr, SNI, Some(&client_b), &server.serial_hex, WAIT).await;
+    assert!(handshake(addr, SNI, Some(&client_a)).await.is_err(), "CA A is gone");
+
+    // A ConfigMap that is not a bundle is not served; a deleted bundle leaves Envoy
+    // with what it has.
+    cluster.kubectl(&["create", "configmap", "settings", "-n", NS, "--from-literal=mode=fast"]).await;
+    cluster.kubectl(&["delete", "configmap", "trust", "-n", NS]).await;
+    wait_deleted(&s.certwire, &trust).await;
+    assert!(s.certwire.secret_status(&format!("configmap://{NS}/settings")).await.is_none());
+    keeps_serving(addr, Some(&client_b), &server.serial_hex).await;
+}
+
 /// A dropped watch resumes from its resourceVersion; a `410 Gone` on resumption
 /// relists. Neither pushes anything for unchanged Secrets, and a change made after
 /// the relist is served.

@@ -194,6 +194,14 @@ pub struct SecretRef<'a> {
 /// `kubernetes://NS/NAME`, `kubernetes://NAME` and bare `NAME` (the default namespace),
 /// as the Kubernetes source serves them. Other schemes are not Secrets.
 pub fn resolve<'a>(name: &'a str, default_namespace: &'a str) -> Option<SecretRef<'a>> {
+    // A ConfigMap holds a CA bundle only: public, read within the proxy's namespace.
+    if let Some((namespace, rest)) = name.strip_prefix("configmap://").and_then(|r| r.split_once('/')) {
+        let name = rest.strip_suffix("-cacert").filter(|b| !b.is_empty()).unwrap_or(rest);
+        if namespace.is_empty() || name.is_empty() || name.contains('/') {
+            return None;
+        }
+        return Some(SecretRef { namespace, name, ca_only: true });
+    }
     let (namespace, rest) = match name.strip_prefix("kubernetes://") {
         Some(rest) => match rest.split_once('/') {
             Some((ns, n)) => (ns, n),
@@ -230,6 +238,9 @@ mod tests {
         assert_eq!(r("-cacert"), Some(SecretRef { namespace: "gw", name: "-cacert", ca_only: false }));
         assert_eq!(r("sds://web"), None);
         assert_eq!(r("kubernetes://a/b/c"), None);
+        assert_eq!(r("configmap://a/ca"), Some(SecretRef { namespace: "a", name: "ca", ca_only: true }));
+        assert_eq!(r("configmap://a/ca-cacert"), Some(SecretRef { namespace: "a", name: "ca", ca_only: true }));
+        assert_eq!(r("configmap://ca"), None);
         assert_eq!(r("kubernetes:///web"), None);
         assert_eq!(r(""), None);
     }

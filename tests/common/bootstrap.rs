@@ -53,6 +53,8 @@ pub struct SdsBootstrap {
     /// When set, the main listener has one filter chain per (SNI, secret) instead of
     /// one for `secret`: a gateway serving several hostnames on one port.
     pub sni_chains: Vec<(String, String)>,
+    /// With `mtls`, the CA bundle's secret name instead of `SECRET-cacert`.
+    pub ca_secret: Option<String>,
 }
 
 /// The SDS cluster's `UpstreamTlsContext`: files in a directory (`tls.crt`, `tls.key`,
@@ -79,7 +81,15 @@ impl SdsBootstrap {
             upstream_tls: None,
             more_listeners: Vec::new(),
             sni_chains: Vec::new(),
+            ca_secret: None,
         }
+    }
+
+    /// Mutual TLS with the client CA from secret `name` (e.g. `configmap://NS/NAME`).
+    pub fn ca_secret(mut self, name: &str) -> SdsBootstrap {
+        self.mtls = true;
+        self.ca_secret = Some(name.to_string());
+        self
     }
 
     /// A filter chain on the main listener for hostname `sni`, serving `secret`.
@@ -146,7 +156,10 @@ api_config_source:
             SdsTarget::Unix(path) => format!("pipe: {{path: \"{}\"}}", path.display()),
         };
         let mut listeners = if self.sni_chains.is_empty() {
-            let tls = tls_context(&self.secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
+            let mut tls = tls_context(&self.secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
+            if let Some(ca) = &self.ca_secret {
+                tls = tls.replace(&format!("name: \"{}-cacert\"", self.secret), &format!("name: \"{ca}\""));
+            }
             listener(&self.secret, self.listen_port, &tls)
         } else {
             let chains: Vec<(Option<&str>, String)> = self

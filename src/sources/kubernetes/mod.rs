@@ -5,7 +5,9 @@
 //! Only digests of served Secrets are kept, never the Secret objects, so memory grows
 //! with what is served, not with every Secret in the cluster.
 
+pub mod configmaps;
 mod events;
+mod follow;
 pub mod names;
 mod watch;
 
@@ -13,7 +15,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use crate::shutdown::Shutdown;
-use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::api::core::v1::{ConfigMap, Secret};
 use kube::Api;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
@@ -31,6 +33,8 @@ pub struct Options {
     /// Namespace whose Secrets are also served as `kubernetes://NAME` and `NAME`.
     pub default_namespace: Option<String>,
     pub kubeconfig: Option<PathBuf>,
+    /// Also serve CA bundles from ConfigMaps (`configmap://NS/NAME`).
+    pub configmaps: bool,
 }
 
 /// Connects (without waiting for the API server to answer) and starts the watches.
@@ -65,8 +69,18 @@ pub async fn start(
         }
         let mut watch = watch::Watch::new(intake.clone(), default_ns.clone(), health.clone(), component);
         watch.report_rejections(recorder.clone());
-        let events = watcher::watcher(api, config).default_backoff();
+        let events = watcher::watcher(api, config.clone()).default_backoff();
         tasks.push(tokio::spawn(watch.run(events, shutdown.clone())));
+        if options.configmaps {
+            let api: Api<ConfigMap> = match &scope {
+                Some(ns) => Api::namespaced(client.clone(), ns),
+                None => Api::all(client.clone()),
+            };
+            let component = format!("kubernetes-configmaps:{}", scope.as_deref().unwrap_or("*"));
+            let watch = configmaps::ConfigMaps::new(intake.clone(), health.clone(), component);
+            let events = watcher::watcher(api, config).default_backoff();
+            tasks.push(tokio::spawn(watch.run(events, shutdown.clone())));
+        }
     }
     Ok(tasks)
 }

@@ -8,13 +8,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::shutdown::Shutdown;
-use futures_util::{Stream, StreamExt as _};
+use futures_util::Stream;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt as _;
 use kube::runtime::watcher::{self, Event};
 use ring::digest;
 
 use super::events::Rejections;
+use super::follow::{self, Follower};
 use super::names::{self, cacert_name, served_names};
 use crate::health::Health;
 use crate::ingest::Intake;
@@ -71,58 +72,8 @@ impl Watch {
     where
         S: Stream<Item = Result<Event<Secret>, watcher::Error>> + Send,
     {
-        let mut stream = std::pin::pin!(events);
-        // Keys listed since the last (re)list started; the rest are gone at InitDone.
-        let mut listed: Option<HashSet<String>> = None;
-        let mut ready = false;
-        loop {
-            let event = tokio::select! {
-                _ = shutdown.cancelled() => return,
-                event = stream.next() => match event {
-                    Some(e) => e,
-                    None => return,
-                },
-            };
-            match event {
-                Ok(Event::Init) => listed = Some(HashSet::new()),
-                Ok(Event::InitApply(secret)) => {
-                    let key = self.apply(&secret);
-                    if let Some(l) = listed.as_mut() {
-                        l.insert(key);
-                    }
-                }
-                Ok(Event::InitDone) => {
-                    // A relist after a dropped watch or 410 Gone: only Secrets that
-                    // really vanished are withdrawn; the rest were re-applied, which
-                    // pushes nothing when unchanged.
-                    if let Some(l) = listed.take() {
-                        let gone: Vec<String> = self.offered.keys().filter(|k| !l.contains(*k)).cloned().collect();
-                        for key in gone {
-                            self.withdraw(&key);
-                        }
-                    }
-                    if !ready {
-                        ready = true;
-                        self.intake.set_loading(false);
-                        self.health.ready(&self.component);
-                        tracing::info!(scope = %self.component, secrets = self.offered.len(), "kubernetes source listed");
-                    }
-                }
-                Ok(Event::Apply(secret)) => {
-                    self.apply(&secret);
-                }
-                Ok(Event::Delete(secret)) => {
-                    let key = key_of(&secret);
-                    self.withdraw(&key);
-                }
-                Err(err) => {
-                    tracing::warn!(scope = %self.component, error = %err, "kubernetes watch error; retrying with backoff");
-                    if !ready {
-                        self.health.not_ready(&self.component, format!("API server: {err}"));
-                    }
-                }
-            }
-        }
+        let (health, component) = (self.health.clone(), self.component.clone());
+        follow::run(&mut self, events, shutdown, health, &component).await;
     }
 
     /// Reports a Secret's content; returns its key.
@@ -244,6 +195,29 @@ impl Watch {
         if self.separate_cas.contains(key) {
             self.give_back_ca(key);
         }
+    }
+}
+
+impl Follower<Secret> for Watch {
+    fn apply(&mut self, secret: &Secret) -> String {
+        Watch::apply(self, secret)
+    }
+
+    fn delete(&mut self, secret: &Secret) {
+        self.withdraw(&key_of(secret));
+    }
+
+    fn keys(&self) -> Vec<String> {
+        self.offered.keys().cloned().collect()
+    }
+
+    fn withdraw(&mut self, key: &str) {
+        Watch::withdraw(self, key);
+    }
+
+    fn listed(&mut self) {
+        self.intake.set_loading(false);
+        tracing::info!(scope = %self.component, secrets = self.offered.len(), "kubernetes source listed");
     }
 }
 
