@@ -45,6 +45,8 @@ pub struct FileConfig {
     pub kubernetes: Option<KubeConfig>,
     /// `[acme]`: certificates certwire orders and renews itself.
     pub acme: Option<crate::sources::acme::AcmeConfig>,
+    /// `[upstream]`: certwire as a forwarder to a central certwire.
+    pub upstream: Option<crate::sources::upstream::UpstreamConfig>,
     /// `[sds]`: the SDS listeners' transport (`[sds.tls]`).
     pub sds: Option<SdsConfig>,
     /// `[authz]`: who may read which secret.
@@ -115,6 +117,8 @@ pub struct KubeConfig {
     pub all_namespaces: Option<bool>,
     /// Also serve CA bundles of ConfigMaps as `configmap://NS/NAME`.
     pub configmaps: Option<bool>,
+    /// Gateway API support: `kubernetes-gateway://NS/NAME`, ReferenceGrants watched.
+    pub gateway_api: Option<bool>,
     pub label_selector: Option<String>,
     pub default_namespace: Option<String>,
     pub kubeconfig: Option<PathBuf>,
@@ -155,6 +159,11 @@ pub struct ServeFlags {
     /// in the watched namespaces (needs list and watch on configmaps)
     #[arg(long)]
     pub configmaps: bool,
+    /// Gateway API support: serve kubernetes-gateway://NS/NAME (Istio's name for a
+    /// Gateway's certificateRef) and, with authorization, watch ReferenceGrants to
+    /// decide cross-namespace ones (needs list and watch on referencegrants)
+    #[arg(long)]
+    pub gateway_api: bool,
     /// Only Secrets matching this label selector, e.g. certwire.io/serve=true
     #[arg(long, value_name = "SELECTOR")]
     pub label_selector: Option<String>,
@@ -253,6 +262,8 @@ pub struct Settings {
     pub kubernetes: Option<crate::sources::kubernetes::Options>,
     /// `None` when the ACME source is off (no `[acme]` table).
     pub acme: Option<crate::sources::acme::AcmeConfig>,
+    /// `None` unless `[upstream]` makes certwire a forwarder.
+    pub upstream: Option<crate::sources::upstream::UpstreamConfig>,
     /// `None`: the TCP SDS listeners are plaintext.
     pub tls: Option<crate::tls::Settings>,
     pub authz: AuthzSettings,
@@ -305,7 +316,12 @@ impl Settings {
             acme.validate()?;
         }
         // The embedded default: with no source configured, the dev CA serves.
-        let dev = flags.dev || file.dev.unwrap_or(files.is_empty() && kubernetes.is_none() && acme.is_none());
+        let upstream = file.upstream.clone();
+        if let Some(upstream) = &upstream {
+            upstream.target().map_err(anyhow::Error::msg)?;
+        }
+        let dev = flags.dev
+            || file.dev.unwrap_or(files.is_empty() && kubernetes.is_none() && acme.is_none() && upstream.is_none());
         let tls = tls_settings(flags, file.sds.and_then(|s| s.tls))?;
         let insecure_open_sds = flags.insecure_open_sds || file.insecure_open_sds.unwrap_or(false);
         let authz_file = file.authz.unwrap_or_default();
@@ -365,6 +381,7 @@ impl Settings {
             workers: flags.workers.or(file.workers),
             kubernetes,
             acme,
+            upstream,
             tls,
             authz,
             insecure_open_sds,
@@ -455,6 +472,7 @@ fn secure_by_default(
 fn kube_options(flags: &ServeFlags, file: KubeConfig) -> Option<crate::sources::kubernetes::Options> {
     let implied =
         !flags.namespaces.is_empty() || flags.all_namespaces || flags.label_selector.is_some() || flags.configmaps;
+    let implied = implied || flags.gateway_api;
     if !(flags.kubernetes || implied || file.enabled.unwrap_or(false)) {
         return None;
     }
@@ -471,6 +489,7 @@ fn kube_options(flags: &ServeFlags, file: KubeConfig) -> Option<crate::sources::
         label_selector: flags.label_selector.clone().or(file.label_selector),
         kubeconfig: flags.kubeconfig.clone().or(file.kubeconfig),
         configmaps: flags.configmaps || file.configmaps.unwrap_or(false),
+        gateway_api: flags.gateway_api || file.gateway_api.unwrap_or(false),
     })
 }
 
@@ -546,6 +565,17 @@ mod tests {
         let flags = ServeFlags { config: Some(path.clone()), ..Default::default() };
         let err = format!("{:#}", Settings::resolve(&flags, None).unwrap_err());
         assert!(err.contains("c.toml") && err.contains("workers") && err.contains("nonzero"), "{err}");
+    }
+
+    #[test]
+    fn gateway_api_implies_the_kubernetes_source() {
+        let flags = ServeFlags { gateway_api: true, ..Default::default() };
+        assert!(Settings::resolve(&flags, None).unwrap().kubernetes.is_some_and(|k| k.gateway_api));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[kubernetes]\nenabled = true\ngateway_api = true\n").unwrap();
+        let flags = ServeFlags { config: Some(path), ..Default::default() };
+        assert!(Settings::resolve(&flags, None).unwrap().kubernetes.unwrap().gateway_api);
     }
 
     #[test]

@@ -1880,7 +1880,7 @@ async fn verdict(authz: &Authorizer, identity: &Identity, name: &str) -> Result<
     match authz.decide(identity, name) {
         Verdict::Allow => Ok(()),
         Verdict::Deny(reason) => Err(format!("{}: {}", reason.code, reason.detail)),
-        Verdict::Grant(mut grant) => match grant.wait_for(|d| *d != Decision::Pending).await.unwrap().clone() {
+        Verdict::Grant(mut grant) => match grant.settled().await.unwrap() {
             Decision::Allow => Ok(()),
             Decision::Deny(reason) => Err(format!("{}: {}", reason.code, reason.detail)),
             Decision::Pending => unreachable!(),

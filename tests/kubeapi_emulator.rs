@@ -305,6 +305,56 @@ async fn kubectl_apply_creates_then_patches_and_skips_no_ops() {
     assert_eq!(kubeapi::secret_data(&applied, "cert").unwrap(), b"third");
 }
 
+/// A custom resource (the Gateway API's ReferenceGrant) is served only once its CRD is
+/// installed: before, its URLs answer 404 as upstream's do, discovery leaves it out and
+/// kubectl does not know the kind; after, kubectl applies, lists and deletes it.
+#[tokio::test]
+async fn custom_resources_are_served_once_their_crds_are_installed() {
+    let api = KubeApi::start_with(Config { crds_installed: false, ..Config::default() }).await;
+    let addr = api.addr();
+    let dir = util::tempdir();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let path = "/apis/gateway.networking.k8s.io/v1beta1/namespaces/certs/referencegrants";
+    let missing = wire::get(addr, path).await;
+    assert_eq!((missing.status, missing.json()["reason"].clone()), (404, json!("NotFound")));
+    assert_eq!(wire::get(addr, "/apis/gateway.networking.k8s.io").await.status, 404);
+    let groups = wire::get(addr, "/apis").await.json();
+    assert!(!groups.to_string().contains("gateway.networking.k8s.io"), "{groups}");
+    let unknown = kubeapi::kubectl(&kubeconfig).args(["get", "referencegrants", "-A"]).output().await.unwrap();
+    assert!(!unknown.status.success());
+    assert!(String::from_utf8_lossy(&unknown.stderr).contains("the server doesn't have a resource type"));
+
+    api.install_crds();
+    kubectl(&kubeconfig, &["create", "namespace", "certs"]).await;
+    let manifest = dir.path().join("grant.json");
+    std::fs::write(&manifest, kubeapi::reference_grant("certs", "gw-to-web", "gw", Some("web")).to_string()).unwrap();
+    // A fresh discovery cache: kubectl caches the resource list it saw before.
+    std::fs::remove_dir_all(dir.path().join("kubectl-cache")).ok();
+    let out = kubectl(&kubeconfig, &["apply", "-f", manifest.to_str().unwrap()]).await;
+    assert_eq!(out.trim(), "referencegrant.gateway.networking.k8s.io/gw-to-web created");
+    let stored = api.get_object("gateway.networking.k8s.io/v1beta1", "ReferenceGrant", "certs", "gw-to-web").unwrap();
+    assert_eq!(stored["spec"]["to"][0]["name"], "web");
+    assert_eq!(stored["metadata"]["generation"], 1);
+    let rows = table(&kubectl(&kubeconfig, &["get", "refgrant", "-n", "certs"]).await);
+    assert_eq!(
+        (rows[0][..2].to_vec(), rows[1][0].clone()),
+        (vec!["NAME".to_string(), "AGE".into()], "gw-to-web".into())
+    );
+    let listed = wire::get(addr, path).await.json();
+    assert_eq!(listed["kind"], "ReferenceGrantList");
+    assert_eq!(listed["items"][0]["metadata"]["name"], "gw-to-web");
+    // Changed by apply (a JSON merge patch: kubectl has no strategic merge for CRDs).
+    std::fs::write(&manifest, kubeapi::reference_grant("certs", "gw-to-web", "gw", None).to_string()).unwrap();
+    let out = kubectl(&kubeconfig, &["apply", "-f", manifest.to_str().unwrap()]).await;
+    assert_eq!(out.trim(), "referencegrant.gateway.networking.k8s.io/gw-to-web configured");
+    let changed = api.get_object("gateway.networking.k8s.io/v1beta1", "ReferenceGrant", "certs", "gw-to-web").unwrap();
+    assert!(changed["spec"]["to"][0].get("name").is_none(), "{changed}");
+    assert_eq!(changed["metadata"]["generation"], 2);
+    let out = kubectl(&kubeconfig, &["delete", "referencegrant", "gw-to-web", "-n", "certs"]).await;
+    assert_eq!(out.trim(), "referencegrant.gateway.networking.k8s.io \"gw-to-web\" deleted");
+    assert!(api.list_objects("gateway.networking.k8s.io/v1beta1", "ReferenceGrant", None).is_empty());
+}
+
 #[tokio::test]
 async fn kubectl_namespaces_and_all_namespaces_listing() {
     let api = KubeApi::start().await;
@@ -390,7 +440,13 @@ async fn discovery_documents() {
         groups["groups"].as_array().unwrap().iter().map(|g| g["name"].as_str().unwrap()).collect();
     assert_eq!(
         group_names,
-        ["events.k8s.io", "coordination.k8s.io", "rbac.authorization.k8s.io", "authorization.k8s.io"]
+        [
+            "events.k8s.io",
+            "coordination.k8s.io",
+            "rbac.authorization.k8s.io",
+            "authorization.k8s.io",
+            "gateway.networking.k8s.io"
+        ]
     );
     let rbac = wire::get(addr, "/apis/rbac.authorization.k8s.io/v1").await.json();
     let rbac: Vec<(&str, bool)> = rbac["resources"]

@@ -84,7 +84,10 @@ async fn serve_on(listener: TcpListener, router: Router, shutdown: &Shutdown) ->
 
 async fn readyz(State(a): State<Admin>) -> Response {
     match a.health.check() {
-        Ok(()) => (StatusCode::OK, "ready\n").into_response(),
+        Ok(()) => match a.health.notes() {
+            notes if notes.is_empty() => (StatusCode::OK, "ready\n").into_response(),
+            notes => (StatusCode::OK, format!("ready, degraded:\n{}\n", notes.join("\n"))).into_response(),
+        },
         Err(reasons) => {
             (StatusCode::SERVICE_UNAVAILABLE, format!("not ready:\n{}\n", reasons.join("\n"))).into_response()
         }
@@ -161,7 +164,11 @@ pub(crate) mod tests {
         assert_eq!(code, StatusCode::SERVICE_UNAVAILABLE);
         assert!(body.contains("files:/etc/certs: initial load"), "{body}");
         a.health.ready("files:/etc/certs");
-        assert_eq!(get(a.router(), "/readyz").await.0, StatusCode::OK);
+        assert_eq!(get(a.clone().router(), "/readyz").await.0, StatusCode::OK);
+        a.health.degraded("kubernetes-referencegrants:gw", "the CRD is not installed");
+        let (code, body) = get(a.router(), "/readyz").await;
+        assert_eq!(code, StatusCode::OK);
+        assert_eq!(body, "ready, degraded:\nkubernetes-referencegrants:gw: the CRD is not installed\n");
     }
 
     #[tokio::test]

@@ -8,15 +8,24 @@
 //! - `policy`: `[[authz.rules]]`, first match, default deny.
 //! - `kubernetes`: Istio's rule ([`review`]), with the rules first as an explicit
 //!   allow-list (or deny-list) for what that rule does not grant.
+//!
+//! Gateway API names (`kubernetes-gateway://NS/NAME`, with `[kubernetes] gateway_api`)
+//! carry the Gateway API's own rule in both `policy` and `kubernetes` mode
+//! ([`gateway`]): same namespace, or a ReferenceGrant.
 
+pub mod gateway;
 pub mod identity;
 pub mod policy;
 pub mod review;
 
 use std::collections::HashSet;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 
+use futures_util::{Stream, StreamExt as _};
 use tokio::sync::watch;
+use tokio_stream::wrappers::WatchStream;
 
 use crate::metrics::{Metrics, ReasonLabel};
 pub use identity::Identity;
@@ -79,8 +88,99 @@ pub enum Decision {
 pub enum Verdict {
     Allow,
     Deny(Reason),
-    /// Decided by a grant that may change (a SubjectAccessReview).
-    Grant(watch::Receiver<Decision>),
+    /// Decided by a grant that may change (a SubjectAccessReview, a ReferenceGrant).
+    Grant(Decisions),
+}
+
+/// The decisions of a grant that may change, the current one first, then each change:
+/// a SubjectAccessReview's, a ReferenceGrant's, or both, allowed when both allow.
+/// Nothing is decided per push: a stream polls this only when an input changed.
+pub struct Decisions {
+    reference: Option<gateway::ReferenceDecisions>,
+    review: Option<WatchStream<Decision>>,
+    /// The latest of each input, in the order above; `None` until it said anything.
+    latest: [Option<Decision>; 2],
+    /// The last combined decision handed out: only changes are.
+    told: Option<Decision>,
+}
+
+impl Decisions {
+    /// A SubjectAccessReview's grant alone.
+    pub fn review(grant: watch::Receiver<Decision>) -> Self {
+        Self::new(None, Some(grant))
+    }
+
+    fn new(reference: Option<gateway::ReferenceDecisions>, review: Option<watch::Receiver<Decision>>) -> Self {
+        let latest = [
+            if reference.is_some() { None } else { Some(Decision::Allow) },
+            if review.is_some() { None } else { Some(Decision::Allow) },
+        ];
+        Self { reference, review: review.map(WatchStream::new), latest, told: None }
+    }
+
+    /// The first decision that is not [`Decision::Pending`]; `None` if the inputs end
+    /// first.
+    pub async fn settled(&mut self) -> Option<Decision> {
+        while let Some(decision) = self.next().await {
+            if decision != Decision::Pending {
+                return Some(decision);
+            }
+        }
+        None
+    }
+
+    /// Denied if an input denies (the ReferenceGrant's reason first), pending while one
+    /// has not decided, else allowed.
+    fn combined(&self) -> Decision {
+        if let Some(deny) = self.latest.iter().flatten().find(|d| matches!(d, Decision::Deny(_))) {
+            return deny.clone();
+        }
+        if self.latest.iter().any(|d| matches!(d, None | Some(Decision::Pending))) {
+            return Decision::Pending;
+        }
+        Decision::Allow
+    }
+}
+
+/// Takes every decision `input` has ready into `latest`; returns whether it is still
+/// open (an ended input keeps its last decision).
+fn drain<S: Stream<Item = Decision> + Unpin>(
+    input: &mut S,
+    latest: &mut Option<Decision>,
+    cx: &mut Context<'_>,
+) -> bool {
+    loop {
+        match input.poll_next_unpin(cx) {
+            Poll::Ready(Some(decision)) => *latest = Some(decision),
+            Poll::Ready(None) => return false,
+            Poll::Pending => return true,
+        }
+    }
+}
+
+impl Stream for Decisions {
+    type Item = Decision;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Decision>> {
+        let this = &mut *self;
+        let [reference_latest, review_latest] = &mut this.latest;
+        if let Some(reference) = &mut this.reference
+            && !drain(reference, reference_latest, cx)
+        {
+            this.reference = None;
+        }
+        if let Some(review) = &mut this.review
+            && !drain(review, review_latest, cx)
+        {
+            this.review = None;
+        }
+        let decision = this.combined();
+        if this.told.as_ref() != Some(&decision) {
+            this.told = Some(decision.clone());
+            return Poll::Ready(Some(decision));
+        }
+        if this.reference.is_none() && this.review.is_none() { Poll::Ready(None) } else { Poll::Pending }
+    }
 }
 
 pub struct Authorizer {
@@ -89,6 +189,9 @@ pub struct Authorizer {
     /// `kubernetes` mode: the namespace of bare and `kubernetes://NAME` names.
     default_namespace: String,
     reviews: Option<Arc<Reviews>>,
+    /// `[kubernetes] gateway_api`: the ReferenceGrants that decide
+    /// `kubernetes-gateway://` names; `None` when Gateway API support is off.
+    references: Option<Arc<gateway::ReferenceGrants>>,
     metrics: Arc<Metrics>,
     /// (identity, name) pairs already logged: one warning each, not one per request or
     /// stream. Bounded: when full it starts over, so a flood of names costs at most this.
@@ -110,7 +213,14 @@ impl Authorizer {
         reviews: Option<Arc<Reviews>>,
         metrics: Arc<Metrics>,
     ) -> Self {
-        Self { mode, rules, default_namespace, reviews, metrics, warned: Mutex::new(HashSet::new()) }
+        Self { mode, rules, default_namespace, reviews, references: None, metrics, warned: Mutex::new(HashSet::new()) }
+    }
+
+    /// Decides `kubernetes-gateway://` names by these ReferenceGrants (Gateway API
+    /// support on).
+    pub fn with_reference_grants(mut self, references: Arc<gateway::ReferenceGrants>) -> Self {
+        self.references = Some(references);
+        self
     }
 
     pub fn mode(&self) -> Mode {
@@ -128,7 +238,11 @@ impl Authorizer {
                 format!("the client certificate names no usable identity: {why}"),
             ));
         }
-        if let Some((action, i)) = policy::evaluate(&self.rules, identity, name) {
+        let rule = policy::evaluate(&self.rules, identity, name);
+        if let Some(gateway_name) = gateway::parse(name) {
+            return self.gateway_name(identity, &gateway_name, rule);
+        }
+        if let Some((action, i)) = rule {
             return match action {
                 Action::Allow => Verdict::Allow,
                 Action::Deny => Verdict::Deny(Reason::new("policy", format!("denied by authz rule {}", i + 1))),
@@ -138,6 +252,55 @@ impl Authorizer {
             (Mode::Kubernetes, Some(reviews)) => self.istio_rule(reviews, identity, name),
             _ => Verdict::Deny(Reason::new("policy", "no authz rule allows it")),
         }
+    }
+
+    /// A Gateway API name: served only where a Gateway of the proxy's namespace may
+    /// reference its Secret (same namespace, or a ReferenceGrant), and only to a proxy
+    /// that is a gateway: one a rule allows the name to (`policy`), or one whose service
+    /// account may read the Secrets of its own namespace (`kubernetes`, the same
+    /// SubjectAccessReview as `kubernetes://` names). istiod needs no review for these
+    /// names: it serves a Gateway API name only to the proxy of a Gateway that references
+    /// it (its `VerifiedCertificateReferences`). certwire does not follow Gateways, so
+    /// the review stands in for that check; without it any workload of the namespace
+    /// with a certificate could read every Secret there. A CA bundle needs no review.
+    fn gateway_name(
+        &self,
+        identity: &Identity,
+        name: &gateway::GatewayName<'_>,
+        rule: Option<(Action, usize)>,
+    ) -> Verdict {
+        let review = match (rule, self.mode, &self.reviews) {
+            (Some((Action::Deny, i)), _, _) => {
+                return Verdict::Deny(Reason::new("policy", format!("denied by authz rule {}", i + 1)));
+            }
+            (Some((Action::Allow, _)), _, _) => None,
+            (None, Mode::Kubernetes, Some(reviews)) => Some(reviews),
+            (None, _, _) => return Verdict::Deny(Reason::new("policy", "no authz rule allows it")),
+        };
+        let Some(references) = &self.references else {
+            return match rule {
+                // Nothing serves the name; a rule allowed it, so it is not refused here.
+                Some(_) => Verdict::Allow,
+                None => Verdict::Deny(Reason::new(
+                    "not_kubernetes",
+                    "kubernetes-gateway:// names are served with Gateway API support only ([kubernetes] gateway_api = true)",
+                )),
+            };
+        };
+        let Some(workload) = identity.workload() else {
+            return Verdict::Deny(Reason::new(
+                "no_namespace",
+                "the identity has no namespace, so no Gateway of it can reference a Secret (a SPIFFE ID spiffe://TD/ns/NS/sa/SA is needed)",
+            ));
+        };
+        let reference = (workload.namespace != name.namespace).then(|| references.decisions(&workload.namespace, name));
+        let review = review
+            .filter(|_| !name.ca_only)
+            .map(|reviews| reviews.grant(&workload.namespace, &workload.service_account));
+        if reference.is_none() && review.is_none() {
+            return Verdict::Allow;
+        }
+        Verdict::Grant(Decisions::new(reference, review))
     }
 
     fn istio_rule(&self, reviews: &Arc<Reviews>, identity: &Identity, name: &str) -> Verdict {
@@ -166,7 +329,7 @@ impl Authorizer {
         if secret.ca_only {
             return Verdict::Allow;
         }
-        Verdict::Grant(reviews.grant(&workload.namespace, &workload.service_account))
+        Verdict::Grant(Decisions::review(reviews.grant(&workload.namespace, &workload.service_account)))
     }
 
     /// Counts a denial and logs it once per (identity, name).
@@ -325,5 +488,153 @@ mod tests {
         }
         assert_eq!(m.authz_denials.get_or_create(&ReasonLabel { reason: "policy" }).get(), 3);
         assert_eq!(a.warned.lock().unwrap().len(), 1);
+    }
+
+    mod gateway_names {
+        use std::collections::BTreeMap;
+
+        use super::*;
+        use crate::authz::gateway::{Allowance, Known, ReferenceGrants};
+        use crate::authz::review::{ReviewFuture, Reviewer, Ttls};
+
+        const WEB: &str = "kubernetes-gateway://certs/web";
+
+        /// Allows the service accounts listed.
+        #[derive(Default)]
+        struct Bound(Mutex<Vec<String>>);
+        impl Reviewer for Arc<Bound> {
+            fn review(&self, namespace: &str, service_account: &str) -> ReviewFuture {
+                let allowed = self.0.lock().unwrap().contains(&format!("{namespace}/{service_account}"));
+                Box::pin(async move { Ok(if allowed { None } else { Some("not bound".into()) }) })
+            }
+        }
+
+        fn rules(toml: &str) -> Vec<Rule> {
+            toml::from_str::<toml::Table>(toml).unwrap()["rules"].clone().try_into().unwrap()
+        }
+
+        fn grant_to(index: &ReferenceGrants, from: &str, name: Option<&str>) {
+            let grants = BTreeMap::from([(
+                "certs/g".to_string(),
+                vec![Allowance { from_namespace: from.into(), name: name.map(str::to_owned) }],
+            )]);
+            index.publish("certs", Known::Listed, &grants);
+        }
+
+        fn revoke(index: &ReferenceGrants) {
+            index.publish("certs", Known::Listed, &BTreeMap::new());
+        }
+
+        async fn settle(v: Verdict) -> &'static str {
+            match v {
+                Verdict::Allow => "allowed",
+                Verdict::Deny(r) => r.code,
+                Verdict::Grant(mut g) => match g.settled().await {
+                    Some(Decision::Allow) => "granted",
+                    Some(Decision::Deny(r)) => r.code,
+                    other => panic!("{other:?}"),
+                },
+            }
+        }
+
+        /// `kubernetes` mode whose reviews allow the service accounts `bound`.
+        fn kubernetes_mode(bound: &[&str]) -> (Authorizer, Arc<ReferenceGrants>) {
+            let bound = Arc::new(Bound(Mutex::new(bound.iter().map(|b| b.to_string()).collect())));
+            let ttls = Ttls { allow: Duration::from_secs(300), deny: Duration::from_secs(60) };
+            let reviews = Reviews::new(Arc::new(bound.clone()), ttls);
+            let index = ReferenceGrants::new();
+            index.publish("certs", Known::Listed, &BTreeMap::new());
+            let a = Authorizer::new(Mode::Kubernetes, Vec::new(), "gw".into(), Some(reviews), Arc::new(Metrics::new()))
+                .with_reference_grants(index.clone());
+            (a, index)
+        }
+
+        #[tokio::test]
+        async fn kubernetes_mode_needs_the_reference_and_the_review() {
+            let (gw, certs) = (spiffe("gw", "gateway"), spiffe("certs", "gateway"));
+            // Same namespace: no grant needed, the review is.
+            assert_eq!(settle(kubernetes_mode(&[]).0.decide(&certs, WEB)).await, "review");
+            let (a, index) = kubernetes_mode(&["certs/gateway", "gw/gateway"]);
+            assert_eq!(settle(a.decide(&certs, WEB)).await, "granted");
+            assert_eq!(
+                settle(a.decide(&certs, "kubernetes-gateway://certs/web-cacert")).await,
+                "allowed",
+                "a CA: no review"
+            );
+            // Another namespace: a ReferenceGrant as well.
+            assert_eq!(settle(a.decide(&gw, WEB)).await, "reference_grant");
+            assert_eq!(settle(a.decide(&gw, "kubernetes-gateway://certs/web-cacert")).await, "reference_grant");
+            grant_to(&index, "gw", Some("web"));
+            assert_eq!(settle(a.decide(&gw, WEB)).await, "granted");
+            assert_eq!(settle(a.decide(&gw, "kubernetes-gateway://certs/web-cacert")).await, "granted");
+            assert_eq!(settle(a.decide(&gw, "kubernetes-gateway://certs/api")).await, "reference_grant");
+            // The grant without the review: still no.
+            assert_eq!(settle(a.decide(&spiffe("gw", "other"), WEB)).await, "review");
+            // No namespace to reference from.
+            assert_eq!(settle(a.decide(&Identity::Unix { uid: 1, gid: 1, pid: None }, WEB)).await, "no_namespace");
+            // kubernetes:// names keep Istio's rule: never across namespaces.
+            assert_eq!(settle(a.decide(&gw, "kubernetes://certs/web")).await, "namespace");
+        }
+
+        #[tokio::test]
+        async fn policy_mode_rules_say_who_the_grants_say_what() {
+            let index = ReferenceGrants::new();
+            index.publish("certs", Known::Listed, &BTreeMap::new());
+            let rules = rules(
+                r#"rules = [
+                    { identities = ["*"], secrets = ["kubernetes-gateway://certs/blocked"], action = "deny" },
+                    { identities = ["spiffe://cluster.local/ns/*/sa/gateway"], secrets = ["kubernetes-gateway://*"] },
+                ]"#,
+            );
+            let a = Authorizer::new(Mode::Policy, rules, String::new(), None, Arc::new(Metrics::new()))
+                .with_reference_grants(index.clone());
+            let (gw, certs) = (spiffe("gw", "gateway"), spiffe("certs", "gateway"));
+            assert_eq!(settle(a.decide(&certs, WEB)).await, "allowed", "same namespace, allowed by a rule");
+            assert_eq!(settle(a.decide(&gw, WEB)).await, "reference_grant", "a rule does not replace the grant");
+            grant_to(&index, "gw", None);
+            assert_eq!(settle(a.decide(&gw, WEB)).await, "granted");
+            assert_eq!(settle(a.decide(&spiffe("gw", "app"), WEB)).await, "policy", "no rule for this identity");
+            assert_eq!(settle(a.decide(&certs, "kubernetes-gateway://certs/blocked")).await, "policy");
+        }
+
+        #[tokio::test]
+        async fn without_gateway_api_support_the_names_are_not_kubernetes_names() {
+            let m = Arc::new(Metrics::new());
+            let ttls = Ttls { allow: Duration::from_secs(300), deny: Duration::from_secs(60) };
+            let reviews = Reviews::new(Arc::new(Arc::new(Bound::default())), ttls);
+            let a = Authorizer::new(Mode::Kubernetes, Vec::new(), "gw".into(), Some(reviews), m.clone());
+            assert_eq!(settle(a.decide(&spiffe("certs", "gateway"), WEB)).await, "not_kubernetes");
+            let rules = rules(r#"rules = [{ identities = ["*"], secrets = ["kubernetes-gateway://*"] }]"#);
+            let p = Authorizer::new(Mode::Policy, rules, String::new(), None, m);
+            assert_eq!(settle(p.decide(&spiffe("gw", "gateway"), WEB)).await, "allowed", "served by nothing anyway");
+        }
+
+        /// What a stream sees: one decision per change of either input, the current one
+        /// first; a revoked ReferenceGrant denies, a new one allows again.
+        #[tokio::test(start_paused = true)]
+        async fn a_grant_follows_reference_grants_and_reviews() {
+            let (a, index) = kubernetes_mode(&["gw/gateway"]);
+            grant_to(&index, "gw", Some("web"));
+            let Verdict::Grant(mut decisions) = a.decide(&spiffe("gw", "gateway"), WEB) else { panic!("a grant") };
+            assert_eq!(decisions.next().await, Some(Decision::Pending), "the review is under way");
+            assert_eq!(decisions.next().await, Some(Decision::Allow));
+            revoke(&index);
+            assert!(matches!(decisions.next().await, Some(Decision::Deny(r)) if r.code == "reference_grant"));
+            grant_to(&index, "gw", Some("web"));
+            assert_eq!(decisions.next().await, Some(Decision::Allow));
+            // A change that does not touch this name is not a decision.
+            let mut other = BTreeMap::new();
+            other.insert(
+                "certs/g".to_string(),
+                vec![Allowance { from_namespace: "gw".into(), name: Some("web".into()) }],
+            );
+            other.insert("certs/h".to_string(), vec![Allowance { from_namespace: "apps".into(), name: None }]);
+            index.publish("certs", Known::Listed, &other);
+            tokio::task::yield_now().await;
+            assert!(futures_util::poll!(decisions.next()).is_pending());
+            // Unreadable ReferenceGrants (the CRD deleted): denied with that reason.
+            index.publish("certs", Known::Unreadable("gone".into()), &BTreeMap::new());
+            assert!(matches!(decisions.next().await, Some(Decision::Deny(r)) if r.code == "gateway_api"));
+        }
     }
 }

@@ -81,6 +81,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
             .await
             .context("starting the Kubernetes source")?;
     }
+    // `[kubernetes] gateway_api`: ReferenceGrants decide cross-namespace Gateway API
+    // names; with `open` authorization nothing is decided, so nothing is watched.
+    let gateway_api = settings.kubernetes.as_ref().is_some_and(|k| k.gateway_api);
+    let reference_grants = match settings.kubernetes.as_ref() {
+        Some(options) if gateway_api && settings.authz.mode != Mode::Open => {
+            let grants = crate::authz::gateway::ReferenceGrants::new();
+            sources::kubernetes::gateway::start(options, grants.clone(), health.clone(), shutdown.clone())
+                .await
+                .context("watching ReferenceGrants")?;
+            Some(grants)
+        }
+        _ => None,
+    };
     // Source tasks whose shutdown does cleanup (ACME removes published challenge answers
     // and releases its Lease): drained with the servers on SIGTERM.
     let mut background = Vec::new();
@@ -91,6 +104,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
                 .await
                 .context("starting the ACME source")?,
         );
+    }
+    if let Some(upstream) = settings.upstream.clone() {
+        let intake = Intake::new(store.clone(), metrics.clone(), "upstream", settings.allow_expired);
+        sources::upstream::start(upstream, intake, metrics.clone(), health.clone(), shutdown.clone())
+            .context("starting the upstream source")?;
     }
     if settings.dev {
         let intake = Intake::new(store.clone(), metrics.clone(), "dev", settings.allow_expired);
@@ -111,14 +129,19 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         ),
         None => None,
     };
-    let authz = Arc::new(authorizer(&settings, metrics.clone(), shutdown.clone()).await?);
+    let mut authz = authorizer(&settings, metrics.clone(), shutdown.clone()).await?;
+    if let Some(grants) = reference_grants {
+        authz = authz.with_reference_grants(grants);
+    }
+    let authz = Arc::new(authz);
     if settings.insecure_open_sds && settings.listen.iter().any(|l| !l.is_local()) {
         tokio::spawn(warn_insecure(settings.clone(), tls.is_some(), shutdown.clone()));
     }
 
     // The initial load parsed every secret once; its temporaries are garbage now.
     crate::memory::release_free_pages();
-    let names = crate::xds::names::Names::new(&settings.aliases).map_err(anyhow::Error::msg)?;
+    let names =
+        crate::xds::names::Names::new(&settings.aliases).map_err(anyhow::Error::msg)?.with_gateway_api(gateway_api);
     let shared = ServerState::new(store.clone(), proxies, metrics, stop.clone(), authz, settings.limits.clone())
         .with_names(names);
     tokio::spawn(crate::memory::trim_after_churn(shared.connections.clone(), shared.budget.clone(), shutdown.clone()));

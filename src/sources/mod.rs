@@ -5,3 +5,4 @@ pub mod acme;
 pub mod dev;
 pub mod files;
 pub mod kubernetes;
+pub mod upstream;

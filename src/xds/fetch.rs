@@ -73,7 +73,7 @@ pub fn fetch(shared: &ServerState, req: DiscoveryRequest) -> Result<Outgoing, St
 
 /// What is served for `requested`, under that name (see [`super::names`]).
 fn lookup(shared: &ServerState, requested: &str) -> Option<Arc<crate::store::Served>> {
-    let served = shared.store.get(shared.names.stored(requested))?;
+    let served = shared.store.get(&shared.names.stored(requested))?;
     shared.names.serve_as(requested, served)
 }
 
@@ -86,15 +86,18 @@ const REVIEW_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 pub async fn authorize(shared: &ServerState, peer: &Peer, req: &mut DiscoveryRequest) {
     let mut allowed = Vec::with_capacity(req.resource_names.len());
     for name in std::mem::take(&mut req.resource_names) {
-        let reason = match shared.authz.decide(&peer.identity, shared.names.stored(&name)) {
+        let reason = match shared.authz.decide(&peer.identity, shared.names.subject(&name)) {
             Verdict::Allow => None,
             Verdict::Deny(reason) => Some(reason),
-            Verdict::Grant(mut rx) => {
-                let settled = tokio::time::timeout(REVIEW_WAIT, rx.wait_for(|d| *d != Decision::Pending)).await;
-                match settled.ok().and_then(Result::ok).map(|d| d.clone()) {
+            Verdict::Grant(mut grant) => {
+                let settled = tokio::time::timeout(REVIEW_WAIT, grant.settled()).await;
+                match settled.ok().flatten() {
                     Some(Decision::Allow) => None,
                     Some(Decision::Deny(reason)) => Some(reason),
-                    _ => Some(crate::authz::Reason::new("review_timeout", "no SubjectAccessReview answer in time")),
+                    _ => Some(crate::authz::Reason::new(
+                        "review_timeout",
+                        "no answer in time (a SubjectAccessReview, or the first list of ReferenceGrants)",
+                    )),
                 }
             }
         };

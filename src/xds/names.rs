@@ -8,7 +8,18 @@
 //!
 //! The config's `[aliases]` table maps any other requested name to a stored one (e.g.
 //! an extension provider's `sds://PROVIDER` to `kubernetes://NS/NAME`).
+//!
+//! With Gateway API support (`[kubernetes] gateway_api`), istiod's name for a Gateway's
+//! certificateRef, `kubernetes-gateway://NS/NAME` (and `...-cacert`), stands for
+//! `kubernetes://NS/NAME` the same way, resolved here when a proxy asks rather than
+//! stored by the Kubernetes source under a second name: the store keeps one encoded
+//! copy (key included) per stored name, so a second name for every Secret would double
+//! the memory of every Secret, asked for that way or not. Resolved here, a Secret costs
+//! the same with the support on, and only a name some proxy asks for gets its renamed
+//! copy below (one per name and version, shared by every stream). Authorization sees
+//! the Gateway API name ([`Names::subject`]): its rule (ReferenceGrants) is its own.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -22,11 +33,14 @@ const SDS_PREFIX: &str = "sds://";
 #[derive(Debug, Default)]
 pub struct Names {
     aliases: HashMap<String, String>,
+    /// `kubernetes-gateway://NS/NAME` is `kubernetes://NS/NAME`.
+    gateway_api: bool,
     /// The stored secret under each requested name, renamed once and shared by every
     /// stream asking for it: a push to many proxies allocates one copy, not one per
     /// proxy. An entry exists only for a requested name whose stored secret was served,
-    /// so there are at most as many as stored names (one `sds://` form each) plus the
-    /// aliases; it is replaced with each new version and dropped when the name is gone.
+    /// so there are at most as many as stored names (one `sds://` form each, and one
+    /// `kubernetes-gateway://` form each with Gateway API support) plus the aliases; it
+    /// is replaced with each new version and dropped when the name is gone.
     renamed: DashMap<Arc<str>, Arc<Served>>,
 }
 
@@ -43,14 +57,30 @@ impl Names {
             }
         }
         let aliases = aliases.iter().map(|(from, to)| (from.clone(), to.clone())).collect();
-        Ok(Self { aliases, renamed: DashMap::new() })
+        Ok(Self { aliases, gateway_api: false, renamed: DashMap::new() })
     }
 
-    /// The stored name behind a requested one.
-    pub fn stored<'a>(&'a self, requested: &'a str) -> &'a str {
+    /// Serves `kubernetes-gateway://NS/NAME` as `kubernetes://NS/NAME`.
+    pub fn with_gateway_api(mut self, on: bool) -> Self {
+        self.gateway_api = on;
+        self
+    }
+
+    /// The name authorization judges for a requested one: the stored name, except that
+    /// a Gateway API name stays one, since its rule is not that of `kubernetes://`.
+    pub fn subject<'a>(&'a self, requested: &'a str) -> &'a str {
         match self.aliases.get(requested) {
             Some(stored) => stored,
             None => stored(requested),
+        }
+    }
+
+    /// The stored name behind a requested one.
+    pub fn stored<'a>(&'a self, requested: &'a str) -> Cow<'a, str> {
+        let subject = self.subject(requested);
+        match crate::authz::gateway::parse(subject).filter(|_| self.gateway_api) {
+            Some(name) => Cow::Owned(format!("kubernetes://{}/{}", name.namespace, name.name)),
+            None => Cow::Borrowed(subject),
         }
     }
 
@@ -100,10 +130,31 @@ mod tests {
     }
 
     #[test]
+    fn gateway_api_names_are_kubernetes_names_when_the_support_is_on() {
+        let table = BTreeMap::from([("sds://provider".to_string(), "kubernetes-gateway://certs/gw".to_string())]);
+        let off = Names::new(&table).unwrap();
+        assert_eq!(off.stored("kubernetes-gateway://certs/web"), "kubernetes-gateway://certs/web", "a name of its own");
+        let on = Names::new(&table).unwrap().with_gateway_api(true);
+        assert_eq!(on.stored("kubernetes-gateway://certs/web"), "kubernetes://certs/web");
+        assert_eq!(on.stored("kubernetes-gateway://certs/web-cacert"), "kubernetes://certs/web-cacert");
+        assert_eq!(on.stored("sds://kubernetes-gateway://certs/web"), "kubernetes://certs/web");
+        assert_eq!(on.stored("sds://provider"), "kubernetes://certs/gw", "an alias of a Gateway API name");
+        assert_eq!(on.stored("kubernetes-gateway://web"), "kubernetes-gateway://web", "no namespace: not one");
+        // Authorization judges the Gateway API name itself.
+        assert_eq!(on.subject("kubernetes-gateway://certs/web"), "kubernetes-gateway://certs/web");
+        assert_eq!(on.subject("sds://provider"), "kubernetes-gateway://certs/gw");
+        assert_eq!(on.subject("sds://web"), "web");
+    }
+
+    #[test]
     fn one_renamed_copy_per_name_and_version_shared_by_every_stream() {
         let store = crate::store::Store::new();
-        let intake =
-            crate::ingest::Intake::new(Arc::new(store), Arc::new(crate::metrics::Metrics::new()), "test", crate::policy::AllowExpired::Never);
+        let intake = crate::ingest::Intake::new(
+            Arc::new(store),
+            Arc::new(crate::metrics::Metrics::new()),
+            "test",
+            crate::policy::AllowExpired::Never,
+        );
         let material = |s: &str| crate::pki::Material::Generic(crate::pki::KeyBytes::new(s.as_bytes().to_vec()));
         intake.update("web", &material("one"), std::time::Instant::now()).unwrap();
         let names = Names::default();

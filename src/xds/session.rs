@@ -20,7 +20,7 @@ use super::codec::Resources;
 use super::proxies::StreamHandle;
 use super::requests::{self, NodeIdentity};
 use super::{Peer, ServerState};
-use crate::authz::{Decision, Reason, Verdict};
+use crate::authz::{Decision, Decisions, Reason, Verdict};
 use crate::metrics::ProtocolLabel;
 use crate::store::{Current, Served};
 use crate::version::Version;
@@ -161,18 +161,19 @@ impl Session {
                 "a stream may watch at most {max} names ([limits] max_names_per_stream)"
             )));
         }
-        // `sds://NAME` is NAME's secret: authorized and followed as NAME.
+        // `sds://NAME` is NAME's secret: authorized and followed as NAME. A Gateway API
+        // name is followed as its `kubernetes://` name and authorized as itself.
         let names = self.shared.names.clone();
         let stored = names.stored(name);
-        let feed = match self.shared.authz.decide(&self.peer.identity, stored) {
-            Verdict::Allow => Feed::Open(WatchStream::new(self.shared.store.subscribe(stored))),
+        let feed = match self.shared.authz.decide(&self.peer.identity, names.subject(name)) {
+            Verdict::Allow => Feed::Open(WatchStream::new(self.shared.store.subscribe(&stored))),
             Verdict::Deny(reason) => {
                 self.deny(name, &reason);
                 Feed::Denied
             }
             Verdict::Grant(grant) => Feed::Gated(Box::new(Gate {
-                grant: WatchStream::new(grant),
-                store: self.shared.store.subscribe(stored),
+                grant,
+                store: self.shared.store.subscribe(&stored),
                 changes: None,
                 denied: false,
             })),
@@ -204,7 +205,7 @@ impl Session {
             // A fresh receiver yields the current content first; the old one is dropped
             // after the new one exists, so the store's subscription never lapses.
             Feed::Open(changes) => {
-                *changes = WatchStream::new(self.shared.store.subscribe(self.shared.names.stored(name)))
+                *changes = WatchStream::new(self.shared.store.subscribe(&self.shared.names.stored(name)))
             }
             Feed::Gated(gate) => {
                 if gate.changes.is_some() {
@@ -228,7 +229,7 @@ impl Session {
         self.status.forget(name);
         if watched.feed.holds_store() {
             drop(watched);
-            self.shared.store.release(self.shared.names.stored(name));
+            self.shared.store.release(&self.shared.names.stored(name));
         }
         tracing::debug!(stream = self.id, secret = name, "unsubscribed");
     }
@@ -356,7 +357,7 @@ impl Drop for Session {
             self.watches.iter().filter(|(_, w)| w.feed.holds_store()).map(|(n, _)| n.clone()).collect();
         self.watches = StreamMap::new();
         for name in names {
-            self.shared.store.release(self.shared.names.stored(&name));
+            self.shared.store.release(&self.shared.names.stored(&name));
         }
     }
 }
@@ -401,7 +402,7 @@ impl Feed {
 }
 
 struct Gate {
-    grant: WatchStream<Decision>,
+    grant: Decisions,
     /// Kept to start the changes over, with the current content, when allowed again.
     store: tokio::sync::watch::Receiver<Current>,
     /// The store's changes while allowed.

@@ -188,6 +188,18 @@ impl Envoy {
         }
     }
 
+    /// The address of listener `name`, waiting for it: a listener from LDS is added only
+    /// once Envoy's clusters are initialized (a cluster whose TLS context comes from SDS
+    /// waits for its secret), possibly after [`Envoy::start`] returned.
+    pub async fn wait_listener_addr(&self, name: &str) -> SocketAddr {
+        let what = format!("Envoy listener {name:?}");
+        util::wait_for(&what, WAIT, || async {
+            let listeners = parse_listeners(&self.admin_get("/listeners?format=json").await);
+            listeners.into_iter().find(|(n, addr)| n == name && addr.port() != 0).map(|(_, addr)| addr)
+        })
+        .await
+    }
+
     pub fn log_path(&self) -> &Path {
         &self.log
     }

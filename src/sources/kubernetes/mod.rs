@@ -8,6 +8,7 @@
 pub mod configmaps;
 mod events;
 mod follow;
+pub mod gateway;
 pub mod names;
 mod watch;
 
@@ -35,6 +36,9 @@ pub struct Options {
     pub kubeconfig: Option<PathBuf>,
     /// Also serve CA bundles from ConfigMaps (`configmap://NS/NAME`).
     pub configmaps: bool,
+    /// Gateway API support: `kubernetes-gateway://NS/NAME` names, decided by
+    /// ReferenceGrants ([`gateway`]).
+    pub gateway_api: bool,
 }
 
 /// Connects (without waiting for the API server to answer) and starts the watches.

@@ -1,7 +1,7 @@
 //! Serves SDS on every configured address at once: TCP and Unix domain sockets.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -70,7 +70,32 @@ impl std::fmt::Display for ListenAddr {
 /// A bound listener, ready to serve. Binding first lets startup fail early and clearly.
 pub enum Bound {
     Tcp(TcpListener),
-    Unix(UnixListener, PathBuf),
+    Unix(UnixListener, SocketFile),
+}
+
+/// The socket file a Unix listener bound, by path and by inode: at the end it is removed
+/// only if it is still the one this process made (another certwire may have replaced it).
+pub struct SocketFile {
+    path: PathBuf,
+    id: Option<(u64, u64)>,
+}
+
+impl SocketFile {
+    fn new(path: PathBuf) -> Self {
+        let id = file_id(&path);
+        Self { path, id }
+    }
+
+    fn remove(&self) {
+        if self.id.is_some() && file_id(&self.path) == self.id {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path).ok().map(|m| (m.dev(), m.ino()))
 }
 
 impl Bound {
@@ -78,7 +103,7 @@ impl Bound {
     pub fn local_addr(&self) -> ListenAddr {
         match self {
             Bound::Tcp(l) => l.local_addr().map(ListenAddr::Tcp).unwrap_or(ListenAddr::Tcp(([0, 0, 0, 0], 0).into())),
-            Bound::Unix(_, path) => ListenAddr::Unix(path.clone()),
+            Bound::Unix(_, file) => ListenAddr::Unix(file.path.clone()),
         }
     }
 }
@@ -117,12 +142,26 @@ pub async fn bind(addr: &ListenAddr, access: UnixSocketAccess) -> anyhow::Result
             Ok(Bound::Tcp(TcpListener::bind(a).await.with_context(|| format!("binding SDS on {a}"))?))
         }
         ListenAddr::Unix(path) => {
-            // A socket file left by a previous run would make bind fail; anything else
-            // at that path is not ours to delete.
+            // A socket file left by a previous run would make bind fail: it is removed
+            // when nobody accepts on it. A live one belongs to another process (a second
+            // certwire during a rollout) and is not taken over; anything else at that
+            // path is not ours to delete.
             if let Ok(meta) = std::fs::symlink_metadata(path) {
                 use std::os::unix::fs::FileTypeExt;
                 if meta.file_type().is_socket() {
-                    std::fs::remove_file(path).with_context(|| format!("removing stale socket {}", path.display()))?;
+                    match std::os::unix::net::UnixStream::connect(path) {
+                        Ok(_) => anyhow::bail!(
+                            "unix:{} is in use: another process accepts connections on it; certwire does not take \
+                             a live socket over (stop the other one first)",
+                            path.display()
+                        ),
+                        Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => std::fs::remove_file(path)
+                            .with_context(|| format!("removing stale socket {}", path.display()))?,
+                        Err(e) => {
+                            return Err(e)
+                                .with_context(|| format!("checking the socket already at {}", path.display()));
+                        }
+                    }
                 }
             }
             if let Some(dir) = path.parent() {
@@ -143,7 +182,7 @@ pub async fn bind(addr: &ListenAddr, access: UnixSocketAccess) -> anyhow::Result
                 std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
                     .with_context(|| format!("setting mode {mode:o} on unix:{}", path.display()))?;
             }
-            Ok(Bound::Unix(l, path.clone()))
+            Ok(Bound::Unix(l, SocketFile::new(path.clone())))
         }
     }
 }
@@ -260,13 +299,13 @@ pub async fn serve(
                 }
             }
         }
-        Bound::Unix(l, path) => {
+        Bound::Unix(l, file) => {
             while let Some((sock, _)) = accept(&shutdown, || l.accept()).await {
                 let peer = Arc::new(unix_peer(&sock));
                 let Some(slot) = admit(&shared, None, &peer.identity) else { continue };
                 connections.spawn(conn::serve(sock, shared.clone(), peer).holding(slot));
             }
-            let _ = std::fs::remove_file(&path);
+            file.remove();
         }
     }
     connections.close();
@@ -414,5 +453,25 @@ mod tests {
         let _bound = bind(&ListenAddr::Unix(path.clone()), access).await.unwrap();
         let meta = std::fs::metadata(&path).unwrap();
         assert_eq!((meta.mode() & 0o777, meta.gid()), (0o660, gid));
+    }
+
+    #[tokio::test]
+    async fn a_live_socket_is_not_taken_over_and_a_stale_one_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sds.sock");
+        let addr = ListenAddr::Unix(path.clone());
+        let live = bind(&addr, UnixSocketAccess::default()).await.unwrap();
+        let err = format!("{:#}", bind(&addr, UnixSocketAccess::default()).await.err().expect("refused"));
+        assert!(err.contains("in use"), "{err}");
+        // Closed without removing its file: a stale socket, replaced.
+        drop(live);
+        let second = bind(&addr, UnixSocketAccess::default()).await.unwrap();
+        // The first one's end does not remove the second one's socket.
+        let Bound::Unix(_, file) = &second else { unreachable!() };
+        let old = SocketFile { path: path.clone(), id: Some((0, 0)) };
+        old.remove();
+        assert!(path.exists(), "another process's socket stays");
+        file.remove();
+        assert!(!path.exists());
     }
 }

@@ -19,11 +19,15 @@ pub struct Config {
     pub history: usize,
     /// Events queued per watcher before the watcher is cut off with a 410.
     pub watch_queue: usize,
+    /// Whether the CRDs of the custom resources (the Gateway API's ReferenceGrant) are
+    /// installed at start; without them their URLs answer 404 and discovery omits them,
+    /// as on a cluster without the CRDs. [`super::KubeApi::install_crds`] installs them.
+    pub crds_installed: bool,
 }
 
 impl Default for Config {
     fn default() -> Config {
-        Config { bookmark_interval: Duration::from_secs(1), history: 10_000, watch_queue: 1024 }
+        Config { bookmark_interval: Duration::from_secs(1), history: 10_000, watch_queue: 1024, crds_installed: true }
     }
 }
 
@@ -96,6 +100,8 @@ pub struct Shared {
     fail_reviews: AtomicBool,
     /// Every SubjectAccessReview answered, with its status, in order.
     reviews: Mutex<Vec<serde_json::Value>>,
+    /// The custom resources are served ([`Config::crds_installed`]).
+    crds: AtomicBool,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -106,7 +112,6 @@ impl Shared {
     pub fn new(config: Config, port: u16) -> Shared {
         Shared {
             store: Store::new(config.limits()),
-            config,
             port,
             unavailable: AtomicBool::new(false),
             failures: Mutex::new(Vec::new()),
@@ -115,7 +120,17 @@ impl Shared {
             open_watches: AtomicUsize::new(0),
             fail_reviews: AtomicBool::new(false),
             reviews: Mutex::new(Vec::new()),
+            crds: AtomicBool::new(config.crds_installed),
+            config,
         }
+    }
+
+    pub fn crds_installed(&self) -> bool {
+        self.crds.load(Ordering::SeqCst)
+    }
+
+    pub fn install_crds(&self) {
+        self.crds.store(true, Ordering::SeqCst);
     }
 
     pub fn record(&self, record: RequestRecord) {

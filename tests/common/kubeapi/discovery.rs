@@ -2,7 +2,8 @@
 //! `/api`, `/api/v1`, `/apis`, `/apis/G`, `/apis/G/V` documents, the aggregated form
 //! (`apidiscovery.k8s.io/v2`) kubectl 1.32 asks for first, and the OpenAPI v3 index
 //! kubectl reads to learn that the server validates fields itself. (An empty OpenAPI v2
-//! document is served in routes.rs.)
+//! document is served in routes.rs.) `crds`: whether the custom resources' CRDs are
+//! installed; without them their groups are not served at all.
 
 use serde_json::{Value, json};
 
@@ -49,8 +50,8 @@ fn api_resource(def: &ResourceDef) -> Value {
 }
 
 /// `/api/v1` or `/apis/G/V`.
-pub fn resource_list(group: &str, version: &str) -> Option<Value> {
-    let resources: Vec<Value> = resources::in_group_version(group, version).map(api_resource).collect();
+pub fn resource_list(group: &str, version: &str, crds: bool) -> Option<Value> {
+    let resources: Vec<Value> = resources::in_group_version(group, version, crds).map(api_resource).collect();
     if resources.is_empty() {
         return None;
     }
@@ -62,9 +63,9 @@ pub fn resource_list(group: &str, version: &str) -> Option<Value> {
     }))
 }
 
-fn named_groups() -> Vec<(&'static str, Vec<&'static str>)> {
+fn named_groups(crds: bool) -> Vec<(&'static str, Vec<&'static str>)> {
     let mut groups: Vec<(&'static str, Vec<&'static str>)> = Vec::new();
-    for (group, version) in resources::group_versions().into_iter().filter(|(g, _)| !g.is_empty()) {
+    for (group, version) in resources::group_versions(crds).into_iter().filter(|(g, _)| !g.is_empty()) {
         match groups.iter_mut().find(|(g, _)| *g == group) {
             Some((_, versions)) => versions.push(version),
             None => groups.push((group, vec![version])),
@@ -79,13 +80,13 @@ fn api_group(name: &str, versions: &[&str]) -> Value {
     json!({"name": name, "versions": versions, "preferredVersion": versions[0]})
 }
 
-pub fn group_list() -> Value {
-    let groups: Vec<Value> = named_groups().iter().map(|(name, versions)| api_group(name, versions)).collect();
+pub fn group_list(crds: bool) -> Value {
+    let groups: Vec<Value> = named_groups(crds).iter().map(|(name, versions)| api_group(name, versions)).collect();
     json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})
 }
 
-pub fn group(name: &str) -> Option<Value> {
-    let groups = named_groups();
+pub fn group(name: &str, crds: bool) -> Option<Value> {
+    let groups = named_groups(crds);
     let (name, versions) = groups.iter().find(|(g, _)| *g == name)?;
     let mut group = api_group(name, versions);
     group["kind"] = json!("APIGroup");
@@ -115,15 +116,15 @@ pub fn aggregated_content_type(version: &str) -> String {
 }
 
 /// `/api` (`legacy`, the core group) or `/apis` (named groups) in aggregated form.
-pub fn aggregated(legacy: bool, version: &str) -> Value {
-    let groups: Vec<(&str, Vec<&str>)> = if legacy { vec![("", vec!["v1"])] } else { named_groups() };
+pub fn aggregated(legacy: bool, version: &str, crds: bool) -> Value {
+    let groups: Vec<(&str, Vec<&str>)> = if legacy { vec![("", vec!["v1"])] } else { named_groups(crds) };
     let items: Vec<Value> = groups
         .iter()
         .map(|(group, versions)| {
             let versions: Vec<Value> = versions
                 .iter()
                 .map(|v| {
-                    let resources: Vec<Value> = resources::in_group_version(group, v)
+                    let resources: Vec<Value> = resources::in_group_version(group, v, crds)
                         .map(|def| {
                             let mut r = json!({
                                 "resource": def.plural,
@@ -157,9 +158,9 @@ fn openapi_path(group: &str, version: &str) -> String {
 }
 
 /// `/openapi/v3`: one entry per group version; the hash makes clients' caches fresh.
-pub fn openapi_v3_index() -> Value {
+pub fn openapi_v3_index(crds: bool) -> Value {
     let mut paths = serde_json::Map::new();
-    for (group, version) in resources::group_versions() {
+    for (group, version) in resources::group_versions(crds) {
         let path = openapi_path(group, version);
         paths.insert(path.clone(), json!({"serverRelativeURL": format!("/openapi/v3/{path}?hash=CERTWIRE0EMULATOR")}));
     }
@@ -171,11 +172,11 @@ pub fn openapi_v3_index() -> Value {
 /// validates (`--validate=strict`) instead of validating against a full schema client
 /// side. No request bodies are declared, so kubectl's apply computes strategic merge
 /// patches from its compiled-in types, as it does for built-in kinds anyway.
-pub fn openapi_v3_group_version(path: &str) -> Option<Value> {
-    let (group, version) = resources::group_versions().into_iter().find(|(g, v)| openapi_path(g, v) == path)?;
+pub fn openapi_v3_group_version(path: &str, crds: bool) -> Option<Value> {
+    let (group, version) = resources::group_versions(crds).into_iter().find(|(g, v)| openapi_path(g, v) == path)?;
     let mut paths = serde_json::Map::new();
     // Reviews have no PATCH upstream either (create only).
-    for def in resources::in_group_version(group, version).filter(|d| !d.review) {
+    for def in resources::in_group_version(group, version, crds).filter(|d| !d.review) {
         let prefix = format!("/{}", openapi_path(group, version));
         let url = if def.namespaced {
             format!("{prefix}/namespaces/{{namespace}}/{}/{{name}}", def.plural)

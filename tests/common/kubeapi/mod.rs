@@ -7,6 +7,11 @@
 //! merge/strategic/JSON/apply patches, optimistic concurrency, protobuf request bodies
 //! for the kinds kubectl's typed `create` commands send.
 //!
+//! One custom resource, the Gateway API's ReferenceGrant (v1beta1), served like the
+//! built-in kinds while its CRD counts as installed: `Config::crds_installed` (the
+//! default) or [`KubeApi::install_crds`]; before that its URLs answer 404 and
+//! discovery leaves it out, as on a cluster without the Gateway API CRDs.
+//!
 //! RBAC as an authorizer, not as a gate: Roles, ClusterRoles, RoleBindings and
 //! ClusterRoleBindings are stored (validated as upstream does) and
 //! `POST /apis/authorization.k8s.io/v1/subjectaccessreviews` answers from them with
@@ -133,6 +138,12 @@ impl KubeApi {
     /// the API server restarts. Watches opened afterwards are unaffected.
     pub fn drop_watches(&self) {
         self.shared.drop_watches();
+    }
+
+    /// Installs the CRDs of the custom resources (see [`Config::crds_installed`]): from
+    /// now on they are served and in discovery.
+    pub fn install_crds(&self) {
+        self.shared.install_crds();
     }
 
     /// While set, every request is answered 503 ServiceUnavailable (open watches go on).
@@ -284,6 +295,24 @@ impl KubeApi {
         verbs::create(&self.shared.store, target, body, &WriteOptions::default())
             .unwrap_or_else(|e| panic!("create namespace {name}: {}", e.message));
     }
+}
+
+/// A ReferenceGrant (gateway.networking.k8s.io/v1beta1) in `namespace` letting the
+/// Gateways of `from_namespace` reference the Secret `secret` (every Secret when `None`).
+pub fn reference_grant(namespace: &str, name: &str, from_namespace: &str, secret: Option<&str>) -> Value {
+    let mut to = json!({"group": "", "kind": "Secret"});
+    if let Some(secret) = secret {
+        to["name"] = json!(secret);
+    }
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1beta1",
+        "kind": "ReferenceGrant",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "from": [{"group": "gateway.networking.k8s.io", "kind": "Gateway", "namespace": from_namespace}],
+            "to": [to],
+        },
+    })
 }
 
 /// A `kubernetes.io/tls` Secret with `tls.crt` and `tls.key` (and `ca.crt` when given).

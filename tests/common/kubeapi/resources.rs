@@ -29,6 +29,9 @@ pub struct ResourceDef {
     pub generation: bool,
     /// A review (SubjectAccessReview): create only, answered and never stored.
     pub review: bool,
+    /// A custom resource: served only while its CRD is installed
+    /// ([`super::Config::crds_installed`]).
+    pub crd: bool,
     pub printer: &'static Printer,
 }
 
@@ -51,6 +54,7 @@ const fn def(
         create_on_update: false,
         generation: false,
         review: false,
+        crd: false,
         printer,
     }
 }
@@ -69,6 +73,19 @@ impl ResourceDef {
     const fn review(mut self) -> Self {
         self.review = true;
         self
+    }
+
+    /// A custom resource of `version`: upstream sets `metadata.generation` on every one.
+    const fn crd(mut self, version: &'static str) -> Self {
+        self.crd = true;
+        self.version = version;
+        self.generation = true;
+        self
+    }
+
+    /// Whether the API serves it: a custom resource only while its CRD is installed.
+    pub fn served(&self, crds_installed: bool) -> bool {
+        !self.crd || crds_installed
     }
 
     const fn stored_as(mut self, storage: &'static str, codec: &'static convert::Codec) -> Self {
@@ -131,7 +148,11 @@ pub static RESOURCES: &[ResourceDef] = &[
     def(RBAC, "clusterroles", "ClusterRole", false, &table::ROLE),
     def(RBAC, "clusterrolebindings", "ClusterRoleBinding", false, &table::ROLEBINDING),
     def("authorization.k8s.io", "subjectaccessreviews", "SubjectAccessReview", false, &table::DEFAULT).review(),
+    // The Gateway API's, as its standard-channel CRDs install it.
+    def(GATEWAY, "referencegrants", "ReferenceGrant", true, &table::DEFAULT).short(&["refgrant"]).crd("v1beta1"),
 ];
+
+pub const GATEWAY: &str = "gateway.networking.k8s.io";
 
 pub const RBAC: &str = "rbac.authorization.k8s.io";
 
@@ -140,18 +161,19 @@ pub fn namespaces() -> &'static ResourceDef {
     &RESOURCES[0]
 }
 
-pub fn find(group: &str, version: &str, plural: &str) -> Option<&'static ResourceDef> {
-    RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural)
+/// The resource at `/apis/GROUP/VERSION/PLURAL`, if the API serves it.
+pub fn find(group: &str, version: &str, plural: &str, crds: bool) -> Option<&'static ResourceDef> {
+    RESOURCES.iter().find(|r| r.group == group && r.version == version && r.plural == plural && r.served(crds))
 }
 
 pub fn by_kind(api_version: &str, kind: &str) -> Option<&'static ResourceDef> {
     RESOURCES.iter().find(|r| r.kind == kind && r.api_version() == api_version)
 }
 
-/// Distinct (group, version) pairs in table order; the core group comes first.
-pub fn group_versions() -> Vec<(&'static str, &'static str)> {
+/// Distinct (group, version) pairs served, in table order; the core group comes first.
+pub fn group_versions(crds: bool) -> Vec<(&'static str, &'static str)> {
     let mut out: Vec<(&'static str, &'static str)> = Vec::new();
-    for r in RESOURCES {
+    for r in RESOURCES.iter().filter(|r| r.served(crds)) {
         if !out.contains(&(r.group, r.version)) {
             out.push((r.group, r.version));
         }
@@ -159,7 +181,7 @@ pub fn group_versions() -> Vec<(&'static str, &'static str)> {
     out
 }
 
-pub fn in_group_version(group: &str, version: &str) -> impl Iterator<Item = &'static ResourceDef> {
+pub fn in_group_version(group: &str, version: &str, crds: bool) -> impl Iterator<Item = &'static ResourceDef> {
     let (group, version) = (group.to_string(), version.to_string());
-    RESOURCES.iter().filter(move |r| r.group == group && r.version == version)
+    RESOURCES.iter().filter(move |r| r.group == group && r.version == version && r.served(crds))
 }

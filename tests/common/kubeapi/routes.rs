@@ -152,6 +152,7 @@ impl Call<'_> {
     }
 
     fn route(&self, path: &str) -> Result<Response, ApiError> {
+        let crds = self.shared.crds_installed();
         let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
         let get_only = || {
             if self.method == Method::GET { Ok(()) } else { Err(ApiError::method_not_allowed(self.method.as_str())) }
@@ -163,15 +164,15 @@ impl Call<'_> {
             ["apis"] => get_only().map(|()| self.discovery_root(false)),
             ["api", version] => {
                 get_only()?;
-                discovery::resource_list("", version).map(|d| ok(&d)).ok_or_else(ApiError::not_found_path)
+                discovery::resource_list("", version, crds).map(|d| ok(&d)).ok_or_else(ApiError::not_found_path)
             }
             ["apis", group] => {
                 get_only()?;
-                discovery::group(group).map(|d| ok(&d)).ok_or_else(ApiError::not_found_path)
+                discovery::group(group, crds).map(|d| ok(&d)).ok_or_else(ApiError::not_found_path)
             }
             ["apis", group, version] => {
                 get_only()?;
-                discovery::resource_list(group, version).map(|d| ok(&d)).ok_or_else(ApiError::not_found_path)
+                discovery::resource_list(group, version, crds).map(|d| ok(&d)).ok_or_else(ApiError::not_found_path)
             }
             ["openapi", "v2"] => get_only().map(|()| {
                 // kubectl validates a kind without a PATCH operation in v3 (a review) against
@@ -182,10 +183,10 @@ impl Call<'_> {
                     .body(Body::empty())
                     .expect("static headers are valid")
             }),
-            ["openapi", "v3"] => get_only().map(|()| ok(&discovery::openapi_v3_index())),
+            ["openapi", "v3"] => get_only().map(|()| ok(&discovery::openapi_v3_index(crds))),
             ["openapi", "v3", rest @ ..] => {
                 get_only()?;
-                discovery::openapi_v3_group_version(&rest.join("/"))
+                discovery::openapi_v3_group_version(&rest.join("/"), crds)
                     .map(|d| ok(&d))
                     .ok_or_else(ApiError::not_found_path)
             }
@@ -196,19 +197,21 @@ impl Call<'_> {
     }
 
     fn discovery_root(&self, legacy: bool) -> Response {
+        let crds = self.shared.crds_installed();
         match discovery::aggregated_version(self.header(header::ACCEPT)) {
             Some(version) => json_response(
                 StatusCode::OK,
                 &discovery::aggregated_content_type(version),
-                &discovery::aggregated(legacy, version),
+                &discovery::aggregated(legacy, version, crds),
             ),
             None if legacy => ok(&discovery::api_versions(self.shared.port)),
-            None => ok(&discovery::group_list()),
+            None => ok(&discovery::group_list(crds)),
         }
     }
 
     fn resource(&self, group: &str, version: &str, rest: &[&str]) -> Result<Response, ApiError> {
-        let find = |plural: &str| resources::find(group, version, plural).ok_or_else(ApiError::not_found_path);
+        let crds = self.shared.crds_installed();
+        let find = |plural: &str| resources::find(group, version, plural, crds).ok_or_else(ApiError::not_found_path);
         let path = match rest {
             [plural] => ResourcePath { def: find(plural)?, namespace: None, name: None },
             ["namespaces", namespace, plural] => {
