@@ -408,12 +408,17 @@ impl Node {
         kubeapi::kubectl_ok(&kubeconfig, &["create", "namespace", namespace]).await;
         kubeapi::kubectl_ok(&kubeconfig, &["apply", "-f", ex.sds_secret_file.to_str().unwrap()]).await;
 
+        // The example's file, copied where certwire's uid may read it (a checkout in a
+        // 0700 directory is not).
+        let config = dir.path().join("certwire.toml");
+        std::fs::copy(&ex.certwire_config, &config).unwrap();
+        std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644)).unwrap();
         // Only the socket (a temporary directory), the status port (tests run in
         // parallel) and the API server differ from the example.
         let certwire = Certwire::serve_as_user(
             [
                 "--config".to_owned(),
-                ex.certwire_config.display().to_string(),
+                config.display().to_string(),
                 "--listen".into(),
                 format!("unix:{}", socket.display()),
                 "--status-addr".into(),

@@ -49,6 +49,33 @@ pub fn real_envoy_bin() -> PathBuf {
         .unwrap_or_else(|| panic!("{} is a script and no envoy/_bin/envoy is under {}", bin.display(), lib.display()))
 }
 
+/// [`real_envoy_bin`], or, when another user cannot run it there (a checkout in a 0700
+/// directory, as `mktemp -d` makes), a copy in a world-readable directory, made once.
+fn envoy_bin_for_others() -> PathBuf {
+    use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
+    let bin = real_envoy_bin();
+    let runnable = bin
+        .ancestors()
+        .filter(|p| !p.as_os_str().is_empty())
+        .all(|p| std::fs::metadata(p).is_ok_and(|m| m.permissions().mode() & 0o001 != 0));
+    if runnable {
+        return bin;
+    }
+    let meta = std::fs::metadata(&bin).expect("the Envoy binary");
+    let dir = std::env::temp_dir().join(format!("certwire-envoy-{}-{}", meta.len(), meta.mtime()));
+    let copy = dir.join("envoy");
+    if !copy.exists() {
+        std::fs::create_dir_all(&dir).expect("a directory for the Envoy copy");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Copied under a unique name, then renamed: tests running at once never see half.
+        let partial = dir.join(format!("envoy.{}", std::process::id()));
+        std::fs::copy(&bin, &partial).expect("copy the Envoy binary");
+        std::fs::set_permissions(&partial, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::rename(&partial, &copy).expect("rename the Envoy copy");
+    }
+    copy
+}
+
 /// Checks a bootstrap with `envoy --mode validate`; the error is Envoy's output.
 pub fn validate(yaml: &str) -> Result<(), String> {
     let dir = util::tempdir();
@@ -118,7 +145,7 @@ impl Envoy {
             None => Command::new(envoy_bin()),
             Some(id) => {
                 use std::os::unix::process::CommandExt as _;
-                let mut command = Command::new(real_envoy_bin());
+                let mut command = Command::new(envoy_bin_for_others());
                 // std drops the supplementary groups too when root sets a uid.
                 command.uid(id).gid(id);
                 command
