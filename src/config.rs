@@ -67,6 +67,10 @@ pub struct FileConfig {
     pub dev_max_names: Option<usize>,
     /// Requested name -> stored name (`[aliases]`), e.g. Istio's `sds://PROVIDER`.
     pub aliases: Option<std::collections::BTreeMap<String, String>>,
+    /// `[ocsp]`: OCSP staples certwire fetches and keeps fresh (off by default).
+    pub ocsp: Option<crate::stapling::OcspConfig>,
+    /// `[[tickets]]`: session ticket keys certwire makes, rotates and shares.
+    pub tickets: Option<Vec<crate::sources::tickets::TicketsConfig>>,
 }
 
 /// `[sds]` table.
@@ -119,6 +123,8 @@ pub struct KubeConfig {
     pub configmaps: Option<bool>,
     /// Gateway API support: `kubernetes-gateway://NS/NAME`, ReferenceGrants watched.
     pub gateway_api: Option<bool>,
+    /// Serve a Secret's `secret` key as an Envoy generic secret.
+    pub generic_secrets: Option<bool>,
     pub label_selector: Option<String>,
     pub default_namespace: Option<String>,
     pub kubeconfig: Option<PathBuf>,
@@ -164,6 +170,10 @@ pub struct ServeFlags {
     /// decide cross-namespace ones (needs list and watch on referencegrants)
     #[arg(long)]
     pub gateway_api: bool,
+    /// Serve the `secret` key of a Kubernetes Secret as an Envoy generic secret (OAuth2
+    /// token and HMAC secrets, credential injector) under the Secret's names
+    #[arg(long)]
+    pub generic_secrets: bool,
     /// Only Secrets matching this label selector, e.g. certwire.io/serve=true
     #[arg(long, value_name = "SELECTOR")]
     pub label_selector: Option<String>,
@@ -277,6 +287,10 @@ pub struct Settings {
     pub dev_max_names: usize,
     /// `[aliases]`: requested name -> stored name.
     pub aliases: std::collections::BTreeMap<String, String>,
+    /// `[ocsp]`, checked; `mode = "off"` everywhere unless asked.
+    pub ocsp: crate::stapling::OcspConfig,
+    /// `[[tickets]]`, checked.
+    pub tickets: Vec<crate::sources::tickets::Ticket>,
 }
 
 #[derive(Debug, Clone)]
@@ -320,8 +334,15 @@ impl Settings {
         if let Some(upstream) = &upstream {
             upstream.target().map_err(anyhow::Error::msg)?;
         }
+        let tickets_file = file.tickets.clone().unwrap_or_default();
         let dev = flags.dev
-            || file.dev.unwrap_or(files.is_empty() && kubernetes.is_none() && acme.is_none() && upstream.is_none());
+            || file.dev.unwrap_or(
+                files.is_empty()
+                    && kubernetes.is_none()
+                    && acme.is_none()
+                    && upstream.is_none()
+                    && tickets_file.is_empty(),
+            );
         let tls = tls_settings(flags, file.sds.and_then(|s| s.tls))?;
         let insecure_open_sds = flags.insecure_open_sds || file.insecure_open_sds.unwrap_or(false);
         let authz_file = file.authz.unwrap_or_default();
@@ -340,6 +361,7 @@ impl Settings {
             anyhow::bail!("[authz] verb = {:?}: expected \"list\" (istiod's) or \"get\"", authz.verb);
         }
         crate::authz::policy::validate(&authz.rules).map_err(anyhow::Error::msg)?;
+        let tickets = crate::sources::tickets::resolve(&tickets_file, mode).map_err(anyhow::Error::msg)?;
         secure_by_default(&listen, tls.as_ref(), mode, insecure_open_sds)?;
         let unix_socket = crate::xds::listen::UnixSocketAccess {
             mode: flags
@@ -361,6 +383,8 @@ impl Settings {
         let limits = file.limits.unwrap_or_default();
         limits.validate().map_err(anyhow::Error::msg)?;
         let aliases = file.aliases.clone().unwrap_or_default();
+        let ocsp = file.ocsp.clone().unwrap_or_default();
+        ocsp.validate().map_err(anyhow::Error::msg)?;
         crate::xds::names::Names::new(&aliases).map_err(anyhow::Error::msg)?;
         Ok(Self {
             listen,
@@ -392,6 +416,8 @@ impl Settings {
             dev_forget_after: file.dev_forget_after.unwrap_or(crate::sources::dev::FORGET_AFTER),
             dev_max_names: file.dev_max_names.unwrap_or(crate::sources::dev::MAX_NAMES),
             aliases,
+            tickets,
+            ocsp,
         })
     }
 }
@@ -472,7 +498,7 @@ fn secure_by_default(
 fn kube_options(flags: &ServeFlags, file: KubeConfig) -> Option<crate::sources::kubernetes::Options> {
     let implied =
         !flags.namespaces.is_empty() || flags.all_namespaces || flags.label_selector.is_some() || flags.configmaps;
-    let implied = implied || flags.gateway_api;
+    let implied = implied || flags.gateway_api || flags.generic_secrets;
     if !(flags.kubernetes || implied || file.enabled.unwrap_or(false)) {
         return None;
     }
@@ -490,6 +516,7 @@ fn kube_options(flags: &ServeFlags, file: KubeConfig) -> Option<crate::sources::
         kubeconfig: flags.kubeconfig.clone().or(file.kubeconfig),
         configmaps: flags.configmaps || file.configmaps.unwrap_or(false),
         gateway_api: flags.gateway_api || file.gateway_api.unwrap_or(false),
+        generic_secrets: flags.generic_secrets || file.generic_secrets.unwrap_or(false),
     })
 }
 

@@ -21,13 +21,21 @@ pub struct Intake {
     /// The source is loading what already exists: one summary line from the source
     /// says what it loaded, not one line per secret (1,000 Secrets made 3,000 lines).
     loading: bool,
+    /// `[ocsp]`: attaches fetched OCSP staples to TLS material (src/stapling).
+    stapler: Option<crate::stapling::Stapler>,
 }
 
 impl Intake {
     /// Registers a source named `source` (e.g. `files:/etc/certs`); earlier intakes win.
     pub fn new(store: Arc<Store>, metrics: Arc<Metrics>, source: &str, allow_expired: AllowExpired) -> Self {
         let (rank, source) = store.register_source(source);
-        Self { store, metrics, rank, source, allow_expired, loading: false }
+        Self { store, metrics, rank, source, allow_expired, loading: false, stapler: None }
+    }
+
+    /// OCSP staples fetched by `stapler` are attached to this source's TLS material.
+    pub fn with_stapler(mut self, stapler: Option<crate::stapling::Stapler>) -> Self {
+        self.stapler = stapler;
+        self
     }
 
     /// Marks the start (true) or the end (false) of this intake's initial load: while
@@ -62,6 +70,15 @@ impl Intake {
     where
         N: AsRef<str> + Clone + Into<Arc<str>>,
     {
+        let stapled;
+        let material = match self.stapler.as_ref().map(|s| s.prepare(self, names, material)) {
+            None | Some(crate::stapling::Prepared::AsIs) => material,
+            Some(crate::stapling::Prepared::Stapled(with_staple)) => {
+                stapled = with_staple;
+                &stapled
+            }
+            Some(crate::stapling::Prepared::Refuse(err)) => return Err(self.rejected(names, material, err)),
+        };
         let now = std::time::SystemTime::now();
         let mut opts = CheckOptions { allow_expired: self.allow_expired == AllowExpired::Always, now };
         let mut expired = None;
@@ -246,8 +263,20 @@ impl Intake {
         self.store.clear_error(self.rank, name);
     }
 
+    /// Takes this source's version of `names` out of the store, so that a refused
+    /// resubmission falls back to `on_invalid` (the stapler: a revoked certificate, a
+    /// must-staple certificate whose staple went stale).
+    pub(crate) fn withdraw(&self, names: &[Arc<str>]) {
+        for name in names {
+            self.store.remove(self.rank, name);
+        }
+    }
+
     /// The source no longer has `name`. Proxies keep what they have (Envoy semantics).
     pub fn remove(&self, name: &str) {
+        if let Some(stapler) = &self.stapler {
+            stapler.forget(self, name);
+        }
         if self.store.remove(self.rank, name) {
             tracing::info!(secret = name, source = %self.source, "secret removed");
         }

@@ -20,6 +20,8 @@ pub mod pki;
 pub mod policy;
 pub mod shutdown;
 pub mod sources;
+/// OCSP staples fetched by certwire.
+pub mod stapling;
 pub mod store;
 pub mod tls;
 pub mod unix_time;

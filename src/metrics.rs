@@ -54,6 +54,12 @@ pub struct AcmeOrderLabel {
     pub result: &'static str,
 }
 
+/// How an OCSP fetch ended: good, revoked, invalid, error, too_large, timeout.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OcspResultLabel {
+    pub result: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CauseLabel {
     pub cause: &'static str,
@@ -84,8 +90,19 @@ pub struct Metrics {
     pub tls_handshake_failures: Family<ReasonLabel, Counter>,
     pub tls_reloads: Family<ReasonLabel, Counter>,
     pub limits_hit: Family<LimitLabel, Counter>,
+    /// OCSP fetches by result (src/stapling).
+    pub ocsp_fetches: Family<OcspResultLabel, Counter>,
+    /// Tracked certificates whose responder says they are revoked.
+    pub ocsp_revoked: Gauge,
+    pub ocsp_this_update: Family<SecretLabel, Gauge<f64, AtomicU64>>,
+    pub ocsp_next_update: Family<SecretLabel, Gauge<f64, AtomicU64>>,
+    pub ocsp_next_refresh: Family<SecretLabel, Gauge<f64, AtomicU64>>,
     /// Expired certificates stored because nothing valid was (`allow_expired`).
     pub expired_served: Family<SourceLabel, Counter>,
+    /// Session ticket key promotions this replica wrote to the shared state.
+    pub ticket_key_rotations: Family<SecretLabel, Counter>,
+    /// Times a session ticket state could not be read or written.
+    pub ticket_state_errors: Family<SecretLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -115,7 +132,14 @@ impl Metrics {
             tls_handshake_failures: Family::default(),
             tls_reloads: Family::default(),
             limits_hit: Family::default(),
+            ocsp_fetches: Family::default(),
+            ocsp_revoked: Gauge::default(),
+            ocsp_this_update: Family::default(),
+            ocsp_next_update: Family::default(),
+            ocsp_next_refresh: Family::default(),
             expired_served: Family::default(),
+            ticket_key_rotations: Family::default(),
+            ticket_state_errors: Family::default(),
             registry: Registry::default(),
         };
         registry.register(
@@ -178,6 +202,37 @@ impl Metrics {
             "expired_served",
             "Expired certificates served because no valid version of the name existed (allow_expired = when-nothing-else)",
             m.expired_served.clone(),
+        );
+        registry.register(
+            "ticket_key_rotations",
+            "Session ticket keys promoted to encrypting by this replica (the fleet's rotations are the sum)",
+            m.ticket_key_rotations.clone(),
+        );
+        registry.register(
+            "ticket_state_errors",
+            "Times a session ticket state could not be read or written (the last good keys stay served)",
+            m.ticket_state_errors.clone(),
+        );
+        registry.register("ocsp_fetches", "OCSP responses fetched by certwire, by result", m.ocsp_fetches.clone());
+        registry.register(
+            "ocsp_revoked_certificates",
+            "Served certificates whose OCSP responder says they are revoked",
+            m.ocsp_revoked.clone(),
+        );
+        registry.register(
+            "ocsp_this_update_timestamp_seconds",
+            "Unix time of the thisUpdate of the OCSP staple served per secret (its age is now minus this)",
+            m.ocsp_this_update.clone(),
+        );
+        registry.register(
+            "ocsp_next_update_timestamp_seconds",
+            "Unix time at which the OCSP staple served per secret goes stale and is dropped",
+            m.ocsp_next_update.clone(),
+        );
+        registry.register(
+            "ocsp_next_refresh_timestamp_seconds",
+            "Unix time of the next OCSP fetch (refresh or retry) per secret",
+            m.ocsp_next_refresh.clone(),
         );
         Self { registry, ..m }
     }

@@ -230,6 +230,9 @@ pub struct SecretStatus {
     /// Latest rejection, naming the source and the reason.
     pub last_error: Option<String>,
     pub shadowed_sources: Vec<String>,
+    /// OCSP stapling by certwire (`[ocsp]`), when on for this secret.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ocsp: Option<crate::stapling::OcspStatus>,
 }
 
 pub struct Store {
@@ -243,6 +246,9 @@ pub struct Store {
     policy: Policy,
     /// Made the first time a policy needs it.
     placeholder: std::sync::OnceLock<Placeholder>,
+    /// OCSP stapling state per name, set by the stapler (src/stapling); empty unless
+    /// `[ocsp]` is on.
+    ocsp: DashMap<Arc<str>, crate::stapling::OcspStatus>,
 }
 
 impl Default for Store {
@@ -270,6 +276,19 @@ impl Store {
             served: AtomicUsize::new(0),
             policy,
             placeholder,
+            ocsp: DashMap::new(),
+        }
+    }
+
+    /// Sets (or clears) what status shows about OCSP stapling for `name`.
+    pub fn set_ocsp(&self, name: &str, status: Option<crate::stapling::OcspStatus>) {
+        match status {
+            Some(status) => {
+                self.ocsp.insert(Arc::from(name), status);
+            }
+            None => {
+                self.ocsp.remove(name);
+            }
         }
     }
 
@@ -548,6 +567,7 @@ impl Store {
                         .map(|c| unix_time::micros(SystemTime::now() - c.detected_at.elapsed())),
                     last_error,
                     shadowed_sources,
+                    ocsp: self.ocsp.get(e.key()).map(|s| s.clone()),
                 };
                 (status, current)
             })

@@ -126,6 +126,8 @@ fn secret_key() -> impl Strategy<Value = String> {
             "crl",
             "tls.crt",
             "tls.key",
+            "tls.session-ticket-keys",
+            "secret",
             "tls.ocsp-staple",
             "ca.crt",
             "ca.crl",
@@ -395,7 +397,7 @@ proptest! {
     #[test]
     fn extract_never_panics(
         data in proptest::option::of(proptest::collection::btree_map(secret_key(), proptest::collection::vec(any::<u8>(), 0..8), 0..10)),
-        ns in ".{0,8}", name in ".{0,8}", default_ns in ".{0,8}",
+        ns in ".{0,8}", name in ".{0,8}", default_ns in ".{0,8}", generic in any::<bool>(),
     ) {
         let data: Option<BTreeMap<String, ByteString>> =
             data.map(|d| d.into_iter().map(|(k, v)| (k, ByteString(v))).collect());
@@ -403,15 +405,29 @@ proptest! {
         let value = |key: &str| data.as_ref().and_then(|d| d.get(key)).map(|b| b.0.clone()).filter(|v| !v.is_empty());
         let pairs = [("cert", "key"), ("tls.crt", "tls.key")];
         let pair = pairs.iter().find_map(|(c, k)| Some((value(c)?, value(k)?)));
-        let e = extract(data.as_ref());
-        prop_assert_eq!(e.tls.is_some(), pair.is_some());
-        if let (Some(Material::Tls { cert_chain_pem, key_pem, ocsp_staple }), Some((cert, key))) = (&e.tls, &pair) {
-            prop_assert_eq!(cert_chain_pem, cert);
-            prop_assert_eq!(key_pem.as_slice(), key.as_slice());
-            // The staple goes with whichever pair is chosen.
-            prop_assert_eq!(ocsp_staple, &value("tls.ocsp-staple"));
+        // Under its own name a Secret serves one of a pair, ticket keys, a generic secret.
+        let tickets = value("tls.session-ticket-keys");
+        let secret = value("secret").filter(|_| generic);
+        let kinds = usize::from(pair.is_some()) + usize::from(tickets.is_some()) + usize::from(secret.is_some());
+        let e = extract(data.as_ref(), generic);
+        prop_assert_eq!(e.tls.is_some(), kinds == 1);
+        match (&e.tls, &pair) {
+            (Some(Material::Tls { cert_chain_pem, key_pem, ocsp_staple }), Some((cert, key))) => {
+                prop_assert_eq!(cert_chain_pem, cert);
+                prop_assert_eq!(key_pem.as_slice(), key.as_slice());
+                // The staple goes with whichever pair is chosen.
+                prop_assert_eq!(ocsp_staple, &value("tls.ocsp-staple"));
+            }
+            (Some(Material::SessionTicketKeys(keys)), None) => {
+                let joined: Vec<u8> = keys.iter().flat_map(|k| k.as_slice().to_vec()).collect();
+                prop_assert_eq!(Some(joined), tickets);
+            }
+            (Some(Material::Generic(s)), None) => prop_assert_eq!(Some(s.as_slice().to_vec()), secret),
+            (None, _) => {}
+            (Some(other), _) => prop_assert!(false, "unexpected {other:?} for {data:?}"),
         }
-        prop_assert_eq!(e.problem.is_some(), pair.is_none() && pairs.iter().any(|(c, k)| has(c) && has(k)));
+        let empty_pair = kinds == 0 && pairs.iter().any(|(c, k)| has(c) && has(k));
+        prop_assert_eq!(e.problem.is_some(), kinds > 1 || empty_pair);
         prop_assert_eq!(e.ca.is_some(), value("cacert").or_else(|| value("ca.crt")).is_some());
         let names = served_names(&ns, &name, &default_ns);
         prop_assert_eq!(names.len(), if ns == default_ns { 3 } else { 1 });

@@ -60,11 +60,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     let mut tasks = JoinSet::new();
     tasks.spawn(async move { admin.serve(admin_listener, status_listener).await });
 
+    // `[ocsp]`: one stapler shared by every source's intake, only when asked for.
+    let stapler =
+        settings.ocsp.enabled().then(|| crate::stapling::Stapler::new(settings.ocsp.clone(), metrics.clone()));
     // Sources in precedence order: the first configured wins a name.
     for root in &settings.files {
         let name = format!("files:{}", root.display());
         health.not_ready(&name, "initial load");
-        let intake = Intake::new(store.clone(), metrics.clone(), &name, settings.allow_expired);
+        let intake =
+            Intake::new(store.clone(), metrics.clone(), &name, settings.allow_expired).with_stapler(stapler.clone());
         let options = sources::files::Options {
             rescan: settings.files_rescan_every,
             max_file_bytes: settings.files_max_file_bytes,
@@ -76,7 +80,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         health.ready(&name);
     }
     if let Some(options) = settings.kubernetes.clone() {
-        let intake = Intake::new(store.clone(), metrics.clone(), "kubernetes", settings.allow_expired);
+        let intake = Intake::new(store.clone(), metrics.clone(), "kubernetes", settings.allow_expired)
+            .with_stapler(stapler.clone());
         sources::kubernetes::start(options, intake, health.clone(), shutdown.clone())
             .await
             .context("starting the Kubernetes source")?;
@@ -98,7 +103,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     // and releases its Lease): drained with the servers on SIGTERM.
     let mut background = Vec::new();
     if let Some(acme) = settings.acme.clone() {
-        let intake = Intake::new(store.clone(), metrics.clone(), "acme", settings.allow_expired);
+        let intake =
+            Intake::new(store.clone(), metrics.clone(), "acme", settings.allow_expired).with_stapler(stapler.clone());
         background.extend(
             sources::acme::start(acme, intake, metrics.clone(), health.clone(), shutdown.clone())
                 .await
@@ -106,12 +112,20 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         );
     }
     if let Some(upstream) = settings.upstream.clone() {
-        let intake = Intake::new(store.clone(), metrics.clone(), "upstream", settings.allow_expired);
+        let intake = Intake::new(store.clone(), metrics.clone(), "upstream", settings.allow_expired)
+            .with_stapler(stapler.clone());
         sources::upstream::start(upstream, intake, metrics.clone(), health.clone(), shutdown.clone())
             .context("starting the upstream source")?;
     }
+    if !settings.tickets.is_empty() {
+        let intake = Intake::new(store.clone(), metrics.clone(), "tickets", settings.allow_expired);
+        sources::tickets::start(settings.tickets.clone(), intake, metrics.clone(), shutdown.clone())
+            .await
+            .context("starting the session ticket keys source")?;
+    }
     if settings.dev {
-        let intake = Intake::new(store.clone(), metrics.clone(), "dev", settings.allow_expired);
+        let intake =
+            Intake::new(store.clone(), metrics.clone(), "dev", settings.allow_expired).with_stapler(stapler.clone());
         let dev = sources::dev::DevSettings {
             rotate_every: settings.dev_rotate_every,
             forget_after: settings.dev_forget_after,

@@ -5,7 +5,9 @@
 mod chain;
 mod key;
 mod material;
-mod ocsp;
+/// OCSP staples: the check of a supplied one, and the request and verification of a
+/// fetched one (src/stapling).
+pub mod ocsp;
 mod resource;
 
 pub use material::{KeyBytes, Material, SharedKeyBytes};
@@ -125,6 +127,12 @@ pub enum PkiError {
     /// The OCSP staple's thisUpdate is ahead of the clock: it may become good by itself.
     #[error("bad OCSP staple: its thisUpdate {this_update} is in the future")]
     OcspStapleNotYetValid { this_update: String },
+    /// `[ocsp] mode = "must-staple"` and no current verified staple is at hand yet.
+    #[error("OCSP staple required: {0}")]
+    OcspStapleRequired(String),
+    /// The fetched OCSP response says the certificate is revoked (`on_revoked = "withhold"`).
+    #[error("certificate revoked: {0}")]
+    OcspRevoked(String),
 }
 
 impl PkiError {
@@ -142,6 +150,8 @@ impl PkiError {
             PkiError::BadCrl(_) => "bad_crl",
             PkiError::BadTicketKeys(_) => "bad_ticket_keys",
             PkiError::BadOcspStaple(_) | PkiError::OcspStapleNotYetValid { .. } => "bad_ocsp_staple",
+            PkiError::OcspStapleRequired(_) => "ocsp_staple_required",
+            PkiError::OcspRevoked(_) => "ocsp_revoked",
         }
     }
 }

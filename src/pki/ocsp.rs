@@ -157,6 +157,322 @@ fn serial_hex(raw: &[u8]) -> String {
     }
 }
 
+// ---------------------------------------------------------------------------------
+// Fetched staples (src/stapling): what to ask a responder, and a full verification of
+// what it answers. Unlike a staple the source supplies, a fetched response arrives over
+// a network nobody vouched for, so its signature is verified against the issuer.
+// ---------------------------------------------------------------------------------
+
+/// A served leaf that can be asked about: its issuer is known and it names a responder.
+#[derive(Clone, PartialEq, Eq)]
+pub struct OcspTarget {
+    pub leaf_der: Vec<u8>,
+    pub issuer_der: Vec<u8>,
+    /// The first `http://` (or `https://`) OCSP URL of the leaf's AIA extension.
+    pub url: String,
+    /// Lowercase hex without the sign byte, as status shows serials.
+    pub serial_hex: String,
+}
+
+impl std::fmt::Debug for OcspTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OcspTarget").field("serial", &self.serial_hex).field("url", &self.url).finish_non_exhaustive()
+    }
+}
+
+/// The AIA access method naming an OCSP responder (id-ad-ocsp).
+const ID_AD_OCSP: &str = "1.3.6.1.5.5.7.48.1";
+
+/// What to ask about the leaf of `cert_chain_pem` (the first certificate, as sources
+/// and Envoy order it), or why it cannot be asked about: no OCSP URL in its AIA, or its
+/// issuer is neither in the chain nor among `issuers` (DER, e.g. a CA the source has).
+pub fn target(cert_chain_pem: &[u8], issuers: &[Vec<u8>]) -> Result<OcspTarget, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject as _;
+    let ders: Vec<Vec<u8>> = CertificateDer::pem_slice_iter(cert_chain_pem)
+        .map(|c| c.map(|c| c.to_vec()))
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("the certificate chain does not parse as PEM: {e}"))?;
+    let leaf_der = ders.first().ok_or("the chain holds no certificate")?.clone();
+    let (_, leaf) =
+        x509_parser::parse_x509_certificate(&leaf_der).map_err(|e| format!("the leaf does not parse: {e}"))?;
+    let url = ocsp_url(&leaf).ok_or("the certificate names no OCSP responder (no http:// OCSP URL in its AIA)")?;
+    let issuer_der = ders[1..]
+        .iter()
+        .chain(issuers)
+        .find(|der| {
+            x509_parser::parse_x509_certificate(der).is_ok_and(|(_, c)| c.subject().as_raw() == leaf.issuer().as_raw())
+        })
+        .cloned()
+        .or_else(|| (leaf.subject().as_raw() == leaf.issuer().as_raw()).then(|| leaf_der.clone()))
+        .ok_or_else(|| {
+            format!("the issuer {} is not in the chain: its key is needed to ask and to verify", leaf.issuer())
+        })?;
+    Ok(OcspTarget { serial_hex: serial_hex(leaf.raw_serial()), leaf_der, issuer_der, url })
+}
+
+fn ocsp_url(leaf: &X509Certificate<'_>) -> Option<String> {
+    use x509_parser::extensions::{GeneralName, ParsedExtension};
+    leaf.extensions().iter().find_map(|ext| match ext.parsed_extension() {
+        ParsedExtension::AuthorityInfoAccess(aia) => aia.iter().find_map(|desc| match &desc.access_location {
+            GeneralName::URI(uri)
+                if desc.access_method.to_id_string() == ID_AD_OCSP
+                    && (uri.starts_with("http://") || uri.starts_with("https://")) =>
+            {
+                Some((*uri).to_owned())
+            }
+            _ => None,
+        }),
+        _ => None,
+    })
+}
+
+/// The DER `OCSPRequest` for `target`: one CertID hashed with SHA-1, as RFC 5019
+/// responders (and CDN caches in front of them) expect; no nonce, so a cached answer
+/// is acceptable, which is what a staple is.
+pub fn request_der(target: &OcspTarget) -> Result<Vec<u8>, String> {
+    use x509_cert::der::Encode as _;
+    use x509_cert::der::asn1::{Null, OctetString};
+    use x509_cert::serial_number::SerialNumber;
+    use x509_cert::spki::AlgorithmIdentifierOwned;
+    use x509_ocsp::{OcspRequest, Request, TbsRequest, Version};
+    let parse = |der: &[u8], what: &str| -> Result<Vec<u8>, String> {
+        x509_parser::parse_x509_certificate(der)
+            .map(|_| der.to_vec())
+            .map_err(|e| format!("the {what} does not parse: {e}"))
+    };
+    let (leaf_der, issuer_der) = (parse(&target.leaf_der, "leaf")?, parse(&target.issuer_der, "issuer")?);
+    let (_, leaf) = x509_parser::parse_x509_certificate(&leaf_der).map_err(|e| e.to_string())?;
+    let (_, issuer) = x509_parser::parse_x509_certificate(&issuer_der).map_err(|e| e.to_string())?;
+    let sha1 = &digest::SHA1_FOR_LEGACY_USE_ONLY;
+    let id = CertId {
+        hash_algorithm: AlgorithmIdentifierOwned {
+            oid: rfc5912::ID_SHA_1,
+            parameters: Some(x509_cert::der::Any::from(Null)),
+        },
+        issuer_name_hash: OctetString::new(digest::digest(sha1, issuer.subject().as_raw()).as_ref())
+            .map_err(|e| e.to_string())?,
+        issuer_key_hash: OctetString::new(digest::digest(sha1, &issuer.public_key().subject_public_key.data).as_ref())
+            .map_err(|e| e.to_string())?,
+        serial_number: SerialNumber::new(leaf.raw_serial()).map_err(|e| format!("the leaf's serial: {e}"))?,
+    };
+    let request = OcspRequest {
+        tbs_request: TbsRequest {
+            version: Version::V1,
+            requestor_name: None,
+            request_list: vec![Request { req_cert: id, single_request_extensions: None }],
+            request_extensions: None,
+        },
+        optional_signature: None,
+    };
+    request.to_der().map_err(|e| format!("encoding the OCSP request: {e}"))
+}
+
+/// What a verified response says about the leaf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum OcspCertStatus {
+    Good,
+    /// Revocation time (unix seconds) and reason, when the responder gives one.
+    Revoked {
+        at: i64,
+        reason: Option<String>,
+    },
+}
+
+/// A response that passed [`verify`]: signed by the issuer or its delegated responder,
+/// about the leaf, current.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OcspAnswer {
+    pub status: OcspCertStatus,
+    pub this_update: i64,
+    pub next_update: i64,
+    pub produced_at: i64,
+    /// Who signed it: `issuer` or `delegated responder CN=...`.
+    pub signer: String,
+}
+
+/// Verifies the DER response `der` fetched for `target` at `now` (unix seconds): a
+/// successful basic response with exactly one status (Envoy staples no other), about
+/// the leaf (CertID), signed by the issuer or by a responder certificate in the response
+/// that the issuer signed, that carries the id-kp-OCSPSigning EKU and is valid now,
+/// with thisUpdate past and nextUpdate future. A response without nextUpdate is refused:
+/// Envoy never staples one ("newer information is always available").
+pub fn verify(der: &[u8], target: &OcspTarget, now: i64) -> Result<OcspAnswer, String> {
+    use x509_cert::der::Encode as _;
+    let response = OcspResponse::from_der(der).map_err(|e| format!("not a DER OCSP response: {e}"))?;
+    if response.response_status != OcspResponseStatus::Successful {
+        return Err(format!("response status is {:?}, not successful", response.response_status));
+    }
+    let bytes = response.response_bytes.ok_or("successful, but carries no response")?;
+    if bytes.response_type != rfc6960::ID_PKIX_OCSP_BASIC {
+        return Err(format!("response type {} is not id-pkix-ocsp-basic", bytes.response_type));
+    }
+    let basic = BasicOcspResponse::from_der(bytes.response.as_bytes())
+        .map_err(|e| format!("not a DER basic OCSP response: {e}"))?;
+    let (_, leaf) = x509_parser::parse_x509_certificate(&target.leaf_der).map_err(|e| e.to_string())?;
+    let (_, issuer) = x509_parser::parse_x509_certificate(&target.issuer_der).map_err(|e| e.to_string())?;
+
+    // DER is canonical and x509-ocsp decodes strict DER: re-encoding gives back the
+    // signed bytes.
+    let tbs = basic.tbs_response_data.to_der().map_err(|e| format!("re-encoding tbsResponseData: {e}"))?;
+    let alg = basic.signature_algorithm.oid.to_string();
+    let signature = basic.signature.as_bytes().ok_or("the signature is not a whole number of bytes")?;
+    let signer = responder(&basic, &issuer, now)?;
+    let signer_name = match &signer {
+        Signer::Issuer => "issuer".to_owned(),
+        Signer::Delegated(der) => {
+            let (_, c) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+            format!("delegated responder {}", c.subject())
+        }
+    };
+    let signer_key = match &signer {
+        Signer::Issuer => verify_signature(issuer.public_key(), &alg, &tbs, signature),
+        Signer::Delegated(der) => {
+            let (_, c) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+            verify_signature(c.public_key(), &alg, &tbs, signature)
+        }
+    };
+    signer_key.map_err(|e| format!("its signature by the {signer_name} does not verify: {e}"))?;
+
+    let single = match &basic.tbs_response_data.responses[..] {
+        [single] => single,
+        [] => return Err("holds no certificate status".into()),
+        more => {
+            return Err(format!(
+                "holds {} certificate statuses; Envoy staples a response about one certificate only",
+                more.len()
+            ));
+        }
+    };
+    matches_leaf(&single.cert_id, &leaf, Some(&issuer))?;
+    let this_update = secs(&single.this_update);
+    if this_update > now {
+        return Err(format!("its thisUpdate {} is in the future", unix_time::rfc3339(this_update)));
+    }
+    let next_update = single
+        .next_update
+        .as_ref()
+        .map(secs)
+        .ok_or("it has no nextUpdate; Envoy takes such a response as expired and never staples it")?;
+    if now >= next_update {
+        return Err(format!("it is already stale: nextUpdate {} is past", unix_time::rfc3339(next_update)));
+    }
+    let status = match &single.cert_status {
+        CertStatus::Good(_) => OcspCertStatus::Good,
+        CertStatus::Revoked(info) => OcspCertStatus::Revoked {
+            at: secs(&info.revocation_time),
+            reason: info.revocation_reason.map(|r| format!("{r:?}")),
+        },
+        CertStatus::Unknown(_) => {
+            return Err(format!(
+                "certificate status is unknown: the responder does not know serial {}",
+                target.serial_hex
+            ));
+        }
+    };
+    Ok(OcspAnswer {
+        status,
+        this_update,
+        next_update,
+        produced_at: secs(&basic.tbs_response_data.produced_at),
+        signer: signer_name,
+    })
+}
+
+enum Signer {
+    Issuer,
+    /// DER of the delegated responder's certificate, checked.
+    Delegated(Vec<u8>),
+}
+
+/// Who signed `basic`, by its ResponderID: the issuer itself, or one of the certificates
+/// the response carries, which must be a responder the issuer delegated to (RFC 6960
+/// 4.2.2.2: issued by the issuer, id-kp-OCSPSigning).
+fn responder(basic: &BasicOcspResponse, issuer: &X509Certificate<'_>, now: i64) -> Result<Signer, String> {
+    use x509_cert::der::Encode as _;
+    use x509_ocsp::ResponderId;
+    let sha1 = &digest::SHA1_FOR_LEGACY_USE_ONLY;
+    let names = |c: &X509Certificate<'_>| match &basic.tbs_response_data.responder_id {
+        ResponderId::ByName(name) => name.to_der().is_ok_and(|der| der == c.subject().as_raw()),
+        ResponderId::ByKey(hash) => {
+            digest::digest(sha1, &c.public_key().subject_public_key.data).as_ref() == hash.as_bytes()
+        }
+    };
+    if names(issuer) {
+        return Ok(Signer::Issuer);
+    }
+    for cert in basic.certs.iter().flatten() {
+        let der = cert.to_der().map_err(|e| format!("re-encoding a responder certificate: {e}"))?;
+        let Ok((_, c)) = x509_parser::parse_x509_certificate(&der) else { continue };
+        if !names(&c) {
+            continue;
+        }
+        let who = c.subject().to_string();
+        if c.issuer().as_raw() != issuer.subject().as_raw() {
+            return Err(format!("signed by {who}, which the issuer {} did not issue", issuer.subject()));
+        }
+        verify_signature(
+            issuer.public_key(),
+            &c.signature_algorithm.algorithm.to_id_string(),
+            c.tbs_certificate.as_ref(),
+            &c.signature_value.data,
+        )
+        .map_err(|e| format!("signed by {who}, whose certificate's signature by the issuer does not verify: {e}"))?;
+        let ocsp_signing = matches!(c.extended_key_usage(), Ok(Some(eku)) if eku.value.ocsp_signing);
+        if !ocsp_signing {
+            return Err(format!(
+                "signed by {who}, a certificate of the issuer without the id-kp-OCSPSigning extended key usage: \
+                 not a delegated OCSP responder"
+            ));
+        }
+        let validity = c.validity();
+        if now < validity.not_before.timestamp() || now > validity.not_after.timestamp() {
+            return Err(format!("signed by the delegated responder {who}, whose certificate is not valid now"));
+        }
+        return Ok(Signer::Delegated(der));
+    }
+    Err(format!(
+        "signed by a responder that is neither the issuer {} nor a certificate in the response",
+        issuer.subject()
+    ))
+}
+
+/// Verifies `signature` over `message` with `spki`, for the algorithms ring verifies
+/// and responders use: RSA PKCS#1 v1.5 with SHA-256/384/512, ECDSA P-256/P-384.
+fn verify_signature(
+    spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
+    alg: &str,
+    message: &[u8],
+    signature: &[u8],
+) -> Result<(), String> {
+    use ring::signature as sig;
+    const RSA: &str = "1.2.840.113549.1.1.1";
+    const EC: &str = "1.2.840.10045.2.1";
+    const P256: &str = "1.2.840.10045.3.1.7";
+    const P384: &str = "1.3.132.0.34";
+    let key_alg = spki.algorithm.algorithm.to_id_string();
+    let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok()).map(|o| o.to_id_string());
+    let verifier: &dyn sig::VerificationAlgorithm = match (alg, key_alg.as_str(), curve.as_deref()) {
+        ("1.2.840.113549.1.1.11", RSA, _) => &sig::RSA_PKCS1_2048_8192_SHA256,
+        ("1.2.840.113549.1.1.12", RSA, _) => &sig::RSA_PKCS1_2048_8192_SHA384,
+        ("1.2.840.113549.1.1.13", RSA, _) => &sig::RSA_PKCS1_2048_8192_SHA512,
+        ("1.2.840.10045.4.3.2", EC, Some(P256)) => &sig::ECDSA_P256_SHA256_ASN1,
+        ("1.2.840.10045.4.3.3", EC, Some(P256)) => &sig::ECDSA_P256_SHA384_ASN1,
+        ("1.2.840.10045.4.3.2", EC, Some(P384)) => &sig::ECDSA_P384_SHA256_ASN1,
+        ("1.2.840.10045.4.3.3", EC, Some(P384)) => &sig::ECDSA_P384_SHA384_ASN1,
+        _ => {
+            return Err(format!(
+                "signature algorithm {alg} with a {key_alg} key{} is not supported (RSA PKCS#1 with SHA-256/384/512, \
+                 ECDSA P-256/P-384 with SHA-256/384 are)",
+                curve.map(|c| format!(" on curve {c}")).unwrap_or_default()
+            ));
+        }
+    };
+    sig::UnparsedPublicKey::new(verifier, &spki.subject_public_key.data)
+        .verify(message, signature)
+        .map_err(|_| "the signature is wrong".to_owned())
+}
+
 #[cfg(test)]
 pub(crate) mod fixtures {
     //! OCSP responses built with x509-ocsp's encoder. Their signature is a dummy: the
@@ -552,5 +868,276 @@ mod tests {
         std::fs::write(path("leaf.pem"), twin_leaf.cert.pem()).unwrap();
         let staple = respond(&path("leaf.pem"), "twin.der");
         assert!(why(p.check(&staple)).contains("issuerKeyHash differs"));
+    }
+}
+#[cfg(test)]
+pub(crate) mod signed {
+    //! Really signed OCSP responses, for the verification of fetched ones: a P-256 CA
+    //! made with rcgen, responses signed with ring.
+
+    use rcgen::{
+        BasicConstraints, CertificateParams, CustomExtension, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+        KeyUsagePurpose,
+    };
+    use ring::signature::{ECDSA_P256_SHA256_ASN1_SIGNING, EcdsaKeyPair};
+    use x509_cert::der::asn1::{BitString, OctetString};
+    use x509_cert::der::oid::db::rfc5912;
+    use x509_cert::der::{Decode as _, Encode as _};
+    use x509_cert::spki::AlgorithmIdentifierOwned;
+    use x509_ocsp::{BasicOcspResponse, OcspResponse, ResponderId, ResponseData, SingleResponse, Version};
+
+    pub struct Authority {
+        pub der: Vec<u8>,
+        pub pem: String,
+        pkcs8: Vec<u8>,
+        issuer: Issuer<'static, KeyPair>,
+    }
+
+    /// A leaf: its chain PEM (leaf, then issuer) and key PEM.
+    pub struct Leaf {
+        pub der: Vec<u8>,
+        pub chain_pem: String,
+        pub key_pem: String,
+    }
+
+    /// The AIA extension naming `url` as the OCSP responder.
+    pub fn aia(url: &str) -> CustomExtension {
+        let mut location = vec![0x86, url.len() as u8];
+        location.extend_from_slice(url.as_bytes());
+        let mut desc = vec![0x06, 0x08, 0x2b, 0x06, 0x01, 0x05, 0x05, 0x07, 0x30, 0x01];
+        desc.extend(location);
+        let mut inner = vec![0x30, desc.len() as u8];
+        inner.extend(desc);
+        let mut outer = vec![0x30, inner.len() as u8];
+        outer.extend(inner);
+        CustomExtension::from_oid_content(&[1, 3, 6, 1, 5, 5, 7, 1, 1], outer)
+    }
+
+    impl Authority {
+        pub fn new(cn: &str) -> Self {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+            let cert = params.self_signed(&key).unwrap();
+            let pkcs8 = key.serialize_der();
+            Self { der: cert.der().to_vec(), pem: cert.pem(), pkcs8, issuer: Issuer::new(params, key) }
+        }
+
+        /// A server certificate naming `url` (if any) as its OCSP responder.
+        pub fn leaf(&self, cn: &str, url: Option<&str>) -> Leaf {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::new(vec![cn.to_owned()]).unwrap();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.custom_extensions.extend(url.map(aia));
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            Leaf { der: cert.der().to_vec(), chain_pem: cert.pem() + &self.pem, key_pem: key.serialize_pem() }
+        }
+
+        /// A responder certificate this authority issues, with id-kp-OCSPSigning or not.
+        pub fn responder(&self, cn: &str, ocsp_signing: bool) -> Authority {
+            let key = KeyPair::generate().unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name.push(DnType::CommonName, cn);
+            params.extended_key_usages = if ocsp_signing {
+                vec![ExtendedKeyUsagePurpose::OcspSigning]
+            } else {
+                vec![ExtendedKeyUsagePurpose::ServerAuth]
+            };
+            let cert = params.signed_by(&key, &self.issuer).unwrap();
+            let pkcs8 = key.serialize_der();
+            Authority { der: cert.der().to_vec(), pem: cert.pem(), pkcs8, issuer: Issuer::new(params, key) }
+        }
+
+        pub fn sign(&self, message: &[u8]) -> Vec<u8> {
+            let rng = ring::rand::SystemRandom::new();
+            let key = EcdsaKeyPair::from_pkcs8(&ECDSA_P256_SHA256_ASN1_SIGNING, &self.pkcs8, &rng).unwrap();
+            key.sign(&rng, message).unwrap().as_ref().to_vec()
+        }
+
+        fn key_hash(&self) -> Vec<u8> {
+            let (_, cert) = x509_parser::parse_x509_certificate(&self.der).unwrap();
+            ring::digest::digest(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY, &cert.public_key().subject_public_key.data)
+                .as_ref()
+                .to_vec()
+        }
+    }
+
+    /// The basic response holding `responses`, signed by `signer` (named by key hash),
+    /// carrying `certs`.
+    pub fn basic(signer: &Authority, responses: Vec<SingleResponse>, certs: &[&Authority]) -> BasicOcspResponse {
+        let tbs = ResponseData {
+            version: Version::V1,
+            responder_id: ResponderId::ByKey(OctetString::new(signer.key_hash()).unwrap()),
+            produced_at: super::fixtures::hours(0),
+            responses,
+            response_extensions: None,
+        };
+        let signature = signer.sign(&tbs.to_der().unwrap());
+        BasicOcspResponse {
+            tbs_response_data: tbs,
+            signature_algorithm: AlgorithmIdentifierOwned { oid: rfc5912::ECDSA_WITH_SHA_256, parameters: None },
+            signature: BitString::from_bytes(&signature).unwrap(),
+            certs: (!certs.is_empty())
+                .then(|| certs.iter().map(|c| x509_cert::Certificate::from_der(&c.der).unwrap()).collect()),
+        }
+    }
+
+    pub fn signed(signer: &Authority, responses: Vec<SingleResponse>, certs: &[&Authority]) -> Vec<u8> {
+        OcspResponse::successful(basic(signer, responses, certs)).unwrap().to_der().unwrap()
+    }
+}
+
+#[cfg(test)]
+mod fetched_tests {
+    use std::time::SystemTime;
+
+    use ring::digest::SHA1_FOR_LEGACY_USE_ONLY as SHA1;
+    use x509_cert::der::Encode as _;
+    use x509_ocsp::{OcspRequest, OcspResponse, SingleResponse};
+
+    use super::fixtures::{cert_id, good, hours, revoked, unknown};
+    use super::signed::{Authority, Leaf, basic, signed};
+    use super::*;
+
+    const URL: &str = "http://127.0.0.1:9/ocsp";
+
+    fn setup() -> (Authority, Leaf, OcspTarget) {
+        let ca = Authority::new("Fetch CA");
+        let leaf = ca.leaf("fetch.example.com", Some(URL));
+        let target = target(leaf.chain_pem.as_bytes(), &[]).unwrap();
+        (ca, leaf, target)
+    }
+
+    fn now() -> i64 {
+        unix_time::secs(SystemTime::now())
+    }
+
+    fn id(leaf: &Leaf, ca: &Authority) -> CertId {
+        cert_id(&leaf.der, &ca.der, &SHA1)
+    }
+
+    #[test]
+    fn the_target_is_the_leaf_its_issuer_and_its_aia_url() {
+        let (ca, leaf, t) = setup();
+        assert_eq!((t.url.as_str(), &t.leaf_der, &t.issuer_der), (URL, &leaf.der, &ca.der));
+        let none = ca.leaf("plain.example.com", None);
+        let err = target(none.chain_pem.as_bytes(), &[]).unwrap_err();
+        assert!(err.contains("no OCSP responder"), "{err}");
+        let alone = ca.leaf("alone.example.com", Some(URL));
+        let leaf_only = alone.chain_pem.split_inclusive("-----END CERTIFICATE-----\n").next().unwrap();
+        let err = target(leaf_only.as_bytes(), &[]).unwrap_err();
+        assert!(err.contains("issuer CN=Fetch CA is not in the chain"), "{err}");
+        assert_eq!(target(leaf_only.as_bytes(), &[ca.der.clone()]).unwrap().issuer_der, ca.der, "a CA given aside");
+        assert!(format!("{t:?}").contains(URL) && !format!("{t:?}").contains("leaf_der"));
+    }
+
+    #[test]
+    fn the_request_is_what_openssl_sends_without_a_nonce() {
+        let (ca, leaf, t) = setup();
+        let der = request_der(&t).unwrap();
+        let request = OcspRequest::from_der(&der).unwrap();
+        let [single] = &request.tbs_request.request_list[..] else { panic!("one request") };
+        assert_eq!(single.req_cert, id(&leaf, &ca), "SHA-1 CertID of the leaf under its issuer");
+        assert!(request.tbs_request.request_extensions.is_none() && request.optional_signature.is_none());
+        // Byte for byte what `openssl ocsp -no_nonce` writes for the same pair.
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("ca.pem"), &ca.pem).unwrap();
+        let leaf_pem = leaf.chain_pem.split_inclusive("-----END CERTIFICATE-----\n").next().unwrap();
+        std::fs::write(dir.path().join("leaf.pem"), leaf_pem).unwrap();
+        let status = std::process::Command::new("openssl")
+            .args(["ocsp", "-issuer", "ca.pem", "-cert", "leaf.pem", "-no_nonce", "-reqout", "req.der"])
+            .current_dir(dir.path())
+            .output()
+            .unwrap();
+        assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+        assert_eq!(der, std::fs::read(dir.path().join("req.der")).unwrap());
+    }
+
+    #[test]
+    fn a_response_signed_by_the_issuer_verifies_and_says_good_or_revoked() {
+        let (ca, leaf, t) = setup();
+        let answer = verify(&signed(&ca, vec![good(id(&leaf, &ca))], &[]), &t, now()).unwrap();
+        assert_eq!(answer.status, OcspCertStatus::Good);
+        assert_eq!(answer.signer, "issuer");
+        assert!(answer.this_update < now() && answer.next_update > now());
+        let answer = verify(&signed(&ca, vec![revoked(id(&leaf, &ca))], &[]), &t, now()).unwrap();
+        assert!(
+            matches!(&answer.status, OcspCertStatus::Revoked { reason: Some(r), .. } if r == "KeyCompromise"),
+            "{answer:?}"
+        );
+        let err = verify(&signed(&ca, vec![unknown(id(&leaf, &ca))], &[]), &t, now()).unwrap_err();
+        assert!(err.contains("unknown"), "{err}");
+    }
+
+    #[test]
+    fn a_delegated_responder_verifies_only_with_the_ocsp_signing_eku_and_the_issuers_signature() {
+        let (ca, leaf, t) = setup();
+        let responder = ca.responder("Fetch CA OCSP Responder", true);
+        let answer = verify(&signed(&responder, vec![good(id(&leaf, &ca))], &[&responder]), &t, now()).unwrap();
+        assert_eq!(answer.signer, "delegated responder CN=Fetch CA OCSP Responder");
+
+        let no_eku = ca.responder("Fetch CA web server", false);
+        let err = verify(&signed(&no_eku, vec![good(id(&leaf, &ca))], &[&no_eku]), &t, now()).unwrap_err();
+        assert!(err.contains("without the id-kp-OCSPSigning") && err.contains("CN=Fetch CA web server"), "{err}");
+
+        // A responder with the EKU, issued by another CA.
+        let other = Authority::new("Other CA");
+        let foreign = other.responder("Other CA OCSP Responder", true);
+        let err = verify(&signed(&foreign, vec![good(id(&leaf, &ca))], &[&foreign]), &t, now()).unwrap_err();
+        assert!(err.contains("did not issue"), "{err}");
+        // Not carried in the response: nothing to check it with.
+        let err = verify(&signed(&responder, vec![good(id(&leaf, &ca))], &[]), &t, now()).unwrap_err();
+        assert!(err.contains("neither the issuer"), "{err}");
+    }
+
+    #[test]
+    fn a_wrong_signer_or_a_tampered_response_is_refused() {
+        let (ca, leaf, t) = setup();
+        // Named as the issuer (its key hash) but signed with another key.
+        let impostor = Authority::new("Impostor");
+        let mut forged = basic(&ca, vec![good(id(&leaf, &ca))], &[]);
+        let sig = impostor.sign(&forged.tbs_response_data.to_der().unwrap());
+        forged.signature = x509_cert::der::asn1::BitString::from_bytes(&sig).unwrap();
+        let der = OcspResponse::successful(forged).unwrap().to_der().unwrap();
+        let err = verify(&der, &t, now()).unwrap_err();
+        assert!(err.contains("signature by the issuer does not verify"), "{err}");
+
+        // Signed, then its nextUpdate pushed a year out.
+        let mut tampered = basic(&ca, vec![good(id(&leaf, &ca))], &[]);
+        tampered.tbs_response_data.responses[0].next_update = Some(hours(24 * 365));
+        let der = OcspResponse::successful(tampered).unwrap().to_der().unwrap();
+        let err = verify(&der, &t, now()).unwrap_err();
+        assert!(err.contains("does not verify") && err.contains("the signature is wrong"), "{err}");
+
+        // A good signature over a status of another certificate.
+        let other = ca.leaf("other.example.com", Some(URL));
+        let err = verify(&signed(&ca, vec![good(id(&other, &ca))], &[]), &t, now()).unwrap_err();
+        assert!(err.contains("another certificate"), "{err}");
+    }
+
+    #[test]
+    fn times_and_algorithms_outside_what_is_stapled_are_refused() {
+        let (ca, leaf, t) = setup();
+        let with = |f: &dyn Fn(&mut SingleResponse)| {
+            let mut single = good(id(&leaf, &ca));
+            f(&mut single);
+            signed(&ca, vec![single], &[])
+        };
+        let err = verify(&with(&|s| s.next_update = None), &t, now()).unwrap_err();
+        assert!(err.contains("no nextUpdate"), "{err}");
+        let err = verify(&with(&|s| s.next_update = Some(hours(-1))), &t, now()).unwrap_err();
+        assert!(err.contains("stale"), "{err}");
+        let err = verify(&with(&|s| s.this_update = hours(1)), &t, now()).unwrap_err();
+        assert!(err.contains("in the future"), "{err}");
+        let mut ed = basic(&ca, vec![good(id(&leaf, &ca))], &[]);
+        ed.signature_algorithm.oid = x509_cert::der::oid::db::rfc8410::ID_ED_25519;
+        let der = OcspResponse::successful(ed).unwrap().to_der().unwrap();
+        let err = verify(&der, &t, now()).unwrap_err();
+        assert!(err.contains("1.3.101.112") && err.contains("not supported"), "{err}");
+        let two = signed(&ca, vec![good(id(&leaf, &ca)), good(id(&leaf, &ca))], &[]);
+        assert!(verify(&two, &t, now()).unwrap_err().contains("2 certificate statuses"));
+        assert!(verify(b"garbage", &t, now()).unwrap_err().contains("not a DER OCSP response"));
     }
 }

@@ -55,6 +55,8 @@ pub struct SdsBootstrap {
     pub sni_chains: Vec<(String, String)>,
     /// With `mtls`, the CA bundle's secret name instead of `SECRET-cacert`.
     pub ca_secret: Option<String>,
+    /// The main listener's `session_ticket_keys_sds_secret_config`, by secret name.
+    pub session_ticket_keys: Option<String>,
 }
 
 /// The SDS cluster's `UpstreamTlsContext`: files in a directory (`tls.crt`, `tls.key`,
@@ -82,7 +84,14 @@ impl SdsBootstrap {
             more_listeners: Vec::new(),
             sni_chains: Vec::new(),
             ca_secret: None,
+            session_ticket_keys: None,
         }
+    }
+
+    /// The main listener's TLS session ticket keys from certwire, secret `name`.
+    pub fn session_ticket_keys(mut self, name: &str) -> SdsBootstrap {
+        self.session_ticket_keys = Some(name.to_string());
+        self
     }
 
     /// Mutual TLS with the client CA from secret `name` (e.g. `configmap://NS/NAME`).
@@ -159,6 +168,10 @@ api_config_source:
             let mut tls = tls_context(&self.secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
             if let Some(ca) = &self.ca_secret {
                 tls = tls.replace(&format!("name: \"{}-cacert\"", self.secret), &format!("name: \"{ca}\""));
+            }
+            if let Some(keys) = &self.session_ticket_keys {
+                let sds = indent(&sds_config, 4);
+                let _ = write!(tls, "session_ticket_keys_sds_secret_config:\n  name: \"{keys}\"\n  sds_config:\n{sds}");
             }
             listener(&self.secret, self.listen_port, &tls)
         } else {

@@ -3,6 +3,8 @@
 //! `ca.crt`, `ca.crl`, usually symlinks through the `..data` link the kubelet swaps
 //! atomically).
 //! Subdirectory `NAME` serves `NAME` (the pair) and `NAME-cacert` (the CA bundle).
+//! Instead of a pair, `NAME` may hold session ticket keys (`tls.session-ticket-keys`) or
+//! a generic secret (`secret`), see [`secret_keys`].
 //!
 //! Any event in `root/NAME` re-reads that directory at once, with no debounce: a
 //! rotation is pushed as soon as the files are consistent. What is pushed is remembered
@@ -36,6 +38,7 @@ use tokio::task::JoinHandle;
 
 use crate::ingest::Intake;
 use crate::pki::{self, CheckOptions, KeyBytes, Material, PkiError};
+use crate::sources::secret_keys;
 use crate::version::Version;
 
 pub use read::DEFAULT_MAX_FILE_BYTES;
@@ -84,6 +87,8 @@ pub enum FilesError {
         root.display()
     )]
     OutsideRoot { path: PathBuf, target: PathBuf, root: PathBuf },
+    #[error("{} {source}", path.display())]
+    Ambiguous { path: PathBuf, source: secret_keys::Ambiguous },
     #[error("cannot watch {}: {source}", path.display())]
     Watch { path: PathBuf, source: notify::Error },
     #[error("cannot list the files root {}: {source}; every secret read from it keeps its last good version", path.display())]
@@ -99,6 +104,7 @@ impl FilesError {
             FilesError::NotAFile { .. } => "not_a_file",
             FilesError::TooLarge { .. } => "too_large",
             FilesError::OutsideRoot { .. } => "outside_root",
+            FilesError::Ambiguous { .. } => secret_keys::Ambiguous::REASON,
             FilesError::Watch { .. } => "watch_error",
             FilesError::Root { .. } => "root_unreadable",
         }
@@ -190,7 +196,25 @@ fn read_secret_dir_within(
     limits: Limits<'_>,
     dir: &Path,
 ) -> (Result<Option<Material>, FilesError>, Result<Option<Material>, FilesError>) {
-    (read_pair(limits, dir), read_ca(limits, dir))
+    (read_own(limits, dir), read_ca(limits, dir))
+}
+
+/// What directory `dir` serves under its own name: its pair, its session ticket keys or
+/// its generic secret (see [`secret_keys`]); an empty file is none, as an empty Secret
+/// key is.
+fn read_own(limits: Limits<'_>, dir: &Path) -> Result<Option<Material>, FilesError> {
+    let pair = read_pair(limits, dir)?;
+    let optional = |file: &str, make: fn(&[u8]) -> Material| -> Result<Option<Material>, FilesError> {
+        Ok(read::read_file(limits, &dir.join(file))?.filter(|b| !b.is_empty()).map(|b| make(&b)))
+    };
+    let tickets = optional(secret_keys::SESSION_TICKET_KEYS, secret_keys::ticket_keys)?;
+    let generic = optional(secret_keys::GENERIC_SECRET, secret_keys::generic)?;
+    secret_keys::one_of([
+        ("tls.crt", pair),
+        (secret_keys::SESSION_TICKET_KEYS, tickets),
+        (secret_keys::GENERIC_SECRET, generic),
+    ])
+    .map_err(|source| FilesError::Ambiguous { path: dir.to_owned(), source })
 }
 
 fn read_pair(limits: Limits<'_>, dir: &Path) -> Result<Option<Material>, FilesError> {
@@ -255,7 +279,13 @@ impl Digests {
             }
             Material::Tls { cert_chain_pem, key_pem, ocsp_staple: None } => (cert_chain_pem, key_pem.as_slice()),
             Material::Validation { ca_pem, crl_pem } => (ca_pem, crl_pem.as_deref().unwrap_or_default()),
-            Material::SessionTicketKeys(_) | Material::Generic(_) => (&[], &[]),
+            Material::SessionTicketKeys(keys) => {
+                // Sized once, so no reallocation leaves key bytes behind.
+                let mut all = zeroize::Zeroizing::new(Vec::with_capacity(keys.iter().map(KeyBytes::len).sum()));
+                keys.iter().for_each(|k| all.extend_from_slice(k.as_slice()));
+                return Self([Version::of(&all), Version::of(&[])]);
+            }
+            Material::Generic(secret) => (secret.as_slice(), &[]),
         };
         Self([Version::of(a), Version::of(b)])
     }

@@ -737,3 +737,44 @@ async fn a_staple_from_the_future_is_served_once_its_this_update_has_come() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn ticket_keys_and_generic_secrets_are_served_and_follow_their_files() {
+    let root = tempdir();
+    kubelet_write_bytes(&root.path().join("tickets"), &[("tls.session-ticket-keys", &[1u8; 160])]);
+    kubelet_write_bytes(&root.path().join("hmac"), &[("secret", b"first")]);
+    let h = Harness::start(root, Options::default()).await;
+
+    let tickets = h.store.get("tickets").expect("ticket keys served");
+    assert_eq!(tickets.kind, SecretKind::SessionTicketKeys);
+    assert_eq!(h.store.get("hmac").expect("generic served").kind, SecretKind::GenericSecret);
+
+    let mut rx = h.store.subscribe("hmac");
+    let before = rx.borrow_and_update().as_ref().map(|s| s.version);
+    kubelet_write_bytes(&h.dir("hmac"), &[("secret", b"second")]);
+    wait_for(&mut rx, "the changed generic secret", |c| c.as_ref().map(|s| s.version) != before).await;
+
+    // A key of 79 bytes: refused with its size, the two good keys stay served.
+    let mut rx = h.store.subscribe("tickets");
+    let good = rx.borrow_and_update().as_ref().map(|s| s.version);
+    kubelet_write_bytes(&h.dir("tickets"), &[("tls.session-ticket-keys", &[2u8; 159])]);
+    h.wait_rejected("bad_ticket_keys", 1).await;
+    assert!(h.last_error("tickets").is_some_and(|e| e.contains("key 2 is 79 bytes")), "{:?}", h.last_error("tickets"));
+    assert_eq!(rx.borrow().as_ref().map(|s| s.version), good);
+}
+
+#[tokio::test]
+async fn a_directory_with_two_kinds_of_secret_is_refused_as_ambiguous() {
+    let root = tempdir();
+    let web = pair("web.test");
+    let [crt, key] = pair_files(&web);
+    kubelet_write(&root.path().join("web"), &[crt, key]);
+    let h = Harness::start(root, Options::default()).await;
+    assert!(h.store.get("web").is_some());
+
+    kubelet_write(&h.dir("web"), &[crt, key, ("secret", "s")]);
+    h.wait_rejected("ambiguous_keys", 1).await;
+    let error = h.last_error("web").expect("last_error");
+    assert!(error.contains(r#""tls.crt" and "secret""#) && error.contains("web"), "{error}");
+    assert_eq!(h.store.get("web").expect("last good kept").kind, SecretKind::TlsCertificate);
+}

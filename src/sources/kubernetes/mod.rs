@@ -36,6 +36,8 @@ pub struct Options {
     pub kubeconfig: Option<PathBuf>,
     /// Also serve CA bundles from ConfigMaps (`configmap://NS/NAME`).
     pub configmaps: bool,
+    /// Serve a Secret's `secret` key as a generic secret (`--generic-secrets`).
+    pub generic_secrets: bool,
     /// Gateway API support: `kubernetes-gateway://NS/NAME` names, decided by
     /// ReferenceGrants ([`gateway`]).
     pub gateway_api: bool,
@@ -73,6 +75,7 @@ pub async fn start(
         }
         let mut watch = watch::Watch::new(intake.clone(), default_ns.clone(), health.clone(), component);
         watch.report_rejections(recorder.clone());
+        watch.serve_generic_secrets(options.generic_secrets);
         let events = watcher::watcher(api, config.clone()).default_backoff();
         tasks.push(tokio::spawn(watch.run(events, shutdown.clone())));
         if options.configmaps {

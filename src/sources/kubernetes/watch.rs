@@ -42,6 +42,8 @@ pub struct Watch {
     component: String,
     /// Kubernetes Events on rejected Secrets; none in unit tests.
     recorder: Option<Rejections>,
+    /// A `secret` key is served as a generic secret (`--generic-secrets`).
+    generic_secrets: bool,
 }
 
 impl Watch {
@@ -59,7 +61,13 @@ impl Watch {
             health,
             component,
             recorder: None,
+            generic_secrets: false,
         }
+    }
+
+    /// Serves a Secret's `secret` key as a generic secret.
+    pub fn serve_generic_secrets(&mut self, on: bool) {
+        self.generic_secrets = on;
     }
 
     /// Posts a Warning Event on each rejected Secret.
@@ -79,7 +87,7 @@ impl Watch {
     /// Reports a Secret's content; returns its key.
     fn apply(&mut self, secret: &Secret) -> String {
         let key = key_of(secret);
-        let extracted = names::extract(secret.data.as_ref());
+        let extracted = names::extract(secret.data.as_ref(), self.generic_secrets);
         if extracted.is_empty() {
             // Not (or no longer) a certificate secret.
             self.withdraw(&key);
@@ -120,7 +128,12 @@ impl Watch {
         let mut error: Option<(&'static str, String)> = None;
         if let Some(problem) = extracted.problem.as_ref().filter(|_| !ca_only) {
             // The last good pair stays served under these names.
-            self.intake.reject_all_of_kind(&bases, SecretKind::TlsCertificate, problem.reason(), problem);
+            match problem {
+                names::ExtractError::EmptyPair(..) => {
+                    self.intake.reject_all_of_kind(&bases, SecretKind::TlsCertificate, problem.reason(), problem)
+                }
+                names::ExtractError::Ambiguous(..) => self.intake.reject_all(&bases, problem.reason(), problem),
+            }
             error = Some((problem.reason(), problem.to_string()));
             names.extend(bases.iter().cloned());
         }
@@ -249,7 +262,15 @@ fn digest_of(e: &names::Extracted) -> [u8; 32] {
                 ctx.update(ca_pem);
                 ctx.update(crl_pem.as_deref().unwrap_or_default());
             }
-            _ => ctx.update(b"-"),
+            Some(Material::SessionTicketKeys(keys)) => {
+                ctx.update(b"tickets");
+                keys.iter().for_each(|k| ctx.update(k.as_slice()));
+            }
+            Some(Material::Generic(secret)) => {
+                ctx.update(b"generic");
+                ctx.update(secret.as_slice());
+            }
+            None => ctx.update(b"-"),
         }
     }
     if let Some(problem) = &e.problem {
