@@ -13,6 +13,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use common::bootstrap::{SdsTarget, certwire_cluster};
 use common::certwire::Certwire;
 use common::envoy::Envoy;
 use common::files::SecretDir;
@@ -104,22 +105,7 @@ static_resources:
             typed_config:
               "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
   clusters:
-  - name: certwire
-    type: STATIC
-    connect_timeout: 1s
-    typed_extension_protocol_options:
-      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
-        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
-        explicit_http_config:
-          http2_protocol_options: {{}}
-    load_assignment:
-      cluster_name: certwire
-      endpoints:
-      - lb_endpoints:
-        - endpoint:
-            address:
-              socket_address: {{address: "{sds_ip}", port_value: {sds_port}}}
-  - name: upstream
+{certwire}  - name: upstream
     type: STATIC
     connect_timeout: 1s
     load_assignment:
@@ -130,8 +116,7 @@ static_resources:
             address:
               socket_address: {{address: "{up_ip}", port_value: {up_port}}}
 "#,
-        sds_ip = sds.ip(),
-        sds_port = sds.port(),
+        certwire = certwire_cluster(&SdsTarget::Tcp(sds)),
         up_ip = upstream.ip(),
         up_port = upstream.port(),
     );
@@ -195,7 +180,11 @@ async fn envoy_injects_a_generic_secret_from_files_and_follows_its_change() {
     assert!(error.contains("secret") && error.contains("tls.session-ticket-keys"), "{status}");
     keeps_injecting(proxy, "Bearer second-token").await;
     let log = std::fs::read_to_string(certwire.log_path()).expect("read certwire log");
-    assert!(!["first-token", "second-token", "third-token"].iter().any(|t| log.contains(t)), "the log never shows a credential:\n{}", util::log_tail(certwire.log_path(), 20));
+    assert!(
+        !["first-token", "second-token", "third-token"].iter().any(|t| log.contains(t)),
+        "the log never shows a credential:\n{}",
+        util::log_tail(certwire.log_path(), 20)
+    );
 }
 
 /// A Secret's `secret` key, written with kubectl, served with `--generic-secrets` as
@@ -207,21 +196,14 @@ async fn envoy_injects_a_generic_secret_from_a_kubernetes_secret() {
     let api = KubeApi::start().await;
     let dir = util::tempdir();
     let kubeconfig = api.kubeconfig(dir.path());
-    let kubectl = |args: Vec<String>| {
-        let kubeconfig = kubeconfig.clone();
-        async move {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            kubeapi::kubectl_ok(&kubeconfig, &args).await
-        }
-    };
     let create = |value: &str, extra: &[&str]| {
         let mut args: Vec<String> = ["create", "secret", "generic", NAME, "-n", NS].map(String::from).to_vec();
         args.push(format!("--from-literal=secret={value}"));
         args.extend(extra.iter().map(|a| a.to_string()));
         args
     };
-    kubectl(["create", "namespace", NS].map(String::from).to_vec()).await;
-    kubectl(create("Basic dXNlcjpvbmU=", &[])).await;
+    kubeapi::kubectl_ok(&kubeconfig, &["create", "namespace", NS]).await;
+    kubeapi::kubectl_ok(&kubeconfig, &refs(&create("Basic dXNlcjpvbmU=", &[]))).await;
 
     let upstream = echo_authorization().await;
     let certwire = Certwire::serve([
@@ -237,9 +219,14 @@ async fn envoy_injects_a_generic_secret_from_a_kubernetes_secret() {
     let (_envoy, proxy) = injecting_envoy(certwire.sds_addr(), &format!("kubernetes://{NS}/{NAME}"), upstream).await;
     wait_injected(proxy, "Basic dXNlcjpvbmU=").await;
 
-    let manifest = kubectl(create("Basic dXNlcjp0d28=", &["--dry-run=client", "-o", "yaml"])).await;
+    let dry_run = create("Basic dXNlcjp0d28=", &["--dry-run=client", "-o", "yaml"]);
+    let manifest = kubeapi::kubectl_ok(&kubeconfig, &refs(&dry_run)).await;
     let path = dir.path().join("replaced.yaml");
     std::fs::write(&path, manifest).expect("write manifest");
-    kubectl(vec!["replace".into(), "-f".into(), path.to_str().unwrap().into()]).await;
+    kubeapi::kubectl_ok(&kubeconfig, &["replace", "-f", path.to_str().unwrap()]).await;
     wait_injected(proxy, "Basic dXNlcjp0d28=").await;
+}
+
+fn refs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
 }

@@ -17,6 +17,7 @@ use common::attack;
 use common::bootstrap::{SdsBootstrap, SdsTarget};
 use common::certwire::Certwire;
 use common::envoy::Envoy;
+use common::kubeapi::{self, KubeApi};
 use common::util::{self, WAIT};
 use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
@@ -179,6 +180,8 @@ async fn a_session_from_one_envoy_resumes_on_another() {
 
     // The name is in status like any secret, without key bytes.
     let status = certwire.secret_status(TICKETS).await.expect("status of the ticket keys");
+    assert_eq!(status["kind"], "session_ticket_keys");
+    assert_eq!(status["source"], "tickets");
     let text = status.to_string();
     assert!(!text.contains(&hex::encode(&keys[0][16..32])), "no key bytes in status: {text}");
     let metrics = certwire.metrics().await;
@@ -234,15 +237,16 @@ async fn rotation_keeps_tickets_within_the_overlap_and_drops_older_ones() {
     assert!(certwire.metric_sum("certwire_ticket_key_rotations_total", &[("secret", TICKETS)]).await >= 2.0);
 }
 
-#[tokio::test]
-async fn two_replicas_sharing_a_state_directory_serve_identical_keys() {
-    let dir = util::tempdir();
-    let extra = "rotate_every = \"3s\"\nkeep = 1\npropagation = \"1s\"\n";
-    let config = config(dir.path(), &dir.path().join("state"), extra);
-    let one = certwire(&config, false).await;
-    let two = certwire(&config, false).await;
+/// Two replicas with `config` (and `args`) serve the same keys through three rotations.
+async fn replicas_agree(config: &Path, args: &[&str]) -> (Certwire, Certwire) {
+    let start = || async {
+        let mut all = vec!["--config", config.to_str().unwrap(), "--listen", "127.0.0.1:0"];
+        all.extend_from_slice(args);
+        Certwire::serve(all.iter().map(|a| a.to_string())).await
+    };
+    let one = start().await;
+    let two = start().await;
     let (a, b) = (one.sds_addr(), two.sds_addr());
-
     let mut seen_first = Vec::new();
     for round in 0..3 {
         let keys = util::wait_for("both replicas serve the same keys", WAIT, || async {
@@ -256,10 +260,110 @@ async fn two_replicas_sharing_a_state_directory_serve_identical_keys() {
         }
         seen_first.push(keys[0].clone());
     }
-    // Both wrote to the one state; the keys file is what they serve.
-    let on_disk = std::fs::read(dir.path().join("state/tls.session-ticket-keys")).unwrap();
-    assert_eq!(on_disk.len() % 80, 0);
     let rotations = one.metric_sum("certwire_ticket_key_rotations_total", &[("secret", TICKETS)]).await
         + two.metric_sum("certwire_ticket_key_rotations_total", &[("secret", TICKETS)]).await;
     assert!(rotations >= 2.0, "rotations written by the fleet: {rotations}");
+    (one, two)
+}
+
+const FAST: &str = "rotate_every = \"3s\"\nkeep = 1\npropagation = \"1s\"\n";
+
+#[tokio::test]
+async fn two_replicas_sharing_a_state_directory_serve_identical_keys() {
+    let dir = util::tempdir();
+    let state = dir.path().join("state");
+    let config = config(dir.path(), &state, FAST);
+    let (one, _two) = replicas_agree(&config, &[]).await;
+    // The keys file on the volume is what they serve.
+    util::wait_for("the keys file holds the served keys", WAIT, || async {
+        let (_, keys) = served_keys(one.sds_addr()).await;
+        (std::fs::read(state.join("tls.session-ticket-keys")).ok()? == keys.concat()).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn two_replicas_sharing_a_kubernetes_secret_serve_identical_keys() {
+    let api = KubeApi::start().await;
+    let dir = util::tempdir();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let kc = kubeconfig.to_str().unwrap();
+    let path = dir.path().join("certwire.toml");
+    std::fs::write(
+        &path,
+        format!("[[tickets]]\nname = \"{TICKETS}\"\nstate = \"kubernetes://default/tickets\"\n{FAST}"),
+    )
+    .unwrap();
+    let (one, _two) = replicas_agree(&path, &["--kubeconfig", kc]).await;
+    // kubectl shows the keys Envoy gets, in the shared format.
+    util::wait_for("the Secret holds the served keys", WAIT, || async {
+        let (_, keys) = served_keys(one.sds_addr()).await;
+        let out = kubeapi::kubectl_ok(
+            &kubeconfig,
+            &["get", "secret", "tickets", "-n", "default", "-o", "jsonpath={.data.tls\\.session-ticket-keys}"],
+        )
+        .await;
+        use base64::Engine as _;
+        let on_api = base64::engine::general_purpose::STANDARD.decode(out.trim()).ok()?;
+        (on_api == keys.concat()).then_some(())
+    })
+    .await;
+
+    // A Secret of that name that certwire did not write: refused at start, untouched.
+    api.put_object(serde_json::json!({
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": "foreign", "namespace": "default"},
+        "data": {"tls.session-ticket-keys": "AAAA"},
+    }));
+    let foreign = dir.path().join("foreign.toml");
+    std::fs::write(&foreign, format!("[[tickets]]\nname = \"{TICKETS}\"\nstate = \"kubernetes://default/foreign\"\n"))
+        .unwrap();
+    let output = tokio::process::Command::new(common::certwire::certwire_bin())
+        .args(["serve", "--config", foreign.to_str().unwrap(), "--kubeconfig", kc])
+        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .env("NO_COLOR", "1")
+        .output()
+        .await
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "started on a foreign Secret: {stderr}");
+    assert!(stderr.contains("kubernetes://default/foreign") && stderr.contains("not written by certwire"), "{stderr}");
+    let kept = api.get_object("v1", "Secret", "default", "foreign").unwrap();
+    assert_eq!(kept["data"]["tls.session-ticket-keys"], "AAAA", "not overwritten");
+}
+
+/// The state directory is a secret directory in the format the files source reads: an
+/// operator can serve (or copy) it with `--files`, and gets the same keys.
+#[tokio::test]
+async fn the_state_directory_is_served_as_is_by_the_files_source() {
+    let dir = util::tempdir();
+    let root = dir.path().join("secrets");
+    std::fs::create_dir(&root).unwrap();
+    let config = config(dir.path(), &root.join("copy"), "");
+    let certwire = Certwire::serve([
+        "--config",
+        config.to_str().unwrap(),
+        "--files",
+        root.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let sds = certwire.sds_addr();
+    let (_, keys) = served_keys(sds).await;
+    util::wait_for("the files source serves the state directory", WAIT, || async {
+        let response = attack::fetch(sds, &["copy".to_string()]).await.ok()?;
+        let secret = Secret::decode(&response.resources.first()?.value[..]).ok()?;
+        let Some(secret::Type::SessionTicketKeys(from_files)) = secret.r#type else { return None };
+        let from_files: Vec<Vec<u8>> = from_files
+            .keys
+            .into_iter()
+            .filter_map(|k| match k.specifier {
+                Some(Specifier::InlineBytes(b)) => Some(b),
+                _ => None,
+            })
+            .collect();
+        (from_files == keys).then_some(())
+    })
+    .await;
 }

@@ -119,7 +119,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     }
     if !settings.tickets.is_empty() {
         let intake = Intake::new(store.clone(), metrics.clone(), "tickets", settings.allow_expired);
-        sources::tickets::start(settings.tickets.clone(), intake, metrics.clone(), shutdown.clone())
+        let kubeconfig = settings.authz.kubeconfig.clone();
+        sources::tickets::start(settings.tickets.clone(), intake, metrics.clone(), kubeconfig, shutdown.clone())
             .await
             .context("starting the session ticket keys source")?;
     }

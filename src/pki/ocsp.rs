@@ -15,6 +15,10 @@
 //! (source/common/tls/ocsp/ocsp.cc: "responses are expected to be delivered from a
 //! reliable source"): whoever writes the staple can write the certificate and key
 //! too, and it is the client that verifies the signature against the issuer it trusts.
+//!
+//! Staples certwire fetches itself (src/stapling, `[ocsp]`) are another matter: they come
+//! over a network nobody vouched for, so [`verify`] checks their signature (by the issuer
+//! or a delegated responder) as well; [`target`] and [`request_der`] make the request.
 
 use ring::digest::{self, Algorithm};
 use x509_cert::der::Decode as _;
@@ -1029,7 +1033,11 @@ mod fetched_tests {
         let leaf_only = alone.chain_pem.split_inclusive("-----END CERTIFICATE-----\n").next().unwrap();
         let err = target(leaf_only.as_bytes(), &[]).unwrap_err();
         assert!(err.contains("issuer CN=Fetch CA is not in the chain"), "{err}");
-        assert_eq!(target(leaf_only.as_bytes(), &[ca.der.clone()]).unwrap().issuer_der, ca.der, "a CA given aside");
+        assert_eq!(
+            target(leaf_only.as_bytes(), std::slice::from_ref(&ca.der)).unwrap().issuer_der,
+            ca.der,
+            "a CA given aside"
+        );
         assert!(format!("{t:?}").contains(URL) && !format!("{t:?}").contains("leaf_der"));
     }
 
@@ -1139,5 +1147,135 @@ mod fetched_tests {
         let two = signed(&ca, vec![good(id(&leaf, &ca)), good(id(&leaf, &ca))], &[]);
         assert!(verify(&two, &t, now()).unwrap_err().contains("2 certificate statuses"));
         assert!(verify(b"garbage", &t, now()).unwrap_err().contains("not a DER OCSP response"));
+    }
+}
+
+#[cfg(test)]
+mod openssl_interop_tests {
+    //! Responses made by `openssl ocsp` (RSA keys, as most private CAs have): what
+    //! certwire will meet in the field verifies, or is refused with a reason.
+
+    use std::path::Path;
+    use std::process::Command;
+
+    use super::*;
+
+    fn openssl(dir: &Path, args: &[&str]) {
+        let out = Command::new("openssl").args(args).current_dir(dir).output().expect("openssl on PATH");
+        assert!(out.status.success(), "openssl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+
+    /// An RSA CA, a leaf with an OCSP URL, a delegated responder (with or without the
+    /// OCSPSigning EKU), and the CA's own key: everything the openssl responder needs.
+    fn pki(dir: &Path) -> OcspTarget {
+        openssl(
+            dir,
+            &[
+                "req",
+                "-x509",
+                "-newkey",
+                "rsa:2048",
+                "-nodes",
+                "-keyout",
+                "ca.key",
+                "-out",
+                "ca.crt",
+                "-days",
+                "3",
+                "-subj",
+                "/CN=Interop CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+            ],
+        );
+        std::fs::write(dir.join("leaf.cnf"), "authorityInfoAccess=OCSP;URI:http://ocsp.interop.test\n").unwrap();
+        std::fs::write(dir.join("ocsp.cnf"), "extendedKeyUsage=OCSPSigning\n").unwrap();
+        std::fs::write(dir.join("web.cnf"), "extendedKeyUsage=serverAuth\n").unwrap();
+        for (name, ext, serial) in
+            [("leaf", "leaf.cnf", "0x1001"), ("ocsp", "ocsp.cnf", "0x2"), ("web", "web.cnf", "0x3")]
+        {
+            let key = format!("{name}.key");
+            let csr = format!("{name}.csr");
+            let crt = format!("{name}.crt");
+            let subj = format!("/CN=interop {name}");
+            openssl(dir, &["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", &subj]);
+            openssl(
+                dir,
+                &[
+                    "x509",
+                    "-req",
+                    "-in",
+                    &csr,
+                    "-CA",
+                    "ca.crt",
+                    "-CAkey",
+                    "ca.key",
+                    "-set_serial",
+                    serial,
+                    "-days",
+                    "2",
+                    "-out",
+                    &crt,
+                    "-extfile",
+                    ext,
+                ],
+            );
+        }
+        std::fs::write(dir.join("index.txt"), "V\t361231235959Z\t\t1001\tunknown\t/CN=interop leaf\n").unwrap();
+        openssl(dir, &["ocsp", "-issuer", "ca.crt", "-cert", "leaf.crt", "-no_nonce", "-reqout", "req.der"]);
+        let chain = std::fs::read_to_string(dir.join("leaf.crt")).unwrap()
+            + &std::fs::read_to_string(dir.join("ca.crt")).unwrap();
+        target(chain.as_bytes(), &[]).unwrap()
+    }
+
+    /// The response of `openssl ocsp` signing as `signer` (extra `args` appended).
+    fn respond(dir: &Path, signer: &str, args: &[&str]) -> Vec<u8> {
+        let (crt, key) = (format!("{signer}.crt"), format!("{signer}.key"));
+        let mut all = vec![
+            "ocsp",
+            "-index",
+            "index.txt",
+            "-rsigner",
+            &crt,
+            "-rkey",
+            &key,
+            "-CA",
+            "ca.crt",
+            "-reqin",
+            "req.der",
+            "-respout",
+            "resp.der",
+            "-ndays",
+            "1",
+        ];
+        all.extend_from_slice(args);
+        openssl(dir, &all);
+        std::fs::read(dir.join("resp.der")).unwrap()
+    }
+
+    #[test]
+    fn openssl_responses_signed_by_the_ca_or_its_ocsp_responder_verify_and_others_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = pki(dir.path());
+        let now = unix_time::secs(std::time::SystemTime::now());
+        assert_eq!(t.url, "http://ocsp.interop.test");
+
+        let answer = verify(&respond(dir.path(), "ca", &[]), &t, now).unwrap();
+        assert_eq!((answer.status, answer.signer.as_str()), (OcspCertStatus::Good, "issuer"));
+        // openssl names the responder by name; others by key hash.
+        let answer = verify(&respond(dir.path(), "ca", &["-resp_key_id", "-resp_no_certs"]), &t, now).unwrap();
+        assert_eq!(answer.signer, "issuer");
+        let answer = verify(&respond(dir.path(), "ocsp", &[]), &t, now).unwrap();
+        assert_eq!(answer.signer, "delegated responder CN=interop ocsp");
+        for hash in ["sha384", "sha512"] {
+            assert!(verify(&respond(dir.path(), "ca", &["-rmd", hash]), &t, now).is_ok(), "{hash}");
+        }
+
+        let err = verify(&respond(dir.path(), "web", &[]), &t, now).unwrap_err();
+        assert!(err.contains("without the id-kp-OCSPSigning"), "{err}");
+        let err = verify(&respond(dir.path(), "ca", &["-rmd", "sha1"]), &t, now).unwrap_err();
+        assert!(err.contains("1.2.840.113549.1.1.5") && err.contains("not supported"), "{err}");
+        let err = verify(&respond(dir.path(), "ocsp", &["-resp_no_certs"]), &t, now).unwrap_err();
+        assert!(err.contains("neither the issuer"), "{err}");
     }
 }

@@ -130,6 +130,13 @@ impl Clock {
 
 impl Stapler {
     pub fn new(cfg: OcspConfig, metrics: Arc<Metrics>) -> Self {
+        tracing::info!(
+            mode = cfg.mode.as_str(),
+            sources = cfg.sources.len(),
+            names = cfg.names.len(),
+            on_revoked = ?cfg.on_revoked,
+            "OCSP stapling on: certwire fetches staples from the responders its certificates name"
+        );
         let http = fetch::Http::new(cfg.timeout, cfg.max_response_bytes);
         Self::with_fetcher(cfg, metrics, Arc::new(http))
     }
@@ -150,6 +157,9 @@ impl Stapler {
         if mode == Mode::Off || ocsp_staple.is_some() {
             // The source's own staple wins; it is checked like any update.
             inner.forget_key(&key, intake);
+            for name in names {
+                intake.store().set_ocsp(name.as_ref(), None);
+            }
             return Prepared::AsIs;
         }
         let names: Vec<Arc<str>> = names.iter().map(|n| Arc::from(n.as_ref())).collect();
@@ -187,13 +197,20 @@ impl Stapler {
             Some((der, answer)) if answer.status == OcspCertStatus::Good && now < answer.next_update => {
                 Prepared::Stapled(with(der))
             }
-            Some((_, answer)) if answer.status != OcspCertStatus::Good => match inner.cfg.on_revoked {
-                OnRevoked::Serve => Prepared::AsIs,
-                OnRevoked::Withhold => Prepared::Refuse(PkiError::OcspRevoked(format!(
-                    "{}; withheld (on_revoked = \"withhold\")",
-                    revoked_message(&tracked.target, answer)
-                ))),
-            },
+            Some((_, answer)) if answer.status != OcspCertStatus::Good => {
+                if withholds_revoked(inner.cfg.on_revoked, mode) {
+                    let why = match inner.cfg.on_revoked {
+                        OnRevoked::Withhold => "on_revoked = \"withhold\"",
+                        OnRevoked::Serve => "must-staple cannot serve it without a staple",
+                    };
+                    Prepared::Refuse(PkiError::OcspRevoked(format!(
+                        "{}; withheld ({why})",
+                        revoked_message(&tracked.target, answer)
+                    )))
+                } else {
+                    Prepared::AsIs
+                }
+            }
             _ if mode == Mode::MustStaple => Prepared::Refuse(PkiError::OcspStapleRequired(format!(
                 "no current verified OCSP response yet for serial {} from {}{}; with must-staple the certificate is \
                  served once one is",
@@ -236,6 +253,12 @@ impl Stapler {
             *task = Some(handle.abort_handle());
         }
     }
+}
+
+/// Whether a revoked certificate stops being served: `on_revoked = "withhold"`, or
+/// `must-staple`, which cannot serve it bare (Envoy's MUST_STAPLE would refuse it).
+fn withholds_revoked(on_revoked: OnRevoked, mode: Mode) -> bool {
+    on_revoked == OnRevoked::Withhold || mode == Mode::MustStaple
 }
 
 fn refuse_unless_fetch(mode: Mode, why: &str) -> Prepared {
@@ -517,7 +540,7 @@ async fn run(inner: std::sync::Weak<Inner>, t: Arc<Tracked>) {
                 }
                 this.publish(&t);
                 if changed {
-                    resubmit(&t, newly_revoked && cfg.on_revoked == OnRevoked::Withhold);
+                    resubmit(&t, newly_revoked && withholds_revoked(cfg.on_revoked, t.mode));
                 }
                 wait
             }

@@ -158,12 +158,6 @@ api_config_source:
         if let Some(timeout) = self.initial_fetch_timeout {
             let _ = writeln!(sds_config, "initial_fetch_timeout: {}s", timeout.as_secs_f64());
         }
-        let endpoint = match &self.sds {
-            SdsTarget::Tcp(addr) => {
-                format!("socket_address: {{address: \"{}\", port_value: {}}}", addr.ip(), addr.port())
-            }
-            SdsTarget::Unix(path) => format!("pipe: {{path: \"{}\"}}", path.display()),
-        };
         let mut listeners = if self.sni_chains.is_empty() {
             let mut tls = tls_context(&self.secret, &sds_config, self.mtls.then_some(sds_config.as_str()));
             if let Some(ca) = &self.ca_secret {
@@ -222,7 +216,25 @@ static_resources:
   listeners:
 {listener}
   clusters:
-  - name: certwire
+{cluster}{transport}",
+            node_id = self.node_id,
+            node_cluster = self.node_cluster,
+            admin = ADMIN,
+            listener = listeners,
+            cluster = certwire_cluster(&self.sds),
+        )
+    }
+}
+
+/// The static cluster `certwire` that reaches certwire at `sds`, as an item of
+/// `static_resources.clusters` (a `transport_socket` may follow it).
+pub fn certwire_cluster(sds: &SdsTarget) -> String {
+    let endpoint = match sds {
+        SdsTarget::Tcp(addr) => format!("socket_address: {{address: \"{}\", port_value: {}}}", addr.ip(), addr.port()),
+        SdsTarget::Unix(path) => format!("pipe: {{path: \"{}\"}}", path.display()),
+    };
+    format!(
+        "  - name: certwire
     type: STATIC
     connect_timeout: 1s
     # SDS is gRPC: without HTTP/2 the stream fails at run time, although
@@ -239,13 +251,8 @@ static_resources:
         - endpoint:
             address:
               {endpoint}
-{transport}",
-            node_id = self.node_id,
-            node_cluster = self.node_cluster,
-            admin = ADMIN,
-            listener = listeners,
-        )
-    }
+"
+    )
 }
 
 /// A bootstrap that reads `secret_dir` (kubelet layout: `tls.crt`, `tls.key`,

@@ -24,8 +24,8 @@ use serde::{Deserialize, Serialize};
 use super::schedule::{KEY_LEN, Key, Plan, State, Step};
 use crate::pki::KeyBytes;
 
-/// The keys file, in the format fixed for every source of ticket keys.
-pub const KEYS_FILE: &str = "tls.session-ticket-keys";
+/// The keys file, in the format the files and Kubernetes sources read.
+pub const KEYS_FILE: &str = crate::sources::secret_keys::SESSION_TICKET_KEYS;
 /// Rotation times beside it.
 pub const META_FILE: &str = "tls.session-ticket-keys.meta.json";
 const LOCK_FILE: &str = ".lock";
@@ -43,14 +43,18 @@ pub const MAX_META_BYTES: u64 = 16 * 1024;
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("ticket state {path}: {op}: {source}")]
-    Io { path: PathBuf, op: &'static str, source: std::io::Error },
+    Io { path: String, op: &'static str, source: std::io::Error },
+    #[error("ticket state {path}: {op}: {source}")]
+    Kube { path: String, op: &'static str, source: kube::Error },
+    #[error("ticket state {path}: other replicas kept writing it at the same time; retried at the next re-read")]
+    Conflict { path: String },
     #[error(
         "ticket state {path}: {reason}; left as it is (the last good keys stay served): repair it, or move the \
          directory away and certwire makes new keys"
     )]
-    Corrupt { path: PathBuf, reason: String },
+    Corrupt { path: String, reason: String },
     #[error("ticket state {path}: over {max} bytes (limit: {what}); left as it is, the last good keys stay served")]
-    TooLarge { path: PathBuf, max: u64, what: &'static str },
+    TooLarge { path: String, max: u64, what: &'static str },
 }
 
 impl StateError {
@@ -58,24 +62,12 @@ impl StateError {
     pub fn reason(&self) -> &'static str {
         match self {
             StateError::Io { .. } => "io",
+            StateError::Kube { .. } => "kubernetes",
+            StateError::Conflict { .. } => "conflict",
             StateError::Corrupt { .. } => "corrupt",
             StateError::TooLarge { .. } => "too_large",
         }
     }
-}
-
-#[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Meta {
-    format: String,
-    /// The ticket name the state belongs to: a directory shared by mistake between two
-    /// names is refused, not rotated by both.
-    name: String,
-    active_since_ms: u64,
-    /// Per key, in file order.
-    created_ms: Vec<u64>,
-    /// The last key is the pending (decrypt-only) one.
-    pending: bool,
 }
 
 /// What an update did.
@@ -102,12 +94,12 @@ impl DirState {
     }
 
     fn io(&self, path: &Path, op: &'static str) -> impl FnOnce(std::io::Error) -> StateError {
-        let path = path.to_path_buf();
+        let path = path.display().to_string();
         move |source| StateError::Io { path, op, source }
     }
 
     fn corrupt(&self, path: &Path, reason: impl Into<String>) -> StateError {
-        StateError::Corrupt { path: path.to_path_buf(), reason: reason.into() }
+        StateError::Corrupt { path: path.display().to_string(), reason: reason.into() }
     }
 
     /// The current state, `None` when none was written yet. Blocking.
@@ -173,65 +165,22 @@ impl DirState {
         let max_keys = (MAX_KEYS * KEY_LEN) as u64;
         let keys = KeyBytes::new(read_bounded(&keys_path, max_keys, "ticket state keys").map_err(|e| self.map(e))?);
         let meta = read_bounded(&meta_path, MAX_META_BYTES, "ticket state metadata").map_err(|e| self.map(e))?;
-        let meta: Meta = serde_json::from_slice(&meta)
-            .map_err(|e| self.corrupt(&meta_path, format!("metadata is not valid JSON of {FORMAT}: {e}")))?;
-        if meta.format != FORMAT {
-            return Err(self.corrupt(&meta_path, format!("format {:?}, expected {FORMAT:?}", meta.format)));
+        match parse(&self.name, keys.as_slice(), &meta) {
+            Ok(state) => Ok(Some(state)),
+            Err(Bad::Keys(reason)) => Err(self.corrupt(&keys_path, reason)),
+            Err(Bad::Meta(reason)) => Err(self.corrupt(&meta_path, reason)),
         }
-        if meta.name != self.name {
-            return Err(self.corrupt(
-                &meta_path,
-                format!("belongs to ticket name {:?}, not {:?}: each name needs its own state", meta.name, self.name),
-            ));
-        }
-        if keys.len() % KEY_LEN != 0 || keys.is_empty() {
-            return Err(self.corrupt(
-                &keys_path,
-                format!("{} bytes: expected a non-empty concatenation of {KEY_LEN}-byte keys", keys.len()),
-            ));
-        }
-        let count = keys.len() / KEY_LEN;
-        if meta.created_ms.len() != count {
-            return Err(self.corrupt(
-                &meta_path,
-                format!("times for {} keys, but the keys file holds {count}", meta.created_ms.len()),
-            ));
-        }
-        if meta.pending && count < 2 {
-            return Err(self.corrupt(&meta_path, "a pending key but no active one"));
-        }
-        let mut all: Vec<Key> = keys
-            .as_slice()
-            .chunks_exact(KEY_LEN)
-            .zip(&meta.created_ms)
-            .map(|(bytes, &created_ms)| Key { bytes: KeyBytes::new(bytes.to_vec()), created_ms })
-            .collect();
-        let pending = if meta.pending { all.pop() } else { None };
-        let previous = all.split_off(1);
-        let active = all.pop().expect("at least one key");
-        Ok(Some(State { active, active_since_ms: meta.active_since_ms, previous, pending }))
     }
 
     fn map(&self, err: Bounded) -> StateError {
         match err {
-            Bounded::Io(path, source) => StateError::Io { path, op: "reading", source },
-            Bounded::TooLarge(path, max, what) => StateError::TooLarge { path, max, what },
+            Bounded::Io(path, source) => StateError::Io { path: path.display().to_string(), op: "reading", source },
+            Bounded::TooLarge(path, max, what) => StateError::TooLarge { path: path.display().to_string(), max, what },
         }
     }
 
     fn write_locked(&self, state: &State) -> Result<(), StateError> {
-        let meta = Meta {
-            format: FORMAT.to_owned(),
-            name: self.name.clone(),
-            active_since_ms: state.active_since_ms,
-            created_ms: state.keys().map(|k| k.created_ms).collect(),
-            pending: state.pending.is_some(),
-        };
-        let meta = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
-        let mut keys = zeroize::Zeroizing::new(Vec::with_capacity(state.len() * KEY_LEN));
-        for key in state.keys() {
-            keys.extend_from_slice(key.bytes.as_slice());
-        }
+        let (keys, meta) = encode(&self.name, state);
 
         let payload = self.create_payload()?;
         let dir = self.root.join(&payload);
@@ -280,6 +229,84 @@ impl DirState {
         std::os::unix::fs::symlink(&target, &tmp).map_err(self.io(&tmp, "creating the link"))?;
         fs::rename(&tmp, &link).map_err(self.io(&link, "replacing with a link"))
     }
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Meta {
+    format: String,
+    /// The ticket name the state belongs to: a directory shared by mistake between two
+    /// names is refused, not rotated by both.
+    name: String,
+    active_since_ms: u64,
+    /// Per key, in file order.
+    created_ms: Vec<u64>,
+    /// The last key is the pending (decrypt-only) one.
+    pending: bool,
+}
+
+/// Which half of a state is bad, and why.
+pub(super) enum Bad {
+    Keys(String),
+    Meta(String),
+}
+
+/// A state from its two halves, the same in a directory and in a Secret: `keys` the raw
+/// concatenation (first encrypts, pending last), `meta` the JSON times.
+pub(super) fn parse(name: &str, keys: &[u8], meta: &[u8]) -> Result<State, Bad> {
+    let meta: Meta =
+        serde_json::from_slice(meta).map_err(|e| Bad::Meta(format!("metadata is not valid JSON of {FORMAT}: {e}")))?;
+    if meta.format != FORMAT {
+        return Err(Bad::Meta(format!("format {:?}, expected {FORMAT:?}", meta.format)));
+    }
+    if meta.name != name {
+        return Err(Bad::Meta(format!(
+            "belongs to ticket name {:?}, not {name:?}: each name needs its own state",
+            meta.name
+        )));
+    }
+    if !keys.len().is_multiple_of(KEY_LEN) || keys.is_empty() {
+        return Err(Bad::Keys(format!(
+            "{} bytes: expected a non-empty concatenation of {KEY_LEN}-byte keys",
+            keys.len()
+        )));
+    }
+    let count = keys.len() / KEY_LEN;
+    if count > MAX_KEYS {
+        return Err(Bad::Keys(format!("{count} keys, at most {MAX_KEYS}")));
+    }
+    if meta.created_ms.len() != count {
+        return Err(Bad::Meta(format!("times for {} keys, but there are {count} keys", meta.created_ms.len())));
+    }
+    if meta.pending && count < 2 {
+        return Err(Bad::Meta("a pending key but no active one".into()));
+    }
+    let mut all: Vec<Key> = keys
+        .chunks_exact(KEY_LEN)
+        .zip(&meta.created_ms)
+        .map(|(bytes, &created_ms)| Key { bytes: KeyBytes::new(bytes.to_vec()), created_ms })
+        .collect();
+    let pending = if meta.pending { all.pop() } else { None };
+    let previous = all.split_off(1);
+    let active = all.pop().expect("at least one key");
+    Ok(State { active, active_since_ms: meta.active_since_ms, previous, pending })
+}
+
+/// The two halves of `state` for ticket `name`.
+pub(super) fn encode(name: &str, state: &State) -> (zeroize::Zeroizing<Vec<u8>>, Vec<u8>) {
+    let meta = Meta {
+        format: FORMAT.to_owned(),
+        name: name.to_owned(),
+        active_since_ms: state.active_since_ms,
+        created_ms: state.keys().map(|k| k.created_ms).collect(),
+        pending: state.pending.is_some(),
+    };
+    let meta = serde_json::to_vec_pretty(&meta).expect("metadata serializes");
+    let mut keys = zeroize::Zeroizing::new(Vec::with_capacity(state.count() * KEY_LEN));
+    for key in state.keys() {
+        keys.extend_from_slice(key.bytes.as_slice());
+    }
+    (keys, meta)
 }
 
 enum Bounded {

@@ -4,15 +4,19 @@
 //! finds its key (istio#20347, envoyproxy/gateway#8462: each Envoy making its own keys
 //! breaks resumption across replicas).
 //!
-//! **Shared state.** Each name's keys live in a state directory on a volume every replica
-//! mounts ([`dir`]): `flock(2)` on a lock file orders the writers, the kubelet's atomic
-//! `..data` swap keeps readers from ever seeing half a write, and every replica follows
-//! the directory with a file watch and a periodic re-read (`reread_every`), the only thing
-//! that works on network file systems where watches see nothing. The rotation is decided
-//! from the times in that state ([`schedule`]), never from a replica's own memory: the
-//! replica that sees a step due first takes the lock, reads again and writes; the others
-//! then read it. A restart reads the same times and rotates nothing. A Kubernetes Secret
-//! backend (`state = "kubernetes://NS/NAME"`) is refused by the config for now.
+//! **Shared state.** Each name's keys live in one place all replicas share, and the
+//! rotation is decided from the times stored there ([`schedule`]), never from a
+//! replica's own memory: the replica that sees a step due first writes it, the others
+//! read it, and a restart reads the same times and rotates nothing.
+//! - A directory on a volume every replica mounts ([`dir`]): `flock(2)` on a lock file
+//!   orders the writers, the kubelet's atomic `..data` swap keeps readers from seeing
+//!   half a write; replicas follow it with a file watch and a periodic re-read
+//!   (`reread_every`), the only thing that works on network file systems.
+//! - A Kubernetes Secret ([`kube_state`]), written with optimistic concurrency on its
+//!   resourceVersion rather than by the ACME Lease holder: every replica computes the
+//!   same step from the same times, so it does not matter who writes, only that one
+//!   write wins; no election delay, and losing any one replica never stalls rotation.
+//!   Replicas poll it every `reread_every`.
 //!
 //! **Propagation window.** Replicas and proxies never get a new key at the same instant.
 //! A new key is first served decrypt-only (last in the list) for `propagation` before it
@@ -27,6 +31,7 @@
 //! denied unless a rule allows it.
 
 pub mod dir;
+pub mod kube_state;
 pub mod schedule;
 
 use std::path::PathBuf;
@@ -40,7 +45,8 @@ use crate::ingest::Intake;
 use crate::metrics::{LimitLabel, Metrics, SecretLabel};
 use crate::pki::{KeyBytes, Material};
 use crate::shutdown::Shutdown;
-use dir::{DirState, StateError};
+use dir::{DirState, StateError, Updated};
+use kube_state::KubeState;
 use schedule::{KEY_LEN, Plan, Schedule, State, Step};
 
 pub const DEFAULT_ROTATE_EVERY: Duration = Duration::from_secs(12 * 3600);
@@ -71,10 +77,11 @@ pub struct TicketsConfig {
     /// quarter of `rotate_every` when shorter]; less than `rotate_every`.
     #[serde(default, with = "humantime_serde")]
     pub propagation: Option<Duration>,
-    /// The shared state directory (a volume every replica mounts).
+    /// Where the replicas share the keys: a directory on a volume every replica mounts,
+    /// or a Kubernetes Secret `kubernetes://NAMESPACE/NAME`.
     pub state: String,
-    /// How often the state is read again besides the file watch [default: a quarter of
-    /// `propagation`, between 250ms and 30s].
+    /// How often the state is read again (besides the file watch of a directory)
+    /// [default: a quarter of `propagation`, between 250ms and 30s; 30s without a window].
     #[serde(default, with = "humantime_serde")]
     pub reread_every: Option<Duration>,
 }
@@ -84,8 +91,24 @@ pub struct TicketsConfig {
 pub struct Ticket {
     pub name: Arc<str>,
     pub schedule: Schedule,
-    pub state: PathBuf,
+    pub state: StateAt,
     pub reread_every: Duration,
+}
+
+/// Where a name's state is shared.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StateAt {
+    Dir(PathBuf),
+    Secret { namespace: String, name: String },
+}
+
+impl std::fmt::Display for StateAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StateAt::Dir(path) => write!(f, "{}", path.display()),
+            StateAt::Secret { namespace, name } => write!(f, "kubernetes://{namespace}/{name}"),
+        }
+    }
 }
 
 /// Checks every `[[tickets]]` table; `authz` is the authorization mode they are served
@@ -121,26 +144,34 @@ pub fn resolve(configs: &[TicketsConfig], authz: crate::authz::Mode) -> Result<V
                 "{at}: propagation = {propagation:?} must be shorter than rotate_every = {rotate_every:?}"
             ));
         }
-        let reread_every = c.reread_every.unwrap_or_else(|| (propagation / 4).clamp(MIN_REREAD, MAX_REREAD));
+        // Followers must see a staged key well within the window; with no window there
+        // is nothing to be in time for.
+        let default_reread =
+            if propagation.is_zero() { MAX_REREAD } else { (propagation / 4).clamp(MIN_REREAD, MAX_REREAD) };
+        let reread_every = c.reread_every.unwrap_or(default_reread);
         if reread_every < Duration::from_millis(100) {
             return Err(format!("{at}: reread_every = {reread_every:?}, at least 100ms"));
         }
-        if c.state.starts_with("kubernetes://") {
+        let state = if let Some(rest) = c.state.strip_prefix("kubernetes://") {
+            match rest.split_once('/') {
+                Some((namespace, name)) if !namespace.is_empty() && !name.is_empty() && !name.contains('/') => {
+                    StateAt::Secret { namespace: namespace.to_owned(), name: name.to_owned() }
+                }
+                _ => return Err(format!("{at}: state = {:?}: expected kubernetes://NAMESPACE/NAME", c.state)),
+            }
+        } else if c.state.contains("://") || c.state.is_empty() {
             return Err(format!(
-                "{at}: state = {:?}: the Kubernetes Secret backend is not available yet; use a directory on a \
-                 volume every replica mounts",
+                "{at}: state = {:?}: expected a directory path or kubernetes://NAMESPACE/NAME",
                 c.state
             ));
-        }
-        if c.state.contains("://") || c.state.is_empty() {
-            return Err(format!("{at}: state = {:?}: expected a directory path", c.state));
-        }
-        let state = PathBuf::from(&c.state);
+        } else {
+            StateAt::Dir(PathBuf::from(&c.state))
+        };
         if let Some(other) = out.iter().find(|t| *t.name == *c.name) {
-            return Err(format!("{at}: configured twice (state {})", other.state.display()));
+            return Err(format!("{at}: configured twice (state {})", other.state));
         }
         if let Some(other) = out.iter().find(|t| t.state == state) {
-            return Err(format!("{at}: state {} is already the state of {:?}", state.display(), other.name));
+            return Err(format!("{at}: state {state} is already the state of {:?}", other.name));
         }
         out.push(Ticket {
             name: c.name.as_str().into(),
@@ -191,14 +222,78 @@ pub async fn start(
     tickets: Vec<Ticket>,
     intake: Intake,
     metrics: Arc<Metrics>,
+    kubeconfig: Option<PathBuf>,
     shutdown: Shutdown,
-) -> Result<(), StateError> {
+) -> anyhow::Result<()> {
+    let mut client = None;
     for ticket in tickets {
-        let mut follower = Follower::new(ticket, intake.clone(), metrics.clone(), Clock::System);
+        let backend = match &ticket.state {
+            StateAt::Dir(path) => Backend::Dir(DirState::new(path.clone(), &ticket.name)),
+            StateAt::Secret { namespace, name } => {
+                if client.is_none() {
+                    let connected = crate::kube_client::connect(kubeconfig.as_ref())
+                        .await
+                        .map_err(|e| e.context("[[tickets]] state in a Kubernetes Secret"))?;
+                    client = Some(connected.client);
+                }
+                let client = client.clone().expect("connected above");
+                Backend::Secret(Box::new(KubeState::new(client, namespace, name, &ticket.name)))
+            }
+        };
+        let mut follower = Follower::new(ticket, backend, intake.clone(), metrics.clone(), Clock::System);
         let next_ms = follower.step().await?;
         tokio::spawn(follower.run(next_ms, shutdown.clone()));
     }
     Ok(())
+}
+
+/// Where a follower reads and writes its state.
+#[derive(Clone)]
+pub enum Backend {
+    Dir(DirState),
+    // Boxed: one per name, and the Api handle is large.
+    Secret(Box<KubeState>),
+}
+
+impl Backend {
+    /// The state now, and the step written if one was due (only then is the state
+    /// locked or written: most reads find nothing due).
+    async fn step(&self, schedule: Schedule, now: u64) -> Result<(State, Option<Step>), StateError> {
+        let plan = move |current: Option<&State>| schedule.plan(current, now, new_key);
+        let nothing_due = move |current: &Option<State>| {
+            matches!(schedule.plan(current.as_ref(), now, KeyBytes::default), Plan::Wait { .. })
+        };
+        let updated: Updated = match self {
+            Backend::Dir(dir) => {
+                let dir = dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    let current = dir.read()?;
+                    if let Some(state) = current.as_ref().filter(|_| nothing_due(&current)) {
+                        return Ok(Updated { state: state.clone(), step: None });
+                    }
+                    dir.update(plan)
+                })
+                .await
+                .expect("the ticket state task does not panic")?
+            }
+            Backend::Secret(secret) => {
+                let current = secret.read().await?;
+                if let Some(state) = current.as_ref().filter(|_| nothing_due(&current)) {
+                    return Ok((state.clone(), None));
+                }
+                secret.update(plan).await?
+            }
+        };
+        Ok((updated.state, updated.step))
+    }
+
+    /// The directory to watch; a Secret is polled.
+    fn watched(&self) -> Option<&std::path::Path> {
+        match self {
+            Backend::Dir(dir) => Some(dir.root()),
+            Backend::Secret(_) => None,
+        }
+    }
 }
 
 /// One name: reads the shared state, writes the step that is due, serves what the state
@@ -206,7 +301,7 @@ pub async fn start(
 /// event and every `reread_every`.
 pub struct Follower {
     ticket: Ticket,
-    dir: DirState,
+    backend: Backend,
     intake: Intake,
     metrics: Arc<Metrics>,
     clock: Clock,
@@ -217,30 +312,16 @@ pub struct Follower {
 }
 
 impl Follower {
-    pub fn new(ticket: Ticket, intake: Intake, metrics: Arc<Metrics>, clock: Clock) -> Self {
-        let dir = DirState::new(ticket.state.clone(), &ticket.name);
-        Self { ticket, dir, intake, metrics, clock, served: None, failing: None }
+    pub fn new(ticket: Ticket, backend: Backend, intake: Intake, metrics: Arc<Metrics>, clock: Clock) -> Self {
+        Self { ticket, backend, intake, metrics, clock, served: None, failing: None }
     }
 
     /// Reads the state, writes the step due now if any, serves the keys; returns when the
     /// next step is due (Unix ms).
     pub async fn step(&mut self) -> Result<u64, StateError> {
         let now = self.clock.now_ms();
-        let dir = self.dir.clone();
         let schedule = self.ticket.schedule;
-        let result = tokio::task::spawn_blocking(move || -> Result<(State, Option<Step>), StateError> {
-            // Most reads find nothing due: a shared lock, so replicas do not queue.
-            let current = dir.read()?;
-            if let (Some(state), Plan::Wait { .. }) =
-                (&current, schedule.plan(current.as_ref(), now, KeyBytes::default))
-            {
-                return Ok((state.clone(), None));
-            }
-            let updated = dir.update(|current| schedule.plan(current, now, new_key))?;
-            Ok((updated.state, updated.step))
-        })
-        .await
-        .expect("the ticket state task does not panic");
+        let result = self.backend.step(schedule, now).await;
         let (state, step) = match result {
             Ok(done) => done,
             Err(err) => {
@@ -249,15 +330,15 @@ impl Follower {
             }
         };
         if self.failing.take().is_some() {
-            tracing::info!(secret = %self.ticket.name, state = %self.ticket.state.display(), "ticket state readable again");
+            tracing::info!(secret = %self.ticket.name, state = %self.ticket.state, "ticket state readable again");
             self.intake.clear_error(&self.ticket.name);
         }
         if let Some(step) = step {
             tracing::info!(
                 secret = %self.ticket.name,
-                state = %self.ticket.state.display(),
+                state = %self.ticket.state,
                 step = step.as_str(),
-                keys = state.len(),
+                keys = state.count(),
                 "session ticket keys written"
             );
             if step == Step::Promoted {
@@ -302,7 +383,7 @@ impl Follower {
         }
         tracing::error!(
             secret = %self.ticket.name,
-            state = %self.ticket.state.display(),
+            state = %self.ticket.state,
             reason = err.reason(),
             error = %err,
             "session ticket state unusable; the last good keys stay served"
@@ -315,7 +396,7 @@ impl Follower {
     /// `reread_every`, until shutdown.
     pub async fn run(mut self, mut next_ms: u64, shutdown: Shutdown) {
         let changed = Arc::new(Notify::new());
-        let _watch = watch(self.dir.root(), changed.clone());
+        let _watch = self.backend.watched().and_then(|root| watch(root, changed.clone()));
         loop {
             let now = self.clock.now_ms();
             let wait = Duration::from_millis(next_ms.saturating_sub(now)).min(self.ticket.reread_every);

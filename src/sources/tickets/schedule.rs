@@ -48,7 +48,8 @@ impl State {
         std::iter::once(&self.active).chain(&self.previous).chain(&self.pending)
     }
 
-    pub fn len(&self) -> usize {
+    /// How many keys are served (never zero: there is always an active key).
+    pub fn count(&self) -> usize {
         1 + self.previous.len() + usize::from(self.pending.is_some())
     }
 }

@@ -17,8 +17,15 @@ fn ticket(root: &std::path::Path) -> Ticket {
     Ticket {
         name: "gw-tickets".into(),
         schedule: Schedule { rotate_every: Duration::from_secs(100), keep: 1, propagation: Duration::from_secs(10) },
-        state: root.to_path_buf(),
+        state: StateAt::Dir(root.to_path_buf()),
         reread_every: Duration::from_secs(2),
+    }
+}
+
+fn root_of(ticket: &Ticket) -> std::path::PathBuf {
+    match &ticket.state {
+        StateAt::Dir(path) => path.clone(),
+        other => panic!("not a directory: {other}"),
     }
 }
 
@@ -35,7 +42,8 @@ impl Replica {
     fn follower(&self, ticket: Ticket) -> Follower {
         let intake =
             Intake::new(self.store.clone(), self.metrics.clone(), "tickets", crate::policy::AllowExpired::Never);
-        Follower::new(ticket, intake, self.metrics.clone(), Clock::anchored(T0))
+        let backend = Backend::Dir(DirState::new(root_of(&ticket), &ticket.name));
+        Follower::new(ticket, backend, intake, self.metrics.clone(), Clock::anchored(T0))
     }
 
     /// The keys as served to Envoy, in order.
@@ -144,6 +152,14 @@ async fn a_corrupt_state_is_reported_once_and_the_last_good_keys_stay() {
     assert!(last_error.contains("50 bytes") && last_error.contains("ticket state"), "{last_error}");
     assert_eq!(std::fs::read(&keys_path).unwrap(), [1u8; 50], "not overwritten");
 
+    // A file over the size bound is not read whole, and the limit is counted.
+    std::fs::remove_file(&keys_path).unwrap();
+    std::fs::write(&keys_path, vec![0u8; (dir::MAX_KEYS + 1) * KEY_LEN]).unwrap();
+    assert_eq!(f.step().await.unwrap_err().reason(), "too_large");
+    assert_eq!(a.metrics.limits_hit.get_or_create(&LimitLabel { limit: "ticket_state_bytes" }).get(), 1);
+    assert_eq!(a.errors(), 2);
+    assert_eq!(a.keys(), good);
+
     // Repaired by moving the directory away: new keys, the error cleared.
     std::fs::rename(&root, tmp.path().join("broken")).unwrap();
     f.step().await.unwrap();
@@ -186,7 +202,10 @@ fn defaults_and_bounds() {
         })
         .contains("shorter than rotate_every")
     );
-    assert!(err(TicketsConfig { state: "kubernetes://ns/s".into(), ..config("gw") }).contains("not available"));
+    assert!(err(TicketsConfig { state: "kubernetes://ns".into(), ..config("gw") }).contains("NAMESPACE/NAME"));
+    assert!(err(TicketsConfig { state: "s3://bucket".into(), ..config("gw") }).contains("directory path"));
+    let t = &resolve(&[TicketsConfig { state: "kubernetes://ns/s".into(), ..config("gw") }], Mode::Open).unwrap()[0];
+    assert_eq!(t.state, StateAt::Secret { namespace: "ns".into(), name: "s".into() });
     let twice = resolve(&[config("a"), config("b")], Mode::Open).unwrap_err();
     assert!(twice.contains("already the state of \"a\""), "{twice}");
     let many: Vec<_> =
@@ -249,4 +268,22 @@ fn a_ticket_name_is_denied_in_kubernetes_mode_unless_a_rule_allows_it() {
     assert!(matches!(policy.decide(&gateway, "gw-tickets"), Verdict::Deny(_)), "policy: default deny");
     let policy = Authorizer::new(Mode::Policy, vec![rule], String::new(), None, metrics);
     assert!(matches!(policy.decide(&gateway, "tickets://gw"), Verdict::Allow));
+}
+
+#[test]
+fn the_config_file_takes_tickets_tables() {
+    let text = r#"
+[[tickets]]
+name = "gateway-session-tickets"
+rotate_every = "12h"
+keep = 2
+propagation = "10m"
+state = "/var/lib/certwire/tickets"
+"#;
+    let file: crate::config::FileConfig = toml::from_str(text).unwrap();
+    let tickets = resolve(&file.tickets.unwrap(), crate::authz::Mode::Policy).unwrap();
+    assert_eq!(tickets[0].schedule.propagation, Duration::from_secs(600));
+    assert_eq!(tickets[0].reread_every, Duration::from_secs(30));
+    let unknown = toml::from_str::<crate::config::FileConfig>(&text.replace("keep", "kept")).unwrap_err();
+    assert!(unknown.to_string().contains("kept"), "{unknown}");
 }
