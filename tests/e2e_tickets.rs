@@ -2,7 +2,8 @@
 //! `openssl s_client`: a TLS 1.2 session ticket issued by one Envoy is resumed by
 //! another (`Reused`), a ticket stays resumable while its key is still served after a
 //! rotation and not once the key is gone, and two certwire replicas on one state
-//! directory serve the same keys.
+//! directory (or Kubernetes Secret) serve the same keys. Ticket keys an operator keeps
+//! in a Secret or a directory are served by the Kubernetes and files sources.
 //!
 //! Which key sealed a ticket is read from the ticket itself (BoringSSL puts the key's
 //! 16-byte name first), and every resumption is tried only once Envoy holds the keys
@@ -88,9 +89,14 @@ async fn synced(sds: SocketAddr, envoys: &[&Envoy]) -> (String, Vec<Vec<u8>>) {
 }
 
 async fn envoy(sds: SocketAddr, tickets: bool) -> (Envoy, SocketAddr) {
+    envoy_with(sds, tickets.then_some(TICKETS)).await
+}
+
+/// An Envoy whose listener takes its ticket keys from the secret `tickets`, if any.
+async fn envoy_with(sds: SocketAddr, tickets: Option<&str>) -> (Envoy, SocketAddr) {
     let mut bootstrap = SdsBootstrap::new(CERT, SdsTarget::Tcp(sds), 0);
-    if tickets {
-        bootstrap = bootstrap.session_ticket_keys(TICKETS);
+    if let Some(name) = tickets {
+        bootstrap = bootstrap.session_ticket_keys(name);
     }
     let envoy = Envoy::start(&bootstrap.to_yaml()).await;
     let addr = envoy.wait_listener_addr(CERT).await;
@@ -366,4 +372,61 @@ async fn the_state_directory_is_served_as_is_by_the_files_source() {
         (from_files == keys).then_some(())
     })
     .await;
+}
+
+/// Ticket keys an operator keeps in a Secret (`tls.session-ticket-keys`, written with
+/// kubectl) are served by the Kubernetes source: two Envoys resume each other's
+/// sessions with them, and a replaced Secret's new first key seals the next tickets.
+#[tokio::test]
+async fn ticket_keys_from_a_kubernetes_secret_are_shared_by_envoys() {
+    const NS: &str = "gateway";
+    let api = KubeApi::start().await;
+    let dir = util::tempdir();
+    let kubeconfig = api.kubeconfig(dir.path());
+    let keys_file = |first: u8| {
+        let path = dir.path().join(format!("keys-{first}.bin"));
+        let keys: Vec<u8> = (0..160u8).map(|i| if i < 80 { first ^ i } else { i }).collect();
+        std::fs::write(&path, &keys).unwrap();
+        (path.to_str().unwrap().to_owned(), keys[..16].to_vec())
+    };
+    let secret = |keys: &str, extra: &[&str]| {
+        let mut args = vec!["create".to_owned(), "secret".into(), "generic".into(), "gw-tickets".into()];
+        args.extend(["-n".into(), NS.into(), format!("--from-file=tls.session-ticket-keys={keys}")]);
+        args.extend(extra.iter().map(|a| a.to_string()));
+        args
+    };
+    let kubectl = |args: Vec<String>| {
+        let kubeconfig = kubeconfig.clone();
+        async move { kubeapi::kubectl_ok(&kubeconfig, &args.iter().map(String::as_str).collect::<Vec<_>>()).await }
+    };
+    kubectl(["create", "namespace", NS].map(String::from).to_vec()).await;
+    let (first_keys, first_name) = keys_file(1);
+    kubectl(secret(&first_keys, &[])).await;
+
+    let kubeconfig_arg = kubeconfig.to_str().unwrap().to_owned();
+    let certwire =
+        Certwire::serve(["--listen", "127.0.0.1:0", "--dev", "--kubeconfig", &kubeconfig_arg, "--namespace", NS]).await;
+    let sds = certwire.sds_addr();
+    let name = format!("kubernetes://{NS}/gw-tickets");
+    let (_a, a_addr) = envoy_with(sds, Some(&name)).await;
+    let (_b, b_addr) = envoy_with(sds, Some(&name)).await;
+
+    let session = dir.path().join("k.session");
+    util::wait_for("a ticket sealed with the Secret's first key", WAIT, || async {
+        (new_session(a_addr, &session).await == first_name).then_some(())
+    })
+    .await;
+    assert!(s_client(b_addr, Some(&session), None).await, "Envoy B resumed Envoy A's session");
+
+    // The Secret replaced with other keys: the next tickets are sealed with its first.
+    let (second_keys, second_name) = keys_file(2);
+    let manifest = kubectl(secret(&second_keys, &["--dry-run=client", "-o", "yaml"])).await;
+    let path = dir.path().join("replaced.yaml");
+    std::fs::write(&path, manifest).unwrap();
+    kubectl(vec!["replace".into(), "-f".into(), path.to_str().unwrap().into()]).await;
+    util::wait_for("a ticket sealed with the replaced Secret's first key", WAIT, || async {
+        (new_session(b_addr, &session).await == second_name).then_some(())
+    })
+    .await;
+    assert!(s_client(a_addr, Some(&session), None).await, "Envoy A resumed Envoy B's new session");
 }
