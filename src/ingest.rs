@@ -38,6 +38,11 @@ impl Intake {
         self
     }
 
+    /// The OCSP stapler this intake's TLS material goes through, if any.
+    pub fn stapler(&self) -> Option<&crate::stapling::Stapler> {
+        self.stapler.as_ref()
+    }
+
     /// Marks the start (true) or the end (false) of this intake's initial load: while
     /// loading, accepted updates are logged at debug. Rejections are always errors.
     pub fn set_loading(&mut self, loading: bool) {

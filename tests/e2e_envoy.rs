@@ -421,7 +421,15 @@ async fn printed_bootstrap_runs_in_envoy() {
 fn printed_bootstrap_variants_are_valid_envoy_config() {
     let socket = util::tempdir();
     let unix = format!("unix:{}", socket.path().join("sds.sock").display());
-    for extra in [&["--delta"][..], &["--mtls"], &["--delta", "--mtls"], &["--sds", &unix]] {
+    let extras = [
+        &["--delta"][..],
+        &["--mtls"],
+        &["--delta", "--mtls"],
+        &["--sds", &unix],
+        &["--session-ticket-keys", "tickets://gw", "--ocsp-staple-policy", "must-staple"],
+        &["--mtls", "--delta", "--session-ticket-keys", "gw", "--ocsp-staple-policy", "strict"],
+    ];
+    for extra in extras {
         let mut args = vec!["bootstrap", "--secret", NAME];
         args.extend_from_slice(extra);
         let yaml = certwire::run(&args);

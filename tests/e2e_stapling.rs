@@ -5,7 +5,8 @@
 //! (`-nmin 1`), so a refresh (halfway, ~30 s) and a stale response (60 s) happen within
 //! the test. Shown: stapled, refreshed before nextUpdate (a new thisUpdate), responder
 //! down (kept until stale, then dropped: no response sent), responder back; a revoked
-//! certificate reported (status, metric, log) and withheld per `on_revoked`; and
+//! certificate reported (status, metric, log, a Kubernetes Event for a Secret) and
+//! withheld per `on_revoked`; and
 //! `must-staple` with Envoy's `ocsp_staple_policy: MUST_STAPLE` accepting what certwire
 //! serves.
 //!
@@ -397,4 +398,45 @@ async fn must_staple_serves_the_certificate_only_with_its_staple_and_envoy_must_
     let _responder = pki.responder(false).await;
     wait_stapled(addr, None, LONG).await;
     assert_eq!(certwire.metric_sum("certwire_nacks_total", &[]).await, 0.0, "Envoy accepted the stapled secret");
+}
+
+/// A certificate from a Kubernetes Secret found revoked: besides status, metric and log,
+/// a Warning Event `Revoked` on the Secret names the serial and the revocation.
+#[tokio::test]
+async fn a_revoked_certificate_from_a_kubernetes_secret_gets_an_event() {
+    const NS: &str = "ingress";
+    let pki = Pki::new();
+    let api = common::kubeapi::KubeApi::start().await;
+    let kubeconfig = api.kubeconfig(pki.dir.path());
+    let file = |f: &str| pki.root.join(NAME).join(f).to_str().unwrap().to_owned();
+    let (crt, key) = (format!("--cert={}", file("tls.crt")), format!("--key={}", file("tls.key")));
+    common::kubeapi::kubectl_ok(&kubeconfig, &["create", "namespace", NS]).await;
+    common::kubeapi::kubectl_ok(&kubeconfig, &["create", "secret", "tls", NAME, "-n", NS, &crt, &key]).await;
+    let _revoking = pki.responder(true).await;
+    let config = pki.config(FETCH);
+    let certwire = Certwire::serve([
+        "--config",
+        config.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--kubeconfig",
+        kubeconfig.to_str().unwrap(),
+        "--namespace",
+        NS,
+    ])
+    .await;
+    let name = format!("kubernetes://{NS}/{NAME}");
+    let certwire = &certwire;
+    let name = name.as_str();
+    util::wait_for("ocsp state revoked", LONG, move || async move {
+        (certwire.secret_status(name).await?["ocsp"]["state"] == "revoked").then_some(())
+    })
+    .await;
+    let events = util::wait_for("a Warning Event Revoked on the Secret", WAIT, || async {
+        let for_secret = format!("secret/{NAME}");
+        let events = common::kubeapi::kubectl_ok(&kubeconfig, &["events", "-n", NS, "--for", &for_secret]).await;
+        events.contains("Revoked").then_some(events)
+    })
+    .await;
+    assert!(events.contains(&format!("serial {SERIAL}")) && events.contains("REVOKED"), "kubectl events:\n{events}");
 }

@@ -29,6 +29,15 @@ pub struct BootstrapArgs {
     /// Require client certificates validated against the NAME-cacert secret
     #[arg(long)]
     pub mtls: bool,
+    /// Take the listener's TLS session ticket keys from this secret (a `[[tickets]]` name, or
+    /// a secret with tls.session-ticket-keys), so every Envoy of a fleet resumes the others' sessions
+    #[arg(long, value_name = "NAME")]
+    pub session_ticket_keys: Option<String>,
+    /// Envoy's ocsp_staple_policy for the listener: lenient (staple when there is one), strict
+    /// (a stale staple fails the handshake), must-staple (a certificate without a staple is
+    /// refused; match it with certwire's [ocsp] mode = "must-staple")
+    #[arg(long, value_name = "POLICY", value_parser = ["lenient", "strict", "must-staple"])]
+    pub ocsp_staple_policy: Option<String>,
     /// Envoy node id (shown in `certwire status`)
     #[arg(long, default_value = "edge-envoy")]
     pub node_id: String,
@@ -154,7 +163,26 @@ pub fn render(a: &BootstrapArgs) -> anyhow::Result<String> {
                     - envoy_grpc: {{ cluster_name: certwire }}
                     set_node_on_first_message_only: true"
     );
-    let mtls = if a.mtls { "\n          require_client_certificate: true" } else { "" };
+    let mut mtls = if a.mtls { "\n          require_client_certificate: true".to_owned() } else { String::new() };
+    if let Some(policy) = &a.ocsp_staple_policy {
+        let policy = match policy.as_str() {
+            "strict" => "STRICT_STAPLING",
+            "must-staple" => "MUST_STAPLE",
+            _ => "LENIENT_STAPLING",
+        };
+        mtls.push_str(&format!("\n          ocsp_staple_policy: {policy}"));
+    }
+    if let Some(name) = &a.session_ticket_keys {
+        mtls.push_str(&format!(
+            "
+          # Ticket keys shared by the fleet; sessions live no longer than the keys are served.
+          session_ticket_keys_sds_secret_config:
+            name: {}
+            {}",
+            quoted(name),
+            sds_config.replace("\n                ", "\n              ")
+        ));
+    }
     let validation = if a.mtls {
         format!(
             "

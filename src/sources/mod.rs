@@ -5,6 +5,6 @@ pub mod acme;
 pub mod dev;
 pub mod files;
 pub mod kubernetes;
-pub mod tickets;
 pub mod secret_keys;
+pub mod tickets;
 pub mod upstream;

@@ -69,6 +69,10 @@ pub struct OcspConfig {
     pub max_certificates: usize,
     /// Distinct responder URLs tracked at once.
     pub max_responders: usize,
+    /// When not empty, the only responder URLs certwire sends requests to (prefixes, e.g.
+    /// `http://ocsp.corp.example/`): the URL comes from the certificate, so whoever may
+    /// write a served certificate otherwise chooses where certwire sends a POST.
+    pub responders: Vec<String>,
     /// Mode per source, by the name status shows (`files:/etc/certs`, `kubernetes`, `acme`).
     pub sources: BTreeMap<String, Mode>,
     /// Mode per secret name (any of its aliases); wins over `sources` and `mode`.
@@ -89,6 +93,7 @@ impl Default for OcspConfig {
             max_concurrent_fetches: 8,
             max_certificates: 10_000,
             max_responders: 64,
+            responders: Vec::new(),
             sources: BTreeMap::new(),
             names: BTreeMap::new(),
         }
@@ -111,7 +116,22 @@ impl OcspConfig {
             .unwrap_or(self.mode)
     }
 
+    /// Whether certwire may send a request to `url` (see `responders`).
+    pub fn responder_allowed(&self, url: &str) -> bool {
+        self.responders.is_empty() || self.responders.iter().any(|prefix| url.starts_with(prefix.as_str()))
+    }
+
     pub fn validate(&self) -> Result<(), String> {
+        if let Some(bad) = self.responders.iter().find(|r| {
+            let rest = r.strip_prefix("http://").or_else(|| r.strip_prefix("https://"));
+            // A bare host prefix would also match `http://ocsp.example.com.attacker.net`.
+            rest.is_none_or(|rest| !rest.contains('/'))
+        }) {
+            return Err(format!(
+                "[ocsp] responders: {bad:?}: expected an http:// or https:// URL prefix that ends its host with a \
+                 path, e.g. \"http://ocsp.example.com/\""
+            ));
+        }
         if self.refresh_min > self.refresh_max {
             return Err("[ocsp] refresh_min is larger than refresh_max".into());
         }
@@ -164,5 +184,20 @@ mod tests {
         let bad: OcspConfig = toml::from_str("max_response_bytes = 0").unwrap();
         assert!(bad.validate().unwrap_err().contains("max_response_bytes"));
         assert!(toml::from_str::<OcspConfig>("mode = \"sometimes\"").is_err());
+    }
+
+    #[test]
+    fn responders_restrict_where_requests_go() {
+        let any = OcspConfig::default();
+        assert!(any.responder_allowed("http://169.254.169.254/latest"), "no list: any responder");
+        let cfg: OcspConfig = toml::from_str(r#"responders = ["http://ocsp.corp.example/"]"#).unwrap();
+        cfg.validate().unwrap();
+        assert!(cfg.responder_allowed("http://ocsp.corp.example/ca1"));
+        assert!(!cfg.responder_allowed("http://ocsp.corp.example.evil.net/"));
+        assert!(!cfg.responder_allowed("http://169.254.169.254/latest"));
+        for bad in ["ocsp.corp.example", "http://ocsp.corp.example", "ftp://x/"] {
+            let cfg: OcspConfig = toml::from_str(&format!("responders = [{bad:?}]")).unwrap();
+            assert!(cfg.validate().unwrap_err().contains("responders"), "{bad}");
+        }
     }
 }

@@ -83,6 +83,16 @@ struct Inner {
     permits: Semaphore,
     clock: Clock,
     tracked: Mutex<HashMap<Key, Arc<Tracked>>>,
+    /// Told of every newly revoked certificate, with the names it is served under: the
+    /// Kubernetes source posts an Event on the Secret ([`Stapler::on_revoked`]).
+    revocation_sinks: Mutex<Vec<Arc<dyn RevocationSink>>>,
+}
+
+/// Something told loudly when a served certificate is found revoked.
+pub trait RevocationSink: Send + Sync {
+    /// `names`: every name the certificate is served under; `message` names the serial,
+    /// the responder and the revocation time and reason (never key material).
+    fn revoked(&self, names: &[Arc<str>], message: &str);
 }
 
 /// One certificate being kept stapled.
@@ -143,8 +153,21 @@ impl Stapler {
 
     pub fn with_fetcher(cfg: OcspConfig, metrics: Arc<Metrics>, fetcher: Arc<dyn Fetch>) -> Self {
         let permits = Semaphore::new(cfg.max_concurrent_fetches);
-        let inner = Inner { cfg, metrics, fetcher, permits, clock: Clock::new(), tracked: Mutex::default() };
+        let inner = Inner {
+            cfg,
+            metrics,
+            fetcher,
+            permits,
+            clock: Clock::new(),
+            tracked: Mutex::default(),
+            revocation_sinks: Mutex::default(),
+        };
         Self { inner: Arc::new(inner) }
+    }
+
+    /// Adds `sink`, told of each certificate found revoked from now on.
+    pub fn on_revoked(&self, sink: Arc<dyn RevocationSink>) {
+        self.inner.revocation_sinks.lock().expect("ocsp sinks lock").push(sink);
     }
 
     /// Called by [`Intake`] before the check of every update: see [`Prepared`].
@@ -164,6 +187,15 @@ impl Stapler {
         }
         let names: Vec<Arc<str>> = names.iter().map(|n| Arc::from(n.as_ref())).collect();
         let target = match ocsp::target(cert_chain_pem, &[]) {
+            Ok(target) if !inner.cfg.responder_allowed(&target.url) => {
+                let why = format!(
+                    "the certificate's OCSP responder {} is not in [ocsp] responders: nothing is sent there",
+                    target.url
+                );
+                inner.forget_key(&key, intake);
+                inner.publish_untracked(intake, &names, mode, Some(target.url.clone()), &why);
+                return refuse_unless_fetch(mode, &why);
+            }
             Ok(target) => target,
             Err(why) => {
                 inner.forget_key(&key, intake);
@@ -527,6 +559,12 @@ async fn run(inner: std::sync::Weak<Inner>, t: Arc<Tracked>) {
                         on_revoked = ?cfg.on_revoked,
                         "OCSP: the served certificate is REVOKED"
                     );
+                    let names = t.state.lock().expect("ocsp state lock").names.clone();
+                    let sinks = this.revocation_sinks.lock().expect("ocsp sinks lock").clone();
+                    let message = revoked_message(&t.target, &answer);
+                    for sink in sinks {
+                        sink.revoked(&names, &message);
+                    }
                 } else if answer.status == OcspCertStatus::Good {
                     tracing::info!(
                         secret = %secret,

@@ -323,6 +323,30 @@ async fn a_staple_from_the_source_wins_and_off_fetches_nothing() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_responder_outside_the_allowed_list_is_never_asked() {
+    let env = Env::new();
+    let canned = Canned::new(|_| Err(FetchError::Failed("must not be asked".into())));
+    let mut cfg = config(Mode::Fetch);
+    cfg.responders = vec!["http://ocsp.corp.example/".into()];
+    let (intake, stapler, _) = start(cfg.clone(), Policy::default(), &canned);
+    intake.update("web", &env.material(), StdInstant::now()).unwrap();
+    advance(Duration::from_secs(3600)).await;
+    assert!(canned.calls().is_empty(), "no request to {URL}");
+    assert_eq!(stapler.tracked(), 0);
+    let state = ocsp_state(&intake, "web");
+    assert_eq!(state.state, "none");
+    assert!(state.last_error.as_deref().is_some_and(|e| e.contains("not in [ocsp] responders")), "{state:?}");
+    assert!(intake.store().get("web").is_some(), "fetch: served without a staple");
+
+    // must-staple: not served at all.
+    cfg.mode = Mode::MustStaple;
+    let (intake, _, _) = start(cfg, Policy::default(), &canned);
+    let err = intake.update("web", &env.material(), StdInstant::now()).unwrap_err();
+    assert_eq!(err.reason(), "ocsp_staple_required", "{err}");
+    assert!(canned.calls().is_empty());
+}
+
+#[tokio::test(start_paused = true)]
 async fn bounds_on_certificates_responders_and_concurrent_fetches_are_counted() {
     let ca = Authority::new("Bounds CA");
     let ca = Arc::new(ca);

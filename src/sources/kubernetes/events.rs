@@ -63,6 +63,38 @@ impl Rejections {
     }
 }
 
+/// A certificate found revoked by the OCSP stapler: a Warning Event `Revoked` on the
+/// Secret it came from (`kubernetes://NS/NAME` among its names). The stapler says it once
+/// per revocation, so no deduplication here.
+impl crate::stapling::RevocationSink for Rejections {
+    fn revoked(&self, names: &[Arc<str>], message: &str) {
+        let Some((ns, name)) = names.iter().find_map(|n| n.strip_prefix("kubernetes://")?.split_once('/')) else {
+            return;
+        };
+        let reference = k8s_openapi::api::core::v1::ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Secret".into()),
+            namespace: Some(ns.to_owned()),
+            name: Some(name.to_owned()),
+            ..Default::default()
+        };
+        let note = truncate_note(format!("certwire's OCSP check: {message}"));
+        let (recorder, key) = (self.recorder.clone(), format!("{ns}/{name}"));
+        tokio::spawn(async move {
+            let event = Event {
+                type_: EventType::Warning,
+                reason: "Revoked".into(),
+                note: Some(note),
+                action: "OCSPCheck".into(),
+                secondary: None,
+            };
+            if let Err(e) = recorder.publish(&event, &reference).await {
+                tracing::warn!(secret = %key, error = %e, "could not publish a Kubernetes event");
+            }
+        });
+    }
+}
+
 /// The API server refuses an Event whose note is over 1024 bytes (`NoteLengthLimit`),
 /// and kube-rs sends it as it is: an error naming a long subject would leave no Event
 /// at all. Cut as kube-scheduler does (`truncateMessage`: the limit, the last bytes

@@ -62,6 +62,9 @@ pub async fn start(
         options.namespaces.iter().cloned().map(Some).collect()
     };
     let recorder = events::Rejections::new(client.clone());
+    if let Some(stapler) = intake.stapler() {
+        stapler.on_revoked(Arc::new(recorder.clone()));
+    }
     let mut tasks = Vec::new();
     for scope in scopes {
         let api: Api<Secret> = match &scope {
