@@ -300,6 +300,9 @@ async fn a_fetched_staple_is_stapled_refreshed_kept_through_an_outage_until_stal
     assert_eq!(status["mode"], "fetch");
     assert_eq!(status["responder"], format!("http://127.0.0.1:{}", pki.port));
     let first_next = status["next_update"].as_str().unwrap().to_owned();
+    // `certwire status` (the gRPC status API) says it too.
+    let table = common::certwire::run(&["status", "--admin", &certwire.admin_addr().to_string()]);
+    assert!(table.lines().any(|l| l.starts_with(NAME) && l.contains("ocsp good until")), "{table}");
 
     // Refreshed halfway (~30 s into a one-minute response): a new thisUpdate, made
     // before the first response's nextUpdate.
@@ -365,6 +368,9 @@ async fn a_revoked_certificate_is_reported_and_withheld() {
     let secret = certwire.secret_status(NAME).await.unwrap();
     assert_eq!(secret["placeholder"], "invalid", "{secret}");
     assert!(secret["last_error"].as_str().unwrap().contains("REVOKED"), "{secret}");
+    let table = common::certwire::run(&["status", "--admin", &certwire.admin_addr().to_string()]);
+    let line = table.lines().find(|l| l.starts_with(NAME)).unwrap_or_default();
+    assert!(line.contains("PLACEHOLDER (invalid)") && line.contains("OCSP REVOKED at 2026-12-01"), "{table}");
     let output = util::wait_for("a handshake with the placeholder", WAIT, || async {
         let output = s_client_status(addr).await;
         output.contains("certwire placeholder").then_some(output)

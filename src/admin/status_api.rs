@@ -34,6 +34,19 @@ impl StatusService for Admin {
                 last_error: s.last_error.unwrap_or_default(),
                 shadowed_sources: s.shadowed_sources,
                 updated_unix_ms: s.updated_unix_ms.unwrap_or_default(),
+                placeholder: s.placeholder.map(|p| p.as_str().to_owned()).unwrap_or_default(),
+                expired: s.expired,
+                ocsp: s.ocsp.map(|o| crate::api::OcspStatus {
+                    mode: o.mode.to_owned(),
+                    state: o.state.to_owned(),
+                    responder: o.responder.unwrap_or_default(),
+                    this_update: o.this_update.unwrap_or_default(),
+                    next_update: o.next_update.unwrap_or_default(),
+                    revoked_at: o.revoked_at.unwrap_or_default(),
+                    revocation_reason: o.revocation_reason.unwrap_or_default(),
+                    next_refresh: o.next_refresh.unwrap_or_default(),
+                    last_error: o.last_error.unwrap_or_default(),
+                }),
             })
             .collect();
         Ok(Response::new(ListSecretsResponse { secrets }))

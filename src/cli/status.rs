@@ -52,6 +52,19 @@ pub async fn run(args: &StatusArgs) -> anyhow::Result<ExitCode> {
         if !s.shadowed_sources.is_empty() {
             tail.push_str(&format!(" (shadows {})", s.shadowed_sources.join(", ")));
         }
+        if !s.placeholder.is_empty() {
+            tail.push_str(&format!(" PLACEHOLDER ({})", s.placeholder));
+        }
+        if s.expired {
+            tail.push_str(" EXPIRED");
+        }
+        if let Some(o) = &s.ocsp {
+            tail.push_str(&match o.state.as_str() {
+                "good" => format!(" ocsp good until {}", o.next_update),
+                "revoked" => format!(" OCSP REVOKED at {}", o.revoked_at),
+                state => format!(" ocsp {state}{}", if o.last_error.is_empty() { "" } else { " (see last_error)" }),
+            });
+        }
         if !s.last_error.is_empty() {
             tail.push_str(&format!(" REJECTED: {}", s.last_error));
         }
