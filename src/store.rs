@@ -304,7 +304,7 @@ impl Store {
         };
         Some(Arc::new(Served {
             name: name.clone(),
-            version: Version::of(checked.resource.as_slice()),
+            version: Version::of_served(kind, checked.resource.as_slice()),
             kind,
             resource: checked.resource.into(),
             meta: checked.meta,
@@ -333,7 +333,7 @@ impl Store {
         checked: Checked,
         detected_at: Instant,
     ) -> Outcome {
-        let version = Version::of(checked.resource.as_slice());
+        let version = Version::of_served(checked.kind, checked.resource.as_slice());
         let mut entry = self.entries.entry(name.into()).or_insert_with(Entry::new);
         entry.clear_error(rank);
         if let Some(existing) = entry.candidates.get(rank)
@@ -587,6 +587,11 @@ impl Store {
 mod tests {
     use super::*;
 
+    /// The version the store gives `checked(content)`.
+    fn version_of(content: &[u8]) -> Version {
+        Version::of_served(SecretKind::GenericSecret, content)
+    }
+
     fn checked(content: &[u8]) -> Checked {
         Checked {
             kind: SecretKind::GenericSecret,
@@ -630,7 +635,7 @@ mod tests {
             store.upsert(rank, &src, "s", checked(&[i]), Instant::now());
         }
         // One pending wake-up, and it shows only the last version.
-        assert_eq!(rx.borrow_and_update().clone().unwrap().version, Version::of(&[99]));
+        assert_eq!(rx.borrow_and_update().clone().unwrap().version, version_of(&[99]));
         assert!(!rx.has_changed().unwrap());
     }
 
@@ -659,7 +664,7 @@ mod tests {
         store.upsert(rank, &src, "s", checked(b"good"), Instant::now());
         store.upsert(rank, &src, "other", checked(b"fine"), Instant::now());
         store.reject(rank, &src, "s", "key mismatch".into(), None);
-        assert_eq!(store.get("s").unwrap().version, Version::of(b"good"));
+        assert_eq!(store.get("s").unwrap().version, version_of(b"good"));
         let st = store.status();
         assert_eq!(st[1].last_error.as_deref(), Some("files:/a: key mismatch"));
         assert!(st[0].last_error.is_none(), "other secret untouched");
@@ -695,9 +700,9 @@ mod tests {
         assert!(store.get("s").is_some(), "content stays when the channel goes");
         // A later subscriber gets the current content at once.
         let rx = store.subscribe("s");
-        assert_eq!(rx.borrow().clone().unwrap().version, Version::of(b"x"));
+        assert_eq!(rx.borrow().clone().unwrap().version, version_of(b"x"));
         store.upsert(rank, &src, "s", checked(b"y"), Instant::now());
-        assert_eq!(rx.borrow().clone().unwrap().version, Version::of(b"y"));
+        assert_eq!(rx.borrow().clone().unwrap().version, version_of(b"y"));
     }
 
     fn tls(content: &[u8]) -> Checked {

@@ -23,6 +23,26 @@ impl Version {
         Self(bytes)
     }
 
+    /// The version of a served resource of `kind`. A generic secret may be a password of
+    /// little entropy, and versions are shown (status, logs, Envoy's config dump): its
+    /// version is an HMAC under a key made at start, so it cannot be guessed back from
+    /// the version offline. It then differs across restarts and replicas (a reconnecting
+    /// proxy is sent the secret again). Every other kind holds a key or is public, and
+    /// keeps the plain hash, the same everywhere.
+    pub fn of_served(kind: crate::pki::SecretKind, content: &[u8]) -> Self {
+        if kind != crate::pki::SecretKind::GenericSecret {
+            return Self::of(content);
+        }
+        static KEY: std::sync::OnceLock<ring::hmac::Key> = std::sync::OnceLock::new();
+        let key = KEY.get_or_init(|| {
+            ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+                .expect("the system random number generator failed")
+        });
+        let mut bytes = [0; 16];
+        bytes.copy_from_slice(&ring::hmac::sign(key, content).as_ref()[..16]);
+        Self(bytes)
+    }
+
     /// The 32 hex digits, without allocating.
     pub fn text(&self) -> VersionText {
         let mut hex = [0; Self::TEXT_LEN];
@@ -84,5 +104,16 @@ mod tests {
         assert!(v != *"ba7816bf8f01cfea414140de5dae2224");
         assert_eq!(serde_json::to_string(&v).unwrap(), "\"ba7816bf8f01cfea414140de5dae2223\"");
         assert_ne!(Version::of(b"abd"), v);
+    }
+
+    #[test]
+    fn a_generic_secret_version_is_keyed_so_it_cannot_be_guessed_back() {
+        use crate::pki::SecretKind;
+        let password = b"hunter2";
+        let keyed = Version::of_served(SecretKind::GenericSecret, password);
+        assert_ne!(keyed, Version::of(password), "not the plain hash an attacker can compute");
+        assert_eq!(keyed, Version::of_served(SecretKind::GenericSecret, password), "stable within the process");
+        assert_ne!(keyed, Version::of_served(SecretKind::GenericSecret, b"hunter3"));
+        assert_eq!(Version::of_served(SecretKind::TlsCertificate, b"x"), Version::of(b"x"));
     }
 }
