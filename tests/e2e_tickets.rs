@@ -315,7 +315,8 @@ async fn two_replicas_sharing_a_kubernetes_secret_serve_identical_keys() {
     })
     .await;
 
-    // A Secret of that name that certwire did not write: refused at start, untouched.
+    // A Secret of that name that certwire did not write: reported, untouched, and
+    // certwire starts anyway (a broken shared state must not keep every replica down).
     api.put_object(serde_json::json!({
         "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
         "metadata": {"name": "foreign", "namespace": "default"},
@@ -324,18 +325,43 @@ async fn two_replicas_sharing_a_kubernetes_secret_serve_identical_keys() {
     let foreign = dir.path().join("foreign.toml");
     std::fs::write(&foreign, format!("[[tickets]]\nname = \"{TICKETS}\"\nstate = \"kubernetes://default/foreign\"\n"))
         .unwrap();
-    let output = tokio::process::Command::new(common::certwire::certwire_bin())
-        .args(["serve", "--config", foreign.to_str().unwrap(), "--kubeconfig", kc])
-        .args(["--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
-        .env("NO_COLOR", "1")
-        .output()
-        .await
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(!output.status.success(), "started on a foreign Secret: {stderr}");
-    assert!(stderr.contains("kubernetes://default/foreign") && stderr.contains("not written by certwire"), "{stderr}");
+    let started =
+        Certwire::serve(["--config", foreign.to_str().unwrap(), "--kubeconfig", kc, "--listen", "127.0.0.1:0"]).await;
+    let status = started.secret_status(TICKETS).await.expect("the name is in /status/secrets");
+    let last_error = status["last_error"].as_str().unwrap_or_default();
+    assert!(
+        last_error.contains("kubernetes://default/foreign") && last_error.contains("not written by certwire"),
+        "{status}"
+    );
+    assert!(attack::fetch(started.sds_addr(), &[TICKETS.to_string()]).await.map_or(true, |r| r.resources.is_empty()));
     let kept = api.get_object("v1", "Secret", "default", "foreign").unwrap();
     assert_eq!(kept["data"]["tls.session-ticket-keys"], "AAAA", "not overwritten");
+}
+
+/// A `[[tickets]]` name wins over any other source: a files directory (or a Secret) of
+/// the same name, which whoever writes there controls, does not replace the keys the
+/// operator configured.
+#[tokio::test]
+async fn a_tickets_name_wins_over_a_files_directory_of_the_same_name() {
+    let dir = util::tempdir();
+    let root = dir.path().join("secrets");
+    std::fs::create_dir_all(root.join(TICKETS)).unwrap();
+    let planted = vec![0x42u8; 80];
+    std::fs::write(root.join(TICKETS).join("tls.session-ticket-keys"), &planted).unwrap();
+    let state = dir.path().join("state");
+    let config = config(dir.path(), &state, "");
+    let certwire = Certwire::serve([
+        "--config",
+        config.to_str().unwrap(),
+        "--files",
+        root.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
+    .await;
+    let (_, keys) = served_keys(certwire.sds_addr()).await;
+    assert!(!keys.contains(&planted), "the files directory's keys are not served");
+    assert_eq!(keys.concat(), std::fs::read(state.join("tls.session-ticket-keys")).unwrap(), "the fleet's keys");
 }
 
 /// The state directory is a secret directory in the format the files source reads: an

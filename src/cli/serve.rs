@@ -63,7 +63,11 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
     // `[ocsp]`: one stapler shared by every source's intake, only when asked for.
     let stapler =
         settings.ocsp.enabled().then(|| crate::stapling::Stapler::new(settings.ocsp.clone(), metrics.clone()));
-    // Sources in precedence order: the first configured wins a name.
+    // Sources in precedence order: the first registered wins a name. `[[tickets]]` first:
+    // keys the operator configured are never replaced by a Secret or a files directory
+    // of the same name (its start stays below, after the others).
+    let tickets_intake = (!settings.tickets.is_empty())
+        .then(|| Intake::new(store.clone(), metrics.clone(), "tickets", settings.allow_expired));
     for root in &settings.files {
         let name = format!("files:{}", root.display());
         health.not_ready(&name, "initial load");
@@ -117,8 +121,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<ExitCode> {
         sources::upstream::start(upstream, intake, metrics.clone(), health.clone(), shutdown.clone())
             .context("starting the upstream source")?;
     }
-    if !settings.tickets.is_empty() {
-        let intake = Intake::new(store.clone(), metrics.clone(), "tickets", settings.allow_expired);
+    if let Some(intake) = tickets_intake {
         let kubeconfig = settings.authz.kubeconfig.clone();
         sources::tickets::start(settings.tickets.clone(), intake, metrics.clone(), kubeconfig, shutdown.clone())
             .await

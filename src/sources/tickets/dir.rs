@@ -13,11 +13,30 @@
 //! Both files live in one payload directory behind `..data`, so a crash between two
 //! writes can never pair new keys with old times. Writers decide under the exclusive
 //! lock from what they read under it, so two replicas racing for a rotation write once.
+//!
+//! **The directory is not trusted further than its root.** Whoever can write in it (any
+//! process of the replicas' user, a pod mounting the volume) could otherwise make
+//! certwire read another file as keys or create one elsewhere. So `..data` must name one
+//! `..v…` entry of the root (no `/`, not absolute), the payload directory is opened
+//! without following a link and the two files are opened through that open directory
+//! (`/proc/self/fd/N/NAME`) without following a link, and must be regular files within
+//! the size bound; `.lock` is opened without following a link. A link in any of these
+//! places is refused as a corrupt state, before anything is read through it.
+//!
+//! **A held lock does not block a follower.** The lock is tried without blocking until
+//! [`LOCK_WAIT`] has passed, then the read fails as `lock_held` and is retried at the
+//! next re-read, so one hung replica (or a process that took the lock by hand) cannot
+//! stall the others' startup or re-reads.
 
 use std::fs::{self, File};
 use std::io::{ErrorKind, Read as _, Write as _};
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::fd::AsRawFd as _;
+use std::os::unix::ffi::OsStrExt as _;
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use zeroize::Zeroizing;
 
 use serde::{Deserialize, Serialize};
 
@@ -39,6 +58,12 @@ const FORMAT: &str = "certwire-tickets/v1";
 pub const MAX_KEYS: usize = 64;
 /// Most bytes of metadata read.
 pub const MAX_META_BYTES: u64 = 16 * 1024;
+/// How long a read or an update tries to take the state's lock before it gives up with
+/// a `lock_held` error (retried at the next re-read). A write takes milliseconds; a lock
+/// held longer is a hung or foreign holder.
+pub const LOCK_WAIT: Duration = Duration::from_secs(5);
+/// Pause between two tries of the lock.
+const LOCK_RETRY: Duration = Duration::from_millis(50);
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -55,6 +80,11 @@ pub enum StateError {
     Corrupt { path: String, reason: String },
     #[error("ticket state {path}: over {max} bytes (limit: {what}); left as it is, the last good keys stay served")]
     TooLarge { path: String, max: u64, what: &'static str },
+    #[error(
+        "ticket state {path}: the lock is held by another process for over {waited:?}; retried at the next re-read \
+         (the last good keys stay served)"
+    )]
+    LockHeld { path: String, waited: Duration },
 }
 
 impl StateError {
@@ -66,6 +96,7 @@ impl StateError {
             StateError::Conflict { .. } => "conflict",
             StateError::Corrupt { .. } => "corrupt",
             StateError::TooLarge { .. } => "too_large",
+            StateError::LockHeld { .. } => "lock_held",
         }
     }
 }
@@ -82,11 +113,19 @@ pub struct Updated {
 pub struct DirState {
     root: PathBuf,
     name: String,
+    /// [`LOCK_WAIT`]; shorter in tests.
+    lock_wait: Duration,
 }
 
 impl DirState {
     pub fn new(root: PathBuf, name: &str) -> Self {
-        Self { root, name: name.to_owned() }
+        Self { root, name: name.to_owned(), lock_wait: LOCK_WAIT }
+    }
+
+    #[cfg(test)]
+    pub(super) fn with_lock_wait(mut self, wait: Duration) -> Self {
+        self.lock_wait = wait;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -129,23 +168,48 @@ impl DirState {
             .create(&self.root)
             .map_err(self.io(&self.root, "creating the directory"))?;
         let path = self.root.join(LOCK_FILE);
+        // O_NOFOLLOW: a `.lock` link would make certwire create or open its target
+        // read-write, wherever it is.
         let file = fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
             .open(&path)
-            .map_err(self.io(&path, "opening the lock file"))?;
-        // flock(2) on Unix: released when `file` is closed.
-        let locked = if exclusive { file.lock() } else { file.lock_shared() };
-        locked.map_err(self.io(&path, "locking"))?;
-        Ok(file)
+            .map_err(|e| self.open_error(&path, "opening the lock file", e))?;
+        let meta = file.metadata().map_err(self.io(&path, "opening the lock file"))?;
+        if !meta.file_type().is_file() {
+            return Err(self.corrupt(&path, "is not a regular file"));
+        }
+        // flock(2) on Unix: released when `file` is closed. Tried without blocking until
+        // `lock_wait`, so a holder that never lets go cannot stall this follower.
+        let deadline = Instant::now() + self.lock_wait;
+        loop {
+            let tried = if exclusive { file.try_lock() } else { file.try_lock_shared() };
+            match tried {
+                Ok(()) => return Ok(file),
+                Err(fs::TryLockError::WouldBlock) if Instant::now() < deadline => std::thread::sleep(LOCK_RETRY),
+                Err(fs::TryLockError::WouldBlock) => {
+                    return Err(StateError::LockHeld { path: path.display().to_string(), waited: self.lock_wait });
+                }
+                Err(fs::TryLockError::Error(e)) => return Err(self.io(&path, "locking")(e)),
+            }
+        }
+    }
+
+    /// An open(2) error; a link where certwire follows none is a corrupt state.
+    fn open_error(&self, path: &Path, op: &'static str, e: std::io::Error) -> StateError {
+        if e.raw_os_error() == Some(libc::ELOOP) {
+            return self.corrupt(path, "is a symbolic link: certwire follows no link inside the state directory");
+        }
+        self.io(path, op)(e)
     }
 
     fn read_locked(&self) -> Result<Option<State>, StateError> {
         let data = self.root.join(DATA);
-        let payload = match fs::read_link(&data) {
+        let target = match fs::read_link(&data) {
             Ok(target) => target,
             Err(e) if e.kind() == ErrorKind::NotFound => {
                 let keys = self.root.join(KEYS_FILE);
@@ -159,23 +223,84 @@ impl DirState {
             }
             Err(e) => return Err(self.io(&data, "reading the link")(e)),
         };
-        let dir = self.root.join(payload);
-        let keys_path = dir.join(KEYS_FILE);
-        let meta_path = dir.join(META_FILE);
+        // One entry of the root: an absolute target would replace the root when joined,
+        // `../x` or `a/b` would lead out of it or through other links.
+        let name = target.as_os_str().as_bytes();
+        if name.contains(&b'/') || !name.starts_with(PAYLOAD_PREFIX.as_bytes()) {
+            return Err(self.corrupt(
+                &data,
+                format!(
+                    "points to {:?}: expected a payload directory {PAYLOAD_PREFIX}… of the state directory itself",
+                    target.display()
+                ),
+            ));
+        }
+        let dir_path = self.root.join(&target);
+        let dir = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&dir_path)
+            .map_err(|e| match e.raw_os_error() {
+                // O_DIRECTORY wins over O_NOFOLLOW: a link is "not a directory".
+                Some(libc::ENOTDIR) if fs::symlink_metadata(&dir_path).is_ok_and(|m| m.is_symlink()) => {
+                    self.open_error(&dir_path, "", std::io::Error::from_raw_os_error(libc::ELOOP))
+                }
+                Some(libc::ENOTDIR) => self.corrupt(&dir_path, "is not a directory"),
+                _ => self.open_error(&dir_path, "opening the payload directory", e),
+            })?;
+        let keys_path = dir_path.join(KEYS_FILE);
+        let meta_path = dir_path.join(META_FILE);
         let max_keys = (MAX_KEYS * KEY_LEN) as u64;
-        let keys = KeyBytes::new(read_bounded(&keys_path, max_keys, "ticket state keys").map_err(|e| self.map(e))?);
-        let meta = read_bounded(&meta_path, MAX_META_BYTES, "ticket state metadata").map_err(|e| self.map(e))?;
-        match parse(&self.name, keys.as_slice(), &meta) {
+        let keys = self.read_in(&dir, &dir_path, KEYS_FILE, max_keys, "ticket state keys")?;
+        let meta = self.read_in(&dir, &dir_path, META_FILE, MAX_META_BYTES, "ticket state metadata")?;
+        match parse(&self.name, &keys, &meta) {
             Ok(state) => Ok(Some(state)),
             Err(Bad::Keys(reason)) => Err(self.corrupt(&keys_path, reason)),
             Err(Bad::Meta(reason)) => Err(self.corrupt(&meta_path, reason)),
         }
     }
 
-    fn map(&self, err: Bounded) -> StateError {
-        match err {
-            Bounded::Io(path, source) => StateError::Io { path: path.display().to_string(), op: "reading", source },
-            Bounded::TooLarge(path, max, what) => StateError::TooLarge { path: path.display().to_string(), max, what },
+    /// File `name` of the payload directory open as `dir` (at `dir_path`), read whole if
+    /// it is a regular file of at most `max` bytes. No link is followed: the file is
+    /// opened through the open directory (`/proc/self/fd`), so a payload directory
+    /// swapped meanwhile changes nothing.
+    fn read_in(
+        &self,
+        dir: &File,
+        dir_path: &Path,
+        name: &str,
+        max: u64,
+        what: &'static str,
+    ) -> Result<Zeroizing<Vec<u8>>, StateError> {
+        let path = dir_path.join(name);
+        let proc_dir = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        let through_proc = fs::metadata(&proc_dir).is_ok_and(|m| m.is_dir());
+        let open_at = if through_proc { proc_dir.join(name) } else { path.clone() };
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+            .open(&open_at)
+            .map_err(|e| self.open_error(&path, "opening", e))?;
+        if !through_proc {
+            // Without /proc: the payload directory must still be the one opened.
+            let now = fs::symlink_metadata(dir_path).map_err(self.io(dir_path, "checking"))?;
+            let opened = dir.metadata().map_err(self.io(dir_path, "checking"))?;
+            if (now.dev(), now.ino()) != (opened.dev(), opened.ino()) {
+                return Err(self.io(dir_path, "reading")(std::io::Error::other("replaced while being read")));
+            }
+        }
+        let meta = file.metadata().map_err(self.io(&path, "reading"))?;
+        if !meta.file_type().is_file() {
+            return Err(self.corrupt(&path, "is not a regular file"));
+        }
+        let too_large = || StateError::TooLarge { path: path.display().to_string(), max, what };
+        if meta.len() > max {
+            return Err(too_large());
+        }
+        match read_capped(file, meta.len(), max) {
+            Ok(bytes) => Ok(bytes),
+            Err(Capped::Over) => Err(too_large()),
+            Err(Capped::Io(e)) => Err(self.io(&path, "reading")(e)),
         }
     }
 
@@ -309,21 +434,42 @@ pub(super) fn encode(name: &str, state: &State) -> (zeroize::Zeroizing<Vec<u8>>,
     (keys, meta)
 }
 
-enum Bounded {
-    Io(PathBuf, std::io::Error),
-    TooLarge(PathBuf, u64, &'static str),
+enum Capped {
+    Over,
+    Io(std::io::Error),
 }
 
-/// The whole file if it has at most `max` bytes.
-fn read_bounded(path: &Path, max: u64, what: &'static str) -> Result<Vec<u8>, Bounded> {
-    let file = File::open(path).map_err(|e| Bounded::Io(path.to_path_buf(), e))?;
-    let mut bytes = Vec::new();
-    file.take(max + 1).read_to_end(&mut bytes).map_err(|e| Bounded::Io(path.to_path_buf(), e))?;
-    if bytes.len() as u64 > max {
-        zeroize::Zeroize::zeroize(&mut bytes);
-        return Err(Bounded::TooLarge(path.to_path_buf(), max, what));
+/// Reads at most `max + 1` bytes into one zeroizing buffer sized from `size_hint` (the
+/// file's size); a file that turns out larger than `max` is `Over`. When the file grew
+/// since its size was taken, the buffer is replaced by a larger one and the old one
+/// zeroized, so no reallocation leaves key bytes in freed memory (the pattern of the
+/// files source's `read_capped`).
+fn read_capped(file: File, size_hint: u64, max: u64) -> Result<Zeroizing<Vec<u8>>, Capped> {
+    let limit = max.saturating_add(1);
+    let mut reader = file.take(limit);
+    let mut buf = Zeroizing::new(vec![0u8; size_hint.min(max).saturating_add(1) as usize]);
+    let mut filled = 0;
+    loop {
+        if filled == buf.len() {
+            if filled as u64 >= limit {
+                return Err(Capped::Over);
+            }
+            let mut bigger = Zeroizing::new(vec![0u8; (filled as u64).saturating_mul(2).min(limit) as usize]);
+            bigger[..filled].copy_from_slice(&buf[..filled]);
+            buf = bigger;
+        }
+        match reader.read(&mut buf[filled..]) {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == ErrorKind::Interrupted => {}
+            Err(e) => return Err(Capped::Io(e)),
+        }
     }
-    Ok(bytes)
+    if filled as u64 >= limit {
+        return Err(Capped::Over);
+    }
+    buf.truncate(filled);
+    Ok(buf)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
@@ -467,6 +613,134 @@ mod tests {
         assert!(text.contains("not written by certwire"), "{text}");
         DirState::new(foreign.clone(), "gw").update(|c| schedule().plan(c, 0, random_key)).unwrap_err();
         assert_eq!(fs::read(foreign.join(KEYS_FILE)).unwrap(), good, "not overwritten");
+    }
+
+    /// Whoever can write in the state directory tries to make certwire read a file from
+    /// outside it as keys, or create one: every way is refused as a corrupt state naming
+    /// the link, and nothing outside is served, read into an error, or created.
+    #[test]
+    fn links_out_of_the_state_directory_are_refused() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("t");
+        let dir = DirState::new(root.clone(), "gw");
+        let good = served(&dir.update(|c| schedule().plan(c, 0, random_key)).unwrap().state);
+        let data = root.join(DATA);
+        let payload_name = fs::read_link(&data).unwrap();
+        let payload = root.join(&payload_name);
+
+        // Outside: another secret, 80 bytes (a well-formed key), and a whole payload.
+        let outside = tmp.path().join("outside");
+        fs::create_dir(&outside).unwrap();
+        let secret = [0x5au8; KEY_LEN];
+        fs::write(outside.join("secret"), secret).unwrap();
+        let fake = outside.join("payload");
+        fs::create_dir(&fake).unwrap();
+        fs::write(fake.join(KEYS_FILE), secret).unwrap();
+        fs::copy(payload.join(META_FILE), fake.join(META_FILE)).unwrap();
+        let refused = |what: &str, needle: &str| {
+            let err = dir.read().unwrap_err();
+            let text = err.to_string();
+            assert_eq!(err.reason(), "corrupt", "{what}: {text}");
+            assert!(text.contains(needle), "{what}: {text}");
+            assert!(!text.contains("80 bytes") && !text.contains(&hex::encode(&secret[..4])), "{what}: {text}");
+        };
+
+        // The keys file in the payload a link to the other secret.
+        let keys = payload.join(KEYS_FILE);
+        let saved = fs::read(&keys).unwrap();
+        fs::remove_file(&keys).unwrap();
+        std::os::unix::fs::symlink(outside.join("secret"), &keys).unwrap();
+        refused("keys link", "symbolic link");
+        fs::remove_file(&keys).unwrap();
+        fs::write(&keys, &saved).unwrap();
+        // The metadata a link (its size or content would show in an error).
+        let meta = payload.join(META_FILE);
+        let saved_meta = fs::read(&meta).unwrap();
+        fs::remove_file(&meta).unwrap();
+        std::os::unix::fs::symlink(fake.join(META_FILE), &meta).unwrap();
+        refused("metadata link", "symbolic link");
+        fs::remove_file(&meta).unwrap();
+        fs::write(&meta, &saved_meta).unwrap();
+        assert_eq!(served(&dir.read().unwrap().unwrap()), good, "repaired");
+
+        // `..data` to an absolute path, out of the root, or to a payload that is a link.
+        let set_data = |target: &Path| {
+            let tmp_link = root.join("..data_tmp");
+            std::os::unix::fs::symlink(target, &tmp_link).unwrap();
+            fs::rename(&tmp_link, &data).unwrap();
+        };
+        set_data(&fake);
+        refused("absolute ..data", "points to");
+        set_data(Path::new("../outside/payload"));
+        refused("relative ..data", "points to");
+        set_data(Path::new("..data"));
+        refused("..data to itself", "points to");
+        std::os::unix::fs::symlink(&fake, root.join("..v1_evil")).unwrap();
+        set_data(Path::new("..v1_evil"));
+        refused("payload link", "symbolic link");
+        // A writer refuses too, and the outside payload is left as it was.
+        dir.update(|c| schedule().plan(c, 0, random_key)).unwrap_err();
+        assert_eq!(fs::read(fake.join(KEYS_FILE)).unwrap(), secret);
+        assert!(fs::symlink_metadata(root.join("..v1_evil")).unwrap().file_type().is_symlink());
+        set_data(&payload_name);
+        assert_eq!(served(&dir.read().unwrap().unwrap()), good, "repaired");
+
+        // A keys file that is not a regular file.
+        fs::remove_file(&keys).unwrap();
+        fs::create_dir(&keys).unwrap();
+        refused("directory as keys", "not a regular file");
+        fs::remove_dir(&keys).unwrap();
+        fs::write(&keys, &saved).unwrap();
+
+        // `.lock` a link: its target is neither created nor opened.
+        let lock = root.join(LOCK_FILE);
+        fs::remove_file(&lock).unwrap();
+        std::os::unix::fs::symlink(outside.join("created"), &lock).unwrap();
+        refused("lock link", "symbolic link");
+        dir.update(|c| schedule().plan(c, 0, random_key)).unwrap_err();
+        assert!(!outside.join("created").exists(), "nothing created outside");
+        fs::remove_file(&lock).unwrap();
+        assert_eq!(served(&dir.read().unwrap().unwrap()), good, "repaired");
+    }
+
+    /// A lock another process holds (a hung replica, `flock` by hand) fails the read or
+    /// update after the wait instead of blocking the follower for ever.
+    #[test]
+    fn a_held_lock_is_an_error_not_a_wait_for_ever() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("t");
+        let dir = DirState::new(root.clone(), "gw").with_lock_wait(Duration::from_millis(100));
+        dir.update(|c| schedule().plan(c, 0, random_key)).unwrap();
+        // flock(2) locks belong to the open file: a second open conflicts like another process.
+        let holder = File::open(root.join(LOCK_FILE)).unwrap();
+        holder.lock().unwrap();
+        for err in [dir.read().unwrap_err(), dir.update(|c| schedule().plan(c, 0, random_key)).unwrap_err()] {
+            assert_eq!(err.reason(), "lock_held", "{err}");
+            assert!(err.to_string().contains(&root.join(LOCK_FILE).display().to_string()), "{err}");
+        }
+        drop(holder);
+        dir.read().unwrap().unwrap();
+        assert!(LOCK_WAIT >= Duration::from_secs(1), "a write takes milliseconds; the default waits much longer");
+    }
+
+    /// Key files are read into one zeroizing buffer sized from the file's size: no
+    /// reallocation leaves a copy of the keys in freed memory.
+    #[test]
+    fn keys_are_read_into_one_buffer_sized_from_the_file() {
+        let tmp = tempfile::tempdir().unwrap();
+        let path = tmp.path().join("keys");
+        fs::write(&path, vec![7u8; 10 * KEY_LEN]).unwrap();
+        let len = fs::metadata(&path).unwrap().len();
+        let bytes: Zeroizing<Vec<u8>> = match read_capped(File::open(&path).unwrap(), len, 64 * KEY_LEN as u64) {
+            Ok(bytes) => bytes,
+            Err(_) => panic!("fits"),
+        };
+        assert_eq!(bytes.len(), 10 * KEY_LEN);
+        assert_eq!(bytes.capacity(), 10 * KEY_LEN + 1, "allocated once, from the size");
+        // A file larger than its size said (procfs reports 0) is still cut at the cap.
+        assert!(matches!(read_capped(File::open("/proc/self/status").unwrap(), 0, 8), Err(Capped::Over)));
+        let all = read_capped(File::open("/proc/self/status").unwrap(), 0, 1 << 20).unwrap_or_else(|_| panic!("fits"));
+        assert!(all.starts_with(b"Name:"));
     }
 
     #[test]

@@ -27,8 +27,13 @@
 //! **Authorization.** The ticket names are ordinary secret names: `policy` mode needs an
 //! `[[authz.rules]]` rule; in `kubernetes` mode a bare or `kubernetes://` name would be
 //! decided by Istio's rule as if it were a Kubernetes Secret of that namespace, so the
-//! config refuses such names there: a name with another scheme (`tickets://NAME`) is
-//! denied unless a rule allows it.
+//! config refuses such names there, and `kubernetes-gateway://` names (the Gateway API
+//! rule would decide them): a name with another scheme (`tickets://NAME`) is denied
+//! unless a rule allows it.
+//!
+//! **Precedence.** The tickets intake is registered before every other source, so a
+//! `[[tickets]]` name wins over a Secret or a files directory of the same name: what the
+//! operator configured here is never replaced by whoever can write a Secret.
 
 pub mod dir;
 pub mod kube_state;
@@ -123,10 +128,15 @@ pub fn resolve(configs: &[TicketsConfig], authz: crate::authz::Mode) -> Result<V
         if c.name.is_empty() {
             return Err("[[tickets]]: name is empty".into());
         }
-        if authz == crate::authz::Mode::Kubernetes && crate::authz::resolve(&c.name, "default").is_some() {
+        // `kubernetes-gateway://` names are decided by the Gateway API rule (a review of
+        // the proxy's service account) before any `[[authz.rules]]` default applies.
+        let kubernetes_name =
+            crate::authz::resolve(&c.name, "default").is_some() || c.name.starts_with(crate::authz::gateway::SCHEME);
+        if authz == crate::authz::Mode::Kubernetes && kubernetes_name {
             return Err(format!(
                 "{at}: with [authz] mode = \"kubernetes\" this name would be authorized as a Kubernetes Secret \
-                 (Istio's rule); give it another scheme, e.g. \"tickets://{}\", and allow it with an [[authz.rules]] rule",
+                 (Istio's or the Gateway API rule); give it another scheme, e.g. \"tickets://{}\", and allow it with \
+                 an [[authz.rules]] rule",
                 c.name.rsplit('/').next().unwrap_or(&c.name)
             ));
         }
@@ -216,8 +226,12 @@ fn new_key() -> KeyBytes {
 }
 
 /// Starts one follower per name. The first read (or creation) of each state is done
-/// before this returns, so the keys are in the store before any listener serves; a state
-/// that cannot be read then fails the start with its path and the reason.
+/// before this returns, so the keys are in the store before any listener serves. A state
+/// that cannot be read then (corrupt, foreign, locked, unreachable) does not fail the
+/// start: it is reported like any later failure (logged once, the name's `last_error`,
+/// `ticket_state_errors_total`) and retried every `reread_every`, so a state broken on
+/// the shared volume does not keep every restarting replica, and every other secret it
+/// serves, down.
 pub async fn start(
     tickets: Vec<Ticket>,
     intake: Intake,
@@ -240,8 +254,13 @@ pub async fn start(
                 Backend::Secret(Box::new(KubeState::new(client, namespace, name, &ticket.name)))
             }
         };
+        let reread = ms(ticket.reread_every);
         let mut follower = Follower::new(ticket, backend, intake.clone(), metrics.clone(), Clock::System);
-        let next_ms = follower.step().await?;
+        // An error is logged and recorded by `step`; the follower retries it.
+        let next_ms = match follower.step().await {
+            Ok(next_ms) => next_ms,
+            Err(_) => Clock::System.now_ms().saturating_add(reread),
+        };
         tokio::spawn(follower.run(next_ms, shutdown.clone()));
     }
     Ok(())

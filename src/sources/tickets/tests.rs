@@ -168,6 +168,36 @@ async fn a_corrupt_state_is_reported_once_and_the_last_good_keys_stay() {
     assert!(status.last_error.is_none(), "{:?}", status.last_error);
 }
 
+/// A state that cannot be read when certwire starts (here: a keys file certwire did not
+/// write) is reported and retried, and does not fail the start: on a shared volume it
+/// would keep every restarting replica down, with every other secret it serves.
+#[tokio::test(start_paused = true)]
+async fn an_unreadable_state_at_start_is_reported_and_retried_not_fatal() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("state");
+    std::fs::create_dir(&root).unwrap();
+    let foreign = root.join(dir::KEYS_FILE);
+    std::fs::write(&foreign, [9u8; 80]).unwrap();
+    let a = Replica::new();
+    let intake = Intake::new(a.store.clone(), a.metrics.clone(), "tickets", crate::policy::AllowExpired::Never);
+    let shutdown = Shutdown::new();
+    start(vec![ticket(&root)], intake, a.metrics.clone(), None, shutdown.clone()).await.expect("starts anyway");
+
+    assert!(a.store.get("gw-tickets").is_none(), "nothing served from a foreign state");
+    let status = a.store.status().into_iter().find(|s| s.name == "gw-tickets").expect("in status");
+    let last_error = status.last_error.expect("last_error");
+    assert!(last_error.contains(&foreign.display().to_string()) && last_error.contains("not written by certwire"));
+    assert_eq!(a.errors(), 1);
+    assert_eq!(std::fs::read(&foreign).unwrap(), [9u8; 80], "not overwritten");
+
+    // Moved away: the next re-read makes the keys.
+    std::fs::remove_file(&foreign).unwrap();
+    until("served after the repair", || a.store.get("gw-tickets").is_some()).await;
+    assert_eq!(a.keys().len(), 1);
+    assert_eq!(a.errors(), 1, "reported once");
+    shutdown.trigger();
+}
+
 fn config(name: &str) -> TicketsConfig {
     TicketsConfig {
         name: name.into(),
@@ -216,9 +246,17 @@ fn defaults_and_bounds() {
 #[test]
 fn kubernetes_mode_refuses_names_istios_rule_would_decide() {
     use crate::authz::Mode;
-    for name in ["gw-tickets", "kubernetes://gw/tickets", "kubernetes://tickets"] {
+    for name in [
+        "gw-tickets",
+        "kubernetes://gw/tickets",
+        "kubernetes://tickets",
+        // Decided by the Gateway API rule (the proxy's service account), not by a rule.
+        "kubernetes-gateway://gw/tickets",
+        "kubernetes-gateway://gw/tickets-cacert",
+    ] {
         let err = resolve(&[config(name)], Mode::Kubernetes).unwrap_err();
         assert!(err.contains("tickets://") && err.contains("[[authz.rules]]"), "{err}");
+        assert!(!err.contains("tickets://gw/"), "the suggestion is a plain tickets://NAME: {err}");
         assert!(resolve(&[config(name)], Mode::Policy).is_ok());
     }
     assert!(resolve(&[config("tickets://gw")], Mode::Kubernetes).is_ok());
