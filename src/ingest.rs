@@ -75,15 +75,26 @@ impl Intake {
     where
         N: AsRef<str> + Clone + Into<Arc<str>>,
     {
-        let stapled;
-        let material = match self.stapler.as_ref().map(|s| s.prepare(self, names, material)) {
-            None | Some(crate::stapling::Prepared::AsIs) => material,
-            Some(crate::stapling::Prepared::Stapled(with_staple)) => {
-                stapled = with_staple;
-                &stapled
-            }
-            Some(crate::stapling::Prepared::Refuse(err)) => return Err(self.rejected(names, material, err)),
-        };
+        let prepared = self.stapler.as_ref().map(|s| s.prepare(self, names, material));
+        self.submit(names, material, detected_at, prepared)
+    }
+
+    /// [`Intake::update_aliases`] with what the stapler prepared (src/stapling): its
+    /// material is checked and stored, and it is committed only if the store took it.
+    pub(crate) fn submit<N>(
+        &self,
+        names: &[N],
+        material: &Material,
+        detected_at: Instant,
+        mut prepared: Option<crate::stapling::Prepared>,
+    ) -> Result<Outcome, PkiError>
+    where
+        N: AsRef<str> + Clone + Into<Arc<str>>,
+    {
+        if let Some(err) = prepared.as_mut().and_then(|p| p.take_refusal()) {
+            return Err(self.rejected(names, material, err));
+        }
+        let material = prepared.as_ref().map_or(material, |p| p.material(material));
         let now = std::time::SystemTime::now();
         let mut opts = CheckOptions { allow_expired: self.allow_expired == AllowExpired::Always, now };
         let mut expired = None;
@@ -106,6 +117,9 @@ impl Intake {
             fingerprint.get_or_insert_with(|| checked.identity.fingerprint_sha256.clone());
             let outcome = self.store.upsert(self.rank, &self.source, name.clone().into(), checked, detected_at);
             first.get_or_insert(outcome);
+        }
+        if let Some(prepared) = prepared {
+            prepared.commit();
         }
         let outcome = first.unwrap_or(Outcome::Unchanged);
         let fingerprint = fingerprint.flatten();

@@ -85,7 +85,7 @@ pub(super) fn check(
     // from the future is a clock or responder problem, not an old certificate.
     let now = unix_time::secs(opts.now);
     let this_update = secs(&single.this_update);
-    if this_update > now {
+    if this_update > now + CLOCK_SKEW_SECS {
         return Err(PkiError::OcspStapleNotYetValid { this_update: unix_time::rfc3339(this_update) });
     }
     match single.next_update.as_ref().map(secs) {
@@ -295,6 +295,11 @@ pub struct OcspAnswer {
     pub signer: String,
 }
 
+/// How far in the future a response's thisUpdate may be: a responder's clock a little
+/// ahead of ours is not a bad response (OpenSSL's `OCSP_check_validity` allows the same
+/// 5 minutes; Envoy only warns).
+pub const CLOCK_SKEW_SECS: i64 = 300;
+
 /// Verifies the DER response `der` fetched for `target` at `now` (unix seconds): a
 /// successful basic response with exactly one status (Envoy staples no other), about
 /// the leaf (CertID), signed by the issuer or by a responder certificate in the response
@@ -350,7 +355,7 @@ pub fn verify(der: &[u8], target: &OcspTarget, now: i64) -> Result<OcspAnswer, S
     };
     matches_leaf(&single.cert_id, &leaf, Some(&issuer))?;
     let this_update = secs(&single.this_update);
-    if this_update > now {
+    if this_update > now + CLOCK_SKEW_SECS {
         return Err(format!("its thisUpdate {} is in the future", unix_time::rfc3339(this_update)));
     }
     let next_update = single
@@ -383,6 +388,18 @@ pub fn verify(der: &[u8], target: &OcspTarget, now: i64) -> Result<OcspAnswer, S
     })
 }
 
+/// Longest subject (in characters) quoted into an error text.
+const MAX_QUOTED_SUBJECT: usize = 128;
+
+/// `subject` Debug-quoted (newlines, quotes and control characters escaped) and cut to
+/// [`MAX_QUOTED_SUBJECT`] characters, for a certificate nobody vouched for yet.
+fn quoted_subject(subject: &str) -> String {
+    match subject.char_indices().nth(MAX_QUOTED_SUBJECT) {
+        Some((cut, _)) => format!("{:?}... ({} bytes, cut)", &subject[..cut], subject.len()),
+        None => format!("{subject:?}"),
+    }
+}
+
 enum Signer {
     Issuer,
     /// DER of the delegated responder's certificate, checked.
@@ -411,7 +428,9 @@ fn responder(basic: &BasicOcspResponse, issuer: &X509Certificate<'_>, now: i64) 
         if !names(&c) {
             continue;
         }
-        let who = c.subject().to_string();
+        // Unverified until the checks below pass: whatever its subject says goes into
+        // error text (logs, status) quoted and capped, never raw.
+        let who = quoted_subject(&c.subject().to_string());
         if c.issuer().as_raw() != issuer.subject().as_raw() {
             return Err(format!("signed by {who}, which the issuer {} did not issue", issuer.subject()));
         }
@@ -764,6 +783,9 @@ mod tests {
         assert_eq!(err.reason(), "bad_ocsp_staple");
         assert!(err.to_string().contains("thisUpdate") && err.to_string().contains("future"), "{err}");
         assert_eq!(p.check_with(&staple, true, now + Duration::from_secs(3 * 3600)), Ok(()));
+        // A responder clock a minute ahead is tolerated (CLOCK_SKEW_SECS).
+        let ahead = SingleResponse { this_update: at(now + Duration::from_secs(60)), ..good(p.id(&SHA1)) };
+        assert_eq!(p.check(&response(vec![ahead])), Ok(()));
 
         let open_ended = SingleResponse { next_update: None, ..good(p.id(&SHA1)) };
         assert!(why(p.check(&response(vec![open_ended]))).contains("no nextUpdate"));
@@ -1098,6 +1120,20 @@ mod fetched_tests {
         // Not carried in the response: nothing to check it with.
         let err = verify(&signed(&responder, vec![good(id(&leaf, &ca))], &[]), &t, now()).unwrap_err();
         assert!(err.contains("neither the issuer"), "{err}");
+    }
+
+    #[test]
+    fn the_subject_of_an_unverified_responder_certificate_is_quoted_and_capped_in_errors() {
+        let (ca, leaf, t) = setup();
+        let other = Authority::new("Other CA");
+        let forged = "x\nERROR certwire: secret rotated \u{1b}[31m".to_owned() + &"A".repeat(500);
+        let foreign = other.responder(&forged, true);
+        let err = verify(&signed(&foreign, vec![good(id(&leaf, &ca))], &[&foreign]), &t, now()).unwrap_err();
+        assert!(err.contains("did not issue"), "{err}");
+        assert!(!err.contains('\n') && !err.contains('\u{1b}'), "no raw newline or escape: {err:?}");
+        assert!(err.contains("\\nERROR certwire") && err.contains("\\u{1b}"), "escaped: {err}");
+        assert!(!err.contains(&"A".repeat(200)) && err.contains("cut"), "capped: {err}");
+        assert!(err.len() < 400, "{} bytes: {err}", err.len());
     }
 
     #[test]
