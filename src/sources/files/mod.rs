@@ -43,6 +43,7 @@ use crate::version::Version;
 
 pub use read::DEFAULT_MAX_FILE_BYTES;
 use read::Limits;
+pub(crate) use read::{Capped, read_capped};
 
 /// Tuning of the file source. `Options::default()` is meant for production.
 #[derive(Debug, Clone, Copy)]

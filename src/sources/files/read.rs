@@ -111,7 +111,7 @@ fn check_meta(limits: Limits<'_>, path: &Path, meta: &Metadata) -> Result<(), Fi
     Ok(())
 }
 
-enum Capped {
+pub(crate) enum Capped {
     Over,
     Io(io::Error),
 }
@@ -119,8 +119,9 @@ enum Capped {
 /// Reads at most `max + 1` bytes into one zeroizing buffer sized from `size_hint`; a
 /// file that turns out larger than `max` is `Over`. When the file grew since its size
 /// was taken, the buffer is replaced by a larger one and the old one zeroized, so no
-/// reallocation leaves key bytes behind.
-fn read_capped(file: File, size_hint: u64, max: u64) -> Result<Zeroizing<Vec<u8>>, Capped> {
+/// reallocation leaves key bytes behind. Also the ticket state's reader
+/// (src/sources/tickets/dir.rs).
+pub(crate) fn read_capped(file: File, size_hint: u64, max: u64) -> Result<Zeroizing<Vec<u8>>, Capped> {
     let limit = max.saturating_add(1);
     let mut reader = file.take(limit);
     let mut buf = Zeroizing::new(vec![0u8; size_hint.min(max).saturating_add(1) as usize]);

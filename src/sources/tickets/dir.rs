@@ -29,7 +29,7 @@
 //! stall the others' startup or re-reads.
 
 use std::fs::{self, File};
-use std::io::{ErrorKind, Read as _, Write as _};
+use std::io::{ErrorKind, Write as _};
 use std::os::fd::AsRawFd as _;
 use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
@@ -42,6 +42,7 @@ use serde::{Deserialize, Serialize};
 
 use super::schedule::{KEY_LEN, Key, Plan, State, Step};
 use crate::pki::KeyBytes;
+use crate::sources::files::{Capped, read_capped};
 
 /// The keys file, in the format the files and Kubernetes sources read.
 pub const KEYS_FILE: &str = crate::sources::secret_keys::SESSION_TICKET_KEYS;
@@ -432,44 +433,6 @@ pub(super) fn encode(name: &str, state: &State) -> (zeroize::Zeroizing<Vec<u8>>,
         keys.extend_from_slice(key.bytes.as_slice());
     }
     (keys, meta)
-}
-
-enum Capped {
-    Over,
-    Io(std::io::Error),
-}
-
-/// Reads at most `max + 1` bytes into one zeroizing buffer sized from `size_hint` (the
-/// file's size); a file that turns out larger than `max` is `Over`. When the file grew
-/// since its size was taken, the buffer is replaced by a larger one and the old one
-/// zeroized, so no reallocation leaves key bytes in freed memory (the pattern of the
-/// files source's `read_capped`).
-fn read_capped(file: File, size_hint: u64, max: u64) -> Result<Zeroizing<Vec<u8>>, Capped> {
-    let limit = max.saturating_add(1);
-    let mut reader = file.take(limit);
-    let mut buf = Zeroizing::new(vec![0u8; size_hint.min(max).saturating_add(1) as usize]);
-    let mut filled = 0;
-    loop {
-        if filled == buf.len() {
-            if filled as u64 >= limit {
-                return Err(Capped::Over);
-            }
-            let mut bigger = Zeroizing::new(vec![0u8; (filled as u64).saturating_mul(2).min(limit) as usize]);
-            bigger[..filled].copy_from_slice(&buf[..filled]);
-            buf = bigger;
-        }
-        match reader.read(&mut buf[filled..]) {
-            Ok(0) => break,
-            Ok(n) => filled += n,
-            Err(e) if e.kind() == ErrorKind::Interrupted => {}
-            Err(e) => return Err(Capped::Io(e)),
-        }
-    }
-    if filled as u64 >= limit {
-        return Err(Capped::Over);
-    }
-    buf.truncate(filled);
-    Ok(buf)
 }
 
 fn write_file(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
