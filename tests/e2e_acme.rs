@@ -332,9 +332,10 @@ async fn http01_is_answered_on_port_80() {
     let (certwire, _) = certwire(&config).await;
 
     let serial = wait_serial(&certwire, "web", None, ISSUE_WAIT).await;
+    // Served first, stored right after: read the state directory once it holds it.
+    wait_stored(&acme.state_dir, "web", &serial, "stored as served").await;
     let chain = std::fs::read_to_string(acme.state_dir.join("web/tls.crt")).unwrap();
     assert_eq!(dns_names(&chain), [domain("web")]);
-    wait_stored(&acme.state_dir, "web", &serial, "stored as served").await;
     let key = std::fs::read_to_string(acme.state_dir.join("web/tls.key")).unwrap();
     assert!(key.starts_with("-----BEGIN PRIVATE KEY-----"), "PKCS#8 key");
     let leaf_der = pki::pem_decode_first(&chain);
@@ -377,9 +378,9 @@ async fn tls_alpn01_is_answered_on_port_443() {
     let (certwire, _) = certwire(&config).await;
 
     let serial = wait_serial(&certwire, "alpn", None, ISSUE_WAIT).await;
+    wait_stored(&acme.state_dir, "alpn", &serial, "stored as served").await;
     let chain = std::fs::read_to_string(acme.state_dir.join("alpn/tls.crt")).unwrap();
     assert_eq!(dns_names(&chain), [domain("alpn")]);
-    wait_stored(&acme.state_dir, "alpn", &serial, "stored as served").await;
     assert!(log_of(&certwire).contains("ACME tls-alpn-01 challenge presented"), "the CA shook hands");
     // An ordinary TLS client gets nothing from the responder.
     assert!(handshake("127.0.0.1:443".parse().unwrap(), &domain("alpn"), None).await.is_err());
