@@ -10,8 +10,6 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::Path;
-use std::process::Stdio;
 use std::time::Duration;
 
 use common::bootstrap::{SdsBootstrap, SdsTarget};
@@ -19,6 +17,7 @@ use common::certwire::Certwire;
 use common::envoy::Envoy;
 use common::files::{SecretDir, TLS_CRT, TLS_KEY};
 use common::kubeapi::{self, KubeApi};
+use common::openssl::{self, s_client_status};
 use common::pki::{Ca, Issued};
 use common::tls::{keeps_serving, wait_served_serial};
 use common::util::{self, WAIT};
@@ -33,22 +32,6 @@ const HOLD: Duration = Duration::from_secs(2);
 // ---------------------------------------------------------------------------------
 // An OCSP responder and a client that asks for the staple: the openssl CLI.
 // ---------------------------------------------------------------------------------
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let output = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run openssl");
-    assert!(
-        output.status.success(),
-        "openssl {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 /// The DER OCSP response `ca`'s responder gives for `leaf`, good for a day: an OCSP
 /// request made with `openssl ocsp -reqout`, answered by `openssl ocsp -index` signing
@@ -73,8 +56,8 @@ fn ocsp_response(ca: &Ca, leaf: &Issued) -> Vec<u8> {
     let subject = format!("/CN={}", cert.subject().iter_common_name().next().unwrap().as_str().unwrap());
     // index.txt: status, expiry, revocation (none), serial (upper-case hex), file, subject.
     write("index.txt", &format!("V\t{expiry}\t\t{}\tunknown\t{subject}\n", leaf.serial_hex.to_uppercase()));
-    openssl(dir.path(), &["ocsp", "-issuer", "ca.pem", "-cert", "leaf.pem", "-reqout", "req.der"]);
-    openssl(
+    openssl::run(dir.path(), &["ocsp", "-issuer", "ca.pem", "-cert", "leaf.pem", "-reqout", "req.der"]);
+    openssl::run(
         dir.path(),
         &[
             "ocsp",
@@ -95,24 +78,6 @@ fn ocsp_response(ca: &Ca, leaf: &Issued) -> Vec<u8> {
         ],
     );
     std::fs::read(dir.path().join("resp.der")).expect("read resp.der")
-}
-
-/// What `openssl s_client -status` prints for one handshake with `addr`.
-async fn s_client_status(addr: SocketAddr, sni: &str) -> String {
-    let child = tokio::process::Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string(), "-servername", sni, "-status"])
-        // End of input: s_client closes once the handshake is done.
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run openssl s_client");
-    match tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await {
-        Ok(Ok(output)) => String::from_utf8_lossy(&output.stdout).into_owned(),
-        Ok(Err(err)) => format!("(s_client failed: {err})"),
-        Err(_) => "(s_client timed out)".into(),
-    }
 }
 
 /// Whether `s_client -status` output shows a successful staple saying `leaf` is good.

@@ -15,13 +15,14 @@
 mod common;
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use common::bootstrap::{SdsBootstrap, SdsTarget};
 use common::certwire::Certwire;
 use common::envoy::Envoy;
+use common::openssl::{self, s_client_status};
 use common::util::{self, WAIT};
 use serde_json::Value;
 
@@ -30,22 +31,6 @@ const NAME: &str = "stapled";
 const SERIAL: &str = "1001";
 /// Long enough for a one-minute response to go stale and a retry to fail.
 const LONG: Duration = Duration::from_secs(150);
-
-fn openssl(dir: &Path, args: &[&str]) {
-    let output = std::process::Command::new("openssl")
-        .args(args)
-        .current_dir(dir)
-        .stdin(Stdio::null())
-        .output()
-        .expect("run openssl");
-    assert!(
-        output.status.success(),
-        "openssl {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-}
 
 /// A test CA (RSA, so the RSA signature path is the one exercised) and a leaf for
 /// [`SNI`] with serial [`SERIAL`] whose AIA names `http://127.0.0.1:PORT` as its OCSP
@@ -61,7 +46,7 @@ impl Pki {
         let dir = util::tempdir();
         let port = util::free_port();
         let d = dir.path();
-        openssl(
+        openssl::run(
             d,
             &[
                 "req",
@@ -83,7 +68,7 @@ impl Pki {
                 "keyUsage=critical,keyCertSign,cRLSign",
             ],
         );
-        openssl(
+        openssl::run(
             d,
             &[
                 "req",
@@ -108,7 +93,7 @@ impl Pki {
             ),
         )
         .unwrap();
-        openssl(
+        openssl::run(
             d,
             &[
                 "x509",
@@ -198,23 +183,6 @@ impl Pki {
     }
 }
 
-/// What `openssl s_client -status` prints for one handshake with `addr`.
-async fn s_client_status(addr: SocketAddr) -> String {
-    let child = tokio::process::Command::new("openssl")
-        .args(["s_client", "-connect", &addr.to_string(), "-servername", SNI, "-status"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run openssl s_client");
-    match tokio::time::timeout(Duration::from_secs(10), child.wait_with_output()).await {
-        Ok(Ok(output)) => String::from_utf8_lossy(&output.stdout).into_owned(),
-        Ok(Err(err)) => format!("(s_client failed: {err})"),
-        Err(_) => "(s_client timed out)".into(),
-    }
-}
-
 fn stapled_good(output: &str) -> bool {
     output.contains("OCSP Response Status: successful")
         && output.contains("Cert Status: good")
@@ -229,7 +197,7 @@ fn this_update(output: &str) -> Option<String> {
 async fn wait_stapled(addr: SocketAddr, not: Option<&str>, timeout: Duration) -> String {
     let what = format!("a handshake stapling a good status of serial {SERIAL} with thisUpdate other than {not:?}");
     util::wait_for(&what, timeout, move || async move {
-        let output = s_client_status(addr).await;
+        let output = s_client_status(addr, SNI).await;
         (stapled_good(&output) && this_update(&output).as_deref() != not).then_some(output)
     })
     .await
@@ -319,7 +287,7 @@ async fn a_fetched_staple_is_stapled_refreshed_kept_through_an_outage_until_stal
 
     // The responder goes away: the staple is kept while fresh...
     responder.kill().await.unwrap();
-    let output = s_client_status(addr).await;
+    let output = s_client_status(addr, SNI).await;
     assert!(stapled_good(&output), "kept right after the responder is gone:\n{output}");
     // ...the failures show in status...
     wait_ocsp(&certwire, "a fetch error in status", LONG, |s| s["last_error"].is_string()).await;
@@ -327,7 +295,7 @@ async fn a_fetched_staple_is_stapled_refreshed_kept_through_an_outage_until_stal
     let status = wait_ocsp(&certwire, "ocsp state stale", LONG, |s| s["state"] == "stale").await;
     assert!(status["last_error"].as_str().unwrap().contains("127.0.0.1"), "{status}");
     let bare = util::wait_for("a handshake with no OCSP response", WAIT, || async {
-        let output = s_client_status(addr).await;
+        let output = s_client_status(addr, SNI).await;
         (output.contains("OCSP response: no response sent") && output.contains(&format!("CN = {SNI}")))
             .then_some(output)
     })
@@ -372,7 +340,7 @@ async fn a_revoked_certificate_is_reported_and_withheld() {
     let line = table.lines().find(|l| l.starts_with(NAME)).unwrap_or_default();
     assert!(line.contains("PLACEHOLDER (invalid)") && line.contains("OCSP REVOKED at 2026-12-01"), "{table}");
     let output = util::wait_for("a handshake with the placeholder", WAIT, || async {
-        let output = s_client_status(addr).await;
+        let output = s_client_status(addr, SNI).await;
         output.contains("certwire placeholder").then_some(output)
     })
     .await;

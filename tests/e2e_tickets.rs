@@ -22,6 +22,7 @@ use common::kubeapi::{self, KubeApi};
 use common::util::{self, WAIT};
 use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryResponse;
 use prost::Message as _;
 
 const TICKETS: &str = "gw-tickets";
@@ -48,20 +49,22 @@ async fn certwire(config: &Path, dev: bool) -> Certwire {
 /// The keys certwire serves for TICKETS (first encrypts) and the response version.
 async fn served_keys(sds: SocketAddr) -> (String, Vec<Vec<u8>>) {
     let response = attack::fetch(sds, &[TICKETS.to_string()]).await.expect("fetch the ticket keys");
-    let any = response.resources.first().expect("one resource");
-    let secret = Secret::decode(&any.value[..]).expect("a Secret");
-    assert_eq!(secret.name, TICKETS);
-    let Some(secret::Type::SessionTicketKeys(keys)) = secret.r#type else { panic!("not session ticket keys") };
-    let keys = keys
-        .keys
-        .into_iter()
-        .map(|k| match k.specifier {
-            Some(Specifier::InlineBytes(b)) => b,
-            other => panic!("key not inline bytes: {other:?}"),
-        })
-        .collect::<Vec<_>>();
+    let (name, keys) = ticket_keys(&response).expect("one session_ticket_keys resource of inline keys");
+    assert_eq!(name, TICKETS);
     assert!(keys.iter().all(|k| k.len() == 80), "80-byte keys");
     (response.version_info, keys)
+}
+
+/// The name and keys of the first resource of `response`, if it is session ticket keys
+/// given inline.
+fn ticket_keys(response: &DiscoveryResponse) -> Option<(String, Vec<Vec<u8>>)> {
+    let secret = Secret::decode(&response.resources.first()?.value[..]).ok()?;
+    let Some(secret::Type::SessionTicketKeys(keys)) = secret.r#type else { return None };
+    let keys = keys.keys.into_iter().map(|k| match k.specifier {
+        Some(Specifier::InlineBytes(b)) => Some(b),
+        _ => None,
+    });
+    Some((secret.name, keys.collect::<Option<_>>()?))
 }
 
 /// The `version_info` of TICKETS as Envoy holds it.
@@ -385,16 +388,7 @@ async fn the_state_directory_is_served_as_is_by_the_files_source() {
     let (_, keys) = served_keys(sds).await;
     util::wait_for("the files source serves the state directory", WAIT, || async {
         let response = attack::fetch(sds, &["copy".to_string()]).await.ok()?;
-        let secret = Secret::decode(&response.resources.first()?.value[..]).ok()?;
-        let Some(secret::Type::SessionTicketKeys(from_files)) = secret.r#type else { return None };
-        let from_files: Vec<Vec<u8>> = from_files
-            .keys
-            .into_iter()
-            .filter_map(|k| match k.specifier {
-                Some(Specifier::InlineBytes(b)) => Some(b),
-                _ => None,
-            })
-            .collect();
+        let (_, from_files) = ticket_keys(&response)?;
         (from_files == keys).then_some(())
     })
     .await;

@@ -19,6 +19,7 @@ pub mod files;
 pub mod fleet;
 pub mod http;
 pub mod kubeapi;
+pub mod openssl;
 pub mod pki;
 pub mod tls;
 pub mod util;
